@@ -1,0 +1,170 @@
+//! Wiring: open the store, seed the config's entities, bind both listeners, serve until
+//! told to stop, then drain connections and close the store cleanly.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Loaded;
+use crate::domain::clock::Clock;
+use crate::http::{self, Ctx, Listener};
+use crate::metrics::Metrics;
+use crate::signing::ReplayGuard;
+use crate::store::{Store, StoreOptions};
+
+/// A running gateway.
+pub struct App {
+    public_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    store: Store,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open storage in {dir}: {source}. Is another tally running on this data directory?")]
+    Store { dir: String, source: crate::store::StoreError },
+    #[error("cannot bind {what} listener on {addr}: {source}")]
+    Bind { what: &'static str, addr: String, source: std::io::Error },
+    #[error("{0}")]
+    Seed(String),
+    #[error("cannot write {path}: {source}")]
+    File { path: String, source: std::io::Error },
+}
+
+impl App {
+    /// Builds and starts the gateway; it serves until [`App::shutdown`].
+    ///
+    /// # Errors
+    /// Storage that will not open, an address that will not bind, a seed that is refused.
+    pub async fn start(loaded: Loaded, clock: Arc<dyn Clock>) -> Result<App, StartError> {
+        let settings = loaded.settings;
+        let metrics = Arc::new(Metrics::new());
+        let s = &settings.storage;
+        let opts = StoreOptions {
+            data_dir: settings.data_dir.clone(),
+            durability: s.durability,
+            wal_sync_interval: Duration::from_millis(s.wal_sync_interval_ms),
+            queue_capacity: s.writer_queue,
+            max_batch: s.max_batch,
+            unique_window_ms: settings.clicks.unique_window_hours * 3_600_000,
+            block_cache_bytes: s.block_cache_mb << 20,
+            write_buffer_bytes: s.write_buffer_mb << 20,
+        };
+        let store_metrics = Arc::clone(&metrics);
+        let store = tokio::task::spawn_blocking(move || Store::open(&opts, store_metrics))
+            .await
+            .map_err(|e| StartError::Seed(format!("storage open task failed: {e}")))?
+            .map_err(|source| StartError::Store { dir: settings.data_dir.display().to_string(), source })?;
+
+        let seeds = crate::seed::parse(&settings).map_err(|p| StartError::Seed(format!("{p:?}")))?;
+        crate::seed::apply(&store, seeds, &settings.data_dir, clock.now_ms()).await.map_err(StartError::Seed)?;
+        let admin_token = match loaded.admin_token {
+            Some(t) => t,
+            None => generated_admin_token(&settings.data_dir)?,
+        };
+
+        let bind = |what: &'static str, addr: String| async move {
+            TcpListener::bind(&addr).await.map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let public = bind("public", settings.public_addr.clone()).await?;
+        let admin = bind("admin", settings.admin_addr.clone()).await?;
+        let local = |l: &TcpListener, what: &'static str| {
+            l.local_addr().map_err(|source| StartError::Bind { what, addr: String::new(), source })
+        };
+        let (public_addr, admin_addr) = (local(&public, "public")?, local(&admin, "admin")?);
+        if let Some(path) = &settings.addr_file {
+            let text = serde_json::json!({"public": public_addr.to_string(), "admin": admin_addr.to_string()}).to_string();
+            std::fs::write(path, text).map_err(|source| StartError::File { path: path.display().to_string(), source })?;
+        }
+        tracing::info!(public = %public_addr, admin = %admin_addr, data_dir = %settings.data_dir.display(), "tally is listening");
+
+        let replay = ReplayGuard::new(settings.signing.replay_window_seconds * 1000, settings.signing.replay_capacity);
+        let ctx = Arc::new(Ctx { store: store.clone(), metrics, clock, settings, admin_token, replay: Mutex::new(replay) });
+        let (shutdown, rx) = watch::channel(false);
+        let servers = vec![
+            tokio::spawn(http::serve(public, Arc::clone(&ctx), Listener::Public, rx.clone())),
+            tokio::spawn(http::serve(admin, ctx, Listener::Admin, rx)),
+        ];
+        Ok(App { public_addr, admin_addr, store, shutdown, servers })
+    }
+
+    pub fn public_addr(&self) -> SocketAddr {
+        self.public_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Stops accepting, lets in-flight requests finish (bounded by the shutdown grace),
+    /// then stops the writer and syncs the WAL.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for s in self.servers {
+            let _ = s.await;
+        }
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
+        tracing::info!("tally stopped cleanly");
+    }
+
+    /// Serves until SIGTERM or SIGINT, then shuts down.
+    pub async fn run_until_signal(self) {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested; finishing in-flight requests");
+        self.shutdown().await;
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Without `TALLY_ADMIN_TOKEN`, tally makes a token once and keeps it in
+/// `{data_dir}/admin-token` (mode 0600), so a demo works and nothing is open.
+fn generated_admin_token(data_dir: &Path) -> Result<SecretString, StartError> {
+    let path = data_dir.join("admin-token");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let t = text.trim().to_string();
+        if t.len() >= 16 {
+            return Ok(SecretString::from(t));
+        }
+    }
+    let mut bytes = [0u8; 24];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    crate::seed::write_private(&path, &token).map_err(|source| StartError::File { path: path.display().to_string(), source })?;
+    tracing::info!(path = %path.display(), "no TALLY_ADMIN_TOKEN set; generated an admin token in this file");
+    Ok(SecretString::from(token))
+}

@@ -1,0 +1,269 @@
+//! Attribution (SPEC 8): which partner sourced a conversion, by which rule, and why.
+//! A pure function over what the store knows, reached through [`Facts`].
+//!
+//! Rules applied by this version, in order: `explicit` (partner_id), `click`, `coupon`.
+//! `deal` and `customer` slot in between once deal registration exists.
+
+use crate::domain::clock::{human_duration, UnixMillis};
+use crate::domain::conversion::{AttributionKeys, Attribution, Credit, RuleKind};
+use crate::domain::entities::{Partner, Status};
+use crate::domain::ids::{LinkId, PartnerId, Ulid};
+
+/// A stored click, as attribution sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClickFacts {
+    pub click_id: Ulid,
+    pub link_id: LinkId,
+    pub partner_id: PartnerId,
+    pub at_ms: UnixMillis,
+    /// The link's window and minimum click-to-conversion time, as the link says now.
+    pub window_days: u32,
+    pub min_ctit_seconds: u32,
+}
+
+/// What attribution may ask the store, always within the conversion's merchant: another
+/// merchant's partners, clicks and coupons do not exist for these lookups.
+pub trait Facts {
+    type Error;
+    fn partner(&self, id: &PartnerId) -> Result<Option<Partner>, Self::Error>;
+    fn click(&self, id: &Ulid) -> Result<Option<ClickFacts>, Self::Error>;
+    fn coupon_owner(&self, coupon: &str) -> Result<Option<Partner>, Self::Error>;
+}
+
+/// The outcome: a sourced partner (and the link its click came through), or why nobody.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Attributed { attribution: Attribution, partner: Partner, link_id: Option<LinkId> },
+    Unattributed { reason: String },
+}
+
+fn sourced(partner: Partner, rule: RuleKind, reason: String, link_id: Option<LinkId>) -> Decision {
+    Decision::Attributed {
+        attribution: Attribution {
+            partner_id: partner.id.clone(),
+            credit: Credit::Sourced,
+            rule,
+            reason,
+            influencers: Vec::new(),
+        },
+        partner,
+        link_id,
+    }
+}
+
+/// Applies the rules in order; the first that yields a partner decides. When none
+/// does, the reason lists why each given key did not.
+///
+/// # Errors
+/// Only a failed lookup.
+pub fn decide<F: Facts>(keys: &AttributionKeys, occurred_ms: UnixMillis, facts: &F) -> Result<Decision, F::Error> {
+    let mut misses: Vec<String> = Vec::new();
+
+    if let Some(id) = &keys.partner_id {
+        match facts.partner(id)? {
+            Some(p) => {
+                let reason = format!("partner_id {id} given explicitly by the merchant");
+                return Ok(sourced(p, RuleKind::Explicit, reason, None));
+            }
+            None => misses.push(format!("partner_id {id} is not a partner of this merchant")),
+        }
+    }
+
+    if let Some(raw) = &keys.click_id {
+        match click_rule(raw, occurred_ms, facts)? {
+            Ok((click, reason)) => match facts.partner(&click.partner_id)? {
+                Some(p) => return Ok(sourced(p, RuleKind::Click, reason, Some(click.link_id))),
+                None => misses.push(format!("click {raw} belongs to partner {}, which no longer exists", click.partner_id)),
+            },
+            Err(miss) => misses.push(miss),
+        }
+    }
+
+    if let Some(coupon) = &keys.coupon {
+        match facts.coupon_owner(coupon)? {
+            Some(p) if p.status == Status::Active => {
+                let reason = format!("coupon {coupon} is assigned to partner {}", p.id);
+                return Ok(sourced(p, RuleKind::Coupon, reason, None));
+            }
+            Some(p) => misses.push(format!("coupon {coupon} belongs to partner {}, which is paused", p.id)),
+            None => misses.push(format!("coupon {coupon} is not assigned to any partner")),
+        }
+    }
+
+    for (given, name) in [(&keys.account, "account"), (&keys.customer_id, "customer_id")] {
+        if given.is_some() {
+            misses.push(format!("{name} is stored but not used for attribution by this version"));
+        }
+    }
+    if misses.is_empty() {
+        misses.push("no attribution key given (partner_id, click_id, coupon, account or customer_id)".into());
+    }
+    Ok(Decision::Unattributed { reason: misses.join("; ") })
+}
+
+/// The click rule: a click of this merchant, not after the conversion, no younger than
+/// the link's minimum click-to-conversion time, inside the link's window (both edges
+/// inclusive). `Ok(Err(reason))` is a miss.
+fn click_rule<F: Facts>(raw: &str, occurred_ms: UnixMillis, facts: &F) -> Result<Result<(ClickFacts, String), String>, F::Error> {
+    let Ok(id) = Ulid::parse(raw) else {
+        return Ok(Err(format!("click_id {raw} is not a tally click id")));
+    };
+    let Some(click) = facts.click(&id)? else {
+        return Ok(Err(format!("click {raw} is unknown")));
+    };
+    let elapsed = occurred_ms - click.at_ms;
+    let window_ms = i64::from(click.window_days) * 86_400_000;
+    let min_ms = i64::from(click.min_ctit_seconds) * 1000;
+    let on = format!("click {id} on link {}", click.link_id);
+    let miss = if elapsed < 0 {
+        Some(format!("{on} happened {} after the conversion", human_duration(-elapsed)))
+    } else if elapsed < min_ms {
+        Some(format!(
+            "{on} came {} before the conversion, less than the link's minimum of {} seconds",
+            human_duration(elapsed),
+            click.min_ctit_seconds
+        ))
+    } else if elapsed > window_ms {
+        Some(format!(
+            "{on} came {} before the conversion, outside the {}-day window",
+            human_duration(elapsed),
+            click.window_days
+        ))
+    } else {
+        None
+    };
+    Ok(match miss {
+        Some(m) => Err(m),
+        None => {
+            let reason = format!(
+                "{on}, {} before the conversion, inside the {}-day window",
+                human_duration(elapsed),
+                click.window_days
+            );
+            Ok((click, reason))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::entities::PartnerKind;
+    use crate::domain::ids::MerchantId;
+    use std::collections::HashMap;
+    use std::convert::Infallible;
+
+    const DAY: i64 = 86_400_000;
+
+    struct Fake {
+        partners: HashMap<String, Partner>,
+        clicks: HashMap<Ulid, ClickFacts>,
+    }
+
+    impl Facts for Fake {
+        type Error = Infallible;
+        fn partner(&self, id: &PartnerId) -> Result<Option<Partner>, Infallible> {
+            Ok(self.partners.get(id.as_str()).cloned())
+        }
+        fn click(&self, id: &Ulid) -> Result<Option<ClickFacts>, Infallible> {
+            Ok(self.clicks.get(id).cloned())
+        }
+        fn coupon_owner(&self, coupon: &str) -> Result<Option<Partner>, Infallible> {
+            Ok(self.partners.values().find(|p| p.coupons.iter().any(|c| c == coupon)).cloned())
+        }
+    }
+
+    fn partner(id: &str, coupons: &[&str], status: Status) -> Partner {
+        Partner {
+            id: PartnerId::parse(id).unwrap(),
+            merchant_id: MerchantId::parse("m").unwrap(),
+            name: id.into(),
+            kind: PartnerKind::Affiliate,
+            tier: None,
+            status,
+            coupons: coupons.iter().map(|c| c.to_string()).collect(),
+            outbound: None,
+            plan_id: None,
+            created_ms: 0,
+        }
+    }
+
+    fn world(click_at: i64, window_days: u32, min_ctit_seconds: u32) -> (Fake, Ulid) {
+        let click_id = Ulid::mint(click_at);
+        let click = ClickFacts {
+            click_id,
+            link_id: LinkId::parse("spring").unwrap(),
+            partner_id: PartnerId::parse("ann").unwrap(),
+            at_ms: click_at,
+            window_days,
+            min_ctit_seconds,
+        };
+        let partners = [partner("ann", &[], Status::Active), partner("bob", &["BOB10"], Status::Active), partner("pia", &["PIA"], Status::Paused)]
+            .into_iter()
+            .map(|p| (p.id.to_string(), p))
+            .collect();
+        (Fake { partners, clicks: HashMap::from([(click_id, click)]) }, click_id)
+    }
+
+    fn keys(partner: Option<&str>, click: Option<String>, coupon: Option<&str>) -> AttributionKeys {
+        AttributionKeys {
+            partner_id: partner.map(|p| PartnerId::parse(p).unwrap()),
+            click_id: click,
+            coupon: coupon.map(String::from),
+            ..Default::default()
+        }
+    }
+
+    fn rule_of(d: &Decision) -> Option<(RuleKind, String)> {
+        match d {
+            Decision::Attributed { attribution, .. } => Some((attribution.rule, attribution.partner_id.to_string())),
+            Decision::Unattributed { .. } => None,
+        }
+    }
+
+    #[test]
+    fn rule_table() {
+        let t0 = 1_790_000_000_000;
+        let (f, click) = world(t0, 30, 60);
+        let c = Some(click.to_string());
+        let cases: Vec<(AttributionKeys, i64, Option<(RuleKind, &str)>)> = vec![
+            (keys(Some("bob"), c.clone(), None), t0 + DAY, Some((RuleKind::Explicit, "bob"))),
+            (keys(Some("nobody"), c.clone(), None), t0 + DAY, Some((RuleKind::Click, "ann"))),
+            (keys(None, c.clone(), Some("BOB10")), t0 + DAY, Some((RuleKind::Click, "ann"))),
+            (keys(None, c.clone(), None), t0 + 30 * DAY, Some((RuleKind::Click, "ann"))),
+            (keys(None, c.clone(), None), t0 + 30 * DAY + 1, None),
+            (keys(None, c.clone(), None), t0 + 60_000, Some((RuleKind::Click, "ann"))),
+            (keys(None, c.clone(), None), t0 + 59_999, None),
+            (keys(None, c.clone(), None), t0 - 1, None),
+            (keys(None, c.clone(), Some("BOB10")), t0 - 1, Some((RuleKind::Coupon, "bob"))),
+            (keys(None, None, Some("PIA")), t0, None),
+            (keys(None, Some(Ulid::mint(t0).to_string()), None), t0, None),
+            (keys(None, Some("garbage".into()), None), t0, None),
+            (AttributionKeys::default(), t0, None),
+        ];
+        for (k, at, want) in cases {
+            let got = decide(&k, at, &f).unwrap();
+            assert_eq!(rule_of(&got), want.map(|(r, p)| (r, p.to_string())), "{k:?} at +{}", at - t0);
+        }
+    }
+
+    #[test]
+    fn reasons_read_well() {
+        let t0 = 1_790_000_000_000;
+        let (f, click) = world(t0, 30, 0);
+        let Decision::Attributed { attribution, link_id, .. } = decide(&keys(None, Some(click.to_string()), None), t0 + 2 * DAY, &f).unwrap() else {
+            panic!("attributed");
+        };
+        assert_eq!(attribution.reason, format!("click {click} on link spring, 2 days before the conversion, inside the 30-day window"));
+        assert_eq!(link_id.unwrap().as_str(), "spring");
+        let Decision::Unattributed { reason } = decide(&keys(Some("zed"), Some(click.to_string()), None), t0 + 31 * DAY, &f).unwrap() else {
+            panic!("unattributed");
+        };
+        assert_eq!(
+            reason,
+            format!("partner_id zed is not a partner of this merchant; click {click} on link spring came 31 days before the conversion, outside the 30-day window")
+        );
+        let Decision::Unattributed { reason } = decide(&AttributionKeys::default(), t0, &f).unwrap() else { panic!() };
+        assert!(reason.starts_with("no attribution key given"));
+    }
+}

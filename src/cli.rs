@@ -1,0 +1,203 @@
+//! The command line: `serve`, `check-config`, `sign`.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::app::App;
+use crate::config::{self, Settings};
+use crate::domain::clock::{Clock, SystemClock};
+use crate::signing::{self, WebhookSecret};
+
+/// tally: a server-to-server conversion tracking gateway.
+///
+/// Records clicks behind affiliate links, takes conversions signed with Standard
+/// Webhooks, dedupes them exactly, attributes them to partners and computes commissions.
+/// Configuration: config/tally.toml, overridden by TALLY_* environment variables
+/// (TALLY_DATA_DIR, TALLY_PUBLIC_ADDR, TALLY_ADMIN_ADDR, TALLY_ADMIN_TOKEN, TALLY_ADDR_FILE,
+/// TALLY_HTTP__MAX_CONNECTIONS, ...). See README.md for every key.
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway until SIGTERM or SIGINT.
+    Serve {
+        /// Config file [default: config/tally.toml, if present]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Check the configuration (file and environment), list every problem, exit non-zero if any.
+    CheckConfig {
+        /// Config file [default: config/tally.toml, if present]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Sign a request body read from stdin; prints the three Standard Webhooks headers.
+    ///
+    /// Example: printf %s "$BODY" | tally sign --secret-file data/secrets/demo.whsec --id msg_1 > h.txt
+    ///          curl -H @h.txt -H 'content-type: application/json' --data-binary "$BODY" URL
+    Sign {
+        /// The secret (whsec_...). Prefer --secret-file: arguments are visible to other users.
+        #[arg(long, env = "TALLY_SIGN_SECRET", hide_env_values = true, conflicts_with = "secret_file")]
+        secret: Option<String>,
+        /// A file holding the secret.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
+        /// The webhook-id: 1..128 of [A-Za-z0-9_-], unique per message.
+        #[arg(long)]
+        id: String,
+        /// Unix seconds [default: now]
+        #[arg(long)]
+        timestamp: Option<i64>,
+    },
+}
+
+/// Runs a subcommand; returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Serve { config } => serve(config).await,
+        Command::CheckConfig { config } => check_config(config),
+        Command::Sign { secret, secret_file, id, timestamp } => sign(secret, secret_file, &id, timestamp),
+    }
+}
+
+fn print_problems(problems: &[config::Problem]) {
+    eprintln!("tally: the configuration has {} problem(s):", problems.len());
+    for p in problems {
+        eprintln!("  - {p}");
+    }
+}
+
+async fn serve(path: Option<PathBuf>) -> i32 {
+    let loaded = match config::load(path.as_deref()) {
+        Ok(l) => l,
+        Err(problems) => {
+            crate::telemetry::init(config::LogFormat::Auto, "info");
+            print_problems(&problems);
+            return 2;
+        }
+    };
+    crate::telemetry::init(loaded.settings.log.format, &loaded.settings.log.level);
+    let example = loaded.settings.print_example.then(|| loaded.settings.clone());
+    let app = match App::start(loaded, Arc::new(SystemClock)).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %e, "tally could not start");
+            eprintln!("tally: {e}");
+            return 1;
+        }
+    };
+    if let Some(settings) = example {
+        println!("{}", example_text(&settings, app.public_addr()));
+    }
+    app.run_until_signal().await;
+    0
+}
+
+fn check_config(path: Option<PathBuf>) -> i32 {
+    match config::load(path.as_deref()) {
+        Ok(loaded) => {
+            let s = &loaded.settings;
+            println!(
+                "configuration ok: public {}, admin {}, data_dir {}, {} merchant(s), {} partner(s), {} link(s), {} plan(s); admin token {}",
+                s.public_addr,
+                s.admin_addr,
+                s.data_dir.display(),
+                s.merchants.len(),
+                s.partners.len(),
+                s.links.len(),
+                s.plans.len(),
+                if loaded.admin_token.is_some() { "set" } else { "not set (one is generated in data_dir/admin-token)" }
+            );
+            0
+        }
+        Err(problems) => {
+            print_problems(&problems);
+            2
+        }
+    }
+}
+
+fn sign(secret: Option<String>, secret_file: Option<PathBuf>, id: &str, timestamp: Option<i64>) -> i32 {
+    let text = match (secret, secret_file) {
+        (Some(s), _) => s,
+        (None, Some(path)) => match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("tally sign: cannot read {}: {e}", path.display());
+                return 2;
+            }
+        },
+        (None, None) => {
+            eprintln!("tally sign: give --secret-file FILE (or --secret / TALLY_SIGN_SECRET)");
+            return 2;
+        }
+    };
+    let secret = match WebhookSecret::parse(&text) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tally sign: {e}");
+            return 2;
+        }
+    };
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        eprintln!("tally sign: --id must be 1..128 of [A-Za-z0-9_-]");
+        return 2;
+    }
+    let mut body = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut body) {
+        eprintln!("tally sign: cannot read the body from stdin: {e}");
+        return 2;
+    }
+    let ts = timestamp.unwrap_or_else(|| SystemClock.now_ms() / 1000);
+    println!("webhook-id: {id}");
+    println!("webhook-timestamp: {ts}");
+    println!("webhook-signature: {}", signing::sign(secret.key(), id, ts, &body));
+    0
+}
+
+/// A copy-paste walk-through for the first seeded link: a click, then a signed
+/// conversion carrying its click id. Shows the path of the secret, never the secret.
+fn example_text(settings: &Settings, public: std::net::SocketAddr) -> String {
+    let Some(seeds) = crate::seed::parse(settings).ok() else { return String::new() };
+    let Some(link) = seeds.links.first() else { return String::new() };
+    let secret_path = seeds
+        .merchants
+        .iter()
+        .find(|m| m.merchant.id == link.merchant_id)
+        .and_then(|m| m.secret_file.clone())
+        .unwrap_or_else(|| crate::seed::default_secret_path(&settings.data_dir, &link.merchant_id));
+    let param = link
+        .destination
+        .split(['?', '&'])
+        .find_map(|kv| kv.strip_suffix("={click_id}"))
+        .unwrap_or("click_id");
+    let host = if public.ip().is_unspecified() { format!("127.0.0.1:{}", public.port()) } else { public.to_string() };
+    let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "tally".into());
+    format!(
+        r#"
+tally is running (public http://{host}). Try it from another terminal:
+
+  # 1. A visitor clicks the demo link: tally records the click and redirects with a click id.
+  curl -si 'http://{host}/c/{link}?sub1=newsletter' | grep -i '^location'
+
+  # 2. The merchant's backend reports a sale with that click id, signed with its secret.
+  CLICK=$(curl -s -o /dev/null -w '%{{redirect_url}}' 'http://{host}/c/{link}' | sed 's/.*[?&]{param}=\([^&]*\).*/\1/')
+  BODY='{{"txn_id":"order-'$RANDOM'","amount":"49.90","currency":"USD","click_id":"'$CLICK'"}}'
+  printf %s "$BODY" | {exe} sign --secret-file {secret} --id msg_$RANDOM > /tmp/tally-headers
+  curl -s -H @/tmp/tally-headers -H 'content-type: application/json' --data-binary "$BODY" http://{host}/v1/merchants/{merchant}/conversions
+
+  # 3. Send the same request again: 200, "duplicate": true, header Idempotent-Replayed: true.
+"#,
+        link = link.id,
+        merchant = link.merchant_id,
+        secret = secret_path.display(),
+    )
+}

@@ -1,0 +1,332 @@
+//! Conversions: the merchant's body as received, the validated input, and the stored
+//! record with its attribution and commission (SPEC 5.1, 6, 8).
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::clock::{parse_rfc3339, UnixMillis};
+use super::ids::{MerchantId, PartnerId, PlanId, TxnId, Ulid};
+use super::money::{Currency, Money};
+use super::plan::check_event;
+use super::FieldError;
+
+/// Oldest `occurred_at` accepted, in days before now.
+pub const MAX_AGE_DAYS: i64 = 400;
+/// How far `occurred_at` may lie ahead of now (clock skew), in seconds.
+pub const MAX_AHEAD_SECONDS: i64 = 300;
+/// Largest `metadata` accepted, in bytes of JSON.
+pub const MAX_METADATA_BYTES: usize = 4096;
+/// Longest attribution key (`click_id`, `coupon`, `account`, `customer_id`).
+pub const MAX_KEY_LEN: usize = 128;
+/// Events that may come without an amount.
+const EVENTS_WITHOUT_AMOUNT: [&str; 3] = ["lead", "signup", "trial"];
+
+/// The JSON body of one conversion, exactly as the merchant may send it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversionBody {
+    pub txn_id: String,
+    #[serde(default)]
+    pub event: Option<String>,
+    #[serde(default)]
+    pub amount: Option<serde_json::Value>,
+    #[serde(default)]
+    pub currency: Option<String>,
+    #[serde(default)]
+    pub occurred_at: Option<String>,
+    #[serde(default)]
+    pub click_id: Option<String>,
+    #[serde(default)]
+    pub coupon: Option<String>,
+    #[serde(default)]
+    pub account: Option<String>,
+    #[serde(default)]
+    pub customer_id: Option<String>,
+    #[serde(default)]
+    pub partner_id: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<Box<RawValue>>,
+}
+
+/// What a conversion may be attributed by. Part of the dedupe identity: the same
+/// `txn_id` with other keys is a conflict, not a duplicate.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttributionKeys {
+    pub click_id: Option<String>,
+    pub coupon: Option<String>,
+    pub account: Option<String>,
+    pub customer_id: Option<String>,
+    pub partner_id: Option<PartnerId>,
+}
+
+/// A validated conversion, ready for dedupe and attribution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversionInput {
+    pub txn_id: TxnId,
+    pub event: String,
+    pub amount: Option<Money>,
+    pub occurred_ms: UnixMillis,
+    pub keys: AttributionKeys,
+    pub metadata: Option<String>,
+}
+
+fn key(field: &str, value: Option<String>) -> Result<Option<String>, FieldError> {
+    match value {
+        None => Ok(None),
+        Some(v) if v.is_empty() || v.chars().count() > MAX_KEY_LEN || v.chars().any(char::is_control) => {
+            Err(FieldError::new(field, format!("must be 1..{MAX_KEY_LEN} characters without control characters")))
+        }
+        Some(v) => Ok(Some(v)),
+    }
+}
+
+fn amount_text(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => Some(s.clone()),
+        // With serde_json's arbitrary_precision the number keeps its exact text.
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+impl ConversionBody {
+    /// Validates every field against `now`.
+    ///
+    /// # Errors
+    /// The first invalid field, named.
+    pub fn into_input(self, now: UnixMillis) -> Result<ConversionInput, FieldError> {
+        let txn_id = TxnId::parse(&self.txn_id).map_err(|e| FieldError::new("txn_id", e))?;
+        let event = self.event.unwrap_or_else(|| "sale".to_string());
+        check_event(&event).map_err(|e| FieldError::new("event", e))?;
+        let currency = self
+            .currency
+            .as_deref()
+            .map(Currency::parse)
+            .transpose()
+            .map_err(|e| FieldError::new("currency", e))?;
+        let amount = match (&self.amount, currency) {
+            (None | Some(serde_json::Value::Null), _) => None,
+            (Some(_), None) => return Err(FieldError::new("currency", "is required with amount")),
+            (Some(v), Some(c)) => {
+                let text = amount_text(v).ok_or_else(|| FieldError::new("amount", "must be a decimal string such as \"149.90\""))?;
+                Some(Money::parse(&text, c).map_err(|e| FieldError::new("amount", e))?)
+            }
+        };
+        if amount.is_none() && !EVENTS_WITHOUT_AMOUNT.contains(&event.as_str()) {
+            return Err(FieldError::new("amount", format!("is required for event {event} (only lead, signup and trial may omit it)")));
+        }
+        let occurred_ms = match self.occurred_at.as_deref() {
+            None => now,
+            Some(text) => {
+                let at = parse_rfc3339(text).map_err(|e| FieldError::new("occurred_at", e))?;
+                if at < now - MAX_AGE_DAYS * 86_400_000 {
+                    return Err(FieldError::new("occurred_at", format!("must be at most {MAX_AGE_DAYS} days old")));
+                }
+                if at > now + MAX_AHEAD_SECONDS * 1000 {
+                    return Err(FieldError::new("occurred_at", "must not be more than 5 minutes in the future"));
+                }
+                at
+            }
+        };
+        let partner_id = self
+            .partner_id
+            .as_deref()
+            .map(PartnerId::parse)
+            .transpose()
+            .map_err(|e| FieldError::new("partner_id", e))?;
+        let metadata = self.metadata.map(|raw| raw.get().to_string());
+        if metadata.as_ref().is_some_and(|m| m.len() > MAX_METADATA_BYTES) {
+            return Err(FieldError::new("metadata", format!("must be at most {MAX_METADATA_BYTES} bytes of JSON")));
+        }
+        Ok(ConversionInput {
+            txn_id,
+            event,
+            amount,
+            occurred_ms,
+            keys: AttributionKeys {
+                click_id: key("click_id", self.click_id)?,
+                coupon: key("coupon", self.coupon)?,
+                account: key("account", self.account)?,
+                customer_id: key("customer_id", self.customer_id)?,
+                partner_id,
+            },
+            metadata,
+        })
+    }
+}
+
+/// Which rule of SPEC 8 credited a partner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleKind {
+    Explicit,
+    Deal,
+    Customer,
+    Click,
+    Coupon,
+    Touch,
+}
+
+impl RuleKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleKind::Explicit => "explicit",
+            RuleKind::Deal => "deal",
+            RuleKind::Customer => "customer",
+            RuleKind::Click => "click",
+            RuleKind::Coupon => "coupon",
+            RuleKind::Touch => "touch",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Credit {
+    Sourced,
+    Influenced,
+}
+
+impl Credit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Credit::Sourced => "sourced",
+            Credit::Influenced => "influenced",
+        }
+    }
+}
+
+/// A partner that influenced the conversion without sourcing it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Influencer {
+    pub partner_id: PartnerId,
+    pub rule: RuleKind,
+    pub commission: Option<Money>,
+}
+
+/// The decision of SPEC 8, stored with the conversion.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attribution {
+    pub partner_id: PartnerId,
+    pub credit: Credit,
+    pub rule: RuleKind,
+    pub reason: String,
+    pub influencers: Vec<Influencer>,
+}
+
+/// The sourced partner's commission and the plan rule that produced it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commission {
+    pub amount: Money,
+    pub plan: PlanId,
+    pub rule: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConversionStatus {
+    Pending,
+    Approved,
+    Rejected,
+    Reversed,
+}
+
+impl ConversionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConversionStatus::Pending => "pending",
+            ConversionStatus::Approved => "approved",
+            ConversionStatus::Rejected => "rejected",
+            ConversionStatus::Reversed => "reversed",
+        }
+    }
+}
+
+/// A stored conversion: the input, when it arrived, and the decisions taken then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversionRecord {
+    pub conversion_id: Ulid,
+    pub merchant_id: MerchantId,
+    pub txn_id: TxnId,
+    pub event: String,
+    pub amount: Option<Money>,
+    pub occurred_ms: UnixMillis,
+    pub received_ms: UnixMillis,
+    pub keys: AttributionKeys,
+    pub metadata: Option<String>,
+    pub status: ConversionStatus,
+    pub attribution: Option<Attribution>,
+    /// Why nobody was credited, when `attribution` is `None`.
+    pub unattributed_reason: Option<String>,
+    pub commission: Option<Commission>,
+    /// Why there is no commission although a partner was credited.
+    pub commission_note: Option<String>,
+}
+
+impl ConversionRecord {
+    /// True when `input` is the same conversion as this one for dedupe purposes
+    /// (SPEC 6: amount, currency, event and attribution keys must match).
+    pub fn same_content(&self, input: &ConversionInput) -> bool {
+        self.event == input.event && self.amount == input.amount && self.keys == input.keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_790_000_000_000;
+
+    fn parse(json: &str) -> Result<ConversionInput, FieldError> {
+        let body: ConversionBody = serde_json::from_str(json).map_err(|e| FieldError::new("?", e))?;
+        body.into_input(NOW)
+    }
+
+    #[test]
+    fn minimal_sale() {
+        let c = parse(r#"{"txn_id":"o1","amount":"149.90","currency":"USD"}"#).unwrap();
+        assert_eq!(c.event, "sale");
+        assert_eq!(c.amount.unwrap().minor, 14990);
+        assert_eq!(c.occurred_ms, NOW);
+    }
+
+    #[test]
+    fn json_number_amount_is_exact() {
+        let c = parse(r#"{"txn_id":"o1","amount":0.3,"currency":"USD"}"#).unwrap();
+        assert_eq!(c.amount.unwrap().minor, 30);
+        let err = parse(r#"{"txn_id":"o1","amount":1e2,"currency":"USD"}"#).unwrap_err();
+        assert_eq!(err.field, "amount");
+    }
+
+    #[test]
+    fn fields_are_named() {
+        let cases = [
+            (r#"{"txn_id":"","amount":"1","currency":"USD"}"#, "txn_id"),
+            (r#"{"txn_id":"o","amount":"1"}"#, "currency"),
+            (r#"{"txn_id":"o","amount":"1.001","currency":"USD"}"#, "amount"),
+            (r#"{"txn_id":"o","amount":true,"currency":"USD"}"#, "amount"),
+            (r#"{"txn_id":"o","currency":"USD"}"#, "amount"),
+            (r#"{"txn_id":"o","amount":"1","currency":"usd"}"#, "currency"),
+            (r#"{"txn_id":"o","event":"bad event","amount":"1","currency":"USD"}"#, "event"),
+            (r#"{"txn_id":"o","amount":"1","currency":"USD","occurred_at":"2020-01-01T00:00:00Z"}"#, "occurred_at"),
+            (r#"{"txn_id":"o","amount":"1","currency":"USD","partner_id":"a b"}"#, "partner_id"),
+            (r#"{"txn_id":"o","amount":"1","currency":"USD","coupon":""}"#, "coupon"),
+        ];
+        for (json, field) in cases {
+            assert_eq!(parse(json).unwrap_err().field, field, "{json}");
+        }
+    }
+
+    #[test]
+    fn leads_need_no_amount() {
+        assert!(parse(r#"{"txn_id":"o","event":"lead"}"#).unwrap().amount.is_none());
+    }
+
+    #[test]
+    fn occurred_at_bounds() {
+        let ahead = super::super::clock::format_rfc3339(NOW + 300_000);
+        assert!(parse(&format!(r#"{{"txn_id":"o","event":"lead","occurred_at":"{ahead}"}}"#)).is_ok());
+        let ahead = super::super::clock::format_rfc3339(NOW + 301_000);
+        assert!(parse(&format!(r#"{{"txn_id":"o","event":"lead","occurred_at":"{ahead}"}}"#)).is_err());
+    }
+}

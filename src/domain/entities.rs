@@ -1,0 +1,199 @@
+//! Merchants and partners as stored, and the admin bodies that create them (SPEC 5.3).
+
+use serde::{Deserialize, Serialize};
+
+use super::clock::UnixMillis;
+use super::ids::{MerchantId, PartnerId, PlanId};
+use super::FieldError;
+
+/// Longest display name accepted for any entity.
+pub const MAX_NAME_LEN: usize = 200;
+
+fn check_name(name: &str) -> Result<(), FieldError> {
+    if name.trim().is_empty() || name.chars().count() > MAX_NAME_LEN {
+        return Err(FieldError::new("name", format!("must be 1..{MAX_NAME_LEN} characters, not blank")));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(FieldError::new("name", "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// Active or paused; paused entities keep their history but take no new traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    #[default]
+    Active,
+    Paused,
+}
+
+/// A tenant. Its signing secrets live apart from it (see `signing::SecretSet`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Merchant {
+    pub id: MerchantId,
+    pub name: String,
+    pub postback_token: bool,
+    pub allowed_ips: Vec<String>,
+    /// Plan for conversions credited without a link (explicit `partner_id`), unless the
+    /// partner names its own.
+    pub default_plan_id: Option<PlanId>,
+    pub created_ms: UnixMillis,
+}
+
+/// `PUT /admin/v1/merchants/{id}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MerchantBody {
+    pub name: String,
+    #[serde(default)]
+    pub postback_token: bool,
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+    #[serde(default)]
+    pub default_plan_id: Option<PlanId>,
+}
+
+impl MerchantBody {
+    /// # Errors
+    /// The first field that is not valid.
+    pub fn into_merchant(self, id: MerchantId, created_ms: UnixMillis) -> Result<Merchant, FieldError> {
+        check_name(&self.name)?;
+        for (i, ip) in self.allowed_ips.iter().enumerate() {
+            if !valid_cidr(ip) {
+                return Err(FieldError::new(format!("allowed_ips[{i}]"), "must be an IP address or CIDR such as 203.0.113.0/24"));
+            }
+        }
+        Ok(Merchant {
+            id,
+            name: self.name,
+            postback_token: self.postback_token,
+            allowed_ips: self.allowed_ips,
+            default_plan_id: self.default_plan_id,
+            created_ms,
+        })
+    }
+}
+
+fn valid_cidr(text: &str) -> bool {
+    let (addr, len) = text.split_once('/').unwrap_or((text, ""));
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(ip) if len.is_empty() => ip.is_ipv4() || ip.is_ipv6(),
+        Ok(ip) => {
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            len.parse::<u8>().is_ok_and(|l| l <= max)
+        }
+        Err(_) => false,
+    }
+}
+
+/// SPEC 2's partner kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PartnerKind {
+    Affiliate,
+    Referral,
+    Reseller,
+    Technology,
+    Agency,
+}
+
+/// How an outbound postback is sent (SPEC 10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutboundMethod {
+    #[serde(rename = "GET")]
+    Get,
+    #[serde(rename = "POST")]
+    Post,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outbound {
+    pub url: String,
+    pub method: OutboundMethod,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partner {
+    pub id: PartnerId,
+    pub merchant_id: MerchantId,
+    pub name: String,
+    pub kind: PartnerKind,
+    pub tier: Option<String>,
+    pub status: Status,
+    pub coupons: Vec<String>,
+    pub outbound: Option<Outbound>,
+    /// Plan for conversions credited to this partner without a link.
+    pub plan_id: Option<PlanId>,
+    pub created_ms: UnixMillis,
+}
+
+/// `PUT /admin/v1/merchants/{m}/partners/{id}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartnerBody {
+    pub name: String,
+    pub kind: PartnerKind,
+    #[serde(default)]
+    pub tier: Option<String>,
+    #[serde(default)]
+    pub status: Status,
+    #[serde(default)]
+    pub coupons: Vec<String>,
+    #[serde(default)]
+    pub outbound: Option<Outbound>,
+    #[serde(default)]
+    pub plan_id: Option<PlanId>,
+}
+
+impl PartnerBody {
+    /// # Errors
+    /// The first field that is not valid.
+    pub fn into_partner(
+        self,
+        merchant_id: MerchantId,
+        id: PartnerId,
+        created_ms: UnixMillis,
+    ) -> Result<Partner, FieldError> {
+        check_name(&self.name)?;
+        for (i, coupon) in self.coupons.iter().enumerate() {
+            if coupon.is_empty() || coupon.len() > 64 || coupon.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(FieldError::new(format!("coupons[{i}]"), "must be 1..64 characters without spaces"));
+            }
+        }
+        if let Some(outbound) = &self.outbound {
+            match url::Url::parse(&outbound.url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => return Err(FieldError::new("outbound.url", "must be an absolute http or https URL")),
+            }
+        }
+        Ok(Partner {
+            id,
+            merchant_id,
+            name: self.name,
+            kind: self.kind,
+            tier: self.tier,
+            status: self.status,
+            coupons: self.coupons,
+            outbound: self.outbound,
+            plan_id: self.plan_id,
+            created_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs() {
+        for ok in ["203.0.113.7", "203.0.113.0/24", "2001:db8::/32", "::1"] {
+            assert!(valid_cidr(ok), "{ok}");
+        }
+        for bad in ["203.0.113.0/33", "x", "10.0.0.0/", "2001:db8::/129", ""] {
+            assert!(!valid_cidr(bad), "{bad}");
+        }
+    }
+}

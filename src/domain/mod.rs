@@ -1,0 +1,48 @@
+//! Validated domain types: ids, money, time and the entities of SPEC 2.
+//!
+//! Nothing here does I/O or knows about HTTP or RocksDB. Raw input is turned
+//! into these types at the boundary (`http/`), and everything inside works on them.
+
+pub mod click;
+pub mod clock;
+pub mod conversion;
+pub mod ledger;
+pub mod entities;
+pub mod link;
+pub mod plan;
+pub mod ids;
+pub mod money;
+
+use std::fmt;
+
+/// A value that failed validation, naming the field it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {detail}")]
+pub struct FieldError {
+    /// Dotted path of the offending field, e.g. `rules[1].percent`.
+    pub field: String,
+    /// What is wrong and what is expected, in words a client developer can act on.
+    pub detail: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, detail: impl fmt::Display) -> Self {
+        FieldError {
+            field: field.into(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// Prefixes the field path, for errors raised inside nested values.
+    #[must_use]
+    pub fn within(mut self, parent: &str) -> Self {
+        self.field = if self.field.is_empty() {
+            parent.to_string()
+        } else if self.field.starts_with('[') {
+            format!("{parent}{}", self.field)
+        } else {
+            format!("{parent}.{}", self.field)
+        };
+        self
+    }
+}

@@ -1,0 +1,152 @@
+//! Commission plans (SPEC 9) as stored: versioned, one currency, a list of rules.
+
+use serde::{Deserialize, Serialize};
+
+use super::clock::UnixMillis;
+use super::entities::PartnerKind;
+use super::ids::{MerchantId, PlanId};
+use super::money::{Currency, Money, Percent};
+use super::FieldError;
+
+pub const DEFAULT_HOLD_DAYS: u32 = 30;
+pub const DEFAULT_DEAL_TTL_DAYS: u32 = 180;
+pub const DEFAULT_INFLUENCE_WINDOW_DAYS: u32 = 180;
+/// Most rules a plan may have.
+pub const MAX_RULES: usize = 100;
+
+/// One version of a plan. A `PUT` adds a version in force from that moment; the version
+/// in force when a conversion occurred governs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub id: PlanId,
+    pub merchant_id: MerchantId,
+    pub version_from_ms: UnixMillis,
+    pub currency: Currency,
+    pub hold_days: u32,
+    pub influence_percent: Percent,
+    pub deal_ttl_days: u32,
+    pub influence_window_days: u32,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub event: String,
+    pub flat: Option<Money>,
+    pub percent: Option<Percent>,
+    pub partner_kind: Option<PartnerKind>,
+}
+
+impl Rule {
+    /// How the rule reads in answers: `sale 20%`, `lead 15.00`, `sale 10% + 5.00 (reseller)`.
+    pub fn label(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(p) = self.percent {
+            parts.push(format!("{}%", p.text()));
+        }
+        if let Some(f) = self.flat {
+            parts.push(f.amount_text());
+        }
+        let kind = self.partner_kind.map(|k| format!(" ({})", kind_name(k))).unwrap_or_default();
+        format!("{} {}{kind}", self.event, parts.join(" + "))
+    }
+}
+
+pub fn kind_name(kind: PartnerKind) -> &'static str {
+    match kind {
+        PartnerKind::Affiliate => "affiliate",
+        PartnerKind::Referral => "referral",
+        PartnerKind::Reseller => "reseller",
+        PartnerKind::Technology => "technology",
+        PartnerKind::Agency => "agency",
+    }
+}
+
+/// `PUT /admin/v1/merchants/{m}/plans/{id}` and `[[plans]]` in the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanBody {
+    pub currency: Currency,
+    #[serde(default)]
+    pub hold_days: Option<u32>,
+    #[serde(default)]
+    pub influence_percent: Option<Percent>,
+    #[serde(default)]
+    pub deal_ttl_days: Option<u32>,
+    #[serde(default)]
+    pub influence_window_days: Option<u32>,
+    pub rules: Vec<RuleBody>,
+    #[serde(default)]
+    pub tiers: Option<serde_json::Value>,
+    #[serde(default)]
+    pub caps: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleBody {
+    pub event: String,
+    #[serde(default)]
+    pub flat: Option<String>,
+    #[serde(default)]
+    pub percent: Option<Percent>,
+    #[serde(default)]
+    pub partner_kind: Option<PartnerKind>,
+    #[serde(default)]
+    pub recurring_months: Option<u32>,
+}
+
+/// Event names: 1..64 of `[A-Za-z0-9_.-]` (`lead`, `sale`, or the merchant's own).
+pub fn check_event(event: &str) -> Result<(), String> {
+    let ok = !event.is_empty()
+        && event.len() <= 64
+        && event.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    ok.then_some(()).ok_or_else(|| "must be 1..64 characters of [A-Za-z0-9_.-], such as sale".into())
+}
+
+impl PlanBody {
+    /// # Errors
+    /// The first field that is not valid. Tiers, caps and recurring rules are refused
+    /// until the engine that applies them exists, rather than stored and ignored.
+    pub fn into_plan(self, merchant_id: MerchantId, id: PlanId, version_from_ms: UnixMillis) -> Result<Plan, FieldError> {
+        let not_yet = "is not supported by this version of tally yet; remove it";
+        if self.tiers.is_some() {
+            return Err(FieldError::new("tiers", not_yet));
+        }
+        if self.caps.is_some() {
+            return Err(FieldError::new("caps", not_yet));
+        }
+        if self.rules.len() > MAX_RULES {
+            return Err(FieldError::new("rules", format!("at most {MAX_RULES} rules")));
+        }
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for (i, r) in self.rules.into_iter().enumerate() {
+            let at = |f: &str| format!("rules[{i}].{f}");
+            check_event(&r.event).map_err(|e| FieldError::new(at("event"), e))?;
+            if r.recurring_months.is_some() {
+                return Err(FieldError::new(at("recurring_months"), not_yet));
+            }
+            let flat = r
+                .flat
+                .as_deref()
+                .map(|f| Money::parse(f, self.currency))
+                .transpose()
+                .map_err(|e| FieldError::new(at("flat"), e))?;
+            if flat.is_none() && r.percent.is_none() {
+                return Err(FieldError::new(at("percent"), "a rule needs flat, percent or both"));
+            }
+            rules.push(Rule { event: r.event, flat, percent: r.percent, partner_kind: r.partner_kind });
+        }
+        Ok(Plan {
+            id,
+            merchant_id,
+            version_from_ms,
+            currency: self.currency,
+            hold_days: self.hold_days.unwrap_or(DEFAULT_HOLD_DAYS),
+            influence_percent: self.influence_percent.unwrap_or(Percent::ZERO),
+            deal_ttl_days: self.deal_ttl_days.unwrap_or(DEFAULT_DEAL_TTL_DAYS),
+            influence_window_days: self.influence_window_days.unwrap_or(DEFAULT_INFLUENCE_WINDOW_DAYS),
+            rules,
+        })
+    }
+}

@@ -1,0 +1,204 @@
+//! The admin listener: the admin API behind the bearer token, and the unauthenticated
+//! operational endpoints (`/metrics`, `/healthz`, `/readyz`).
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use secrecy::ExposeSecret;
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+
+use super::problem::ApiError;
+use super::views::{ConversionView, LedgerEntryView, PlanView};
+use super::{json, parse_json, read_body, require_json, Body, Ctx, Route};
+use crate::domain::entities::{MerchantBody, Partner, PartnerBody};
+use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId, TxnId};
+use crate::domain::link::{Link, LinkBody};
+use crate::domain::plan::PlanBody;
+use crate::signing::WebhookSecret;
+use crate::store::{EntityOp, Saved};
+
+type Answer = (Route, Result<Response<Body>, ApiError>);
+
+pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Answer {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match segments.as_slice() {
+        ["metrics"] if method == Method::GET => (Route::Metrics, Ok(metrics(ctx))),
+        ["healthz"] if method == Method::GET => (Route::Health, Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))),
+        ["readyz"] if method == Method::GET => (Route::Ready, Ok(ready(ctx))),
+        ["admin", "v1", "merchants", rest @ ..] => {
+            let route = route_of(rest);
+            if let Err(e) = authorize(ctx, &req) {
+                return (route, Err(e));
+            }
+            let rest: Vec<String> = rest.iter().map(|s| (*s).to_string()).collect();
+            (route, admin(ctx, method, &rest, req).await)
+        }
+        _ => (Route::NotFound, Err(ApiError::NotFound)),
+    }
+}
+
+fn route_of(rest: &[&str]) -> Route {
+    match rest {
+        [_] => Route::AdminMerchant,
+        [_, "secrets:rotate"] => Route::AdminSecretRotate,
+        [_, "partners", _] => Route::AdminPartner,
+        [_, "links", _] => Route::AdminLink,
+        [_, "plans", _] => Route::AdminPlan,
+        [_, "conversions", _] => Route::AdminConversion,
+        _ => Route::NotFound,
+    }
+}
+
+fn authorize(ctx: &Ctx, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let expected = ctx.admin_token.expose_secret().as_bytes();
+    // ct_eq on slices of different lengths is false without comparing contents.
+    if bool::from(given.as_bytes().ct_eq(expected)) {
+        Ok(())
+    } else {
+        Err(ApiError::AdminUnauthorized)
+    }
+}
+
+fn metrics(ctx: &Ctx) -> Response<Body> {
+    ctx.metrics.set_storage(ctx.store.stats());
+    let mut resp = Response::new(Body::from(ctx.metrics.render()));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp
+}
+
+fn ready(ctx: &Ctx) -> Response<Body> {
+    if ctx.store.is_ready() {
+        json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+    } else {
+        let mut resp = json(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"status": "storage refuses writes"}));
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(super::problem::RETRY_AFTER_SECONDS));
+        resp
+    }
+}
+
+fn id<T>(raw: &str, parse: fn(&str) -> Result<T, String>) -> Result<T, ApiError> {
+    parse(raw).map_err(|_| ApiError::NotFound)
+}
+
+async fn body<T: serde::de::DeserializeOwned>(ctx: &Ctx, req: Request<Incoming>) -> Result<T, ApiError> {
+    let (parts, body) = req.into_parts();
+    require_json(&parts.headers)?;
+    let bytes = read_body(ctx, &parts.headers, body, ctx.settings.http.max_body_bytes).await?;
+    parse_json(&bytes)
+}
+
+fn saved_status(saved: Saved) -> StatusCode {
+    match saved {
+        Saved::Created => StatusCode::CREATED,
+        Saved::Updated => StatusCode::OK,
+    }
+}
+
+#[derive(Serialize)]
+struct WithSecret<'a, T: Serialize> {
+    #[serde(flatten)]
+    entity: &'a T,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
+}
+
+async fn admin(ctx: &Ctx, method: Method, rest: &[String], req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+    let now = ctx.clock.now_ms();
+    let merchant = id(rest.first().copied().unwrap_or(""), MerchantId::parse)?;
+    let catalog = ctx.store.catalog();
+    let known = catalog.merchants.contains_key(&merchant);
+    match (&method, rest.as_slice()) {
+        (&Method::PUT, [_]) => {
+            let merchant = body::<MerchantBody>(ctx, req).await?.into_merchant(merchant, now)?;
+            let secret = WebhookSecret::generate();
+            let saved = ctx.store.put_merchant(merchant.clone(), secret.clone()).await?;
+            let stored = ctx.store.catalog().merchants.get(&merchant.id).cloned().unwrap_or(merchant);
+            let secret = (saved == Saved::Created).then(|| secret.expose_text());
+            Ok(json(saved_status(saved), &WithSecret { entity: &stored, secret }))
+        }
+        (&Method::GET, [_]) => catalog.merchants.get(&merchant).map(|m| json(StatusCode::OK, m)).ok_or(ApiError::NotFound),
+        (&Method::POST, [_, "secrets:rotate"]) => {
+            let secret = WebhookSecret::generate();
+            let grace_ms = ctx.settings.signing.rotation_grace_seconds.saturating_mul(1000);
+            ctx.store
+                .apply(EntityOp::RotateMerchantSecret { merchant: merchant.clone(), secret: secret.clone(), now, grace_ms })
+                .await?;
+            let body = serde_json::json!({
+                "id": merchant.as_str(),
+                "secret": secret.expose_text(),
+                "previous_valid_until": crate::domain::clock::format_rfc3339(now.saturating_add(grace_ms)),
+            });
+            Ok(json(StatusCode::OK, &body))
+        }
+        _ if !known => Err(ApiError::NotFound),
+        (&Method::PUT, [_, "partners", pid]) => {
+            let pid = id(pid, PartnerId::parse)?;
+            let partner: Partner = body::<PartnerBody>(ctx, req).await?.into_partner(merchant.clone(), pid.clone(), now)?;
+            let secret = WebhookSecret::generate();
+            let saved = ctx.store.put_partner(partner, secret.clone()).await?;
+            let stored = ctx.store.catalog().partner_of(&merchant, &pid).cloned().ok_or(ApiError::NotFound)?;
+            let secret = (saved == Saved::Created).then(|| secret.expose_text());
+            Ok(json(saved_status(saved), &WithSecret { entity: &stored, secret }))
+        }
+        (&Method::GET, [_, "partners", pid]) => {
+            let pid = id(pid, PartnerId::parse)?;
+            catalog.partner_of(&merchant, &pid).map(|p| json(StatusCode::OK, p)).ok_or(ApiError::NotFound)
+        }
+        (&Method::DELETE, [_, "partners", pid]) => {
+            let pid = id(pid, PartnerId::parse)?;
+            ctx.store.apply(EntityOp::PausePartner { merchant: merchant.clone(), partner: pid.clone() }).await?;
+            let stored = ctx.store.catalog().partner_of(&merchant, &pid).cloned().ok_or(ApiError::NotFound)?;
+            Ok(json(StatusCode::OK, &stored))
+        }
+        (&Method::PUT, [_, "links", lid]) => {
+            let lid = id(lid, LinkId::parse)?;
+            let link: Link = body::<LinkBody>(ctx, req).await?.into_link(merchant.clone(), lid.clone(), now)?;
+            let saved = ctx.store.put_link(link).await?;
+            let stored = ctx.store.catalog().link_of(&merchant, &lid).cloned().ok_or(ApiError::NotFound)?;
+            Ok(json(saved_status(saved), &stored))
+        }
+        (&Method::GET, [_, "links", lid]) => {
+            let lid = id(lid, LinkId::parse)?;
+            catalog.link_of(&merchant, &lid).map(|l| json(StatusCode::OK, l)).ok_or(ApiError::NotFound)
+        }
+        (&Method::PUT, [_, "plans", pid]) => {
+            let pid = id(pid, PlanId::parse)?;
+            let plan = body::<PlanBody>(ctx, req).await?.into_plan(merchant.clone(), pid.clone(), now)?;
+            let saved = ctx.store.put_plan(plan).await?;
+            let catalog = ctx.store.catalog();
+            let stored = catalog.current_plan(&merchant, &pid).ok_or(ApiError::NotFound)?;
+            Ok(json(saved_status(saved), &PlanView::from(stored)))
+        }
+        (&Method::GET, [_, "plans", pid]) => {
+            let pid = id(pid, PlanId::parse)?;
+            catalog.current_plan(&merchant, &pid).map(|p| json(StatusCode::OK, &PlanView::from(p))).ok_or(ApiError::NotFound)
+        }
+        (&Method::GET, [_, "conversions", txn]) => {
+            let decoded = percent_encoding::percent_decode_str(txn).decode_utf8().map_err(|_| ApiError::NotFound)?;
+            let txn = id(&decoded, TxnId::parse)?;
+            let rec = ctx.store.conversion(&merchant, &txn).await?.ok_or(ApiError::NotFound)?;
+            let ledger = match &rec.attribution {
+                Some(a) => ctx.store.ledger_for(&merchant, &a.partner_id, &txn).await?,
+                None => Vec::new(),
+            };
+            let body = serde_json::json!({
+                "conversion": ConversionView::new(&rec, false),
+                "keys": rec.keys,
+                "received_at": crate::domain::clock::format_rfc3339(rec.received_ms),
+                "ledger": ledger.iter().map(LedgerEntryView::from).collect::<Vec<_>>(),
+            });
+            Ok(json(StatusCode::OK, &body))
+        }
+        (_, [_] | [_, "secrets:rotate"] | [_, "partners" | "links" | "plans" | "conversions", _]) => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::NotFound),
+    }
+}

@@ -1,0 +1,30 @@
+//! tally: a server-to-server conversion tracking gateway.
+//!
+//! # Layout
+//!
+//! Read in this order; dependencies point down the list only.
+//!
+//! - [`domain`]: validated types (ids, money, clicks, conversions, links, plans). No I/O.
+//! - [`signing`]: Standard Webhooks verify/sign, secrets with rotation, the replay guard.
+//! - [`attribution`]: SPEC 8's rules as a pure function over [`attribution::Facts`].
+//! - [`commission`]: plans to money, pure.
+//! - [`store`]: the only module that names RocksDB: schema, keys, codecs, the batching
+//!   writer (group commit, exact dedupe) and the in-memory catalog of entities.
+//! - [`http`]: the only module that names hyper: accept loop, routing, handlers,
+//!   errors as problem+json.
+//! - [`metrics`], [`telemetry`], [`config`], [`seed`]: operations and configuration.
+//! - [`app`]: wiring; [`cli`]: subcommands. `main.rs` only calls [`cli::run`].
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod attribution;
+pub mod cli;
+pub mod commission;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod metrics;
+pub mod seed;
+pub mod signing;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,164 @@
+//! Every metric tally exports (SPEC 12), on one explicit registry. Label values come
+//! from closed sets (`&'static str` from enums), never from ids.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::domain::ledger::LedgerKind;
+use crate::signing::SignatureFailure;
+
+/// `outcome` values of `tally_clicks_total`.
+pub const CLICK_OUTCOMES: [&str; 4] = ["recorded", "bot", "not_found", "rate_limited"];
+/// `outcome` values of `tally_conversions_total`.
+pub const CONVERSION_OUTCOMES: [&str; 7] =
+    ["created", "duplicate", "conflict", "invalid", "unauthorized", "rate_limited", "error"];
+
+/// Figures read from the storage engine at scrape time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StorageStats {
+    pub sst_bytes: u64,
+    pub memtable_bytes: u64,
+    pub estimated_keys: u64,
+    pub write_stopped: bool,
+    pub delayed_write_rate: u64,
+    pub pending_compaction_bytes: u64,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub clicks: IntCounterVec,
+    pub conversions: IntCounterVec,
+    pub signature_failures: IntCounterVec,
+    pub attributions: IntCounterVec,
+    pub ledger_entries: IntCounterVec,
+    pub write_batch_size: Histogram,
+    pub fsync_duration: Histogram,
+    pub storage_errors: IntCounter,
+    pub storage_ready: IntGauge,
+    pub replay_evictions: IntCounter,
+    sst_bytes: IntGauge,
+    memtable_bytes: IntGauge,
+    estimated_keys: IntGauge,
+    write_stopped: IntGauge,
+    delayed_write_rate: IntGauge,
+    pending_compaction_bytes: IntGauge,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(h.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
+    h
+}
+
+impl Metrics {
+    /// Builds the registry. Panics only on a programming error (a bad metric name),
+    /// which every test run would show.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let http_requests = counter_vec(&r, "tally_http_requests_total", "HTTP requests answered.", &["listener", "route", "status"]);
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new("tally_http_request_duration_seconds", "Time from request head to response head.")
+                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]),
+            &["route"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        r.register(Box::new(http_duration.clone())).unwrap_or_else(|e| panic!("{e}"));
+        let clicks = counter_vec(&r, "tally_clicks_total", "Click requests by outcome.", &["outcome"]);
+        let conversions = counter_vec(&r, "tally_conversions_total", "Conversion requests by outcome.", &["outcome"]);
+        let signature_failures =
+            counter_vec(&r, "tally_signature_failures_total", "Refused signatures by reason.", &["reason"]);
+        let attributions =
+            counter_vec(&r, "tally_attributions_total", "Attribution decisions of new conversions.", &["rule", "credit"]);
+        let ledger_entries = counter_vec(&r, "tally_ledger_entries_total", "Ledger entries written.", &["kind"]);
+        for o in CLICK_OUTCOMES {
+            clicks.with_label_values(&[o]);
+        }
+        for o in CONVERSION_OUTCOMES {
+            conversions.with_label_values(&[o]);
+        }
+        for f in SignatureFailure::ALL {
+            signature_failures.with_label_values(&[f.as_str()]);
+        }
+        for k in LedgerKind::ALL {
+            ledger_entries.with_label_values(&[k.as_str()]);
+        }
+        let batch_buckets = vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+        let fsync_buckets = vec![0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0];
+        let m = Metrics {
+            http_requests,
+            http_duration,
+            clicks,
+            conversions,
+            signature_failures,
+            attributions,
+            ledger_entries,
+            write_batch_size: histogram(&r, "tally_storage_write_batch_size", "Operations per storage write batch.", batch_buckets),
+            fsync_duration: histogram(&r, "tally_storage_fsync_duration_seconds", "Duration of synced batch writes.", fsync_buckets),
+            storage_errors: {
+                let c = IntCounter::new("tally_storage_write_errors_total", "Storage writes that failed.").unwrap_or_else(|e| panic!("{e}"));
+                r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("{e}"));
+                c
+            },
+            storage_ready: gauge(&r, "tally_storage_ready", "1 while storage accepts writes."),
+            replay_evictions: {
+                let c = IntCounter::new("tally_replay_guard_evictions_total", "Webhook ids forgotten before their window ended because the replay guard was full.")
+                    .unwrap_or_else(|e| panic!("{e}"));
+                r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("{e}"));
+                c
+            },
+            sst_bytes: gauge(&r, "tally_storage_sst_bytes", "Bytes of RocksDB SST files."),
+            memtable_bytes: gauge(&r, "tally_storage_memtable_bytes", "Bytes of RocksDB memtables."),
+            estimated_keys: gauge(&r, "tally_storage_estimated_keys", "RocksDB's estimate of stored keys."),
+            write_stopped: gauge(&r, "tally_storage_write_stopped", "1 while RocksDB stops writes (stall)."),
+            delayed_write_rate: gauge(&r, "tally_storage_delayed_write_rate_bytes", "RocksDB's delayed write rate while it slows writes (bytes/s), 0 otherwise."),
+            pending_compaction_bytes: gauge(&r, "tally_storage_pending_compaction_bytes", "Bytes RocksDB estimates compaction must rewrite."),
+            registry: r,
+        };
+        m.storage_ready.set(1);
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = m.registry.register(Box::new(pc));
+        }
+        m
+    }
+
+    pub fn set_storage(&self, s: StorageStats) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.sst_bytes.set(g(s.sst_bytes));
+        self.memtable_bytes.set(g(s.memtable_bytes));
+        self.estimated_keys.set(g(s.estimated_keys));
+        self.write_stopped.set(i64::from(s.write_stopped));
+        self.delayed_write_rate.set(g(s.delayed_write_rate));
+        self.pending_compaction_bytes.set(g(s.pending_compaction_bytes));
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,173 @@
+//! Entities seeded from the config file (`[[merchants]]`, `[[plans]]`, `[[partners]]`,
+//! `[[links]]`), so a demo or a GitOps setup needs no API calls. Seeds go through the
+//! same validation and the same store calls as the admin API; applying them again is
+//! harmless (an unchanged plan adds no version, existing secrets are kept).
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::config::{Problem, Settings};
+use crate::domain::clock::UnixMillis;
+use crate::domain::entities::{Merchant, MerchantBody, Partner, PartnerBody};
+use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId};
+use crate::domain::link::{Link, LinkBody};
+use crate::domain::plan::{Plan, PlanBody};
+use crate::signing::WebhookSecret;
+use crate::store::{Saved, Store, WriteError};
+
+pub struct MerchantSeed {
+    pub merchant: Merchant,
+    /// Where the merchant's secret is read from, or written to when tally generates it.
+    pub secret_file: Option<PathBuf>,
+}
+
+pub struct Seeds {
+    pub merchants: Vec<MerchantSeed>,
+    pub plans: Vec<Plan>,
+    pub partners: Vec<Partner>,
+    pub links: Vec<Link>,
+}
+
+fn take_id<T>(map: &mut Map<String, Value>, key: &str, at: &str, parse: fn(&str) -> Result<T, String>) -> Result<T, Problem> {
+    match map.remove(key) {
+        Some(Value::String(s)) => parse(&s).map_err(|e| Problem { key: format!("{at}.{key}"), problem: e }),
+        Some(_) => Err(Problem { key: format!("{at}.{key}"), problem: "must be a string".into() }),
+        None => Err(Problem { key: format!("{at}.{key}"), problem: "is required".into() }),
+    }
+}
+
+fn body<T: DeserializeOwned>(map: Map<String, Value>, at: &str) -> Result<T, Problem> {
+    serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." { at.to_string() } else { format!("{at}.{path}") };
+        Problem { key, problem: e.into_inner().to_string() }
+    })
+}
+
+fn field(at: &str, e: crate::domain::FieldError) -> Problem {
+    Problem { key: format!("{at}.{}", e.field), problem: e.detail }
+}
+
+/// Parses every seed; all problems are reported, each with its key.
+///
+/// # Errors
+/// The list of problems.
+pub fn parse(settings: &Settings) -> Result<Seeds, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut seeds = Seeds { merchants: Vec::new(), plans: Vec::new(), partners: Vec::new(), links: Vec::new() };
+    for (i, raw) in settings.merchants.iter().enumerate() {
+        let at = format!("merchants[{i}]");
+        let mut map = raw.clone();
+        let secret_file = map.remove("secret_file").and_then(|v| v.as_str().map(PathBuf::from));
+        let r = take_id(&mut map, "id", &at, MerchantId::parse)
+            .and_then(|id| body::<MerchantBody>(map, &at)?.into_merchant(id, 0).map_err(|e| field(&at, e)));
+        match r {
+            Ok(merchant) => seeds.merchants.push(MerchantSeed { merchant, secret_file }),
+            Err(p) => problems.push(p),
+        }
+    }
+    for (i, raw) in settings.plans.iter().enumerate() {
+        let at = format!("plans[{i}]");
+        let mut map = raw.clone();
+        let r = take_id(&mut map, "merchant_id", &at, MerchantId::parse).and_then(|m| {
+            let id = take_id(&mut map, "id", &at, PlanId::parse)?;
+            body::<PlanBody>(map, &at)?.into_plan(m, id, 0).map_err(|e| field(&at, e))
+        });
+        match r {
+            Ok(p) => seeds.plans.push(p),
+            Err(p) => problems.push(p),
+        }
+    }
+    for (i, raw) in settings.partners.iter().enumerate() {
+        let at = format!("partners[{i}]");
+        let mut map = raw.clone();
+        let r = take_id(&mut map, "merchant_id", &at, MerchantId::parse).and_then(|m| {
+            let id = take_id(&mut map, "id", &at, PartnerId::parse)?;
+            body::<PartnerBody>(map, &at)?.into_partner(m, id, 0).map_err(|e| field(&at, e))
+        });
+        match r {
+            Ok(p) => seeds.partners.push(p),
+            Err(p) => problems.push(p),
+        }
+    }
+    for (i, raw) in settings.links.iter().enumerate() {
+        let at = format!("links[{i}]");
+        let mut map = raw.clone();
+        let r = take_id(&mut map, "merchant_id", &at, MerchantId::parse).and_then(|m| {
+            let id = take_id(&mut map, "id", &at, LinkId::parse)?;
+            body::<LinkBody>(map, &at)?.into_link(m, id, 0).map_err(|e| field(&at, e))
+        });
+        match r {
+            Ok(l) => seeds.links.push(l),
+            Err(p) => problems.push(p),
+        }
+    }
+    if problems.is_empty() {
+        Ok(seeds)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Where a seeded merchant's generated secret is written when no `secret_file` is set.
+pub fn default_secret_path(data_dir: &Path, merchant: &MerchantId) -> PathBuf {
+    data_dir.join("secrets").join(format!("{merchant}.whsec"))
+}
+
+/// Writes a secret file readable by its owner only.
+///
+/// # Errors
+/// File system errors.
+pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    std::io::Write::write_all(&mut opts.open(path)?, format!("{text}\n").as_bytes())
+}
+
+/// Applies the seeds in dependency order: merchants, plans, partners, links.
+///
+/// # Errors
+/// A message naming the seed that could not be applied.
+pub async fn apply(store: &Store, seeds: Seeds, data_dir: &Path, now: UnixMillis) -> Result<(), String> {
+    let ctx = |what: String| move |e: WriteError| format!("seeding {what}: {e}");
+    for MerchantSeed { mut merchant, secret_file } in seeds.merchants {
+        merchant.created_ms = now;
+        let path = secret_file.clone().unwrap_or_else(|| default_secret_path(data_dir, &merchant.id));
+        let imported = match std::fs::read_to_string(&path) {
+            Ok(text) if secret_file.is_some() => {
+                Some(WebhookSecret::parse(&text).map_err(|e| format!("secret_file {}: {e}", path.display()))?)
+            }
+            _ => None,
+        };
+        let secret = imported.clone().unwrap_or_else(WebhookSecret::generate);
+        let id = merchant.id.clone();
+        let saved = store.put_merchant(merchant, secret.clone()).await.map_err(ctx(format!("merchant {id}")))?;
+        if saved == Saved::Created && imported.is_none() {
+            write_private(&path, &secret.expose_text()).map_err(|e| format!("write {}: {e}", path.display()))?;
+            tracing::info!(merchant = %id, path = %path.display(), "generated the merchant's signing secret");
+        }
+    }
+    for mut plan in seeds.plans {
+        plan.version_from_ms = now;
+        let what = format!("plan {}", plan.id);
+        store.put_plan(plan).await.map_err(ctx(what))?;
+    }
+    for mut partner in seeds.partners {
+        partner.created_ms = now;
+        let what = format!("partner {}", partner.id);
+        store.put_partner(partner, WebhookSecret::generate()).await.map_err(ctx(what))?;
+    }
+    for mut link in seeds.links {
+        link.created_ms = now;
+        let what = format!("link {}", link.id);
+        store.put_link(link).await.map_err(ctx(what))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! The in-memory mirror of the configuration entities (merchants, their secrets,
+//! partners, links, plans). Loaded at open and replaced whole, under a lock held only
+//! to swap an `Arc`, after each committed entity write; readers never touch disk.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::domain::clock::UnixMillis;
+use crate::domain::entities::{Merchant, Partner};
+use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId};
+use crate::domain::link::Link;
+use crate::domain::plan::Plan;
+use crate::signing::SecretSet;
+
+#[derive(Debug, Default, Clone)]
+pub struct Catalog {
+    pub merchants: HashMap<MerchantId, Merchant>,
+    pub secrets: HashMap<MerchantId, SecretSet>,
+    pub partners: HashMap<PartnerId, Partner>,
+    pub partner_secrets: HashMap<PartnerId, SecretSet>,
+    pub links: HashMap<LinkId, Link>,
+    /// Versions of each plan, oldest first.
+    pub plans: HashMap<(MerchantId, PlanId), Vec<Plan>>,
+    /// `(merchant, coupon)` -> partner.
+    pub coupons: HashMap<(MerchantId, String), PartnerId>,
+}
+
+impl Catalog {
+    /// A partner of this merchant; another merchant's partner does not exist here.
+    pub fn partner_of(&self, merchant: &MerchantId, id: &PartnerId) -> Option<&Partner> {
+        self.partners.get(id).filter(|p| p.merchant_id == *merchant)
+    }
+
+    /// A link of this merchant.
+    pub fn link_of(&self, merchant: &MerchantId, id: &LinkId) -> Option<&Link> {
+        self.links.get(id).filter(|l| l.merchant_id == *merchant)
+    }
+
+    /// The version of a plan in force at `at`; the oldest version for earlier times.
+    pub fn plan_at(&self, merchant: &MerchantId, id: &PlanId, at: UnixMillis) -> Option<&Plan> {
+        let versions = self.plans.get(&(merchant.clone(), id.clone()))?;
+        versions.iter().rev().find(|p| p.version_from_ms <= at).or_else(|| versions.first())
+    }
+
+    /// The newest version of a plan.
+    pub fn current_plan(&self, merchant: &MerchantId, id: &PlanId) -> Option<&Plan> {
+        self.plans.get(&(merchant.clone(), id.clone()))?.last()
+    }
+
+    pub fn coupon_owner(&self, merchant: &MerchantId, coupon: &str) -> Option<&Partner> {
+        let id = self.coupons.get(&(merchant.clone(), coupon.to_string()))?;
+        self.partners.get(id)
+    }
+
+    pub(super) fn insert_partner(&mut self, partner: Partner) {
+        self.coupons.retain(|_, owner| *owner != partner.id);
+        for c in &partner.coupons {
+            self.coupons.insert((partner.merchant_id.clone(), c.clone()), partner.id.clone());
+        }
+        self.partners.insert(partner.id.clone(), partner);
+    }
+
+    pub(super) fn insert_plan(&mut self, plan: Plan) {
+        let versions = self.plans.entry((plan.merchant_id.clone(), plan.id.clone())).or_default();
+        versions.push(plan);
+        versions.sort_by_key(|p| p.version_from_ms);
+    }
+}
+
+/// The shared, swappable catalog.
+#[derive(Debug, Default)]
+pub struct CatalogCell(RwLock<Arc<Catalog>>);
+
+impl CatalogCell {
+    pub fn new(catalog: Catalog) -> Self {
+        CatalogCell(RwLock::new(Arc::new(catalog)))
+    }
+
+    pub fn snapshot(&self) -> Arc<Catalog> {
+        match self.0.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub(super) fn replace(&self, catalog: Catalog) {
+        match self.0.write() {
+            Ok(mut g) => *g = Arc::new(catalog),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(catalog),
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Key layouts. Components are joined with a 0x00 byte, which no id can contain (slugs
+//! are `[A-Za-z0-9_-]`, `txn_id`s have no control characters), and 0x00 sorts before every
+//! id byte, so all keys of one prefix are contiguous and in id order. Numbers are
+//! big-endian so byte order is numeric order.
+
+use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId, TxnId, Ulid};
+
+const SEP: u8 = 0;
+
+fn join(parts: &[&[u8]]) -> Vec<u8> {
+    let len = parts.iter().map(|p| p.len() + 1).sum();
+    let mut key = Vec::with_capacity(len);
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            key.push(SEP);
+        }
+        key.extend_from_slice(p);
+    }
+    key
+}
+
+pub const META_VISITOR_SALT: &[u8] = b"visitor_salt";
+pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
+
+pub fn merchant(id: &MerchantId) -> Vec<u8> {
+    id.as_str().as_bytes().to_vec()
+}
+
+pub fn merchant_secrets(id: &MerchantId) -> Vec<u8> {
+    join(&[b"m", id.as_str().as_bytes()])
+}
+
+pub fn partner_secrets(id: &PartnerId) -> Vec<u8> {
+    join(&[b"p", id.as_str().as_bytes()])
+}
+
+pub fn partner(id: &PartnerId) -> Vec<u8> {
+    id.as_str().as_bytes().to_vec()
+}
+
+pub fn link(id: &LinkId) -> Vec<u8> {
+    id.as_str().as_bytes().to_vec()
+}
+
+pub fn plan(merchant: &MerchantId, plan: &PlanId, version_from_ms: i64) -> Vec<u8> {
+    let version = u64::try_from(version_from_ms).unwrap_or(0).to_be_bytes();
+    join(&[merchant.as_str().as_bytes(), plan.as_str().as_bytes(), &version])
+}
+
+pub fn click(id: &Ulid) -> Vec<u8> {
+    id.0.to_vec()
+}
+
+pub fn visitor(link: &LinkId, hash: &[u8; 16]) -> Vec<u8> {
+    join(&[link.as_str().as_bytes(), hash])
+}
+
+pub fn conversion(merchant: &MerchantId, txn: &TxnId) -> Vec<u8> {
+    join(&[merchant.as_str().as_bytes(), txn.as_str().as_bytes()])
+}
+
+pub fn ledger(merchant: &MerchantId, partner: &PartnerId, entry: &Ulid) -> Vec<u8> {
+    join(&[merchant.as_str().as_bytes(), partner.as_str().as_bytes(), &entry.0])
+}
+
+/// The prefix shared by every ledger entry of one partner.
+pub fn ledger_prefix(merchant: &MerchantId, partner: &PartnerId) -> Vec<u8> {
+    let mut p = join(&[merchant.as_str().as_bytes(), partner.as_str().as_bytes()]);
+    p.push(SEP);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(s: &str) -> MerchantId {
+        MerchantId::parse(s).unwrap()
+    }
+
+    fn t(s: &str) -> TxnId {
+        TxnId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_merchant_prefix_never_captures_a_longer_merchant_id() {
+        // "a" and "a-b": every key of "a" sorts before every key of "a-b".
+        let last_of_a = conversion(&m("a"), &t("~~~~"));
+        let first_of_ab = conversion(&m("a-b"), &t("!"));
+        assert!(last_of_a < first_of_ab);
+        assert!(!first_of_ab.starts_with(&join(&[b"a", b""])));
+    }
+
+    #[test]
+    fn plan_versions_sort_numerically() {
+        let (mm, p) = (m("m"), PlanId::parse("std").unwrap());
+        assert!(plan(&mm, &p, 9) < plan(&mm, &p, 10));
+        assert!(plan(&mm, &p, 255) < plan(&mm, &p, 256));
+        assert!(plan(&mm, &p, i64::MAX) < plan(&mm, &PlanId::parse("std2").unwrap(), 0));
+    }
+
+    #[test]
+    fn ledger_entries_sort_by_time_within_partner() {
+        let (mm, p) = (m("m"), PartnerId::parse("ann").unwrap());
+        let a = ledger(&mm, &p, &Ulid::mint(1));
+        let b = ledger(&mm, &p, &Ulid::mint(2));
+        assert!(a < b);
+        let prefix = ledger_prefix(&mm, &p);
+        assert!(a.starts_with(&prefix) && b.starts_with(&prefix));
+        assert!(!ledger(&mm, &PartnerId::parse("ann2").unwrap(), &Ulid::mint(0)).starts_with(&prefix));
+    }
+
+    #[test]
+    fn clicks_sort_by_time() {
+        assert!(click(&Ulid::mint(1000)) < click(&Ulid::mint(1001)));
+    }
+}

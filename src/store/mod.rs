@@ -1,0 +1,446 @@
+//! Storage: the only module that names RocksDB.
+//!
+//! - [`schema`] lists the column families, [`keys`] the key layouts, [`codec`] the value
+//!   encodings.
+//! - Every write goes through one writer thread ([`writer`]) that batches concurrent
+//!   operations into one RocksDB write: conversions share one fsync (group commit), and
+//!   dedupe is exact because one thread decides it.
+//! - Configuration entities are mirrored in memory ([`catalog`]) so the hot paths
+//!   (click redirect, signature check) never read disk.
+//!
+//! The rest of tally sees the narrow API of [`Store`]; a clustered backend would
+//! implement the same calls.
+
+pub mod catalog;
+pub mod codec;
+pub mod keys;
+pub mod schema;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::RngCore;
+use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::domain::clock::UnixMillis;
+use crate::domain::click::ClickRecord;
+use crate::domain::conversion::{ConversionInput, ConversionRecord};
+use crate::domain::entities::{Merchant, Partner};
+use crate::domain::ids::{MerchantId, PartnerId, TxnId};
+use crate::domain::ledger::LedgerEntry;
+use crate::domain::link::Link;
+use crate::domain::plan::Plan;
+use crate::metrics::{Metrics, StorageStats};
+use crate::signing::WebhookSecret;
+pub use catalog::{Catalog, CatalogCell};
+use schema::Cf;
+pub use writer::{ConversionOutcome, EntityOp, Saved};
+
+/// Failures of the storage engine. Every one of them answers `503` upstream.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the storage writer has stopped")]
+    Closed,
+}
+
+impl From<rocksdb::Error> for StoreError {
+    fn from(e: rocksdb::Error) -> Self {
+        StoreError::Io(e.into_string())
+    }
+}
+
+/// An entity write refused on its merits (an id taken, a reference to nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `true` for a clash with existing data (409), `false` for an invalid reference (422).
+    pub conflict: bool,
+    pub code: &'static str,
+    pub field: Option<&'static str>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{}", .0.detail)]
+    Refused(Refusal),
+}
+
+/// When a conversion's write is acknowledged (SPEC 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// After the batch holding it is in the WAL and fsynced (the default).
+    Fsync,
+    /// After the batch is in the WAL in the OS page cache; the WAL syncer fsyncs it
+    /// within the sync interval. Survives a process crash, not a power loss.
+    Buffered,
+}
+
+/// How the store is opened; filled from the `[storage]` config section.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub wal_sync_interval: Duration,
+    pub queue_capacity: usize,
+    pub max_batch: usize,
+    pub unique_window_ms: i64,
+    pub block_cache_bytes: usize,
+    pub write_buffer_bytes: usize,
+}
+
+/// State shared by the store handle, the writer and the WAL syncer.
+struct Shared {
+    db: DB,
+    catalog: CatalogCell,
+    ready: AtomicBool,
+    /// Set after an unsynced write; cleared by the WAL syncer.
+    unsynced: AtomicBool,
+    stopping: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        self.db.cf_handle(cf.name()).ok_or_else(|| StoreError::Corrupt(format!("column family {} missing", cf.name())))
+    }
+
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(cf)?, key)?)
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+        self.metrics.storage_ready.set(i64::from(ready));
+    }
+}
+
+/// The store: cheap to clone, one writer thread behind it.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<writer::Op>,
+    salt: Arc<[u8; 32]>,
+    threads: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
+}
+
+fn db_options(opts: &StoreOptions) -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.create_missing_column_families(true);
+    o.set_max_background_jobs(2);
+    o.set_bytes_per_sync(1 << 20);
+    o.set_write_buffer_size(opts.write_buffer_bytes);
+    o.set_max_total_wal_size(256 << 20);
+    o.set_keep_log_file_num(5);
+    o.set_recycle_log_file_num(4);
+    let mut table = rocksdb::BlockBasedOptions::default();
+    let cache = rocksdb::Cache::new_lru_cache(opts.block_cache_bytes);
+    table.set_block_cache(&cache);
+    table.set_bloom_filter(10.0, false);
+    table.set_cache_index_and_filter_blocks(true);
+    o.set_block_based_table_factory(&table);
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    o
+}
+
+impl Store {
+    /// Opens (or creates) the database, loads the catalog and starts the writer and the
+    /// WAL syncer.
+    ///
+    /// # Errors
+    /// When RocksDB cannot open the directory or stored entities do not decode.
+    pub fn open(opts: &StoreOptions, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(&opts.data_dir)
+            .map_err(|e| StoreError::Io(format!("create {}: {e}", opts.data_dir.display())))?;
+        let db_opts = db_options(opts);
+        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), db_opts.clone()));
+        let db = DB::open_cf_descriptors(&db_opts, &opts.data_dir, cfs)?;
+        let shared = Arc::new(Shared {
+            db,
+            catalog: CatalogCell::default(),
+            ready: AtomicBool::new(true),
+            unsynced: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            metrics,
+        });
+        let salt = load_or_create_salt(&shared)?;
+        shared.catalog.replace(load_catalog(&shared)?);
+        shared.set_ready(true);
+
+        let (tx, rx) = mpsc::channel(opts.queue_capacity);
+        let w = writer::Writer::new(Arc::clone(&shared), opts.durability, opts.max_batch, opts.unique_window_ms);
+        let writer = std::thread::Builder::new()
+            .name("tally-writer".into())
+            .spawn(move || w.run(rx))
+            .map_err(|e| StoreError::Io(format!("spawn writer: {e}")))?;
+        let syncer_shared = Arc::clone(&shared);
+        let interval = opts.wal_sync_interval;
+        let syncer = std::thread::Builder::new()
+            .name("tally-wal-sync".into())
+            .spawn(move || wal_syncer(&syncer_shared, interval))
+            .map_err(|e| StoreError::Io(format!("spawn WAL syncer: {e}")))?;
+        Ok(Store { shared, tx, salt: Arc::new(salt), threads: Arc::new(std::sync::Mutex::new(vec![writer, syncer])) })
+    }
+
+    /// The configuration entities as of the last committed write.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.shared.catalog.snapshot()
+    }
+
+    /// The per-installation salt of visitor fingerprints.
+    pub fn visitor_salt(&self) -> &[u8] {
+        self.salt.as_slice()
+    }
+
+    /// False after a write failed, until a write succeeds again.
+    pub fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::SeqCst)
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> writer::Op) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Records a click; answers once it is in the WAL (not fsynced: the syncer does that
+    /// within the sync interval). The answer carries the `unique` flag.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn record_click(&self, click: ClickRecord) -> Result<ClickRecord, StoreError> {
+        self.call(|tx| writer::Op::Click(Box::new(click), tx)).await?
+    }
+
+    /// Dedupes, attributes and stores a conversion. `Created` is answered only after its
+    /// batch is durable; `Duplicate` and `Conflict` store nothing.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn convert(
+        &self,
+        merchant: MerchantId,
+        input: ConversionInput,
+        received_ms: UnixMillis,
+    ) -> Result<ConversionOutcome, StoreError> {
+        let draft = writer::Draft { merchant, input, received_ms };
+        self.call(|tx| writer::Op::Conversion(Box::new(draft), tx)).await?
+    }
+
+    /// Creates or updates an entity, checking references and uniqueness in the writer
+    /// so concurrent admin calls cannot race.
+    ///
+    /// # Errors
+    /// `Refused` for a clash or a dangling reference; `Store` for storage failures.
+    pub async fn apply(&self, op: EntityOp) -> Result<Saved, WriteError> {
+        self.call(|tx| writer::Op::Entity(Box::new(op), tx)).await.map_err(WriteError::Store)?
+    }
+
+    /// Convenience for `apply(EntityOp::Merchant ..)`.
+    ///
+    /// # Errors
+    /// As [`Store::apply`].
+    pub async fn put_merchant(&self, merchant: Merchant, secret: WebhookSecret) -> Result<Saved, WriteError> {
+        self.apply(EntityOp::Merchant { merchant, secret }).await
+    }
+
+    /// # Errors
+    /// As [`Store::apply`].
+    pub async fn put_partner(&self, partner: Partner, secret: WebhookSecret) -> Result<Saved, WriteError> {
+        self.apply(EntityOp::Partner { partner, secret }).await
+    }
+
+    /// # Errors
+    /// As [`Store::apply`].
+    pub async fn put_link(&self, link: Link) -> Result<Saved, WriteError> {
+        self.apply(EntityOp::Link(link)).await
+    }
+
+    /// # Errors
+    /// As [`Store::apply`].
+    pub async fn put_plan(&self, plan: Plan) -> Result<Saved, WriteError> {
+        self.apply(EntityOp::Plan(plan)).await
+    }
+
+    /// A stored conversion of this merchant.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn conversion(&self, merchant: &MerchantId, txn: &TxnId) -> Result<Option<ConversionRecord>, StoreError> {
+        let key = keys::conversion(merchant, txn);
+        let shared = Arc::clone(&self.shared);
+        blocking(move || shared.get(Cf::Conversions, &key)?.map(|b| codec::decode(&b)).transpose()).await
+    }
+
+    /// The ledger entries of one partner that belong to one transaction, oldest first.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn ledger_for(&self, merchant: &MerchantId, partner: &PartnerId, txn: &TxnId) -> Result<Vec<LedgerEntry>, StoreError> {
+        let prefix = keys::ledger_prefix(merchant, partner);
+        let shared = Arc::clone(&self.shared);
+        let txn = txn.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            let iter = shared.db.prefix_iterator_cf(shared.cf(Cf::Ledger)?, &prefix);
+            for item in iter {
+                let (k, v) = item?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let e: LedgerEntry = codec::decode(&v)?;
+                if e.txn_id == txn {
+                    out.push(e);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// A stored click, for tests and admin views.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn click(&self, id: &crate::domain::ids::Ulid) -> Result<Option<ClickRecord>, StoreError> {
+        let key = keys::click(id);
+        let shared = Arc::clone(&self.shared);
+        blocking(move || shared.get(Cf::Clicks, &key)?.map(|b| codec::decode(&b)).transpose()).await
+    }
+
+    /// Counts the stored conversions of a merchant (admin and tests; a full scan of its range).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn count_conversions(&self, merchant: &MerchantId) -> Result<u64, StoreError> {
+        let mut prefix = keys::merchant(merchant);
+        prefix.push(0);
+        let shared = Arc::clone(&self.shared);
+        blocking(move || {
+            let mut n = 0;
+            for item in shared.db.prefix_iterator_cf(shared.cf(Cf::Conversions)?, &prefix) {
+                let (k, _) = item?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Figures for `/metrics`.
+    pub fn stats(&self) -> StorageStats {
+        let db = &self.shared.db;
+        let sum = |name: &str| -> u64 {
+            Cf::ALL
+                .iter()
+                .filter_map(|cf| db.cf_handle(cf.name()))
+                .filter_map(|h| db.property_int_value_cf(h, name).ok().flatten())
+                .sum()
+        };
+        StorageStats {
+            sst_bytes: sum("rocksdb.total-sst-files-size"),
+            memtable_bytes: sum("rocksdb.cur-size-all-mem-tables"),
+            estimated_keys: sum("rocksdb.estimate-num-keys"),
+            write_stopped: db.property_int_value("rocksdb.is-write-stopped").ok().flatten().unwrap_or(0) > 0,
+            delayed_write_rate: db.property_int_value("rocksdb.actual-delayed-write-rate").ok().flatten().unwrap_or(0),
+            pending_compaction_bytes: sum("rocksdb.estimate-pending-compaction-bytes"),
+        }
+    }
+
+    /// Stops the writer after the operations already queued, syncs the WAL and joins the
+    /// threads. Other clones of the store see `Closed` afterwards.
+    pub fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = self.tx.try_send(writer::Op::Stop);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for t in threads {
+            let _ = t.join();
+        }
+        if let Err(e) = self.shared.db.flush_wal(true) {
+            tracing::error!(error = %e, "final WAL sync failed");
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(|_| StoreError::Closed)?
+}
+
+fn load_or_create_salt(shared: &Shared) -> Result<[u8; 32], StoreError> {
+    if let Some(v) = shared.get(Cf::Meta, keys::META_VISITOR_SALT)? {
+        return <[u8; 32]>::try_from(v.as_slice()).map_err(|_| StoreError::Corrupt("visitor salt".into()));
+    }
+    let mut salt = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut salt);
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    let mut batch = rocksdb::WriteBatch::default();
+    batch.put_cf(shared.cf(Cf::Meta)?, keys::META_VISITOR_SALT, salt);
+    batch.put_cf(shared.cf(Cf::Meta)?, keys::META_SCHEMA_VERSION, 1u32.to_be_bytes());
+    shared.db.write_opt(batch, &opts)?;
+    Ok(salt)
+}
+
+fn load_all<T: serde::de::DeserializeOwned>(shared: &Shared, cf: Cf) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
+    let mut out = Vec::new();
+    for item in shared.db.iterator_cf(shared.cf(cf)?, rocksdb::IteratorMode::Start) {
+        let (k, v) = item?;
+        out.push((k.to_vec(), codec::decode(&v)?));
+    }
+    Ok(out)
+}
+
+fn load_catalog(shared: &Shared) -> Result<Catalog, StoreError> {
+    let mut c = Catalog::default();
+    for (_, m) in load_all::<Merchant>(shared, Cf::Merchants)? {
+        if let Some(s) = shared.get(Cf::Secrets, &keys::merchant_secrets(&m.id))? {
+            c.secrets.insert(m.id.clone(), codec::decode(&s)?);
+        }
+        c.merchants.insert(m.id.clone(), m);
+    }
+    for (_, p) in load_all::<Partner>(shared, Cf::Partners)? {
+        if let Some(s) = shared.get(Cf::Secrets, &keys::partner_secrets(&p.id))? {
+            c.partner_secrets.insert(p.id.clone(), codec::decode(&s)?);
+        }
+        c.insert_partner(p);
+    }
+    for (_, l) in load_all::<Link>(shared, Cf::Links)? {
+        c.links.insert(l.id.clone(), l);
+    }
+    for (_, p) in load_all::<Plan>(shared, Cf::Plans)? {
+        c.insert_plan(p);
+    }
+    Ok(c)
+}
+
+/// Syncs the WAL every `interval` while unsynced writes exist (SPEC 7: clicks reach
+/// disk within the interval).
+fn wal_syncer(shared: &Shared, interval: Duration) {
+    while !shared.stopping.load(Ordering::SeqCst) {
+        std::thread::sleep(interval);
+        if shared.unsynced.swap(false, Ordering::SeqCst) {
+            let started = std::time::Instant::now();
+            if let Err(e) = shared.db.flush_wal(true) {
+                shared.unsynced.store(true, Ordering::SeqCst);
+                shared.metrics.storage_errors.inc();
+                tracing::error!(error = %e, "WAL sync failed");
+            } else {
+                shared.metrics.fsync_duration.observe(started.elapsed().as_secs_f64());
+            }
+        }
+    }
+}

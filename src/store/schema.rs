@@ -1,0 +1,56 @@
+//! The RocksDB schema as code: one column family per entity of SPEC 2.
+//! Adding a family is adding a variant here; nothing else names families by string.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cf {
+    /// Installation facts: schema version, the visitor-hash salt.
+    Meta,
+    /// `merchant_id` -> `Merchant`.
+    Merchants,
+    /// `owner kind + id` -> `SecretSet` (kept apart so entity reads never carry keys).
+    Secrets,
+    /// `partner_id` -> `Partner` (partner ids are unique across merchants).
+    Partners,
+    /// `link_id` -> `Link` (link ids are unique across merchants).
+    Links,
+    /// `merchant, plan_id, version_from` -> `Plan`.
+    Plans,
+    /// `click_id` (16 bytes, time-ordered) -> `ClickRecord`.
+    Clicks,
+    /// `link_id, visitor hash` -> last click time: the `unique` flag.
+    Visitors,
+    /// `merchant, txn_id` -> `ConversionRecord`. The key is the dedupe key.
+    Conversions,
+    /// `merchant, partner, entry_id` -> `LedgerEntry`. Append-only.
+    Ledger,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 10] = [
+        Cf::Meta,
+        Cf::Merchants,
+        Cf::Secrets,
+        Cf::Partners,
+        Cf::Links,
+        Cf::Plans,
+        Cf::Clicks,
+        Cf::Visitors,
+        Cf::Conversions,
+        Cf::Ledger,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::Meta => "meta",
+            Cf::Merchants => "merchants",
+            Cf::Secrets => "secrets",
+            Cf::Partners => "partners",
+            Cf::Links => "links",
+            Cf::Plans => "plans",
+            Cf::Clicks => "clicks",
+            Cf::Visitors => "visitors",
+            Cf::Conversions => "conversions",
+            Cf::Ledger => "ledger",
+        }
+    }
+}

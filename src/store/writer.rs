@@ -1,0 +1,491 @@
+//! The single writer thread. It drains the queue into one batch, decides dedupe,
+//! uniqueness and attribution against the database plus the batch's own pending puts,
+//! writes the batch once (with fsync when it holds a conversion), then answers every
+//! caller. Concurrent conversions therefore share one fsync, and two identical
+//! conversions can never both be created: one thread sees them in order.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rocksdb::{WriteBatch, WriteOptions};
+use tokio::sync::{mpsc, oneshot};
+
+use super::schema::Cf;
+use super::{codec, keys, Durability, Refusal, Shared, StoreError, WriteError};
+use crate::attribution::{self, ClickFacts, Decision, Facts};
+use crate::commission;
+use crate::domain::clock::UnixMillis;
+use crate::domain::click::ClickRecord;
+use crate::domain::conversion::{ConversionInput, ConversionRecord, ConversionStatus};
+use crate::domain::entities::{Merchant, Partner, Status};
+use crate::domain::ids::{MerchantId, PartnerId, PlanId, Ulid};
+use crate::domain::ledger::{LedgerEntry, LedgerKind};
+use crate::domain::link::{Link, DEFAULT_WINDOW_DAYS};
+use crate::domain::plan::Plan;
+use crate::signing::{SecretSet, WebhookSecret};
+use crate::store::catalog::Catalog;
+
+type Reply<T> = oneshot::Sender<T>;
+
+pub(super) enum Op {
+    Click(Box<ClickRecord>, Reply<Result<ClickRecord, StoreError>>),
+    Conversion(Box<Draft>, Reply<Result<ConversionOutcome, StoreError>>),
+    Entity(Box<EntityOp>, Reply<Result<Saved, WriteError>>),
+    Stop,
+}
+
+pub(super) struct Draft {
+    pub merchant: MerchantId,
+    pub input: ConversionInput,
+    pub received_ms: UnixMillis,
+}
+
+/// What became of a conversion.
+#[derive(Debug, Clone)]
+pub enum ConversionOutcome {
+    Created(ConversionRecord),
+    Duplicate(ConversionRecord),
+    Conflict(ConversionRecord),
+}
+
+/// Entity writes, checked against the catalog inside the writer.
+pub enum EntityOp {
+    /// Create or update; `secret` is used only when the merchant is new.
+    Merchant { merchant: Merchant, secret: WebhookSecret },
+    /// Make `secret` current; the previous one stays valid for `grace_ms`.
+    RotateMerchantSecret { merchant: MerchantId, secret: WebhookSecret, now: UnixMillis, grace_ms: i64 },
+    /// Create or update; `secret` (the partner API secret) is used only when the partner is new.
+    Partner { partner: Partner, secret: WebhookSecret },
+    PausePartner { merchant: MerchantId, partner: PartnerId },
+    Link(Link),
+    Plan(Plan),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    Created,
+    Updated,
+}
+
+type Done = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
+
+/// One batch being built: the RocksDB batch, a view of its puts for reads inside the
+/// batch, and the answers to send once it is written.
+struct Pending<'a> {
+    shared: &'a Shared,
+    batch: WriteBatch,
+    puts: HashMap<(Cf, Vec<u8>), Vec<u8>>,
+    sync: bool,
+    done: Vec<Done>,
+    ops: usize,
+    ledger: Vec<LedgerKind>,
+}
+
+impl<'a> Pending<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        Pending { shared, batch: WriteBatch::default(), puts: HashMap::new(), sync: false, done: Vec::new(), ops: 0, ledger: Vec::new() }
+    }
+
+    /// Reads through the batch: `(value, true)` when the value is only in this batch.
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
+        if let Some(v) = self.puts.get(&(cf, key.to_vec())) {
+            return Ok(Some((v.clone(), true)));
+        }
+        Ok(self.shared.get(cf, key)?.map(|v| (v, false)))
+    }
+
+    fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+        self.batch.put_cf(self.shared.cf(cf)?, &key, &value);
+        self.puts.insert((cf, key), value);
+        Ok(())
+    }
+}
+
+pub(super) struct Writer {
+    shared: Arc<Shared>,
+    durability: Durability,
+    max_batch: usize,
+    unique_window_ms: i64,
+}
+
+impl Writer {
+    pub(super) fn new(shared: Arc<Shared>, durability: Durability, max_batch: usize, unique_window_ms: i64) -> Self {
+        Writer { shared, durability, max_batch: max_batch.max(1), unique_window_ms }
+    }
+
+    pub(super) fn run(self, mut rx: mpsc::Receiver<Op>) {
+        let mut ops = Vec::with_capacity(self.max_batch);
+        while let Some(first) = rx.blocking_recv() {
+            ops.push(first);
+            while ops.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            let stop = self.process(ops.drain(..));
+            if stop {
+                break;
+            }
+        }
+        // Answer what is still queued: the store is closing.
+        rx.close();
+        while let Ok(op) = rx.try_recv() {
+            drop(op);
+        }
+    }
+
+    /// Applies a drained run of operations; returns true when told to stop.
+    fn process(&self, ops: impl Iterator<Item = Op>) -> bool {
+        let shared = &*self.shared;
+        let mut pending = Pending::new(shared);
+        let mut stop = false;
+        for op in ops {
+            match op {
+                Op::Click(click, reply) => match self.click(&mut pending, *click) {
+                    Ok(rec) => pending.done.push(Box::new(move |r| {
+                        let _ = reply.send(r.clone().map(|()| rec));
+                    })),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Op::Conversion(draft, reply) => match self.conversion(&mut pending, *draft) {
+                    Ok((outcome, false)) => {
+                        let _ = reply.send(Ok(outcome));
+                    }
+                    Ok((outcome, true)) => pending.done.push(Box::new(move |r| {
+                        let _ = reply.send(r.clone().map(|()| outcome));
+                    })),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                },
+                Op::Entity(op, reply) => {
+                    self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
+                    let _ = reply.send(self.entity(*op));
+                }
+                Op::Stop => stop = true,
+            }
+        }
+        self.commit(pending);
+        stop
+    }
+
+    fn commit(&self, pending: Pending<'_>) {
+        if pending.ops == 0 {
+            for d in pending.done {
+                d(&Ok(()));
+            }
+            return;
+        }
+        let sync = pending.sync && self.durability == Durability::Fsync;
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        let started = Instant::now();
+        let result = self.shared.db.write_opt(pending.batch, &opts).map_err(StoreError::from);
+        let m = &self.shared.metrics;
+        m.write_batch_size.observe(pending.ops as f64);
+        match &result {
+            Ok(()) => {
+                if sync {
+                    m.fsync_duration.observe(started.elapsed().as_secs_f64());
+                } else {
+                    self.shared.unsynced.store(true, Ordering::SeqCst);
+                }
+                for kind in &pending.ledger {
+                    m.ledger_entries.with_label_values(&[kind.as_str()]).inc();
+                }
+                if !self.shared.ready.load(Ordering::SeqCst) {
+                    tracing::warn!("storage accepts writes again");
+                    self.shared.set_ready(true);
+                }
+            }
+            Err(e) => {
+                m.storage_errors.inc();
+                tracing::error!(error = %e, ops = pending.ops, "storage write failed; answering 503 until a write succeeds");
+                self.shared.set_ready(false);
+            }
+        }
+        for d in pending.done {
+            d(&result);
+        }
+    }
+
+    fn click(&self, pending: &mut Pending<'_>, mut click: ClickRecord) -> Result<ClickRecord, StoreError> {
+        let vkey = keys::visitor(&click.link_id, &click.visitor);
+        let last = pending.get(Cf::Visitors, &vkey)?.and_then(|(v, _)| <[u8; 8]>::try_from(v.as_slice()).ok());
+        let last = last.map(i64::from_be_bytes);
+        click.unique = !click.bot && last.is_none_or(|t| click.at_ms - t >= self.unique_window_ms);
+        if click.unique {
+            pending.put(Cf::Visitors, vkey, click.at_ms.to_be_bytes().to_vec())?;
+        }
+        pending.put(Cf::Clicks, keys::click(&click.click_id), codec::encode(&click))?;
+        pending.ops += 1;
+        Ok(click)
+    }
+
+    /// Returns the outcome and whether it must wait for this batch's write.
+    fn conversion(&self, pending: &mut Pending<'_>, d: Draft) -> Result<(ConversionOutcome, bool), StoreError> {
+        let key = keys::conversion(&d.merchant, &d.input.txn_id);
+        if let Some((bytes, in_batch)) = pending.get(Cf::Conversions, &key)? {
+            let rec: ConversionRecord = codec::decode(&bytes)?;
+            let outcome = if rec.same_content(&d.input) {
+                ConversionOutcome::Duplicate(rec)
+            } else {
+                ConversionOutcome::Conflict(rec)
+            };
+            return Ok((outcome, in_batch));
+        }
+        let catalog = self.shared.catalog.snapshot();
+        let facts = BatchFacts { pending: &*pending, catalog: &catalog, merchant: &d.merchant };
+        let decision = attribution::decide(&d.input.keys, d.input.occurred_ms, &facts)?;
+        let mut rec = ConversionRecord {
+            conversion_id: Ulid::mint(d.received_ms),
+            merchant_id: d.merchant.clone(),
+            txn_id: d.input.txn_id,
+            event: d.input.event,
+            amount: d.input.amount,
+            occurred_ms: d.input.occurred_ms,
+            received_ms: d.received_ms,
+            keys: d.input.keys,
+            metadata: d.input.metadata,
+            status: ConversionStatus::Pending,
+            attribution: None,
+            unattributed_reason: None,
+            commission: None,
+            commission_note: None,
+        };
+        match decision {
+            Decision::Unattributed { reason } => rec.unattributed_reason = Some(reason),
+            Decision::Attributed { attribution, partner, link_id } => {
+                let link = link_id.as_ref().and_then(|l| catalog.links.get(l));
+                match plan_for(&catalog, &d.merchant, link, &partner, rec.occurred_ms) {
+                    Err(note) => rec.commission_note = Some(note),
+                    Ok(plan) => match commission::quote(plan, &rec.event, rec.amount, partner.kind) {
+                        Ok(c) => rec.commission = Some(c),
+                        Err(note) => rec.commission_note = Some(note),
+                    },
+                }
+                rec.attribution = Some(attribution);
+            }
+        }
+        if let (Some(c), Some(a)) = (&rec.commission, &rec.attribution) {
+            if c.amount.minor != 0 {
+                let entry = LedgerEntry {
+                    entry_id: Ulid::mint(d.received_ms),
+                    merchant_id: d.merchant.clone(),
+                    partner_id: a.partner_id.clone(),
+                    kind: LedgerKind::Commission,
+                    txn_id: rec.txn_id.clone(),
+                    conversion_id: rec.conversion_id,
+                    amount: c.amount,
+                    at_ms: d.received_ms,
+                };
+                pending.put(Cf::Ledger, keys::ledger(&d.merchant, &a.partner_id, &entry.entry_id), codec::encode(&entry))?;
+                pending.ledger.push(LedgerKind::Commission);
+            }
+        }
+        pending.put(Cf::Conversions, key, codec::encode(&rec))?;
+        pending.sync = true;
+        pending.ops += 1;
+        Ok((ConversionOutcome::Created(rec), true))
+    }
+
+    /// Writes one entity on its own synced batch, then swaps the catalog.
+    fn entity(&self, op: EntityOp) -> Result<Saved, WriteError> {
+        let shared = &*self.shared;
+        let mut catalog: Catalog = (*shared.catalog.snapshot()).clone();
+        let mut batch = WriteBatch::default();
+        let saved = stage_entity(shared, &mut catalog, &mut batch, op)?;
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        if let Err(e) = shared.db.write_opt(batch, &opts) {
+            shared.metrics.storage_errors.inc();
+            shared.set_ready(false);
+            tracing::error!(error = %e, "entity write failed");
+            return Err(WriteError::Store(e.into()));
+        }
+        shared.catalog.replace(catalog);
+        Ok(saved)
+    }
+}
+
+fn refused(conflict: bool, code: &'static str, field: Option<&'static str>, detail: String) -> WriteError {
+    WriteError::Refused(Refusal { conflict, code, field, detail })
+}
+
+/// Checks an entity write against the catalog, puts it in `batch` and applies it to
+/// `catalog` (which is only published if the batch is written).
+fn stage_entity(shared: &Shared, catalog: &mut Catalog, batch: &mut WriteBatch, op: EntityOp) -> Result<Saved, WriteError> {
+    let put = |batch: &mut WriteBatch, cf: Cf, key: Vec<u8>, value: Vec<u8>| -> Result<(), WriteError> {
+        batch.put_cf(shared.cf(cf)?, key, value);
+        Ok(())
+    };
+    let no_merchant = |id: &MerchantId| refused(false, "merchant_not_found", None, format!("merchant {id} does not exist"));
+    match op {
+        EntityOp::Merchant { mut merchant, secret } => {
+            let saved = match catalog.merchants.get(&merchant.id) {
+                Some(existing) => {
+                    merchant.created_ms = existing.created_ms;
+                    Saved::Updated
+                }
+                None => {
+                    let secrets = SecretSet::new(secret);
+                    put(batch, Cf::Secrets, keys::merchant_secrets(&merchant.id), codec::encode(&secrets))?;
+                    catalog.secrets.insert(merchant.id.clone(), secrets);
+                    Saved::Created
+                }
+            };
+            put(batch, Cf::Merchants, keys::merchant(&merchant.id), codec::encode(&merchant))?;
+            catalog.merchants.insert(merchant.id.clone(), merchant);
+            Ok(saved)
+        }
+        EntityOp::RotateMerchantSecret { merchant, secret, now, grace_ms } => {
+            let set = catalog.secrets.get_mut(&merchant).ok_or_else(|| no_merchant(&merchant))?;
+            set.rotate(secret, now, grace_ms);
+            let encoded = codec::encode(&*set);
+            put(batch, Cf::Secrets, keys::merchant_secrets(&merchant), encoded)?;
+            Ok(Saved::Updated)
+        }
+        EntityOp::Partner { mut partner, secret } => {
+            if !catalog.merchants.contains_key(&partner.merchant_id) {
+                return Err(no_merchant(&partner.merchant_id));
+            }
+            let saved = match catalog.partners.get(&partner.id) {
+                Some(p) if p.merchant_id != partner.merchant_id => {
+                    return Err(refused(true, "partner_id_taken", None, format!("partner id {} is taken; partner ids are unique across merchants", partner.id)));
+                }
+                Some(p) => {
+                    partner.created_ms = p.created_ms;
+                    Saved::Updated
+                }
+                None => {
+                    let secrets = SecretSet::new(secret);
+                    put(batch, Cf::Secrets, keys::partner_secrets(&partner.id), codec::encode(&secrets))?;
+                    catalog.partner_secrets.insert(partner.id.clone(), secrets);
+                    Saved::Created
+                }
+            };
+            for c in &partner.coupons {
+                if catalog.coupon_owner(&partner.merchant_id, c).is_some_and(|o| o.id != partner.id) {
+                    return Err(refused(true, "coupon_taken", Some("coupons"), format!("coupon {c} belongs to another partner")));
+                }
+            }
+            check_plan_ref(catalog, &partner.merchant_id, partner.plan_id.as_ref())?;
+            put(batch, Cf::Partners, keys::partner(&partner.id), codec::encode(&partner))?;
+            catalog.insert_partner(partner);
+            Ok(saved)
+        }
+        EntityOp::PausePartner { merchant, partner } => {
+            let mut p = catalog
+                .partner_of(&merchant, &partner)
+                .cloned()
+                .ok_or_else(|| refused(false, "not_found", None, format!("partner {partner} does not exist")))?;
+            p.status = Status::Paused;
+            put(batch, Cf::Partners, keys::partner(&p.id), codec::encode(&p))?;
+            catalog.insert_partner(p);
+            Ok(Saved::Updated)
+        }
+        EntityOp::Link(mut link) => {
+            if !catalog.merchants.contains_key(&link.merchant_id) {
+                return Err(no_merchant(&link.merchant_id));
+            }
+            if catalog.partner_of(&link.merchant_id, &link.partner_id).is_none() {
+                return Err(refused(false, "invalid_field", Some("partner_id"), format!("partner {} is not a partner of this merchant", link.partner_id)));
+            }
+            check_plan_ref(catalog, &link.merchant_id, link.plan_id.as_ref())?;
+            let saved = match catalog.links.get(&link.id) {
+                Some(l) if l.merchant_id != link.merchant_id => {
+                    return Err(refused(true, "link_id_taken", None, format!("link id {} is taken; link ids are unique across merchants", link.id)));
+                }
+                Some(l) => {
+                    link.created_ms = l.created_ms;
+                    Saved::Updated
+                }
+                None => Saved::Created,
+            };
+            put(batch, Cf::Links, keys::link(&link.id), codec::encode(&link))?;
+            catalog.links.insert(link.id.clone(), link);
+            Ok(saved)
+        }
+        EntityOp::Plan(plan) => {
+            if !catalog.merchants.contains_key(&plan.merchant_id) {
+                return Err(no_merchant(&plan.merchant_id));
+            }
+            let saved = match catalog.current_plan(&plan.merchant_id, &plan.id) {
+                Some(current) if same_terms(current, &plan) => return Ok(Saved::Updated),
+                Some(_) => Saved::Updated,
+                None => Saved::Created,
+            };
+            put(batch, Cf::Plans, keys::plan(&plan.merchant_id, &plan.id, plan.version_from_ms), codec::encode(&plan))?;
+            catalog.insert_plan(plan);
+            Ok(saved)
+        }
+    }
+}
+
+/// Two versions with the same terms: a re-applied config adds no version.
+fn same_terms(a: &Plan, b: &Plan) -> bool {
+    Plan { version_from_ms: 0, ..a.clone() } == Plan { version_from_ms: 0, ..b.clone() }
+}
+
+fn check_plan_ref(catalog: &Catalog, merchant: &MerchantId, plan: Option<&PlanId>) -> Result<(), WriteError> {
+    match plan {
+        Some(p) if catalog.current_plan(merchant, p).is_none() => {
+            Err(refused(false, "invalid_field", Some("plan_id"), format!("plan {p} does not exist for this merchant")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The plan that pays a credited partner: the link's, else the partner's, else the
+/// merchant's default; the version in force when the conversion occurred.
+fn plan_for<'c>(catalog: &'c Catalog, merchant: &MerchantId, link: Option<&Link>, partner: &Partner, at: UnixMillis) -> Result<&'c Plan, String> {
+    let id = link
+        .and_then(|l| l.plan_id.as_ref())
+        .or(partner.plan_id.as_ref())
+        .or_else(|| catalog.merchants.get(merchant).and_then(|m| m.default_plan_id.as_ref()))
+        .ok_or_else(|| "no commission plan applies: set plan_id on the link or the partner, or default_plan_id on the merchant".to_string())?;
+    catalog.plan_at(merchant, id, at).ok_or_else(|| format!("plan {id} does not exist"))
+}
+
+/// Attribution's view of the store inside one batch, limited to one merchant.
+struct BatchFacts<'p, 'a> {
+    pending: &'p Pending<'a>,
+    catalog: &'p Catalog,
+    merchant: &'p MerchantId,
+}
+
+impl Facts for BatchFacts<'_, '_> {
+    type Error = StoreError;
+
+    fn partner(&self, id: &PartnerId) -> Result<Option<Partner>, StoreError> {
+        Ok(self.catalog.partner_of(self.merchant, id).cloned())
+    }
+
+    fn click(&self, id: &Ulid) -> Result<Option<ClickFacts>, StoreError> {
+        let Some((bytes, _)) = self.pending.get(Cf::Clicks, &keys::click(id))? else {
+            return Ok(None);
+        };
+        let click: ClickRecord = codec::decode(&bytes)?;
+        if click.merchant_id != *self.merchant {
+            return Ok(None);
+        }
+        let link = self.catalog.links.get(&click.link_id);
+        Ok(Some(ClickFacts {
+            click_id: click.click_id,
+            window_days: link.map_or(DEFAULT_WINDOW_DAYS, |l| l.window_days),
+            min_ctit_seconds: link.map_or(0, |l| l.min_ctit_seconds),
+            link_id: click.link_id,
+            partner_id: click.partner_id,
+            at_ms: click.at_ms,
+        }))
+    }
+
+    fn coupon_owner(&self, coupon: &str) -> Result<Option<Partner>, StoreError> {
+        Ok(self.catalog.coupon_owner(self.merchant, coupon).cloned())
+    }
+}

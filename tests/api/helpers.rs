@@ -1,0 +1,182 @@
+//! `spawn_app()` and a small HTTP client, in the manner of zero-to-production's helpers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use secrecy::SecretString;
+use serde_json::Value;
+use tally::app::App;
+use tally::config::{Loaded, Settings};
+use tally::domain::clock::{Clock, ManualClock, SystemClock};
+use tally::signing::{sign, WebhookSecret};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+pub struct TestResponse {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl TestResponse {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub struct TestApp {
+    pub app: Option<App>,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+    pub clock: Arc<dyn Clock>,
+}
+
+pub fn test_settings(dir: &std::path::Path) -> Settings {
+    Settings {
+        data_dir: dir.join("db"),
+        public_addr: "127.0.0.1:0".into(),
+        admin_addr: "127.0.0.1:0".into(),
+        ..Settings::default()
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(128).build_http()
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}, Arc::new(SystemClock)).await
+    }
+
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Settings), clock: Arc<dyn Clock>) -> TestApp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut settings = test_settings(dir.path());
+        tweak(&mut settings);
+        let loaded = Loaded { settings, admin_token: Some(SecretString::from(ADMIN_TOKEN)) };
+        let app = App::start(loaded, Arc::clone(&clock)).await.expect("app starts");
+        TestApp { public: app.public_addr(), admin: app.admin_addr(), app: Some(app), dir, client: client(), clock }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(app) = self.app.take() {
+            app.shutdown().await;
+        }
+    }
+
+    pub fn now_secs(&self) -> i64 {
+        self.clock.now_ms() / 1000
+    }
+
+    pub async fn request(&self, method: Method, url: String, headers: &[(&str, String)], body: Vec<u8>) -> TestResponse {
+        send(&self.client, method, url, headers, body).await
+    }
+
+    pub async fn get(&self, path: &str, headers: &[(&str, String)]) -> TestResponse {
+        self.request(Method::GET, format!("http://{}{path}", self.public), headers, Vec::new()).await
+    }
+
+    pub async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> TestResponse {
+        let auth = vec![("authorization", format!("Bearer {ADMIN_TOKEN}")), ("content-type", "application/json".to_string())];
+        let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        self.request(method, format!("http://{}{path}", self.admin), &auth, body).await
+    }
+
+    /// POSTs `body` to a merchant path, signed with `secret` at `ts` under `id`.
+    pub async fn post_signed(&self, path: &str, body: &str, secret: &str, id: &str, ts: i64) -> TestResponse {
+        let key = WebhookSecret::parse(secret).expect("secret");
+        let headers = vec![
+            ("content-type", "application/json".to_string()),
+            ("webhook-id", id.to_string()),
+            ("webhook-timestamp", ts.to_string()),
+            ("webhook-signature", sign(key.key(), id, ts, body.as_bytes())),
+        ];
+        self.request(Method::POST, format!("http://{}{path}", self.public), &headers, body.as_bytes().to_vec()).await
+    }
+
+    /// A signed conversion with a fresh webhook-id at the app's current time.
+    pub async fn convert(&self, merchant: &str, secret: &str, body: &str) -> TestResponse {
+        let id = format!("msg_{}", tally::domain::ids::Ulid::mint(0));
+        self.post_signed(&format!("/v1/merchants/{merchant}/conversions"), body, secret, &id, self.now_secs()).await
+    }
+
+    /// Merchant `shop` (returns its secret), plan `standard` (sale 20%, lead 15.00),
+    /// partner `ann`, link `spring` (30-day window, deep links to shop.example.com).
+    pub async fn demo(&self) -> String {
+        self.demo_merchant("shop", "ann", "spring").await
+    }
+
+    pub async fn demo_merchant(&self, merchant: &str, partner: &str, link: &str) -> String {
+        let r = self.admin(Method::PUT, &format!("/admin/v1/merchants/{merchant}"), Some(serde_json::json!({"name": "Shop"}))).await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        let secret = r.json()["secret"].as_str().expect("secret returned once").to_string();
+        let plan = serde_json::json!({"currency": "USD", "rules": [{"event": "lead", "flat": "15.00"}, {"event": "sale", "percent": "20"}]});
+        let r = self.admin(Method::PUT, &format!("/admin/v1/merchants/{merchant}/plans/standard"), Some(plan)).await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        let p = serde_json::json!({"name": "Ann's Blog", "kind": "affiliate", "coupons": [format!("{partner}-10")]});
+        let r = self.admin(Method::PUT, &format!("/admin/v1/merchants/{merchant}/partners/{partner}"), Some(p)).await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        let l = serde_json::json!({
+            "partner_id": partner,
+            "destination": "https://shop.example.com/spring?ref={click_id}&s1={sub1}",
+            "deep_link_hosts": ["shop.example.com"],
+            "plan_id": "standard",
+            "window_days": 30
+        });
+        let r = self.admin(Method::PUT, &format!("/admin/v1/merchants/{merchant}/links/{link}"), Some(l)).await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        secret
+    }
+
+    /// Clicks a link as a browser would and returns the click id from `ref=`.
+    pub async fn click(&self, link: &str) -> String {
+        let r = self.get(&format!("/c/{link}"), &[("user-agent", BROWSER.to_string())]).await;
+        assert_eq!(r.status, 302);
+        click_id_of(r.header("location").expect("location"))
+    }
+
+    pub async fn stored_conversions(&self, merchant: &str) -> u64 {
+        let app = self.app.as_ref().expect("running");
+        app.store().count_conversions(&tally::domain::ids::MerchantId::parse(merchant).unwrap()).await.unwrap()
+    }
+}
+
+pub const BROWSER: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
+
+pub fn click_id_of(location: &str) -> String {
+    let query = location.split_once('?').map(|(_, q)| q).unwrap_or("");
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "ref")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| panic!("no ref= in {location}"))
+}
+
+pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, method: Method, url: String, headers: &[(&str, String)], body: Vec<u8>) -> TestResponse {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let req = req.body(Full::new(Bytes::from(body))).expect("request");
+    let resp = client.request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    TestResponse { status, headers, body }
+}
+
+pub fn manual_clock() -> (ManualClock, Arc<dyn Clock>) {
+    let c = ManualClock::new(SystemClock.now_ms());
+    (c.clone(), Arc::new(c))
+}

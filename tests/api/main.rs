@@ -1,0 +1,12 @@
+//! Integration tests: the real gateway on port 0 with a temporary RocksDB, spoken to
+//! over HTTP and signed like a real merchant client.
+
+#![allow(clippy::disallowed_methods)] // reading the server's responses, not untrusted input
+
+mod admin;
+mod clicks;
+mod conversions;
+mod crash;
+mod helpers;
+mod observability;
+mod signatures;
