@@ -235,7 +235,7 @@ pub fn load_from(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> R
     fig = fig.merge(
         Env::prefixed("TALLY_")
             .split("__")
-            .filter(|k| !matches!(k.as_str(), "admin_token" | "admin_token_file")),
+            .filter(|k| !["admin_token", "admin_token_file"].iter().any(|s| k.as_str().eq_ignore_ascii_case(s))),
     );
     let settings: Settings = match fig.extract() {
         Ok(s) => s,

@@ -32,8 +32,7 @@ pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Answer {
             if let Err(e) = authorize(ctx, &req) {
                 return (route, Err(e));
             }
-            let rest: Vec<String> = rest.iter().map(|s| (*s).to_string()).collect();
-            (route, admin(ctx, method, &rest, req).await)
+            (route, admin(ctx, method, rest, req).await)
         }
         _ => (Route::NotFound, Err(ApiError::NotFound)),
     }
@@ -110,13 +109,12 @@ struct WithSecret<'a, T: Serialize> {
     secret: Option<String>,
 }
 
-async fn admin(ctx: &Ctx, method: Method, rest: &[String], req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let rest: Vec<&str> = rest.iter().map(String::as_str).collect();
+async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let now = ctx.clock.now_ms();
     let merchant = id(rest.first().copied().unwrap_or(""), MerchantId::parse)?;
     let catalog = ctx.store.catalog();
     let known = catalog.merchants.contains_key(&merchant);
-    match (&method, rest.as_slice()) {
+    match (&method, rest) {
         (&Method::PUT, [_]) => {
             let merchant = body::<MerchantBody>(ctx, req).await?.into_merchant(merchant, now)?;
             let secret = WebhookSecret::generate();

@@ -167,7 +167,7 @@ async fn conversion_inner(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>)
         }
     };
     let outcome = ctx.store.convert(merchant, input, now).await?;
-    Ok(conversion_answer(ctx, outcome)?)
+    conversion_answer(ctx, outcome)
 }
 
 fn conversion_answer(ctx: &Ctx, outcome: ConversionOutcome) -> Result<Response<Body>, ApiError> {

@@ -362,10 +362,11 @@ impl Store {
     }
 
     /// Stops the writer after the operations already queued, syncs the WAL and joins the
-    /// threads. Other clones of the store see `Closed` afterwards.
+    /// threads. Other clones of the store see `Closed` afterwards. Blocks: call it from a
+    /// blocking thread, not from the async runtime.
     pub fn shutdown(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        let _ = self.tx.try_send(writer::Op::Stop);
+        let _ = self.tx.blocking_send(writer::Op::Stop);
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         for t in threads {
             let _ = t.join();

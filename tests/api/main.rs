@@ -4,6 +4,7 @@
 #![allow(clippy::disallowed_methods)] // reading the server's responses, not untrusted input
 
 mod admin;
+mod cli;
 mod clicks;
 mod conversions;
 mod crash;

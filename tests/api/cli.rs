@@ -1,0 +1,63 @@
+//! The binary's subcommands as an operator runs them.
+
+use std::process::Command;
+
+fn tally(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("tally runs")
+}
+
+#[test]
+fn check_config_lists_every_problem_with_its_key_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "public_addr = \"nowhere\"\n[http]\nmax_connections = 0\n[[links]]\nmerchant_id = \"m\"\nid = \"l\"\npartner_id = \"p\"\ndestination = \"ftp://x\"\n",
+    )
+    .unwrap();
+    let out = tally(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in ["http.max_connections", "public_addr", "links[0].destination"] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
+
+    std::fs::write(&path, "").unwrap();
+    let out = tally(&["check-config", "--config", path.to_str().unwrap()], &[("TALLY_PUBLIC_ADDR", "127.0.0.1:0")]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("public 127.0.0.1:0"), "TALLY_PUBLIC_ADDR overrides the file");
+
+    let out = tally(&["check-config", "--config", path.to_str().unwrap()], &[("TALLY_HTTP__MAX_CONNECTIONS", "0")]);
+    assert_eq!(out.status.code(), Some(2), "nested variables use __");
+}
+
+#[test]
+fn sign_prints_the_reference_vector() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["sign", "--secret", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD", "--id", "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk", "--timestamp", "1649367553"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(br#"{"email":"test@example.com","username":"test_user"}"#).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "webhook-id: msg_27UH4WbU6Z5A5EzD8u03UvzRbpk\nwebhook-timestamp: 1649367553\nwebhook-signature: v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=\n"
+    );
+}
+
+#[test]
+fn help_names_every_subcommand() {
+    let out = tally(&["--help"], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["serve", "check-config", "sign", "TALLY_DATA_DIR"] {
+        assert!(text.contains(word), "{word} missing from --help:\n{text}");
+    }
+}
