@@ -142,46 +142,76 @@ impl Default for Settings {
             addr_file: None,
             print_example: false,
             admin_token: None,
-            log: LogSettings { format: LogFormat::Auto, level: "info".into() },
-            http: HttpSettings {
-                max_connections: DEFAULT_MAX_CONNECTIONS,
-                header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
-                body_read_timeout_ms: DEFAULT_BODY_READ_TIMEOUT_MS,
-                max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
-                max_headers: DEFAULT_MAX_HEADERS,
-                max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-                shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
-            },
-            storage: StorageSettings {
-                durability: Durability::Fsync,
-                wal_sync_interval_ms: DEFAULT_WAL_SYNC_INTERVAL_MS,
-                writer_queue: DEFAULT_WRITER_QUEUE,
-                max_batch: DEFAULT_MAX_BATCH,
-                block_cache_mb: DEFAULT_BLOCK_CACHE_MB,
-                write_buffer_mb: DEFAULT_WRITE_BUFFER_MB,
-            },
-            signing: SigningSettings {
-                tolerance_seconds: DEFAULT_TOLERANCE_SECONDS,
-                rotation_grace_seconds: DEFAULT_ROTATION_GRACE_SECONDS,
-                replay_window_seconds: crate::signing::replay::DEFAULT_WINDOW_MS / 1000,
-                replay_capacity: crate::signing::replay::DEFAULT_CAPACITY,
-            },
-            clicks: ClickSettings {
-                unique_window_hours: DEFAULT_UNIQUE_WINDOW_HOURS,
-                ipv4_prefix: 24,
-                ipv6_prefix: 48,
-                bot_user_agents: [
-                    "bot", "crawl", "spider", "slurp", "facebookexternalhit", "preview", "headless", "curl/", "wget/",
-                    "python-requests", "python-urllib", "go-http-client", "httpclient", "okhttp", "scrapy",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            },
+            log: LogSettings::default(),
+            http: HttpSettings::default(),
+            storage: StorageSettings::default(),
+            signing: SigningSettings::default(),
+            clicks: ClickSettings::default(),
             merchants: Vec::new(),
             partners: Vec::new(),
             links: Vec::new(),
             plans: Vec::new(),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings { format: LogFormat::Auto, level: "info".into() }
+    }
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+            body_read_timeout_ms: DEFAULT_BODY_READ_TIMEOUT_MS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
+        }
+    }
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings {
+            durability: Durability::Fsync,
+            wal_sync_interval_ms: DEFAULT_WAL_SYNC_INTERVAL_MS,
+            writer_queue: DEFAULT_WRITER_QUEUE,
+            max_batch: DEFAULT_MAX_BATCH,
+            block_cache_mb: DEFAULT_BLOCK_CACHE_MB,
+            write_buffer_mb: DEFAULT_WRITE_BUFFER_MB,
+        }
+    }
+}
+
+impl Default for SigningSettings {
+    fn default() -> Self {
+        SigningSettings {
+            tolerance_seconds: DEFAULT_TOLERANCE_SECONDS,
+            rotation_grace_seconds: DEFAULT_ROTATION_GRACE_SECONDS,
+            replay_window_seconds: crate::signing::replay::DEFAULT_WINDOW_MS / 1000,
+            replay_capacity: crate::signing::replay::DEFAULT_CAPACITY,
+        }
+    }
+}
+
+/// User-agent markers of bots and scripts; see `clicks.bot_user_agents`.
+pub const DEFAULT_BOT_MARKERS: [&str; 15] = [
+    "bot", "crawl", "spider", "slurp", "facebookexternalhit", "preview", "headless", "curl/", "wget/",
+    "python-requests", "python-urllib", "go-http-client", "httpclient", "okhttp", "scrapy",
+];
+
+impl Default for ClickSettings {
+    fn default() -> Self {
+        ClickSettings {
+            unique_window_hours: DEFAULT_UNIQUE_WINDOW_HOURS,
+            ipv4_prefix: 24,
+            ipv6_prefix: 48,
+            bot_user_agents: DEFAULT_BOT_MARKERS.iter().map(|s| s.to_string()).collect(),
         }
     }
 }

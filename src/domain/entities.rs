@@ -76,14 +76,15 @@ impl MerchantBody {
 }
 
 fn valid_cidr(text: &str) -> bool {
-    let (addr, len) = text.split_once('/').unwrap_or((text, ""));
-    match addr.parse::<std::net::IpAddr>() {
-        Ok(ip) if len.is_empty() => ip.is_ipv4() || ip.is_ipv6(),
-        Ok(ip) => {
-            let max = if ip.is_ipv4() { 32 } else { 128 };
-            len.parse::<u8>().is_ok_and(|l| l <= max)
-        }
-        Err(_) => false,
+    match text.split_once('/') {
+        None => text.parse::<std::net::IpAddr>().is_ok(),
+        Some((addr, len)) => match addr.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                let max = if ip.is_ipv4() { 32 } else { 128 };
+                len.parse::<u8>().is_ok_and(|l| l <= max)
+            }
+            Err(_) => false,
+        },
     }
 }
 

@@ -118,10 +118,10 @@ fn parse_scaled(text: &str, scale: u32, allow_negative: bool) -> Result<i128, St
     let int_value: i128 = if int.is_empty() { 0 } else { int.parse().map_err(|_| "not a number")? };
     let mut frac_value: i128 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| "not a number")? };
     frac_value *= 10i128.pow(scale - frac.len() as u32);
-    if int_value > i128::from(MAX_MAJOR_UNITS) {
+    let value = int_value * 10i128.pow(scale) + frac_value;
+    if value > i128::from(MAX_MAJOR_UNITS) * 10i128.pow(scale) {
         return Err(format!("must be at most {MAX_MAJOR_UNITS}"));
     }
-    let value = int_value * 10i128.pow(scale) + frac_value;
     Ok(if negative { -value } else { value })
 }
 

@@ -38,6 +38,17 @@ async fn metrics_pass_promtool_and_count_what_happened() {
     }
     assert!(!text.contains("spring") && !text.contains("ann"), "no ids as label values");
 
+    let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/grafana-dashboard.json")).unwrap();
+    let names: std::collections::BTreeSet<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("tally_") || w.starts_with("process_"))
+        .collect();
+    assert!(names.len() > 10, "{names:?}");
+    for name in names {
+        let base = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
+        assert!(text.contains(&format!("# TYPE {base} ")), "the dashboard uses {name}, which /metrics does not export");
+    }
+
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
