@@ -7,7 +7,11 @@ use tally::signing::{sign, verify, WebhookHeaders, WebhookSecret};
 
 fn signature(c: &mut Criterion) {
     let secret = WebhookSecret::generate();
-    let body = format!(r#"{{"txn_id":"order-1001","amount":"149.90","currency":"USD","click_id":"{}","metadata":{{"p":"{}"}}}}"#, Ulid::mint(0), "x".repeat(300));
+    let body = format!(
+        r#"{{"txn_id":"order-1001","amount":"149.90","currency":"USD","click_id":"{}","metadata":{{"p":"{}"}}}}"#,
+        Ulid::mint(0),
+        "x".repeat(300)
+    );
     let ts = 1_790_000_000;
     let sig = sign(secret.key(), "msg_1", ts, body.as_bytes());
     let ts_text = ts.to_string();

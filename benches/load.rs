@@ -136,10 +136,8 @@ async fn start_tally(dir: &std::path::Path) -> (tokio::process::Child, SocketAdd
         .expect("start tally");
     let started = Instant::now();
     let public = loop {
-        if let Ok(v) = std::fs::read_to_string(&addr_file).map(|t| serde_json::from_str::<serde_json::Value>(&t)) {
-            if let Ok(v) = v {
-                break v["public"].as_str().unwrap().parse().unwrap();
-            }
+        if let Ok(Ok(v)) = std::fs::read_to_string(&addr_file).map(|t| serde_json::from_str::<serde_json::Value>(&t)) {
+            break v["public"].as_str().unwrap().parse().unwrap();
         }
         assert!(started.elapsed() < Duration::from_secs(60), "tally did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -167,7 +165,8 @@ fn request(target: &Target, workload: Workload, conn: usize, n: u64, ts: i64) ->
     let txn = if workload == Workload::Duplicates { format!("dup-{}", n % 100) } else { format!("t{ts}-{conn}-{n}") };
     let body = format!(r#"{{"txn_id":"{txn}","amount":"49.90","currency":"USD","partner_id":"bp"}}"#);
     let id = format!("msg_{txn}_{conn}_{n}");
-    let sig = target.secret.as_ref().map(|s| tally::signing::sign(s.key(), &id, ts, body.as_bytes())).unwrap_or_default();
+    let sig =
+        target.secret.as_ref().map(|s| tally::signing::sign(s.key(), &id, ts, body.as_bytes())).unwrap_or_default();
     builder
         .method("POST")
         .uri("/v1/merchants/bench/conversions")
@@ -179,7 +178,12 @@ fn request(target: &Target, workload: Workload, conn: usize, n: u64, ts: i64) ->
         .unwrap()
 }
 
-async fn run(target: &Target, workload: Workload, connections: usize, duration: Duration) -> (u64, u64, hdrhistogram::Histogram<u64>, f64) {
+async fn run(
+    target: &Target,
+    workload: Workload,
+    connections: usize,
+    duration: Duration,
+) -> (u64, u64, hdrhistogram::Histogram<u64>, f64) {
     let ts = now_secs();
     let deadline = Instant::now() + duration;
     let started = Instant::now();
@@ -251,7 +255,10 @@ async fn main() {
     let tally = Target { name: "tally", addr: tally_addr, secret: Some(secret) };
 
     println!("{connections} connections, {}s per run, closed loop", duration.as_secs());
-    println!("{:<12} {:<11} {:>10} {:>7} {:>10} {:>8} {:>8} {:>9} {:>8}", "workload", "target", "requests", "errors", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "ratio");
+    println!(
+        "{:<12} {:<11} {:>10} {:>7} {:>10} {:>8} {:>8} {:>9} {:>8}",
+        "workload", "target", "requests", "errors", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "ratio"
+    );
     let mut rows = Vec::new();
     for w in workloads {
         let mut bare_rps = None;

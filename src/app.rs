@@ -82,13 +82,16 @@ impl App {
         };
         let (public_addr, admin_addr) = (local(&public, "public")?, local(&admin, "admin")?);
         if let Some(path) = &settings.addr_file {
-            let text = serde_json::json!({"public": public_addr.to_string(), "admin": admin_addr.to_string()}).to_string();
-            std::fs::write(path, text).map_err(|source| StartError::File { path: path.display().to_string(), source })?;
+            let text =
+                serde_json::json!({"public": public_addr.to_string(), "admin": admin_addr.to_string()}).to_string();
+            std::fs::write(path, text)
+                .map_err(|source| StartError::File { path: path.display().to_string(), source })?;
         }
         tracing::info!(public = %public_addr, admin = %admin_addr, data_dir = %settings.data_dir.display(), "tally is listening");
 
         let replay = ReplayGuard::new(settings.signing.replay_window_seconds * 1000, settings.signing.replay_capacity);
-        let ctx = Arc::new(Ctx { store: store.clone(), metrics, clock, settings, admin_token, replay: Mutex::new(replay) });
+        let ctx =
+            Arc::new(Ctx { store: store.clone(), metrics, clock, settings, admin_token, replay: Mutex::new(replay) });
         let (shutdown, rx) = watch::channel(false);
         let servers = vec![
             tokio::spawn(http::serve(public, Arc::clone(&ctx), Listener::Public, rx.clone())),
@@ -164,7 +167,8 @@ fn generated_admin_token(data_dir: &Path) -> Result<SecretString, StartError> {
     let mut bytes = [0u8; 24];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
     let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    crate::seed::write_private(&path, &token).map_err(|source| StartError::File { path: path.display().to_string(), source })?;
+    crate::seed::write_private(&path, &token)
+        .map_err(|source| StartError::File { path: path.display().to_string(), source })?;
     tracing::info!(path = %path.display(), "no TALLY_ADMIN_TOKEN set; generated an admin token in this file");
     Ok(SecretString::from(token))
 }

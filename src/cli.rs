@@ -174,11 +174,7 @@ fn example_text(settings: &Settings, public: std::net::SocketAddr) -> String {
         .find(|m| m.merchant.id == link.merchant_id)
         .and_then(|m| m.secret_file.clone())
         .unwrap_or_else(|| crate::seed::default_secret_path(&settings.data_dir, &link.merchant_id));
-    let param = link
-        .destination
-        .split(['?', '&'])
-        .find_map(|kv| kv.strip_suffix("={click_id}"))
-        .unwrap_or("click_id");
+    let param = link.destination.split(['?', '&']).find_map(|kv| kv.strip_suffix("={click_id}")).unwrap_or("click_id");
     let host = if public.ip().is_unspecified() { format!("127.0.0.1:{}", public.port()) } else { public.to_string() };
     let exe = std::env::current_exe().map(|p| p.display().to_string()).unwrap_or_else(|_| "tally".into());
     format!(

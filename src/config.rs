@@ -201,8 +201,21 @@ impl Default for SigningSettings {
 
 /// User-agent markers of bots and scripts; see `clicks.bot_user_agents`.
 pub const DEFAULT_BOT_MARKERS: [&str; 15] = [
-    "bot", "crawl", "spider", "slurp", "facebookexternalhit", "preview", "headless", "curl/", "wget/",
-    "python-requests", "python-urllib", "go-http-client", "httpclient", "okhttp", "scrapy",
+    "bot",
+    "crawl",
+    "spider",
+    "slurp",
+    "facebookexternalhit",
+    "preview",
+    "headless",
+    "curl/",
+    "wget/",
+    "python-requests",
+    "python-urllib",
+    "go-http-client",
+    "httpclient",
+    "okhttp",
+    "scrapy",
 ];
 
 impl Default for ClickSettings {
@@ -292,7 +305,10 @@ fn admin_token(env: &dyn Fn(&str) -> Option<String>, problems: &mut Vec<Problem>
         (None, Some(path)) => match std::fs::read_to_string(&path) {
             Ok(t) => Some(t.trim().to_string()),
             Err(e) => {
-                problems.push(Problem { key: "TALLY_ADMIN_TOKEN_FILE".into(), problem: format!("cannot read {path}: {e}") });
+                problems.push(Problem {
+                    key: "TALLY_ADMIN_TOKEN_FILE".into(),
+                    problem: format!("cannot read {path}: {e}"),
+                });
                 None
             }
         },
@@ -309,7 +325,8 @@ fn admin_token(env: &dyn Fn(&str) -> Option<String>, problems: &mut Vec<Problem>
 
 fn check_addr(key: &str, addr: &str, problems: &mut Vec<Problem>) {
     if addr.parse::<std::net::SocketAddr>().is_err() {
-        problems.push(Problem { key: key.into(), problem: format!("{addr:?} is not an address such as 127.0.0.1:8080") });
+        problems
+            .push(Problem { key: key.into(), problem: format!("{addr:?} is not an address such as 127.0.0.1:8080") });
     }
 }
 
@@ -323,14 +340,22 @@ impl Settings {
             }
         };
         need(!self.data_dir.as_os_str().is_empty(), "data_dir", "must not be empty");
-        need(self.admin_token.is_none(), "admin_token", "secrets never go in the config file: set TALLY_ADMIN_TOKEN or TALLY_ADMIN_TOKEN_FILE");
+        need(
+            self.admin_token.is_none(),
+            "admin_token",
+            "secrets never go in the config file: set TALLY_ADMIN_TOKEN or TALLY_ADMIN_TOKEN_FILE",
+        );
         need(self.http.max_connections > 0, "http.max_connections", "must be at least 1");
         need(self.http.header_read_timeout_ms > 0, "http.header_read_timeout_ms", "must be at least 1");
         need(self.http.body_read_timeout_ms > 0, "http.body_read_timeout_ms", "must be at least 1");
         need(self.http.max_header_bytes >= 8192, "http.max_header_bytes", "must be at least 8192");
         need(self.http.max_headers > 0, "http.max_headers", "must be at least 1");
         need((1024..=64 << 20).contains(&self.http.max_body_bytes), "http.max_body_bytes", "must be 1 KiB..64 MiB");
-        need((1..=10_000).contains(&self.storage.wal_sync_interval_ms), "storage.wal_sync_interval_ms", "must be 1..10000");
+        need(
+            (1..=10_000).contains(&self.storage.wal_sync_interval_ms),
+            "storage.wal_sync_interval_ms",
+            "must be 1..10000",
+        );
         need(self.storage.writer_queue > 0, "storage.writer_queue", "must be at least 1");
         need((1..=100_000).contains(&self.storage.max_batch), "storage.max_batch", "must be 1..100000");
         need(self.storage.block_cache_mb > 0, "storage.block_cache_mb", "must be at least 1");

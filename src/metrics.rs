@@ -71,7 +71,8 @@ impl Metrics {
     /// which every test run would show.
     pub fn new() -> Self {
         let r = Registry::new();
-        let http_requests = counter_vec(&r, "tally_http_requests_total", "HTTP requests answered.", &["listener", "route", "status"]);
+        let http_requests =
+            counter_vec(&r, "tally_http_requests_total", "HTTP requests answered.", &["listener", "route", "status"]);
         let http_duration = HistogramVec::new(
             HistogramOpts::new("tally_http_request_duration_seconds", "Time from request head to response head.")
                 .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]),
@@ -83,8 +84,12 @@ impl Metrics {
         let conversions = counter_vec(&r, "tally_conversions_total", "Conversion requests by outcome.", &["outcome"]);
         let signature_failures =
             counter_vec(&r, "tally_signature_failures_total", "Refused signatures by reason.", &["reason"]);
-        let attributions =
-            counter_vec(&r, "tally_attributions_total", "Attribution decisions of new conversions.", &["rule", "credit"]);
+        let attributions = counter_vec(
+            &r,
+            "tally_attributions_total",
+            "Attribution decisions of new conversions.",
+            &["rule", "credit"],
+        );
         let ledger_entries = counter_vec(&r, "tally_ledger_entries_total", "Ledger entries written.", &["kind"]);
         for o in CLICK_OUTCOMES {
             clicks.with_label_values(&[o]);
@@ -108,17 +113,31 @@ impl Metrics {
             signature_failures,
             attributions,
             ledger_entries,
-            write_batch_size: histogram(&r, "tally_storage_write_batch_size", "Operations per storage write batch.", batch_buckets),
-            fsync_duration: histogram(&r, "tally_storage_fsync_duration_seconds", "Duration of synced batch writes.", fsync_buckets),
+            write_batch_size: histogram(
+                &r,
+                "tally_storage_write_batch_size",
+                "Operations per storage write batch.",
+                batch_buckets,
+            ),
+            fsync_duration: histogram(
+                &r,
+                "tally_storage_fsync_duration_seconds",
+                "Duration of synced batch writes.",
+                fsync_buckets,
+            ),
             storage_errors: {
-                let c = IntCounter::new("tally_storage_write_errors_total", "Storage writes that failed.").unwrap_or_else(|e| panic!("{e}"));
+                let c = IntCounter::new("tally_storage_write_errors_total", "Storage writes that failed.")
+                    .unwrap_or_else(|e| panic!("{e}"));
                 r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("{e}"));
                 c
             },
             storage_ready: gauge(&r, "tally_storage_ready", "1 while storage accepts writes."),
             replay_evictions: {
-                let c = IntCounter::new("tally_replay_guard_evictions_total", "Webhook ids forgotten before their window ended because the replay guard was full.")
-                    .unwrap_or_else(|e| panic!("{e}"));
+                let c = IntCounter::new(
+                    "tally_replay_guard_evictions_total",
+                    "Webhook ids forgotten before their window ended because the replay guard was full.",
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
                 r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("{e}"));
                 c
             },
@@ -126,8 +145,16 @@ impl Metrics {
             memtable_bytes: gauge(&r, "tally_storage_memtable_bytes", "Bytes of RocksDB memtables."),
             estimated_keys: gauge(&r, "tally_storage_estimated_keys", "RocksDB's estimate of stored keys."),
             write_stopped: gauge(&r, "tally_storage_write_stopped", "1 while RocksDB stops writes (stall)."),
-            delayed_write_rate: gauge(&r, "tally_storage_delayed_write_rate_bytes", "RocksDB's delayed write rate while it slows writes (bytes/s), 0 otherwise."),
-            pending_compaction_bytes: gauge(&r, "tally_storage_pending_compaction_bytes", "Bytes RocksDB estimates compaction must rewrite."),
+            delayed_write_rate: gauge(
+                &r,
+                "tally_storage_delayed_write_rate_bytes",
+                "RocksDB's delayed write rate while it slows writes (bytes/s), 0 otherwise.",
+            ),
+            pending_compaction_bytes: gauge(
+                &r,
+                "tally_storage_pending_compaction_bytes",
+                "Bytes RocksDB estimates compaction must rewrite.",
+            ),
             registry: r,
         };
         m.storage_ready.set(1);

@@ -30,7 +30,12 @@ pub struct Seeds {
     pub links: Vec<Link>,
 }
 
-fn take_id<T>(map: &mut Map<String, Value>, key: &str, at: &str, parse: fn(&str) -> Result<T, String>) -> Result<T, Problem> {
+fn take_id<T>(
+    map: &mut Map<String, Value>,
+    key: &str,
+    at: &str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, Problem> {
     match map.remove(key) {
         Some(Value::String(s)) => parse(&s).map_err(|e| Problem { key: format!("{at}.{key}"), problem: e }),
         Some(_) => Err(Problem { key: format!("{at}.{key}"), problem: "must be a string".into() }),

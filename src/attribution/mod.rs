@@ -5,7 +5,7 @@
 //! `deal` and `customer` slot in between once deal registration exists.
 
 use crate::domain::clock::{human_duration, UnixMillis};
-use crate::domain::conversion::{AttributionKeys, Attribution, Credit, RuleKind};
+use crate::domain::conversion::{Attribution, AttributionKeys, Credit, RuleKind};
 use crate::domain::entities::{Partner, Status};
 use crate::domain::ids::{LinkId, PartnerId, Ulid};
 
@@ -32,6 +32,7 @@ pub trait Facts {
 
 /// The outcome: a sourced partner (and the link its click came through), or why nobody.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // one per conversion, consumed at once: boxing buys nothing
 pub enum Decision {
     Attributed { attribution: Attribution, partner: Partner, link_id: Option<LinkId> },
     Unattributed { reason: String },
@@ -73,7 +74,9 @@ pub fn decide<F: Facts>(keys: &AttributionKeys, occurred_ms: UnixMillis, facts: 
         match click_rule(raw, occurred_ms, facts)? {
             Ok((click, reason)) => match facts.partner(&click.partner_id)? {
                 Some(p) => return Ok(sourced(p, RuleKind::Click, reason, Some(click.link_id))),
-                None => misses.push(format!("click {raw} belongs to partner {}, which no longer exists", click.partner_id)),
+                None => {
+                    misses.push(format!("click {raw} belongs to partner {}, which no longer exists", click.partner_id))
+                }
             },
             Err(miss) => misses.push(miss),
         }
@@ -104,7 +107,11 @@ pub fn decide<F: Facts>(keys: &AttributionKeys, occurred_ms: UnixMillis, facts: 
 /// The click rule: a click of this merchant, not after the conversion, no younger than
 /// the link's minimum click-to-conversion time, inside the link's window (both edges
 /// inclusive). `Ok(Err(reason))` is a miss.
-fn click_rule<F: Facts>(raw: &str, occurred_ms: UnixMillis, facts: &F) -> Result<Result<(ClickFacts, String), String>, F::Error> {
+fn click_rule<F: Facts>(
+    raw: &str,
+    occurred_ms: UnixMillis,
+    facts: &F,
+) -> Result<Result<(ClickFacts, String), String>, F::Error> {
     let Ok(id) = Ulid::parse(raw) else {
         return Ok(Err(format!("click_id {raw} is not a tally click id")));
     };
@@ -198,10 +205,14 @@ mod tests {
             window_days,
             min_ctit_seconds,
         };
-        let partners = [partner("ann", &[], Status::Active), partner("bob", &["BOB10"], Status::Active), partner("pia", &["PIA"], Status::Paused)]
-            .into_iter()
-            .map(|p| (p.id.to_string(), p))
-            .collect();
+        let partners = [
+            partner("ann", &[], Status::Active),
+            partner("bob", &["BOB10"], Status::Active),
+            partner("pia", &["PIA"], Status::Paused),
+        ]
+        .into_iter()
+        .map(|p| (p.id.to_string(), p))
+        .collect();
         (Fake { partners, clicks: HashMap::from([(click_id, click)]) }, click_id)
     }
 
@@ -221,12 +232,15 @@ mod tests {
         }
     }
 
+    /// Keys, time of the conversion, expected (rule, partner).
+    type Case = (AttributionKeys, i64, Option<(RuleKind, &'static str)>);
+
     #[test]
     fn rule_table() {
         let t0 = 1_790_000_000_000;
         let (f, click) = world(t0, 30, 60);
         let c = Some(click.to_string());
-        let cases: Vec<(AttributionKeys, i64, Option<(RuleKind, &str)>)> = vec![
+        let cases: Vec<Case> = vec![
             (keys(Some("bob"), c.clone(), None), t0 + DAY, Some((RuleKind::Explicit, "bob"))),
             (keys(Some("nobody"), c.clone(), None), t0 + DAY, Some((RuleKind::Click, "ann"))),
             (keys(None, c.clone(), Some("BOB10")), t0 + DAY, Some((RuleKind::Click, "ann"))),
@@ -251,12 +265,19 @@ mod tests {
     fn reasons_read_well() {
         let t0 = 1_790_000_000_000;
         let (f, click) = world(t0, 30, 0);
-        let Decision::Attributed { attribution, link_id, .. } = decide(&keys(None, Some(click.to_string()), None), t0 + 2 * DAY, &f).unwrap() else {
+        let Decision::Attributed { attribution, link_id, .. } =
+            decide(&keys(None, Some(click.to_string()), None), t0 + 2 * DAY, &f).unwrap()
+        else {
             panic!("attributed");
         };
-        assert_eq!(attribution.reason, format!("click {click} on link spring, 2 days before the conversion, inside the 30-day window"));
+        assert_eq!(
+            attribution.reason,
+            format!("click {click} on link spring, 2 days before the conversion, inside the 30-day window")
+        );
         assert_eq!(link_id.unwrap().as_str(), "spring");
-        let Decision::Unattributed { reason } = decide(&keys(Some("zed"), Some(click.to_string()), None), t0 + 31 * DAY, &f).unwrap() else {
+        let Decision::Unattributed { reason } =
+            decide(&keys(Some("zed"), Some(click.to_string()), None), t0 + 31 * DAY, &f).unwrap()
+        else {
             panic!("unattributed");
         };
         assert_eq!(

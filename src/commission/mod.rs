@@ -10,9 +10,7 @@ use crate::domain::plan::{Plan, Rule};
 /// among equals, the first listed.
 pub fn select_rule<'p>(plan: &'p Plan, event: &str, kind: PartnerKind) -> Option<&'p Rule> {
     let for_event = || plan.rules.iter().filter(move |r| r.event == event);
-    for_event()
-        .find(|r| r.partner_kind == Some(kind))
-        .or_else(|| for_event().find(|r| r.partner_kind.is_none()))
+    for_event().find(|r| r.partner_kind == Some(kind)).or_else(|| for_event().find(|r| r.partner_kind.is_none()))
 }
 
 /// The sourced partner's commission for a conversion under `plan`.
@@ -21,8 +19,8 @@ pub fn select_rule<'p>(plan: &'p Plan, event: &str, kind: PartnerKind) -> Option
 /// A reason, in words, why no commission is due (no rule for the event, or a
 /// percentage of an amount in another currency than the plan's).
 pub fn quote(plan: &Plan, event: &str, amount: Option<Money>, kind: PartnerKind) -> Result<Commission, String> {
-    let rule = select_rule(plan, event, kind)
-        .ok_or_else(|| format!("plan {} has no rule for event {event}", plan.id))?;
+    let rule =
+        select_rule(plan, event, kind).ok_or_else(|| format!("plan {} has no rule for event {event}", plan.id))?;
     let mut total = Money::zero(plan.currency);
     if let (Some(percent), Some(amount)) = (rule.percent, amount) {
         if amount.currency != plan.currency {
@@ -79,7 +77,9 @@ mod tests {
     #[test]
     fn no_rule_or_other_currency() {
         let p = plan(STANDARD);
-        assert!(quote(&p, "renewal", usd("10"), PartnerKind::Affiliate).unwrap_err().contains("no rule for event renewal"));
+        assert!(quote(&p, "renewal", usd("10"), PartnerKind::Affiliate)
+            .unwrap_err()
+            .contains("no rule for event renewal"));
         let eur = Some(Money::parse("10", Currency::parse("EUR").unwrap()).unwrap());
         assert!(quote(&p, "sale", eur, PartnerKind::Affiliate).unwrap_err().contains("does not convert"));
     }

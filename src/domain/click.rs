@@ -52,7 +52,11 @@ pub fn reduce_ip(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> String {
             let p = v4_prefix.min(32);
             let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
             let net = std::net::Ipv4Addr::from(u32::from(v4) & mask);
-            if p == 32 { net.to_string() } else { format!("{net}/{p}") }
+            if p == 32 {
+                net.to_string()
+            } else {
+                format!("{net}/{p}")
+            }
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
@@ -61,7 +65,11 @@ pub fn reduce_ip(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> String {
             let p = v6_prefix.min(128);
             let mask = if p == 0 { 0 } else { u128::MAX << (128 - p) };
             let net = std::net::Ipv6Addr::from(u128::from(v6) & mask);
-            if p == 128 { net.to_string() } else { format!("{net}/{p}") }
+            if p == 128 {
+                net.to_string()
+            } else {
+                format!("{net}/{p}")
+            }
         }
     }
 }

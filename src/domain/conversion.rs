@@ -98,22 +98,22 @@ impl ConversionBody {
         let txn_id = TxnId::parse(&self.txn_id).map_err(|e| FieldError::new("txn_id", e))?;
         let event = self.event.unwrap_or_else(|| "sale".to_string());
         check_event(&event).map_err(|e| FieldError::new("event", e))?;
-        let currency = self
-            .currency
-            .as_deref()
-            .map(Currency::parse)
-            .transpose()
-            .map_err(|e| FieldError::new("currency", e))?;
+        let currency =
+            self.currency.as_deref().map(Currency::parse).transpose().map_err(|e| FieldError::new("currency", e))?;
         let amount = match (&self.amount, currency) {
             (None | Some(serde_json::Value::Null), _) => None,
             (Some(_), None) => return Err(FieldError::new("currency", "is required with amount")),
             (Some(v), Some(c)) => {
-                let text = amount_text(v).ok_or_else(|| FieldError::new("amount", "must be a decimal string such as \"149.90\""))?;
+                let text = amount_text(v)
+                    .ok_or_else(|| FieldError::new("amount", "must be a decimal string such as \"149.90\""))?;
                 Some(Money::parse(&text, c).map_err(|e| FieldError::new("amount", e))?)
             }
         };
         if amount.is_none() && !EVENTS_WITHOUT_AMOUNT.contains(&event.as_str()) {
-            return Err(FieldError::new("amount", format!("is required for event {event} (only lead, signup and trial may omit it)")));
+            return Err(FieldError::new(
+                "amount",
+                format!("is required for event {event} (only lead, signup and trial may omit it)"),
+            ));
         }
         let occurred_ms = match self.occurred_at.as_deref() {
             None => now,

@@ -61,7 +61,10 @@ impl MerchantBody {
         check_name(&self.name)?;
         for (i, ip) in self.allowed_ips.iter().enumerate() {
             if !valid_cidr(ip) {
-                return Err(FieldError::new(format!("allowed_ips[{i}]"), "must be an IP address or CIDR such as 203.0.113.0/24"));
+                return Err(FieldError::new(
+                    format!("allowed_ips[{i}]"),
+                    "must be an IP address or CIDR such as 203.0.113.0/24",
+                ));
             }
         }
         Ok(Merchant {

@@ -16,9 +16,7 @@ pub const MAX_WINDOW_DAYS: u32 = 3650;
 pub const MAX_DESTINATION_LEN: usize = 2048;
 
 /// Macros a destination template may use (SPEC 5.1).
-pub const MACROS: [&str; 8] = [
-    "click_id", "link_id", "partner_id", "sub1", "sub2", "sub3", "sub4", "sub5",
-];
+pub const MACROS: [&str; 8] = ["click_id", "link_id", "partner_id", "sub1", "sub2", "sub3", "sub4", "sub5"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Link {
@@ -143,11 +141,8 @@ fn fill(template: &str, value: &dyn Fn(&str) -> Option<String>) -> Result<String
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.
 pub fn encode_component(value: &str) -> String {
-    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-        .remove(b'-')
-        .remove(b'.')
-        .remove(b'_')
-        .remove(b'~');
+    const KEEP: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
     percent_encoding::utf8_percent_encode(value, KEEP).to_string()
 }
 
@@ -198,7 +193,7 @@ impl Link {
             return None;
         }
         let host = url.host_str()?.trim_end_matches('.').to_ascii_lowercase();
-        self.deep_link_hosts.iter().any(|h| *h == host).then_some(url)
+        self.deep_link_hosts.contains(&host).then_some(url)
     }
 
     /// Appends the template's query parameters that carry macros (e.g. `ref={click_id}`)

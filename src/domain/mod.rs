@@ -6,12 +6,12 @@
 pub mod click;
 pub mod clock;
 pub mod conversion;
-pub mod ledger;
 pub mod entities;
-pub mod link;
-pub mod plan;
 pub mod ids;
+pub mod ledger;
+pub mod link;
 pub mod money;
+pub mod plan;
 
 use std::fmt;
 
@@ -27,10 +27,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, detail: impl fmt::Display) -> Self {
-        FieldError {
-            field: field.into(),
-            detail: detail.to_string(),
-        }
+        FieldError { field: field.into(), detail: detail.to_string() }
     }
 
     /// Prefixes the field path, for errors raised inside nested values.

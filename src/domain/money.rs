@@ -14,8 +14,8 @@ pub const MAX_MAJOR_UNITS: i64 = 1_000_000_000_000;
 
 /// ISO 4217 currencies with 0 minor digits.
 const ZERO_DECIMALS: &[&str] = &[
-    "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND",
-    "VUV", "XAF", "XOF", "XPF",
+    "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND", "VUV", "XAF", "XOF",
+    "XPF",
 ];
 /// ISO 4217 currencies with 3 minor digits.
 const THREE_DECIMALS: &[&str] = &["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"];
@@ -167,10 +167,7 @@ impl Money {
         let exact = i128::from(self.minor) * i128::from(percent.micros);
         let div = 100 * i128::from(Percent::SCALE_FACTOR);
         let rounded = (exact.abs() + div / 2) / div * exact.signum();
-        Money {
-            minor: i64::try_from(rounded).unwrap_or(i64::MAX),
-            currency: self.currency,
-        }
+        Money { minor: i64::try_from(rounded).unwrap_or(i64::MAX), currency: self.currency }
     }
 }
 
@@ -195,9 +192,7 @@ impl Percent {
         if micros > 100 * i128::from(Self::SCALE_FACTOR) {
             return Err("must be between 0 and 100".into());
         }
-        Ok(Percent {
-            micros: i64::try_from(micros).map_err(|_| "out of range".to_string())?,
-        })
+        Ok(Percent { micros: i64::try_from(micros).map_err(|_| "out of range".to_string())? })
     }
 
     /// The shortest decimal text (`"20"`, `"12.5"`).

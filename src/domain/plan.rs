@@ -108,7 +108,12 @@ impl PlanBody {
     /// # Errors
     /// The first field that is not valid. Tiers, caps and recurring rules are refused
     /// until the engine that applies them exists, rather than stored and ignored.
-    pub fn into_plan(self, merchant_id: MerchantId, id: PlanId, version_from_ms: UnixMillis) -> Result<Plan, FieldError> {
+    pub fn into_plan(
+        self,
+        merchant_id: MerchantId,
+        id: PlanId,
+        version_from_ms: UnixMillis,
+    ) -> Result<Plan, FieldError> {
         let not_yet = "is not supported by this version of tally yet; remove it";
         if self.tiers.is_some() {
             return Err(FieldError::new("tiers", not_yet));

@@ -25,7 +25,9 @@ pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Answer {
     let method = req.method().clone();
     match segments.as_slice() {
         ["metrics"] if method == Method::GET => (Route::Metrics, Ok(metrics(ctx))),
-        ["healthz"] if method == Method::GET => (Route::Health, Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))),
+        ["healthz"] if method == Method::GET => {
+            (Route::Health, Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))))
+        }
         ["readyz"] if method == Method::GET => (Route::Ready, Ok(ready(ctx))),
         ["admin", "v1", "merchants", rest @ ..] => {
             let route = route_of(rest);
@@ -69,7 +71,8 @@ fn authorize(ctx: &Ctx, req: &Request<Incoming>) -> Result<(), ApiError> {
 fn metrics(ctx: &Ctx) -> Response<Body> {
     ctx.metrics.set_storage(ctx.store.stats());
     let mut resp = Response::new(Body::from(ctx.metrics.render()));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     resp
 }
 
@@ -123,12 +126,19 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             let secret = (saved == Saved::Created).then(|| secret.expose_text());
             Ok(json(saved_status(saved), &WithSecret { entity: &stored, secret }))
         }
-        (&Method::GET, [_]) => catalog.merchants.get(&merchant).map(|m| json(StatusCode::OK, m)).ok_or(ApiError::NotFound),
+        (&Method::GET, [_]) => {
+            catalog.merchants.get(&merchant).map(|m| json(StatusCode::OK, m)).ok_or(ApiError::NotFound)
+        }
         (&Method::POST, [_, "secrets:rotate"]) => {
             let secret = WebhookSecret::generate();
             let grace_ms = ctx.settings.signing.rotation_grace_seconds.saturating_mul(1000);
             ctx.store
-                .apply(EntityOp::RotateMerchantSecret { merchant: merchant.clone(), secret: secret.clone(), now, grace_ms })
+                .apply(EntityOp::RotateMerchantSecret {
+                    merchant: merchant.clone(),
+                    secret: secret.clone(),
+                    now,
+                    grace_ms,
+                })
                 .await?;
             let body = serde_json::json!({
                 "id": merchant.as_str(),
@@ -140,7 +150,8 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
         _ if !known => Err(ApiError::NotFound),
         (&Method::PUT, [_, "partners", pid]) => {
             let pid = id(pid, PartnerId::parse)?;
-            let partner: Partner = body::<PartnerBody>(ctx, req).await?.into_partner(merchant.clone(), pid.clone(), now)?;
+            let partner: Partner =
+                body::<PartnerBody>(ctx, req).await?.into_partner(merchant.clone(), pid.clone(), now)?;
             let secret = WebhookSecret::generate();
             let saved = ctx.store.put_partner(partner, secret.clone()).await?;
             let stored = ctx.store.catalog().partner_of(&merchant, &pid).cloned().ok_or(ApiError::NotFound)?;
@@ -178,7 +189,10 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
         }
         (&Method::GET, [_, "plans", pid]) => {
             let pid = id(pid, PlanId::parse)?;
-            catalog.current_plan(&merchant, &pid).map(|p| json(StatusCode::OK, &PlanView::from(p))).ok_or(ApiError::NotFound)
+            catalog
+                .current_plan(&merchant, &pid)
+                .map(|p| json(StatusCode::OK, &PlanView::from(p)))
+                .ok_or(ApiError::NotFound)
         }
         (&Method::GET, [_, "conversions", txn]) => {
             let decoded = percent_encoding::percent_decode_str(txn).decode_utf8().map_err(|_| ApiError::NotFound)?;
@@ -196,7 +210,9 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             });
             Ok(json(StatusCode::OK, &body))
         }
-        (_, [_] | [_, "secrets:rotate"] | [_, "partners" | "links" | "plans" | "conversions", _]) => Err(ApiError::MethodNotAllowed),
+        (_, [_] | [_, "secrets:rotate"] | [_, "partners" | "links" | "plans" | "conversions", _]) => {
+            Err(ApiError::MethodNotAllowed)
+        }
         _ => Err(ApiError::NotFound),
     }
 }

@@ -151,7 +151,12 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, kind: Listener, mut shu
     }
 }
 
-async fn dispatch(ctx: Arc<Ctx>, kind: Listener, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn dispatch(
+    ctx: Arc<Ctx>,
+    kind: Listener,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let (route, result) = match kind {
         Listener::Public => public::handle(&ctx, peer, req).await,
@@ -177,7 +182,8 @@ pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body
 /// `Content-Length` over the limit is refused before anything is read.
 #[allow(clippy::disallowed_methods)] // the one bounded reader the lint points everyone else to
 async fn read_body(ctx: &Ctx, headers: &HeaderMap, body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
@@ -229,7 +235,10 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
         }
         let message = inner.to_string();
         // Unknown and duplicate fields are reported at their parent; name the field itself.
-        let named = message.split('`').nth(1).filter(|_| ["unknown field", "duplicate field", "missing field"].iter().any(|p| message.starts_with(p)));
+        let named = message
+            .split('`')
+            .nth(1)
+            .filter(|_| ["unknown field", "duplicate field", "missing field"].iter().any(|p| message.starts_with(p)));
         // serde_path_to_error already ends the path with an unknown field, not with a
         // missing or duplicated one.
         let field = match (path.as_str(), named) {

@@ -38,10 +38,18 @@ fn is_prefetch(headers: &HeaderMap) -> bool {
     let has = |name: &str, needle: &str| {
         headers.get_all(name).iter().any(|v| v.to_str().is_ok_and(|s| s.to_ascii_lowercase().contains(needle)))
     };
-    has("purpose", "prefetch") || has("sec-purpose", "prefetch") || has("x-moz", "prefetch") || has("x-purpose", "preview")
+    has("purpose", "prefetch")
+        || has("sec-purpose", "prefetch")
+        || has("x-moz", "prefetch")
+        || has("x-purpose", "preview")
 }
 
-async fn click(ctx: &Ctx, peer: SocketAddr, link_raw: &str, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn click(
+    ctx: &Ctx,
+    peer: SocketAddr,
+    link_raw: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let not_found = || {
         ctx.metrics.clicks.with_label_values(&["not_found"]).inc();
         ApiError::NotFound
@@ -73,11 +81,20 @@ async fn click(ctx: &Ctx, peer: SocketAddr, link_raw: &str, req: &Request<Incomi
     let now = ctx.clock.now_ms();
     let click_id = Ulid::mint(now);
     let click_text = click_id.to_string();
-    let values = MacroValues { click_id: &click_text, link_id: link.id.as_str(), partner_id: link.partner_id.as_str(), subs: &subs };
+    let values = MacroValues {
+        click_id: &click_text,
+        link_id: link.id.as_str(),
+        partner_id: link.partner_id.as_str(),
+        subs: &subs,
+    };
     let location = link.redirect_location(&values, deep_link.as_deref());
 
     if req.method() == Method::GET && !is_prefetch(req.headers()) {
-        let ua = req.headers().get(header::USER_AGENT).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).unwrap_or_default();
+        let ua = req
+            .headers()
+            .get(header::USER_AGENT)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
         let ua = truncate(&ua, MAX_USER_AGENT_LEN);
         let s = &ctx.settings.clicks;
         let bot = is_bot(&ua, &s.bot_user_agents);
@@ -109,9 +126,19 @@ async fn click(ctx: &Ctx, peer: SocketAddr, link_raw: &str, req: &Request<Incomi
 
 /// Checks the Standard Webhooks signature against the merchant's active secrets, then
 /// the replay guard. An unknown merchant fails like a wrong secret (no enumeration).
-fn verify_merchant(ctx: &Ctx, merchant: Option<&MerchantId>, headers: &HeaderMap, body: &[u8], now_ms: i64) -> Result<(), SignatureFailure> {
+fn verify_merchant(
+    ctx: &Ctx,
+    merchant: Option<&MerchantId>,
+    headers: &HeaderMap,
+    body: &[u8],
+    now_ms: i64,
+) -> Result<(), SignatureFailure> {
     let get = |name| single_header(headers, name).map_err(|()| SignatureFailure::Malformed);
-    let wh = WebhookHeaders { id: get("webhook-id")?, timestamp: get("webhook-timestamp")?, signature: get("webhook-signature")? };
+    let wh = WebhookHeaders {
+        id: get("webhook-id")?,
+        timestamp: get("webhook-timestamp")?,
+        signature: get("webhook-signature")?,
+    };
     let catalog = ctx.store.catalog();
     let secrets = merchant.and_then(|m| catalog.secrets.get(m));
     let keys = secrets.into_iter().flat_map(|s| s.active_keys(now_ms));

@@ -69,7 +69,12 @@ pub struct CommissionView {
 
 impl From<&Commission> for CommissionView {
     fn from(c: &Commission) -> Self {
-        CommissionView { amount: c.amount.amount_text(), currency: c.amount.currency.to_string(), plan: c.plan.to_string(), rule: c.rule.clone() }
+        CommissionView {
+            amount: c.amount.amount_text(),
+            currency: c.amount.currency.to_string(),
+            plan: c.plan.to_string(),
+            rule: c.rule.clone(),
+        }
     }
 }
 

@@ -31,9 +31,7 @@ impl WebhookSecret {
     /// When the text is not base64 of 24..64 bytes.
     pub fn parse(text: &str) -> Result<Self, String> {
         let b64 = text.trim().strip_prefix(PREFIX).unwrap_or(text.trim());
-        let key = STANDARD
-            .decode(b64)
-            .map_err(|_| "a secret is whsec_ followed by base64".to_string())?;
+        let key = STANDARD.decode(b64).map_err(|_| "a secret is whsec_ followed by base64".to_string())?;
         if !(24..=64).contains(&key.len()) {
             return Err("a secret must decode to 24..64 bytes".into());
         }
@@ -85,10 +83,7 @@ impl SecretSet {
 
     /// The keys accepted at `now`.
     pub fn active_keys(&self, now: UnixMillis) -> impl Iterator<Item = &[u8]> {
-        self.entries
-            .iter()
-            .filter(move |e| e.not_after_ms.is_none_or(|t| now <= t))
-            .map(|e| e.secret.key())
+        self.entries.iter().filter(move |e| e.not_after_ms.is_none_or(|t| now <= t)).map(|e| e.secret.key())
     }
 
     /// The secret new signatures should use.

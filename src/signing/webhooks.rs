@@ -75,7 +75,8 @@ fn parse_timestamp(ts: &str) -> Option<i64> {
 }
 
 fn mac(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> [u8; 32] {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+    let mut m =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
     m.update(id.as_bytes());
     m.update(b".");
     m.update(timestamp.as_bytes());

@@ -26,8 +26,8 @@ use rand::RngCore;
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::domain::clock::UnixMillis;
 use crate::domain::click::ClickRecord;
+use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{ConversionInput, ConversionRecord};
 use crate::domain::entities::{Merchant, Partner};
 use crate::domain::ids::{MerchantId, PartnerId, TxnId};
@@ -287,7 +287,12 @@ impl Store {
     ///
     /// # Errors
     /// Storage failures.
-    pub async fn ledger_for(&self, merchant: &MerchantId, partner: &PartnerId, txn: &TxnId) -> Result<Vec<LedgerEntry>, StoreError> {
+    pub async fn ledger_for(
+        &self,
+        merchant: &MerchantId,
+        partner: &PartnerId,
+        txn: &TxnId,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
         let prefix = keys::ledger_prefix(merchant, partner);
         let shared = Arc::clone(&self.shared);
         let txn = txn.clone();
@@ -377,7 +382,9 @@ impl Store {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(f).await.map_err(|_| StoreError::Closed)?
 }
 

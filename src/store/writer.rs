@@ -16,8 +16,8 @@ use super::schema::Cf;
 use super::{codec, keys, Durability, Refusal, Shared, StoreError, WriteError};
 use crate::attribution::{self, ClickFacts, Decision, Facts};
 use crate::commission;
-use crate::domain::clock::UnixMillis;
 use crate::domain::click::ClickRecord;
+use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{ConversionInput, ConversionRecord, ConversionStatus};
 use crate::domain::entities::{Merchant, Partner, Status};
 use crate::domain::ids::{MerchantId, PartnerId, PlanId, Ulid};
@@ -53,12 +53,26 @@ pub enum ConversionOutcome {
 /// Entity writes, checked against the catalog inside the writer.
 pub enum EntityOp {
     /// Create or update; `secret` is used only when the merchant is new.
-    Merchant { merchant: Merchant, secret: WebhookSecret },
+    Merchant {
+        merchant: Merchant,
+        secret: WebhookSecret,
+    },
     /// Make `secret` current; the previous one stays valid for `grace_ms`.
-    RotateMerchantSecret { merchant: MerchantId, secret: WebhookSecret, now: UnixMillis, grace_ms: i64 },
+    RotateMerchantSecret {
+        merchant: MerchantId,
+        secret: WebhookSecret,
+        now: UnixMillis,
+        grace_ms: i64,
+    },
     /// Create or update; `secret` (the partner API secret) is used only when the partner is new.
-    Partner { partner: Partner, secret: WebhookSecret },
-    PausePartner { merchant: MerchantId, partner: PartnerId },
+    Partner {
+        partner: Partner,
+        secret: WebhookSecret,
+    },
+    PausePartner {
+        merchant: MerchantId,
+        partner: PartnerId,
+    },
     Link(Link),
     Plan(Plan),
 }
@@ -85,7 +99,15 @@ struct Pending<'a> {
 
 impl<'a> Pending<'a> {
     fn new(shared: &'a Shared) -> Self {
-        Pending { shared, batch: WriteBatch::default(), puts: HashMap::new(), sync: false, done: Vec::new(), ops: 0, ledger: Vec::new() }
+        Pending {
+            shared,
+            batch: WriteBatch::default(),
+            puts: HashMap::new(),
+            sync: false,
+            done: Vec::new(),
+            ops: 0,
+            ledger: Vec::new(),
+        }
     }
 
     /// Reads through the batch: `(value, true)` when the value is only in this batch.
@@ -284,7 +306,11 @@ impl Writer {
                     amount: c.amount,
                     at_ms: d.received_ms,
                 };
-                pending.put(Cf::Ledger, keys::ledger(&d.merchant, &a.partner_id, &entry.entry_id), codec::encode(&entry))?;
+                pending.put(
+                    Cf::Ledger,
+                    keys::ledger(&d.merchant, &a.partner_id, &entry.entry_id),
+                    codec::encode(&entry),
+                )?;
                 pending.ledger.push(LedgerKind::Commission);
             }
         }
@@ -319,12 +345,18 @@ fn refused(conflict: bool, code: &'static str, field: Option<&'static str>, deta
 
 /// Checks an entity write against the catalog, puts it in `batch` and applies it to
 /// `catalog` (which is only published if the batch is written).
-fn stage_entity(shared: &Shared, catalog: &mut Catalog, batch: &mut WriteBatch, op: EntityOp) -> Result<Saved, WriteError> {
+fn stage_entity(
+    shared: &Shared,
+    catalog: &mut Catalog,
+    batch: &mut WriteBatch,
+    op: EntityOp,
+) -> Result<Saved, WriteError> {
     let put = |batch: &mut WriteBatch, cf: Cf, key: Vec<u8>, value: Vec<u8>| -> Result<(), WriteError> {
         batch.put_cf(shared.cf(cf)?, key, value);
         Ok(())
     };
-    let no_merchant = |id: &MerchantId| refused(false, "merchant_not_found", None, format!("merchant {id} does not exist"));
+    let no_merchant =
+        |id: &MerchantId| refused(false, "merchant_not_found", None, format!("merchant {id} does not exist"));
     match op {
         EntityOp::Merchant { mut merchant, secret } => {
             let saved = match catalog.merchants.get(&merchant.id) {
@@ -356,7 +388,12 @@ fn stage_entity(shared: &Shared, catalog: &mut Catalog, batch: &mut WriteBatch, 
             }
             let saved = match catalog.partners.get(&partner.id) {
                 Some(p) if p.merchant_id != partner.merchant_id => {
-                    return Err(refused(true, "partner_id_taken", None, format!("partner id {} is taken; partner ids are unique across merchants", partner.id)));
+                    return Err(refused(
+                        true,
+                        "partner_id_taken",
+                        None,
+                        format!("partner id {} is taken; partner ids are unique across merchants", partner.id),
+                    ));
                 }
                 Some(p) => {
                     partner.created_ms = p.created_ms;
@@ -371,7 +408,12 @@ fn stage_entity(shared: &Shared, catalog: &mut Catalog, batch: &mut WriteBatch, 
             };
             for c in &partner.coupons {
                 if catalog.coupon_owner(&partner.merchant_id, c).is_some_and(|o| o.id != partner.id) {
-                    return Err(refused(true, "coupon_taken", Some("coupons"), format!("coupon {c} belongs to another partner")));
+                    return Err(refused(
+                        true,
+                        "coupon_taken",
+                        Some("coupons"),
+                        format!("coupon {c} belongs to another partner"),
+                    ));
                 }
             }
             check_plan_ref(catalog, &partner.merchant_id, partner.plan_id.as_ref())?;
@@ -394,12 +436,22 @@ fn stage_entity(shared: &Shared, catalog: &mut Catalog, batch: &mut WriteBatch, 
                 return Err(no_merchant(&link.merchant_id));
             }
             if catalog.partner_of(&link.merchant_id, &link.partner_id).is_none() {
-                return Err(refused(false, "invalid_field", Some("partner_id"), format!("partner {} is not a partner of this merchant", link.partner_id)));
+                return Err(refused(
+                    false,
+                    "invalid_field",
+                    Some("partner_id"),
+                    format!("partner {} is not a partner of this merchant", link.partner_id),
+                ));
             }
             check_plan_ref(catalog, &link.merchant_id, link.plan_id.as_ref())?;
             let saved = match catalog.links.get(&link.id) {
                 Some(l) if l.merchant_id != link.merchant_id => {
-                    return Err(refused(true, "link_id_taken", None, format!("link id {} is taken; link ids are unique across merchants", link.id)));
+                    return Err(refused(
+                        true,
+                        "link_id_taken",
+                        None,
+                        format!("link id {} is taken; link ids are unique across merchants", link.id),
+                    ));
                 }
                 Some(l) => {
                     link.created_ms = l.created_ms;
@@ -443,12 +495,21 @@ fn check_plan_ref(catalog: &Catalog, merchant: &MerchantId, plan: Option<&PlanId
 
 /// The plan that pays a credited partner: the link's, else the partner's, else the
 /// merchant's default; the version in force when the conversion occurred.
-fn plan_for<'c>(catalog: &'c Catalog, merchant: &MerchantId, link: Option<&Link>, partner: &Partner, at: UnixMillis) -> Result<&'c Plan, String> {
+fn plan_for<'c>(
+    catalog: &'c Catalog,
+    merchant: &MerchantId,
+    link: Option<&Link>,
+    partner: &Partner,
+    at: UnixMillis,
+) -> Result<&'c Plan, String> {
     let id = link
         .and_then(|l| l.plan_id.as_ref())
         .or(partner.plan_id.as_ref())
         .or_else(|| catalog.merchants.get(merchant).and_then(|m| m.default_plan_id.as_ref()))
-        .ok_or_else(|| "no commission plan applies: set plan_id on the link or the partner, or default_plan_id on the merchant".to_string())?;
+        .ok_or_else(|| {
+            "no commission plan applies: set plan_id on the link or the partner, or default_plan_id on the merchant"
+                .to_string()
+        })?;
     catalog.plan_at(merchant, id, at).ok_or_else(|| format!("plan {id} does not exist"))
 }
 

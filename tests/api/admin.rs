@@ -10,7 +10,9 @@ async fn admin_needs_the_bearer_token() {
     let app = TestApp::spawn().await;
     for auth in [None, Some("Bearer wrong-token-0123456789"), Some("Basic abc")] {
         let headers: Vec<(&str, String)> = auth.map(|a| ("authorization", a.to_string())).into_iter().collect();
-        let r = app.request(Method::GET, format!("http://{}/admin/v1/merchants/shop", app.admin), &headers, Vec::new()).await;
+        let r = app
+            .request(Method::GET, format!("http://{}/admin/v1/merchants/shop", app.admin), &headers, Vec::new())
+            .await;
         assert_eq!(r.status, 401, "{auth:?}");
         assert_eq!(r.json()["code"], "unauthorized");
     }
@@ -39,11 +41,31 @@ async fn bad_admin_bodies_are_422_naming_the_field() {
     let cases = [
         ("/admin/v1/merchants/shop/partners/p2", json!({"name": "P", "kind": "pirate"}), "kind"),
         ("/admin/v1/merchants/shop/partners/p2", json!({"name": "P", "kind": "affiliate", "extra": 1}), "extra"),
-        ("/admin/v1/merchants/shop/links/l2", json!({"partner_id": "ann", "destination": "javascript:alert(1)"}), "destination"),
-        ("/admin/v1/merchants/shop/links/l2", json!({"partner_id": "nobody", "destination": "https://a.example/"}), "partner_id"),
-        ("/admin/v1/merchants/shop/links/l2", json!({"partner_id": "ann", "destination": "https://a.example/", "plan_id": "nope"}), "plan_id"),
-        ("/admin/v1/merchants/shop/plans/p", json!({"currency": "USD", "rules": [{"event": "sale", "percent": "120"}]}), "rules[0].percent"),
-        ("/admin/v1/merchants/shop/plans/p", json!({"currency": "USD", "rules": [{"event": "sale", "flat": "1.001"}]}), "rules[0].flat"),
+        (
+            "/admin/v1/merchants/shop/links/l2",
+            json!({"partner_id": "ann", "destination": "javascript:alert(1)"}),
+            "destination",
+        ),
+        (
+            "/admin/v1/merchants/shop/links/l2",
+            json!({"partner_id": "nobody", "destination": "https://a.example/"}),
+            "partner_id",
+        ),
+        (
+            "/admin/v1/merchants/shop/links/l2",
+            json!({"partner_id": "ann", "destination": "https://a.example/", "plan_id": "nope"}),
+            "plan_id",
+        ),
+        (
+            "/admin/v1/merchants/shop/plans/p",
+            json!({"currency": "USD", "rules": [{"event": "sale", "percent": "120"}]}),
+            "rules[0].percent",
+        ),
+        (
+            "/admin/v1/merchants/shop/plans/p",
+            json!({"currency": "USD", "rules": [{"event": "sale", "flat": "1.001"}]}),
+            "rules[0].flat",
+        ),
         ("/admin/v1/merchants/shop/plans/p", json!({"currency": "USD", "rules": [], "tiers": []}), "tiers"),
     ];
     for (path, body, field) in cases {
@@ -74,5 +96,9 @@ async fn delete_pauses_a_partner_and_its_links_stop_redirecting() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["status"], "paused");
     assert_eq!(app.get("/c/spring", &[]).await.status, 404);
-    assert_eq!(app.admin(Method::GET, "/admin/v1/merchants/shop/partners/ann", None).await.json()["name"], "Ann's Blog", "history stays");
+    assert_eq!(
+        app.admin(Method::GET, "/admin/v1/merchants/shop/partners/ann", None).await.json()["name"],
+        "Ann's Blog",
+        "history stays"
+    );
 }

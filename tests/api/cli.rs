@@ -30,7 +30,10 @@ fn check_config_lists_every_problem_with_its_key_and_fails() {
     std::fs::write(&path, "").unwrap();
     let out = tally(&["check-config", "--config", path.to_str().unwrap()], &[("TALLY_PUBLIC_ADDR", "127.0.0.1:0")]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("public 127.0.0.1:0"), "TALLY_PUBLIC_ADDR overrides the file");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("public 127.0.0.1:0"),
+        "TALLY_PUBLIC_ADDR overrides the file"
+    );
 
     let out = tally(&["check-config", "--config", path.to_str().unwrap()], &[("TALLY_HTTP__MAX_CONNECTIONS", "0")]);
     assert_eq!(out.status.code(), Some(2), "nested variables use __");
@@ -40,7 +43,15 @@ fn check_config_lists_every_problem_with_its_key_and_fails() {
 fn sign_prints_the_reference_vector() {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["sign", "--secret", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD", "--id", "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk", "--timestamp", "1649367553"])
+        .args([
+            "sign",
+            "--secret",
+            "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD",
+            "--id",
+            "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk",
+            "--timestamp",
+            "1649367553",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

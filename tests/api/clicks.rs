@@ -17,7 +17,8 @@ async fn click_redirects_with_a_fresh_click_id_and_records_it() {
     let id = click_id_of(location);
     assert_eq!(id.len(), 26);
 
-    let stored = app.app.as_ref().unwrap().store().click(&tally::domain::ids::Ulid::parse(&id).unwrap()).await.unwrap().unwrap();
+    let stored =
+        app.app.as_ref().unwrap().store().click(&tally::domain::ids::Ulid::parse(&id).unwrap()).await.unwrap().unwrap();
     assert_eq!(stored.subs[0].as_deref(), Some("news letter"));
     assert_eq!(stored.subs[1].as_deref(), Some("a&b"));
     assert_eq!(stored.ip, "127.0.0.0/24", "IPs are stored reduced");
@@ -25,7 +26,15 @@ async fn click_redirects_with_a_fresh_click_id_and_records_it() {
 
     let again = app.click("spring").await;
     assert_ne!(again, id, "every click gets its own id");
-    let second = app.app.as_ref().unwrap().store().click(&tally::domain::ids::Ulid::parse(&again).unwrap()).await.unwrap().unwrap();
+    let second = app
+        .app
+        .as_ref()
+        .unwrap()
+        .store()
+        .click(&tally::domain::ids::Ulid::parse(&again).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!second.unique, "a repeat click of the same visitor inside 24 h is not unique");
 }
 

@@ -9,7 +9,9 @@ async fn click_then_conversion_is_attributed_with_the_plan_commission() {
     let app = TestApp::spawn().await;
     let secret = app.demo().await;
     let click = app.click("spring").await;
-    let body = format!(r#"{{"txn_id":"order-1001","amount":"149.90","currency":"USD","click_id":"{click}","metadata":{{"plan":"pro","n":1.50}}}}"#);
+    let body = format!(
+        r#"{{"txn_id":"order-1001","amount":"149.90","currency":"USD","click_id":"{click}","metadata":{{"plan":"pro","n":1.50}}}}"#
+    );
     let r = app.convert("shop", &secret, &body).await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let j = r.json();
@@ -20,12 +22,18 @@ async fn click_then_conversion_is_attributed_with_the_plan_commission() {
     assert_eq!(j["attribution"]["credit"], "sourced");
     assert_eq!(j["attribution"]["rule"], "click");
     let reason = j["attribution"]["reason"].as_str().unwrap();
-    assert!(reason.starts_with(&format!("click {click} on link spring")) && reason.ends_with("inside the 30-day window"), "{reason}");
+    assert!(
+        reason.starts_with(&format!("click {click} on link spring")) && reason.ends_with("inside the 30-day window"),
+        "{reason}"
+    );
     assert_eq!(j["commission"]["amount"], "29.98");
     assert_eq!(j["commission"]["currency"], "USD");
     assert_eq!(j["commission"]["plan"], "standard");
     assert_eq!(j["commission"]["rule"], "sale 20%");
-    assert!(String::from_utf8_lossy(&r.body).contains(r#""metadata":{"plan":"pro","n":1.50}"#), "metadata comes back as sent");
+    assert!(
+        String::from_utf8_lossy(&r.body).contains(r#""metadata":{"plan":"pro","n":1.50}"#),
+        "metadata comes back as sent"
+    );
 
     let view = app.admin(http::Method::GET, "/admin/v1/merchants/shop/conversions/order-1001", None).await;
     assert_eq!(view.status, 200);
@@ -48,7 +56,13 @@ async fn explicit_partner_and_unattributed_conversions_are_stored_with_reasons()
     assert_eq!(j["commission"]["amount"], "15.00");
 
     let unknown_click = tally::domain::ids::Ulid::mint(0).to_string();
-    let r = app.convert("shop", &secret, &format!(r#"{{"txn_id":"o-2","amount":"10","currency":"USD","click_id":"{unknown_click}"}}"#)).await;
+    let r = app
+        .convert(
+            "shop",
+            &secret,
+            &format!(r#"{{"txn_id":"o-2","amount":"10","currency":"USD","click_id":"{unknown_click}"}}"#),
+        )
+        .await;
     assert_eq!(r.status, 201);
     let j = r.json();
     assert!(j["attribution"].is_null());
@@ -62,7 +76,13 @@ async fn a_click_of_another_merchant_does_not_attribute() {
     let secret_a = app.demo().await;
     app.demo_merchant("other", "bob", "bobs-link").await;
     let foreign = app.click("bobs-link").await;
-    let r = app.convert("shop", &secret_a, &format!(r#"{{"txn_id":"x","amount":"10","currency":"USD","click_id":"{foreign}"}}"#)).await;
+    let r = app
+        .convert(
+            "shop",
+            &secret_a,
+            &format!(r#"{{"txn_id":"x","amount":"10","currency":"USD","click_id":"{foreign}"}}"#),
+        )
+        .await;
     assert_eq!(r.status, 201);
     assert!(r.json()["attribution"].is_null());
     assert_eq!(r.json()["reason"], format!("click {foreign} is unknown"), "no hint that it exists elsewhere");

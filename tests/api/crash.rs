@@ -109,18 +109,34 @@ async fn kill_9_under_load_loses_no_acknowledged_conversion() {
     let auth = vec![("authorization", format!("Bearer {ADMIN_TOKEN}"))];
     let mut missing: Vec<&String> = Vec::new();
     for txn in &acked {
-        let r = send(&http, Method::GET, format!("http://{}/admin/v1/merchants/crash/conversions/{txn}", proc.admin), &auth, Vec::new()).await;
+        let r = send(
+            &http,
+            Method::GET,
+            format!("http://{}/admin/v1/merchants/crash/conversions/{txn}", proc.admin),
+            &auth,
+            Vec::new(),
+        )
+        .await;
         if r.status != 200 {
             missing.push(txn);
         }
     }
-    assert!(missing.is_empty(), "{} of {} acknowledged conversions lost: {:?}", missing.len(), acked.len(), &missing[..missing.len().min(10)]);
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged conversions lost: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(10)]
+    );
     println!("kill -9: {} acknowledged conversions, all found after restart", acked.len());
 }
 
 /// Sends one request; `None` when the connection failed (the server was killed).
 async fn send_checked(
-    http: &hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, http_body_util::Full<bytes::Bytes>>,
+    http: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
     url: String,
     headers: Vec<(&str, String)>,
     body: String,

@@ -26,7 +26,8 @@ pub struct TestResponse {
 
 impl TestResponse {
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -80,7 +81,13 @@ impl TestApp {
         self.clock.now_ms() / 1000
     }
 
-    pub async fn request(&self, method: Method, url: String, headers: &[(&str, String)], body: Vec<u8>) -> TestResponse {
+    pub async fn request(
+        &self,
+        method: Method,
+        url: String,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> TestResponse {
         send(&self.client, method, url, headers, body).await
     }
 
@@ -89,7 +96,8 @@ impl TestApp {
     }
 
     pub async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> TestResponse {
-        let auth = vec![("authorization", format!("Bearer {ADMIN_TOKEN}")), ("content-type", "application/json".to_string())];
+        let auth =
+            vec![("authorization", format!("Bearer {ADMIN_TOKEN}")), ("content-type", "application/json".to_string())];
         let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
         self.request(method, format!("http://{}{path}", self.admin), &auth, body).await
     }
@@ -119,7 +127,9 @@ impl TestApp {
     }
 
     pub async fn demo_merchant(&self, merchant: &str, partner: &str, link: &str) -> String {
-        let r = self.admin(Method::PUT, &format!("/admin/v1/merchants/{merchant}"), Some(serde_json::json!({"name": "Shop"}))).await;
+        let r = self
+            .admin(Method::PUT, &format!("/admin/v1/merchants/{merchant}"), Some(serde_json::json!({"name": "Shop"})))
+            .await;
         assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
         let secret = r.json()["secret"].as_str().expect("secret returned once").to_string();
         let plan = serde_json::json!({"currency": "USD", "rules": [{"event": "lead", "flat": "15.00"}, {"event": "sale", "percent": "20"}]});
@@ -163,7 +173,13 @@ pub fn click_id_of(location: &str) -> String {
         .unwrap_or_else(|| panic!("no ref= in {location}"))
 }
 
-pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, method: Method, url: String, headers: &[(&str, String)], body: Vec<u8>) -> TestResponse {
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: Method,
+    url: String,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> TestResponse {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, v);

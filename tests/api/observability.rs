@@ -38,7 +38,8 @@ async fn metrics_pass_promtool_and_count_what_happened() {
     }
     assert!(!text.contains("spring") && !text.contains("ann"), "no ids as label values");
 
-    let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/grafana-dashboard.json")).unwrap();
+    let dashboard =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/grafana-dashboard.json")).unwrap();
     let names: std::collections::BTreeSet<&str> = dashboard
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| w.starts_with("tally_") || w.starts_with("process_"))
@@ -73,10 +74,16 @@ async fn shutdown_finishes_and_data_survives_a_clean_restart() {
     let clock: std::sync::Arc<dyn tally::domain::clock::Clock> = std::sync::Arc::new(tally::domain::clock::SystemClock);
     let mut app = TestApp::spawn_with(|s| s.data_dir = data.join("db"), clock.clone()).await;
     let secret = app.demo().await;
-    assert_eq!(app.convert("shop", &secret, r#"{"txn_id":"keep-1","event":"lead","partner_id":"ann"}"#).await.status, 201);
+    assert_eq!(
+        app.convert("shop", &secret, r#"{"txn_id":"keep-1","event":"lead","partner_id":"ann"}"#).await.status,
+        201
+    );
     app.stop().await;
 
     let again = TestApp::spawn_with(|s| s.data_dir = data.join("db"), clock).await;
-    assert_eq!(again.convert("shop", &secret, r#"{"txn_id":"keep-1","event":"lead","partner_id":"ann"}"#).await.status, 200);
+    assert_eq!(
+        again.convert("shop", &secret, r#"{"txn_id":"keep-1","event":"lead","partner_id":"ann"}"#).await.status,
+        200
+    );
     assert_eq!(again.get("/c/spring", &[]).await.status, 302, "entities are reloaded from RocksDB");
 }

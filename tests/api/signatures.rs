@@ -14,7 +14,10 @@ const PATH: &str = "/v1/merchants/shop/conversions";
 async fn metric(app: &TestApp, line_start: &str) -> f64 {
     let r = app.request(Method::GET, format!("http://{}/metrics", app.admin), &[], Vec::new()).await;
     let text = String::from_utf8_lossy(&r.body).into_owned();
-    text.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()).map_or(0.0, |v| v.parse().unwrap())
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0.0, |v| v.parse().unwrap())
 }
 
 #[tokio::test]
@@ -38,10 +41,12 @@ async fn stale_future_and_hostile_signatures_are_401_and_store_nothing() {
             ("webhook-timestamp", now.to_string()),
             ("webhook-signature", sig.clone()),
         ];
-        let r = app.request(Method::POST, format!("http://{}{PATH}", app.public), &headers, BODY.as_bytes().to_vec()).await;
+        let r =
+            app.request(Method::POST, format!("http://{}{PATH}", app.public), &headers, BODY.as_bytes().to_vec()).await;
         assert_eq!(r.status, 401, "{sig}");
     }
-    let missing = app.request(Method::POST, format!("http://{}{PATH}", app.public), &[], BODY.as_bytes().to_vec()).await;
+    let missing =
+        app.request(Method::POST, format!("http://{}{PATH}", app.public), &[], BODY.as_bytes().to_vec()).await;
     assert_eq!(missing.status, 401);
     assert_eq!(metric(&app, "tally_signature_failures_total{reason=\"missing\"}").await, 1.0);
     assert_eq!(app.stored_conversions("shop").await, 0);
@@ -152,7 +157,16 @@ print(Webhook(secret).sign(msg_id, datetime.datetime.fromtimestamp(ts, tz=dateti
     let mut headers: Vec<(&str, String)> = printed
         .lines()
         .map(|l| l.split_once(": ").unwrap())
-        .map(|(k, v)| (match k { "webhook-id" => "webhook-id", "webhook-timestamp" => "webhook-timestamp", _ => "webhook-signature" }, v.to_string()))
+        .map(|(k, v)| {
+            (
+                match k {
+                    "webhook-id" => "webhook-id",
+                    "webhook-timestamp" => "webhook-timestamp",
+                    _ => "webhook-signature",
+                },
+                v.to_string(),
+            )
+        })
         .collect();
     assert_eq!(headers.len(), 3, "{printed}");
     headers.push(("content-type", "application/json".to_string()));
