@@ -57,6 +57,23 @@ pub enum Command {
         #[arg(long)]
         timestamp: Option<i64>,
     },
+    /// Sign a GET postback URL: adds `ts` (unless present) and `sig`, prints the URL.
+    ///
+    /// Example: tally sign-url --secret-file data/secrets/demo.whsec \
+    ///            'http://127.0.0.1:8080/pb/demo?txn_id=o-1&amount=49.90&currency=USD&click_id=01J...'
+    SignUrl {
+        /// The secret (whsec_...). Prefer --secret-file.
+        #[arg(long, env = "TALLY_SIGN_SECRET", hide_env_values = true, conflicts_with = "secret_file")]
+        secret: Option<String>,
+        /// A file holding the secret.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
+        /// Unix seconds for `ts` when the URL has none [default: now]
+        #[arg(long)]
+        timestamp: Option<i64>,
+        /// The unsigned URL (any `sig` in it is replaced).
+        url: String,
+    },
 }
 
 /// Runs a subcommand; returns the process exit code.
@@ -65,6 +82,7 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Serve { config } => serve(config).await,
         Command::CheckConfig { config } => check_config(config),
         Command::Sign { secret, secret_file, id, timestamp } => sign(secret, secret_file, &id, timestamp),
+        Command::SignUrl { secret, secret_file, timestamp, url } => sign_url(secret, secret_file, timestamp, &url),
     }
 }
 
@@ -125,22 +143,50 @@ fn check_config(path: Option<PathBuf>) -> i32 {
     }
 }
 
-fn sign(secret: Option<String>, secret_file: Option<PathBuf>, id: &str, timestamp: Option<i64>) -> i32 {
+/// The secret from `--secret`/`TALLY_SIGN_SECRET` or `--secret-file`, or a message.
+fn read_secret(secret: Option<String>, secret_file: Option<PathBuf>) -> Result<WebhookSecret, String> {
     let text = match (secret, secret_file) {
         (Some(s), _) => s,
-        (None, Some(path)) => match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("tally sign: cannot read {}: {e}", path.display());
-                return 2;
-            }
-        },
-        (None, None) => {
-            eprintln!("tally sign: give --secret-file FILE (or --secret / TALLY_SIGN_SECRET)");
+        (None, Some(path)) => {
+            std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        }
+        (None, None) => return Err("give --secret-file FILE (or --secret / TALLY_SIGN_SECRET)".into()),
+    };
+    WebhookSecret::parse(&text)
+}
+
+fn sign_url(secret: Option<String>, secret_file: Option<PathBuf>, timestamp: Option<i64>, raw: &str) -> i32 {
+    let secret = match read_secret(secret, secret_file) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tally sign-url: {e}");
             return 2;
         }
     };
-    let secret = match WebhookSecret::parse(&text) {
+    let (base, query) = raw.split_once('?').unwrap_or((raw, ""));
+    let path_start = base.find("://").map_or(0, |i| base[i + 3..].find('/').map_or(base.len(), |p| i + 3 + p));
+    let path = if path_start >= base.len() { "/" } else { &base[path_start..] };
+    let kept: Vec<&str> = query.split('&').filter(|p| !p.is_empty() && !p.starts_with("sig=")).collect();
+    let mut query_text = kept.join("&");
+    let mut parsed = match signing::postback::Query::parse(&query_text) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("tally sign-url: {e}");
+            return 2;
+        }
+    };
+    if parsed.get("ts").is_none() {
+        let ts = timestamp.unwrap_or_else(|| SystemClock.now_ms() / 1000);
+        parsed.0.push(("ts".into(), ts.to_string()));
+        query_text = if query_text.is_empty() { format!("ts={ts}") } else { format!("{query_text}&ts={ts}") };
+    }
+    let sig = signing::postback::sign(secret.key(), path, &parsed);
+    println!("{base}?{query_text}&sig={sig}");
+    0
+}
+
+fn sign(secret: Option<String>, secret_file: Option<PathBuf>, id: &str, timestamp: Option<i64>) -> i32 {
+    let secret = match read_secret(secret, secret_file) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("tally sign: {e}");

@@ -25,6 +25,7 @@ pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 64;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_BATCH_BODY_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 pub const DEFAULT_WAL_SYNC_INTERVAL_MS: u64 = 100;
 pub const DEFAULT_WRITER_QUEUE: usize = 8192;
@@ -100,6 +101,7 @@ pub struct HttpSettings {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_body_bytes: usize,
+    pub max_batch_body_bytes: usize,
     pub shutdown_grace_ms: u64,
 }
 
@@ -170,6 +172,7 @@ impl Default for HttpSettings {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_headers: DEFAULT_MAX_HEADERS,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_batch_body_bytes: DEFAULT_MAX_BATCH_BODY_BYTES,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
         }
     }
@@ -351,6 +354,11 @@ impl Settings {
         need(self.http.max_header_bytes >= 8192, "http.max_header_bytes", "must be at least 8192");
         need(self.http.max_headers > 0, "http.max_headers", "must be at least 1");
         need((1024..=64 << 20).contains(&self.http.max_body_bytes), "http.max_body_bytes", "must be 1 KiB..64 MiB");
+        need(
+            (1024..=256 << 20).contains(&self.http.max_batch_body_bytes),
+            "http.max_batch_body_bytes",
+            "must be 1 KiB..256 MiB",
+        );
         need(
             (1..=10_000).contains(&self.storage.wal_sync_interval_ms),
             "storage.wal_sync_interval_ms",

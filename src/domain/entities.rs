@@ -1,5 +1,7 @@
 //! Merchants and partners as stored, and the admin bodies that create them (SPEC 5.3).
 
+use std::net::IpAddr;
+
 use serde::{Deserialize, Serialize};
 
 use super::clock::UnixMillis;
@@ -76,6 +78,32 @@ impl MerchantBody {
             created_ms,
         })
     }
+}
+
+/// True when `ip` is inside one of `cidrs` (addresses or CIDR ranges, as validated by
+/// [`MerchantBody::into_merchant`]). IPv4-mapped IPv6 addresses count as IPv4.
+pub fn ip_allowed(ip: IpAddr, cidrs: &[String]) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    cidrs.iter().any(|cidr| {
+        let (addr, len) = cidr.split_once('/').unwrap_or((cidr, ""));
+        let Ok(net) = addr.parse::<IpAddr>() else { return false };
+        match (ip, net) {
+            (IpAddr::V4(a), IpAddr::V4(n)) => {
+                let len: u32 = len.parse().unwrap_or(32).min(32);
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+                u32::from(a) & mask == u32::from(n) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(n)) => {
+                let len: u32 = len.parse().unwrap_or(128).min(128);
+                let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+                u128::from(a) & mask == u128::from(n) & mask
+            }
+            _ => false,
+        }
+    })
 }
 
 fn valid_cidr(text: &str) -> bool {
@@ -190,6 +218,20 @@ impl PartnerBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allow_list() {
+        let list = vec!["203.0.113.0/24".to_string(), "2001:db8::/32".to_string(), "198.51.100.7".to_string()];
+        let yes = ["203.0.113.255", "2001:db8:1::1", "198.51.100.7", "::ffff:203.0.113.9"];
+        let no = ["203.0.114.1", "2001:db9::1", "198.51.100.8", "127.0.0.1"];
+        for ip in yes {
+            assert!(ip_allowed(ip.parse().unwrap(), &list), "{ip}");
+        }
+        for ip in no {
+            assert!(!ip_allowed(ip.parse().unwrap(), &list), "{ip}");
+        }
+        assert!(!ip_allowed("127.0.0.1".parse().unwrap(), &[]), "an empty list allows nobody");
+    }
 
     #[test]
     fn cidrs() {

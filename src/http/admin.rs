@@ -44,6 +44,7 @@ fn route_of(rest: &[&str]) -> Route {
     match rest {
         [_] => Route::AdminMerchant,
         [_, "secrets:rotate"] => Route::AdminSecretRotate,
+        [_, "postback-token:rotate"] => Route::AdminTokenRotate,
         [_, "partners", _] => Route::AdminPartner,
         [_, "links", _] => Route::AdminLink,
         [_, "plans", _] => Route::AdminPlan,
@@ -110,6 +111,20 @@ struct WithSecret<'a, T: Serialize> {
     entity: &'a T,
     #[serde(skip_serializing_if = "Option::is_none")]
     secret: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+}
+
+/// A postback token (`pbt_` + 32 random bytes, base64url) and its SHA-256, which is all
+/// tally keeps.
+fn new_postback_token() -> (String, [u8; 32]) {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
+    let token = format!("pbt_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+    let hash = sha2::Sha256::digest(token.as_bytes()).into();
+    (token, hash)
 }
 
 async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -121,10 +136,16 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
         (&Method::PUT, [_]) => {
             let merchant = body::<MerchantBody>(ctx, req).await?.into_merchant(merchant, now)?;
             let secret = WebhookSecret::generate();
-            let saved = ctx.store.put_merchant(merchant.clone(), secret.clone()).await?;
-            let stored = ctx.store.catalog().merchants.get(&merchant.id).cloned().unwrap_or(merchant);
+            let (token, token_hash) = new_postback_token();
+            let op =
+                EntityOp::Merchant { merchant: merchant.clone(), secret: secret.clone(), token_hash: Some(token_hash) };
+            let saved = ctx.store.apply(op).await?;
+            let catalog = ctx.store.catalog();
+            let stored = catalog.merchants.get(&merchant.id).cloned().unwrap_or(merchant);
             let secret = (saved == Saved::Created).then(|| secret.expose_text());
-            Ok(json(saved_status(saved), &WithSecret { entity: &stored, secret }))
+            // The token is shown only by the call that set it.
+            let token = (catalog.postback_tokens.get(&stored.id) == Some(&token_hash)).then_some(token);
+            Ok(json(saved_status(saved), &WithSecret { entity: &stored, secret, token }))
         }
         (&Method::GET, [_]) => {
             catalog.merchants.get(&merchant).map(|m| json(StatusCode::OK, m)).ok_or(ApiError::NotFound)
@@ -147,6 +168,11 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             });
             Ok(json(StatusCode::OK, &body))
         }
+        (&Method::POST, [_, "postback-token:rotate"]) => {
+            let (token, token_hash) = new_postback_token();
+            ctx.store.apply(EntityOp::RotatePostbackToken { merchant: merchant.clone(), token_hash }).await?;
+            Ok(json(StatusCode::OK, &serde_json::json!({ "id": merchant.as_str(), "token": token })))
+        }
         _ if !known => Err(ApiError::NotFound),
         (&Method::PUT, [_, "partners", pid]) => {
             let pid = id(pid, PartnerId::parse)?;
@@ -156,7 +182,7 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             let saved = ctx.store.put_partner(partner, secret.clone()).await?;
             let stored = ctx.store.catalog().partner_of(&merchant, &pid).cloned().ok_or(ApiError::NotFound)?;
             let secret = (saved == Saved::Created).then(|| secret.expose_text());
-            Ok(json(saved_status(saved), &WithSecret { entity: &stored, secret }))
+            Ok(json(saved_status(saved), &WithSecret { entity: &stored, secret, token: None }))
         }
         (&Method::GET, [_, "partners", pid]) => {
             let pid = id(pid, PartnerId::parse)?;
@@ -210,9 +236,12 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             });
             Ok(json(StatusCode::OK, &body))
         }
-        (_, [_] | [_, "secrets:rotate"] | [_, "partners" | "links" | "plans" | "conversions", _]) => {
-            Err(ApiError::MethodNotAllowed)
-        }
+        (
+            _,
+            [_]
+            | [_, "secrets:rotate" | "postback-token:rotate"]
+            | [_, "partners" | "links" | "plans" | "conversions", _],
+        ) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     }
 }

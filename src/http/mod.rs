@@ -63,9 +63,13 @@ impl Listener {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Click,
+    Postback,
     Conversion,
+    ConversionBatch,
+    ServerClick,
     AdminMerchant,
     AdminSecretRotate,
+    AdminTokenRotate,
     AdminPartner,
     AdminLink,
     AdminPlan,
@@ -80,9 +84,13 @@ impl Route {
     fn as_str(self) -> &'static str {
         match self {
             Route::Click => "click",
+            Route::Postback => "postback",
             Route::Conversion => "conversion",
+            Route::ConversionBatch => "conversion_batch",
+            Route::ServerClick => "server_click",
             Route::AdminMerchant => "admin_merchant",
             Route::AdminSecretRotate => "admin_secret_rotate",
+            Route::AdminTokenRotate => "admin_token_rotate",
             Route::AdminPartner => "admin_partner",
             Route::AdminLink => "admin_link",
             Route::AdminPlan => "admin_plan",
@@ -158,6 +166,8 @@ async fn dispatch(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
+    let method = req.method().clone();
+    let target = redacted_target(req.uri());
     let (route, result) = match kind {
         Listener::Public => public::handle(&ctx, peer, req).await,
         Listener::Admin => admin::handle(&ctx, req).await,
@@ -166,7 +176,38 @@ async fn dispatch(
     let m = &ctx.metrics;
     m.http_requests.with_label_values(&[kind.as_str(), route.as_str(), resp.status().as_str()]).inc();
     m.http_duration.with_label_values(&[route.as_str()]).observe(started.elapsed().as_secs_f64());
+    tracing::debug!(
+        listener = kind.as_str(),
+        %peer,
+        %method,
+        target = %target,
+        route = route.as_str(),
+        status = resp.status().as_u16(),
+        micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "request"
+    );
     Ok(resp)
+}
+
+/// Query parameters whose values never reach a log line.
+const SECRET_PARAMS: [&str; 2] = ["token", "sig"];
+
+/// The path and query for logs, with the values of `token` and `sig` replaced.
+pub fn redacted_target(uri: &http::Uri) -> String {
+    let Some(query) = uri.query() else { return uri.path().to_string() };
+    let redacted: Vec<String> = query
+        .split('&')
+        .map(|pair| {
+            let name = pair.split('=').next().unwrap_or("");
+            let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+            if SECRET_PARAMS.iter().any(|s| decoded.eq_ignore_ascii_case(s)) {
+                format!("{name}=REDACTED")
+            } else {
+                pair.to_string()
+            }
+        })
+        .collect();
+    format!("{}?{}", uri.path(), redacted.join("&"))
 }
 
 /// A JSON response.

@@ -42,6 +42,10 @@ pub enum ApiError {
     Storage(StoreError),
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
+    #[error("token mode from an IP outside the merchant's allow-list")]
+    TokenIpNotAllowed,
 }
 
 impl From<StoreError> for ApiError {
@@ -96,6 +100,8 @@ impl ApiError {
             ApiError::Refused(r) => r.code,
             ApiError::Storage(_) => "storage_unavailable",
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::InvalidQuery(_) => "invalid_query",
+            ApiError::TokenIpNotAllowed => "ip_not_allowed",
         }
     }
 
@@ -107,7 +113,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::MalformedJson(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::MalformedJson(_) | ApiError::BadRequest(_) | ApiError::InvalidQuery(_) => StatusCode::BAD_REQUEST,
+            ApiError::TokenIpNotAllowed => StatusCode::FORBIDDEN,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::DuplicateConflict { .. } => StatusCode::CONFLICT,
             ApiError::Refused(r) if r.conflict => StatusCode::CONFLICT,
@@ -139,7 +146,39 @@ impl ApiError {
             ApiError::Refused(r) => ("Refused", r.detail.clone()),
             ApiError::Storage(_) => ("Service unavailable", "Storage is not accepting writes right now. Nothing was stored; retry later with the same request.".into()),
             ApiError::BadRequest(d) => ("Bad request", d.clone()),
+            ApiError::InvalidQuery(d) => ("Invalid query", format!("The query string cannot be read: {d}.")),
+            ApiError::TokenIpNotAllowed => (
+                "Forbidden",
+                "Postback tokens are accepted only from the merchant's allowed_ips; sign the URL instead.".into(),
+            ),
         }
+    }
+
+    fn problem(&self) -> Problem<'_> {
+        let (title, detail) = self.title_and_detail();
+        let field = match self {
+            ApiError::Invalid(e) => Some(e.field.as_str()),
+            ApiError::Refused(r) => r.field,
+            _ => None,
+        };
+        let conversion_id = match self {
+            ApiError::DuplicateConflict { conversion_id, .. } => Some(conversion_id.as_str()),
+            _ => None,
+        };
+        Problem {
+            kind: format!("/problems/{}", self.code()),
+            title,
+            status: self.status().as_u16(),
+            code: self.code(),
+            detail,
+            field,
+            conversion_id,
+        }
+    }
+
+    /// The problem body as JSON, for answers that embed problems (batch items).
+    pub fn problem_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.problem()).unwrap_or_default()
     }
 
     /// The response. Storage errors are logged here, once.
@@ -148,25 +187,7 @@ impl ApiError {
             tracing::error!(error = %e, "request failed on storage");
         }
         let status = self.status();
-        let (title, detail) = self.title_and_detail();
-        let field = match &self {
-            ApiError::Invalid(e) => Some(e.field.as_str()),
-            ApiError::Refused(r) => r.field,
-            _ => None,
-        };
-        let conversion_id = match &self {
-            ApiError::DuplicateConflict { conversion_id, .. } => Some(conversion_id.as_str()),
-            _ => None,
-        };
-        let body = Problem {
-            kind: format!("/problems/{}", self.code()),
-            title,
-            status: status.as_u16(),
-            code: self.code(),
-            detail,
-            field,
-            conversion_id,
-        };
+        let body = self.problem();
         let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap_or_default())));
         *resp.status_mut() = status;
         let h = resp.headers_mut();

@@ -1,33 +1,59 @@
-//! The public listener: click redirects and the merchant API.
+//! The public listener: click redirects, GET postbacks and the merchant API.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
+use bytes::Bytes;
+use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use super::problem::ApiError;
 use super::views::ConversionView;
 use super::{json, parse_json, read_body, require_json, single_header, Body, Ctx, Route};
 use crate::domain::click::{is_bot, reduce_ip, truncate, visitor_hash, ClickRecord, MAX_SUB_LEN, MAX_USER_AGENT_LEN};
-use crate::domain::conversion::ConversionBody;
-use crate::domain::entities::Status;
+use crate::domain::conversion::{ConversionBody, ConversionInput};
+use crate::domain::entities::{ip_allowed, Status};
 use crate::domain::ids::{LinkId, MerchantId, Ulid};
-use crate::domain::link::MacroValues;
+use crate::domain::link::{Link, MacroValues};
+use crate::domain::FieldError;
+use crate::signing::postback::Query;
 use crate::signing::{self, ReplayGuard, SignatureFailure, WebhookHeaders};
 use crate::store::ConversionOutcome;
 
 type Answer = (Route, Result<Response<Body>, ApiError>);
 
+/// Most conversions in one batch (SPEC 5.1).
+pub const MAX_BATCH_ITEMS: usize = 1000;
+
 pub(super) async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Answer {
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let post = req.method() == Method::POST;
     match (req.method(), segments.as_slice()) {
         (&Method::GET | &Method::HEAD, ["c", link]) => (Route::Click, click(ctx, peer, link, &req).await),
         (_, ["c", _]) => (Route::Click, Err(ApiError::MethodNotAllowed)),
-        (&Method::POST, ["v1", "merchants", merchant, "conversions"]) => {
-            (Route::Conversion, conversion(ctx, merchant, req).await)
+        (&Method::GET, ["pb", merchant]) => {
+            let r = postback(ctx, peer, merchant, &req).await;
+            (Route::Postback, count_conversion(ctx, r))
         }
-        (_, ["v1", "merchants", _, "conversions"]) => (Route::Conversion, Err(ApiError::MethodNotAllowed)),
+        (_, ["pb", _]) => (Route::Postback, Err(ApiError::MethodNotAllowed)),
+        (_, ["v1", "merchants", merchant, "conversions"]) if post => {
+            let r = conversion(ctx, merchant, req).await;
+            (Route::Conversion, count_conversion(ctx, r))
+        }
+        (_, ["v1", "merchants", merchant, "conversions", "batch"]) if post => {
+            (Route::ConversionBatch, batch(ctx, merchant, req).await)
+        }
+        (_, ["v1", "merchants", merchant, "clicks"]) if post => {
+            (Route::ServerClick, server_click(ctx, peer, merchant, req).await)
+        }
+        (_, ["v1", "merchants", _, "conversions" | "clicks"] | ["v1", "merchants", _, "conversions", "batch"]) => {
+            (Route::NotFound, Err(ApiError::MethodNotAllowed))
+        }
         _ => (Route::NotFound, Err(ApiError::NotFound)),
     }
 }
@@ -44,24 +70,67 @@ fn is_prefetch(headers: &HeaderMap) -> bool {
         || has("x-purpose", "preview")
 }
 
+/// An active link whose partner is active, or `None`.
+fn active_link(ctx: &Ctx, id: &LinkId) -> Option<Link> {
+    let catalog = ctx.store.catalog();
+    let link = catalog.links.get(id).filter(|l| l.status == Status::Active)?;
+    catalog.partner_of(&link.merchant_id, &link.partner_id).filter(|p| p.status == Status::Active)?;
+    Some(link.clone())
+}
+
+/// What one click is made of, from a browser or from a merchant's server.
+struct ClickInput {
+    subs: [Option<String>; 5],
+    ip: IpAddr,
+    user_agent: String,
+}
+
+/// Mints a click id and stores the click; answers with the stored record.
+async fn record_click(
+    ctx: &Ctx,
+    link: &Link,
+    input: ClickInput,
+    click_id: Ulid,
+    now: i64,
+) -> Result<ClickRecord, ApiError> {
+    let s = &ctx.settings.clicks;
+    let ua = truncate(&input.user_agent, MAX_USER_AGENT_LEN);
+    let bot = is_bot(&ua, &s.bot_user_agents);
+    let record = ClickRecord {
+        click_id,
+        link_id: link.id.clone(),
+        partner_id: link.partner_id.clone(),
+        merchant_id: link.merchant_id.clone(),
+        at_ms: now,
+        subs: input.subs,
+        ip: reduce_ip(input.ip, s.ipv4_prefix, s.ipv6_prefix),
+        visitor: visitor_hash(ctx.store.visitor_salt(), &link.id, input.ip, &ua),
+        user_agent: ua,
+        bot,
+        unique: false,
+    };
+    let stored = ctx.store.record_click(record).await?;
+    ctx.metrics.clicks.with_label_values(&[if bot { "bot" } else { "recorded" }]).inc();
+    Ok(stored)
+}
+
+fn location(link: &Link, click_id: &Ulid, subs: &[Option<String>; 5], deep_link: Option<&str>) -> String {
+    let click_text = click_id.to_string();
+    let values =
+        MacroValues { click_id: &click_text, link_id: link.id.as_str(), partner_id: link.partner_id.as_str(), subs };
+    link.redirect_location(&values, deep_link)
+}
+
 async fn click(
     ctx: &Ctx,
     peer: SocketAddr,
     link_raw: &str,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let not_found = || {
+    let link = LinkId::parse(link_raw).ok().and_then(|id| active_link(ctx, &id)).ok_or_else(|| {
         ctx.metrics.clicks.with_label_values(&["not_found"]).inc();
         ApiError::NotFound
-    };
-    let link_id = LinkId::parse(link_raw).map_err(|_| not_found())?;
-    let catalog = ctx.store.catalog();
-    let link = catalog.links.get(&link_id).filter(|l| l.status == Status::Active).ok_or_else(not_found)?;
-    catalog
-        .partner_of(&link.merchant_id, &link.partner_id)
-        .filter(|p| p.status == Status::Active)
-        .ok_or_else(not_found)?;
-
+    })?;
     let mut subs: [Option<String>; 5] = Default::default();
     let mut deep_link = None;
     for (name, value) in url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
@@ -77,45 +146,17 @@ async fn click(
             }
         }
     }
-
     let now = ctx.clock.now_ms();
     let click_id = Ulid::mint(now);
-    let click_text = click_id.to_string();
-    let values = MacroValues {
-        click_id: &click_text,
-        link_id: link.id.as_str(),
-        partner_id: link.partner_id.as_str(),
-        subs: &subs,
-    };
-    let location = link.redirect_location(&values, deep_link.as_deref());
-
+    let location = location(&link, &click_id, &subs, deep_link.as_deref());
     if req.method() == Method::GET && !is_prefetch(req.headers()) {
-        let ua = req
+        let user_agent = req
             .headers()
             .get(header::USER_AGENT)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
             .unwrap_or_default();
-        let ua = truncate(&ua, MAX_USER_AGENT_LEN);
-        let s = &ctx.settings.clicks;
-        let bot = is_bot(&ua, &s.bot_user_agents);
-        let ip = peer.ip();
-        let record = ClickRecord {
-            click_id,
-            link_id: link.id.clone(),
-            partner_id: link.partner_id.clone(),
-            merchant_id: link.merchant_id.clone(),
-            at_ms: now,
-            subs,
-            ip: reduce_ip(ip, s.ipv4_prefix, s.ipv6_prefix),
-            visitor: visitor_hash(ctx.store.visitor_salt(), &link.id, ip, &ua),
-            user_agent: ua,
-            bot,
-            unique: false,
-        };
-        ctx.store.record_click(record).await?;
-        ctx.metrics.clicks.with_label_values(&[if bot { "bot" } else { "recorded" }]).inc();
+        record_click(ctx, &link, ClickInput { subs, ip: peer.ip(), user_agent }, click_id, now).await?;
     }
-
     let mut resp = Response::new(Body::default());
     *resp.status_mut() = StatusCode::FOUND;
     let h = resp.headers_mut();
@@ -152,60 +193,81 @@ fn verify_merchant(
     r.map_err(|_| SignatureFailure::Replay)
 }
 
-fn forget_webhook_id(ctx: &Ctx, merchant: &MerchantId, headers: &HeaderMap, body: &[u8]) {
-    if let Ok(Some(id)) = single_header(headers, "webhook-id") {
-        let mut guard = ctx.replay.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        guard.forget(merchant.as_str(), id, ReplayGuard::body_hash(body));
+/// A verified signed POST: the merchant, the request head and the raw body.
+struct Signed {
+    merchant: MerchantId,
+    parts: Parts,
+    body: Bytes,
+    now: i64,
+}
+
+impl Signed {
+    /// Releases the `webhook-id` of a request that stored nothing (`400`/`422`), so a
+    /// corrected body may reuse it.
+    fn release(&self, ctx: &Ctx) {
+        if let Ok(Some(id)) = single_header(&self.parts.headers, "webhook-id") {
+            let mut guard = ctx.replay.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            guard.forget(self.merchant.as_str(), id, ReplayGuard::body_hash(&self.body));
+        }
+    }
+
+    /// Parses the body as JSON of `T`, releasing the `webhook-id` when it is refused.
+    fn parse<T: serde::de::DeserializeOwned>(&self, ctx: &Ctx) -> Result<T, ApiError> {
+        let r = require_json(&self.parts.headers).and_then(|()| parse_json::<T>(&self.body));
+        if r.is_err() {
+            self.release(ctx);
+        }
+        r
     }
 }
 
-async fn conversion(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let count = |outcome: &str| ctx.metrics.conversions.with_label_values(&[outcome]).inc();
-    let result = conversion_inner(ctx, merchant_raw, req).await;
-    match &result {
-        Ok(r) if r.status() == StatusCode::CREATED => count("created"),
-        Ok(_) => count("duplicate"),
-        Err(ApiError::DuplicateConflict { .. }) => count("conflict"),
-        Err(ApiError::Signature(reason)) => {
-            count("unauthorized");
+/// Reads a body of at most `limit` bytes and verifies its signature; counts failures.
+async fn signed(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>, limit: usize) -> Result<Signed, ApiError> {
+    let merchant = MerchantId::parse(merchant_raw).ok();
+    let (parts, body) = req.into_parts();
+    let body = read_body(ctx, &parts.headers, body, limit).await?;
+    let now = ctx.clock.now_ms();
+    let verified = verify_merchant(ctx, merchant.as_ref(), &parts.headers, &body, now)
+        .and_then(|()| merchant.ok_or(SignatureFailure::Mismatch));
+    match verified {
+        Ok(merchant) => Ok(Signed { merchant, parts, body, now }),
+        Err(reason) => {
             ctx.metrics.signature_failures.with_label_values(&[reason.as_str()]).inc();
+            Err(ApiError::Signature(reason))
         }
-        Err(ApiError::Storage(_)) => count("error"),
-        Err(_) => count("invalid"),
     }
+}
+
+/// Counts a single-conversion answer in `tally_conversions_total{outcome}`.
+fn count_conversion(ctx: &Ctx, result: Result<Response<Body>, ApiError>) -> Result<Response<Body>, ApiError> {
+    let outcome = match &result {
+        Ok(r) if r.headers().contains_key("idempotent-replayed") => "duplicate",
+        Ok(_) => "created",
+        Err(ApiError::DuplicateConflict { .. }) => "conflict",
+        Err(ApiError::Signature(_) | ApiError::TokenIpNotAllowed) => "unauthorized",
+        Err(ApiError::Storage(_)) => "error",
+        Err(_) => "invalid",
+    };
+    ctx.metrics.conversions.with_label_values(&[outcome]).inc();
     result
 }
 
-async fn conversion_inner(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let merchant = MerchantId::parse(merchant_raw).ok();
-    let (parts, body) = req.into_parts();
-    let body = read_body(ctx, &parts.headers, body, ctx.settings.http.max_body_bytes).await?;
-    let now = ctx.clock.now_ms();
-    verify_merchant(ctx, merchant.as_ref(), &parts.headers, &body, now).map_err(ApiError::Signature)?;
-    let Some(merchant) = merchant else { return Err(ApiError::Signature(SignatureFailure::Mismatch)) };
-    let input = require_json(&parts.headers)
-        .and_then(|()| parse_json::<ConversionBody>(&body))
-        .and_then(|b| b.into_input(now).map_err(ApiError::from));
-    let input = match input {
-        Ok(i) => i,
-        Err(e) => {
-            forget_webhook_id(ctx, &merchant, &parts.headers, &body);
-            return Err(e);
-        }
-    };
-    let outcome = ctx.store.convert(merchant, input, now).await?;
-    conversion_answer(ctx, outcome)
+async fn conversion(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let s = signed(ctx, merchant_raw, req, ctx.settings.http.max_body_bytes).await?;
+    let input = s.parse::<ConversionBody>(ctx)?.into_input(s.now).inspect_err(|_| s.release(ctx))?;
+    let outcome = ctx.store.convert(s.merchant, input, s.now).await?;
+    answer(ctx, outcome, StatusCode::CREATED)
 }
 
-fn conversion_answer(ctx: &Ctx, outcome: ConversionOutcome) -> Result<Response<Body>, ApiError> {
+/// The HTTP answer to one conversion outcome; `created` is `201` for the POST, `200` for
+/// the GET postback.
+fn answer(ctx: &Ctx, outcome: ConversionOutcome, created: StatusCode) -> Result<Response<Body>, ApiError> {
     match outcome {
         ConversionOutcome::Created(rec) => {
-            if let Some(a) = &rec.attribution {
-                ctx.metrics.attributions.with_label_values(&[a.rule.as_str(), a.credit.as_str()]).inc();
-            } else {
-                ctx.metrics.attributions.with_label_values(&["none", "none"]).inc();
-            }
-            Ok(json(StatusCode::CREATED, &ConversionView::new(&rec, false)))
+            let (rule, credit) =
+                rec.attribution.as_ref().map_or(("none", "none"), |a| (a.rule.as_str(), a.credit.as_str()));
+            ctx.metrics.attributions.with_label_values(&[rule, credit]).inc();
+            Ok(json(created, &ConversionView::new(&rec, false)))
         }
         ConversionOutcome::Duplicate(rec) => {
             let mut resp = json(StatusCode::OK, &ConversionView::new(&rec, true));
@@ -217,4 +279,208 @@ fn conversion_answer(ctx: &Ctx, outcome: ConversionOutcome) -> Result<Response<B
             conversion_id: rec.conversion_id.to_string(),
         }),
     }
+}
+
+/// `GET /pb/{merchant}`: a signed postback URL, or token mode from an allowed IP.
+async fn postback(
+    ctx: &Ctx,
+    peer: SocketAddr,
+    merchant_raw: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let query = Query::parse(req.uri().query().unwrap_or("")).map_err(|e| ApiError::InvalidQuery(e.to_string()))?;
+    let merchant = MerchantId::parse(merchant_raw).ok();
+    let now = ctx.clock.now_ms();
+    let fail = |reason: SignatureFailure| {
+        ctx.metrics.signature_failures.with_label_values(&[reason.as_str()]).inc();
+        ApiError::Signature(reason)
+    };
+    let catalog = ctx.store.catalog();
+    let merchant_rec = merchant.as_ref().and_then(|m| catalog.merchants.get(m));
+    if let Some(token) = query.get("token") {
+        let m = merchant_rec.filter(|m| m.postback_token).ok_or_else(|| fail(SignatureFailure::Mismatch))?;
+        if !ip_allowed(peer.ip(), &m.allowed_ips) {
+            return Err(ApiError::TokenIpNotAllowed);
+        }
+        let stored = catalog.postback_tokens.get(&m.id).ok_or_else(|| fail(SignatureFailure::Mismatch))?;
+        let given: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if !bool::from(given.ct_eq(stored)) {
+            return Err(fail(SignatureFailure::Mismatch));
+        }
+    } else {
+        let keys = merchant.as_ref().and_then(|m| catalog.secrets.get(m)).into_iter().flat_map(|s| s.active_keys(now));
+        signing::postback::verify(
+            keys,
+            req.uri().path(),
+            &query,
+            now.div_euclid(1000),
+            ctx.settings.signing.tolerance_seconds,
+        )
+        .map_err(fail)?;
+    }
+    let merchant = merchant.ok_or_else(|| fail(SignatureFailure::Mismatch))?;
+    let input = postback_input(&query, now)?;
+    let outcome = ctx.store.convert(merchant, input, now).await?;
+    answer(ctx, outcome, StatusCode::OK)
+}
+
+/// The conversion fields of a postback query, validated like a JSON body.
+fn postback_input(query: &Query, now: i64) -> Result<ConversionInput, ApiError> {
+    let mut fields = serde_json::Map::new();
+    for (name, value) in &query.0 {
+        match name.as_str() {
+            "ts" | "sig" | "token" => {}
+            "metadata" => {
+                return Err(FieldError::new("metadata", "is not available in postback URLs; use the POST API").into())
+            }
+            _ => {
+                fields.insert(name.clone(), serde_json::Value::String(value.clone()));
+            }
+        }
+    }
+    let body: ConversionBody = serde_path_to_error::deserialize(serde_json::Value::Object(fields)).map_err(|e| {
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        let named = message.split('`').nth(1).unwrap_or("");
+        let field = if path == "." { named.to_string() } else { path };
+        ApiError::Invalid(FieldError::new(field, message))
+    })?;
+    Ok(body.into_input(now)?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    conversions: Vec<Box<RawValue>>,
+}
+
+#[derive(Serialize)]
+struct BatchItem<'a> {
+    index: usize,
+    status: u16,
+    /// The single answer; nested because its own `status` (the conversion's) would
+    /// clash with the item's HTTP status.
+    #[serde(rename = "conversion", skip_serializing_if = "Option::is_none")]
+    answer: Option<ConversionView<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<serde_json::Value>,
+}
+
+/// `POST /v1/merchants/{id}/conversions/batch`: up to 1,000 conversions, one result each,
+/// in order; valid items are stored in one write even when others fail.
+async fn batch(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let s = signed(ctx, merchant_raw, req, ctx.settings.http.max_batch_body_bytes).await?;
+    let body: BatchBody = s.parse(ctx)?;
+    if body.conversions.len() > MAX_BATCH_ITEMS {
+        s.release(ctx);
+        return Err(FieldError::new("conversions", format!("at most {MAX_BATCH_ITEMS} items")).into());
+    }
+    let mut problems: Vec<(usize, ApiError)> = Vec::new();
+    let mut valid: Vec<(usize, ConversionInput)> = Vec::new();
+    for (i, raw) in body.conversions.iter().enumerate() {
+        let item = parse_json::<ConversionBody>(raw.get().as_bytes()).and_then(|b| Ok(b.into_input(s.now)?));
+        match item {
+            Ok(input) => valid.push((i, input)),
+            Err(e) => problems.push((i, e)),
+        }
+    }
+    let (indexes, inputs): (Vec<usize>, Vec<ConversionInput>) = valid.into_iter().unzip();
+    let outcomes =
+        if inputs.is_empty() { Vec::new() } else { ctx.store.convert_batch(s.merchant.clone(), inputs, s.now).await? };
+
+    let mut items: Vec<(usize, u16, Option<ConversionOutcome>, Option<ApiError>)> =
+        Vec::with_capacity(body.conversions.len());
+    let count = |o: &str| ctx.metrics.conversions.with_label_values(&[o]).inc();
+    for (i, outcome) in indexes.into_iter().zip(outcomes) {
+        match outcome {
+            ConversionOutcome::Created(rec) => {
+                count("created");
+                let (rule, credit) =
+                    rec.attribution.as_ref().map_or(("none", "none"), |a| (a.rule.as_str(), a.credit.as_str()));
+                ctx.metrics.attributions.with_label_values(&[rule, credit]).inc();
+                items.push((i, 201, Some(ConversionOutcome::Created(rec)), None));
+            }
+            ConversionOutcome::Duplicate(rec) => {
+                count("duplicate");
+                items.push((i, 200, Some(ConversionOutcome::Duplicate(rec)), None));
+            }
+            ConversionOutcome::Conflict(rec) => {
+                count("conflict");
+                let e = ApiError::DuplicateConflict {
+                    txn_id: rec.txn_id.to_string(),
+                    conversion_id: rec.conversion_id.to_string(),
+                };
+                items.push((i, 409, None, Some(e)));
+            }
+        }
+    }
+    for (i, e) in problems {
+        count("invalid");
+        items.push((i, e.status().as_u16(), None, Some(e)));
+    }
+    items.sort_by_key(|(i, ..)| *i);
+    let results: Vec<BatchItem> = items
+        .iter()
+        .map(|(index, status, outcome, problem)| BatchItem {
+            index: *index,
+            status: *status,
+            answer: outcome.as_ref().map(|o| match o {
+                ConversionOutcome::Created(r) => ConversionView::new(r, false),
+                ConversionOutcome::Duplicate(r) | ConversionOutcome::Conflict(r) => ConversionView::new(r, true),
+            }),
+            problem: problem.as_ref().map(ApiError::problem_json),
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &serde_json::json!({ "results": results })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerClickBody {
+    link_id: String,
+    #[serde(default)]
+    sub1: Option<String>,
+    #[serde(default)]
+    sub2: Option<String>,
+    #[serde(default)]
+    sub3: Option<String>,
+    #[serde(default)]
+    sub4: Option<String>,
+    #[serde(default)]
+    sub5: Option<String>,
+    #[serde(default)]
+    ip: Option<String>,
+    #[serde(default)]
+    user_agent: Option<String>,
+}
+
+/// `POST /v1/merchants/{id}/clicks`: a click registered by the merchant's server (app
+/// flows); counted like a redirect, answered with the click id and the destination.
+async fn server_click(
+    ctx: &Ctx,
+    peer: SocketAddr,
+    merchant_raw: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let s = signed(ctx, merchant_raw, req, ctx.settings.http.max_body_bytes).await?;
+    let body: ServerClickBody = s.parse(ctx)?;
+    let invalid = |field: &str, detail: &str| {
+        s.release(ctx);
+        ApiError::Invalid(FieldError::new(field, detail))
+    };
+    let link = LinkId::parse(&body.link_id)
+        .ok()
+        .and_then(|id| active_link(ctx, &id))
+        .filter(|l| l.merchant_id == s.merchant)
+        .ok_or_else(|| invalid("link_id", "is not an active link of this merchant"))?;
+    let ip = match body.ip.as_deref() {
+        Some(text) => text.parse::<IpAddr>().map_err(|_| invalid("ip", "must be an IPv4 or IPv6 address"))?,
+        None => peer.ip(),
+    };
+    let subs = [body.sub1, body.sub2, body.sub3, body.sub4, body.sub5].map(|s| s.map(|v| truncate(&v, MAX_SUB_LEN)));
+    let click_id = Ulid::mint(s.now);
+    let destination = location(&link, &click_id, &subs, None);
+    let input = ClickInput { subs, ip, user_agent: body.user_agent.unwrap_or_default() };
+    record_click(ctx, &link, input, click_id, s.now).await?;
+    Ok(json(StatusCode::CREATED, &serde_json::json!({ "click_id": click_id.to_string(), "destination": destination })))
 }

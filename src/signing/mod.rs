@@ -1,6 +1,7 @@
 //! Signatures: Standard Webhooks v1 verification and signing, signing secrets with
 //! rotation, and the replay guard. Pure functions: time is always passed in.
 
+pub mod postback;
 pub mod replay;
 pub mod secret;
 pub mod webhooks;

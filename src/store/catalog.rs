@@ -16,6 +16,8 @@ use crate::signing::SecretSet;
 pub struct Catalog {
     pub merchants: HashMap<MerchantId, Merchant>,
     pub secrets: HashMap<MerchantId, SecretSet>,
+    /// SHA-256 of each merchant's postback token (token mode, SPEC 4.2).
+    pub postback_tokens: HashMap<MerchantId, [u8; 32]>,
     pub partners: HashMap<PartnerId, Partner>,
     pub partner_secrets: HashMap<PartnerId, SecretSet>,
     pub links: HashMap<LinkId, Link>,

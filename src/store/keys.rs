@@ -30,6 +30,10 @@ pub fn merchant_secrets(id: &MerchantId) -> Vec<u8> {
     join(&[b"m", id.as_str().as_bytes()])
 }
 
+pub fn postback_token(id: &MerchantId) -> Vec<u8> {
+    join(&[b"t", id.as_str().as_bytes()])
+}
+
 pub fn partner_secrets(id: &PartnerId) -> Vec<u8> {
     join(&[b"p", id.as_str().as_bytes()])
 }

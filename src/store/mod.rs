@@ -238,6 +238,23 @@ impl Store {
         self.call(|tx| writer::Op::Conversion(Box::new(draft), tx)).await?
     }
 
+    /// Dedupes, attributes and stores many conversions in one write (one fsync), in
+    /// order: a `txn_id` repeated inside the batch is a duplicate of its first occurrence.
+    /// Answers after the write.
+    ///
+    /// # Errors
+    /// Storage failures; then nothing of the batch is stored.
+    pub async fn convert_batch(
+        &self,
+        merchant: MerchantId,
+        inputs: Vec<ConversionInput>,
+        received_ms: UnixMillis,
+    ) -> Result<Vec<ConversionOutcome>, StoreError> {
+        let drafts =
+            inputs.into_iter().map(|input| writer::Draft { merchant: merchant.clone(), input, received_ms }).collect();
+        self.call(|tx| writer::Op::Batch(drafts, tx)).await?
+    }
+
     /// Creates or updates an entity, checking references and uniqueness in the writer
     /// so concurrent admin calls cannot race.
     ///
@@ -252,7 +269,7 @@ impl Store {
     /// # Errors
     /// As [`Store::apply`].
     pub async fn put_merchant(&self, merchant: Merchant, secret: WebhookSecret) -> Result<Saved, WriteError> {
-        self.apply(EntityOp::Merchant { merchant, secret }).await
+        self.apply(EntityOp::Merchant { merchant, secret, token_hash: None }).await
     }
 
     /// # Errors
@@ -417,6 +434,9 @@ fn load_catalog(shared: &Shared) -> Result<Catalog, StoreError> {
     for (_, m) in load_all::<Merchant>(shared, Cf::Merchants)? {
         if let Some(s) = shared.get(Cf::Secrets, &keys::merchant_secrets(&m.id))? {
             c.secrets.insert(m.id.clone(), codec::decode(&s)?);
+        }
+        if let Some(t) = shared.get(Cf::Secrets, &keys::postback_token(&m.id))? {
+            c.postback_tokens.insert(m.id.clone(), codec::decode(&t)?);
         }
         c.merchants.insert(m.id.clone(), m);
     }

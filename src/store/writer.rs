@@ -32,6 +32,7 @@ type Reply<T> = oneshot::Sender<T>;
 pub(super) enum Op {
     Click(Box<ClickRecord>, Reply<Result<ClickRecord, StoreError>>),
     Conversion(Box<Draft>, Reply<Result<ConversionOutcome, StoreError>>),
+    Batch(Vec<Draft>, Reply<Result<Vec<ConversionOutcome>, StoreError>>),
     Entity(Box<EntityOp>, Reply<Result<Saved, WriteError>>),
     Stop,
 }
@@ -52,10 +53,17 @@ pub enum ConversionOutcome {
 
 /// Entity writes, checked against the catalog inside the writer.
 pub enum EntityOp {
-    /// Create or update; `secret` is used only when the merchant is new.
+    /// Create or update; `secret` is used only when the merchant is new, `token_hash`
+    /// only when the merchant is in token mode and has no token yet.
     Merchant {
         merchant: Merchant,
         secret: WebhookSecret,
+        token_hash: Option<[u8; 32]>,
+    },
+    /// Replace the postback token of a merchant in token mode.
+    RotatePostbackToken {
+        merchant: MerchantId,
+        token_hash: [u8; 32],
     },
     /// Make `secret` current; the previous one stays valid for `grace_ms`.
     RotateMerchantSecret {
@@ -185,6 +193,24 @@ impl Writer {
                         let _ = reply.send(Err(e));
                     }
                 },
+                Op::Batch(drafts, reply) => {
+                    // A batch is written on its own so that a failure part-way stores none of it.
+                    self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
+                    let mut own = Pending::new(shared);
+                    let outcomes: Result<Vec<_>, _> =
+                        drafts.into_iter().map(|d| self.conversion(&mut own, d).map(|(o, _)| o)).collect();
+                    match outcomes {
+                        Ok(outcomes) => {
+                            own.done.push(Box::new(move |r| {
+                                let _ = reply.send(r.clone().map(|()| outcomes));
+                            }));
+                            self.commit(own);
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                        }
+                    }
+                }
                 Op::Entity(op, reply) => {
                     self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
                     let _ = reply.send(self.entity(*op));
@@ -358,7 +384,13 @@ fn stage_entity(
     let no_merchant =
         |id: &MerchantId| refused(false, "merchant_not_found", None, format!("merchant {id} does not exist"));
     match op {
-        EntityOp::Merchant { mut merchant, secret } => {
+        EntityOp::Merchant { mut merchant, secret, token_hash } => {
+            if let Some(hash) = token_hash.filter(|_| merchant.postback_token) {
+                if !catalog.postback_tokens.contains_key(&merchant.id) {
+                    put(batch, Cf::Secrets, keys::postback_token(&merchant.id), codec::encode(&hash))?;
+                    catalog.postback_tokens.insert(merchant.id.clone(), hash);
+                }
+            }
             let saved = match catalog.merchants.get(&merchant.id) {
                 Some(existing) => {
                     merchant.created_ms = existing.created_ms;
@@ -380,6 +412,20 @@ fn stage_entity(
             set.rotate(secret, now, grace_ms);
             let encoded = codec::encode(&*set);
             put(batch, Cf::Secrets, keys::merchant_secrets(&merchant), encoded)?;
+            Ok(Saved::Updated)
+        }
+        EntityOp::RotatePostbackToken { merchant, token_hash } => {
+            let m = catalog.merchants.get(&merchant).ok_or_else(|| no_merchant(&merchant))?;
+            if !m.postback_token {
+                return Err(refused(
+                    true,
+                    "token_mode_off",
+                    None,
+                    format!("merchant {merchant} does not use postback tokens; set postback_token: true first"),
+                ));
+            }
+            put(batch, Cf::Secrets, keys::postback_token(&merchant), codec::encode(&token_hash))?;
+            catalog.postback_tokens.insert(merchant, token_hash);
             Ok(Saved::Updated)
         }
         EntityOp::Partner { mut partner, secret } => {

@@ -1,20 +1,12 @@
 //! `kill -9` under load: every acknowledged conversion is there after a restart (SPEC 7).
 
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::Method;
 use tokio::sync::Mutex;
 
-use crate::helpers::{client, send, ADMIN_TOKEN};
-
-struct Proc {
-    child: tokio::process::Child,
-    public: String,
-    admin: String,
-}
+use crate::helpers::{client, send, start_binary, ADMIN_TOKEN};
 
 const CONFIG: &str = r#"
 public_addr = "127.0.0.1:0"
@@ -33,39 +25,10 @@ name = "Crash Partner"
 kind = "affiliate"
 "#;
 
-async fn start(dir: &Path) -> Proc {
-    let addr_file = dir.join("addr.json");
-    let _ = std::fs::remove_file(&addr_file);
-    let config = dir.join("tally.toml");
-    std::fs::write(&config, CONFIG.replace("SECRET_FILE", dir.join("crash.whsec").to_str().unwrap())).unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .env("TALLY_DATA_DIR", dir.join("db"))
-        .env("TALLY_ADDR_FILE", &addr_file)
-        .env("TALLY_ADMIN_TOKEN", ADMIN_TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("tally binary starts");
-    let started = Instant::now();
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&addr_file) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                let public = v["public"].as_str().unwrap().to_string();
-                let admin = v["admin"].as_str().unwrap().to_string();
-                return Proc { child, public, admin };
-            }
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "tally did not start within 30 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn kill_9_under_load_loses_no_acknowledged_conversion() {
     let dir = tempfile::tempdir().unwrap();
-    let mut proc = start(dir.path()).await;
+    let mut proc = start_binary(dir.path(), CONFIG).await;
     let secret = std::fs::read_to_string(dir.path().join("crash.whsec")).unwrap().trim().to_string();
     let key = Arc::new(tally::signing::WebhookSecret::parse(&secret).unwrap());
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -104,7 +67,7 @@ async fn kill_9_under_load_loses_no_acknowledged_conversion() {
     let acked = acked.lock().await.clone();
     assert!(acked.len() > 100, "the load ran ({} acknowledged)", acked.len());
 
-    let proc = start(dir.path()).await;
+    let proc = start_binary(dir.path(), CONFIG).await;
     let http = client();
     let auth = vec![("authorization", format!("Bearer {ADMIN_TOKEN}"))];
     let mut missing: Vec<&String> = Vec::new();

@@ -196,3 +196,43 @@ pub fn manual_clock() -> (ManualClock, Arc<dyn Clock>) {
     let c = ManualClock::new(SystemClock.now_ms());
     (c.clone(), Arc::new(c))
 }
+
+/// The real `tally` binary, started with a config file.
+pub struct Proc {
+    pub child: tokio::process::Child,
+    pub public: String,
+    pub admin: String,
+    /// Where its stderr (the logs) goes.
+    pub log: std::path::PathBuf,
+}
+
+/// Starts the binary with `config` (where `SECRET_FILE` becomes `{dir}/crash.whsec`), data in
+/// `{dir}/db`, and waits until it has bound its listeners.
+pub async fn start_binary(dir: &std::path::Path, config: &str) -> Proc {
+    let addr_file = dir.join("addr.json");
+    let _ = std::fs::remove_file(&addr_file);
+    let path = dir.join("tally.toml");
+    std::fs::write(&path, config.replace("SECRET_FILE", dir.join("crash.whsec").to_str().unwrap())).unwrap();
+    let log = dir.join(format!("tally-{}.log", tally::domain::ids::Ulid::mint(0)));
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .env("TALLY_DATA_DIR", dir.join("db"))
+        .env("TALLY_ADDR_FILE", &addr_file)
+        .env("TALLY_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("tally binary starts");
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(Ok(v)) = std::fs::read_to_string(&addr_file).map(|t| serde_json::from_str::<serde_json::Value>(&t)) {
+            let public = v["public"].as_str().unwrap().to_string();
+            let admin = v["admin"].as_str().unwrap().to_string();
+            return Proc { child, public, admin, log };
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "tally did not start within 30 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

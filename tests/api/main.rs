@@ -10,4 +10,5 @@ mod conversions;
 mod crash;
 mod helpers;
 mod observability;
+mod postbacks;
 mod signatures;
