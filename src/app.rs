@@ -25,6 +25,7 @@ pub struct App {
     store: Store,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
+    sweeper: JoinHandle<()>,
 }
 
 /// Why the gateway could not start.
@@ -89,6 +90,11 @@ impl App {
         }
         tracing::info!(public = %public_addr, admin = %admin_addr, data_dir = %settings.data_dir.display(), "tally is listening");
 
+        let sweeper = tokio::spawn(sweep_holds(
+            store.clone(),
+            Arc::clone(&clock),
+            Duration::from_millis(settings.holds.sweep_interval_ms),
+        ));
         let replay = ReplayGuard::new(settings.signing.replay_window_seconds * 1000, settings.signing.replay_capacity);
         let ctx =
             Arc::new(Ctx { store: store.clone(), metrics, clock, settings, admin_token, replay: Mutex::new(replay) });
@@ -97,7 +103,7 @@ impl App {
             tokio::spawn(http::serve(public, Arc::clone(&ctx), Listener::Public, rx.clone())),
             tokio::spawn(http::serve(admin, ctx, Listener::Admin, rx)),
         ];
-        Ok(App { public_addr, admin_addr, store, shutdown, servers })
+        Ok(App { public_addr, admin_addr, store, shutdown, servers, sweeper })
     }
 
     pub fn public_addr(&self) -> SocketAddr {
@@ -116,6 +122,7 @@ impl App {
     /// then stops the writer and syncs the WAL.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        self.sweeper.abort();
         for s in self.servers {
             let _ = s.await;
         }
@@ -129,6 +136,20 @@ impl App {
         wait_for_signal().await;
         tracing::info!("shutdown requested; finishing in-flight requests");
         self.shutdown().await;
+    }
+}
+
+/// Approves conversions whose hold ended, every `interval`, with the app's clock.
+async fn sweep_holds(store: Store, clock: Arc<dyn Clock>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match store.sweep_holds(clock.now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(approved = n, "hold periods ended; conversions approved"),
+            Err(e) => tracing::warn!(error = %e, "hold sweep failed; retrying at the next interval"),
+        }
     }
 }
 

@@ -58,6 +58,7 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub signing: SigningSettings,
     pub clicks: ClickSettings,
+    pub holds: HoldSettings,
     pub merchants: Vec<serde_json::Map<String, serde_json::Value>>,
     pub partners: Vec<serde_json::Map<String, serde_json::Value>>,
     pub links: Vec<serde_json::Map<String, serde_json::Value>>,
@@ -149,6 +150,7 @@ impl Default for Settings {
             storage: StorageSettings::default(),
             signing: SigningSettings::default(),
             clicks: ClickSettings::default(),
+            holds: HoldSettings::default(),
             merchants: Vec::new(),
             partners: Vec::new(),
             links: Vec::new(),
@@ -229,6 +231,21 @@ impl Default for ClickSettings {
             ipv6_prefix: 48,
             bot_user_agents: DEFAULT_BOT_MARKERS.iter().map(|s| s.to_string()).collect(),
         }
+    }
+}
+
+/// The background sweep that approves conversions whose hold period ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HoldSettings {
+    pub sweep_interval_ms: u64,
+}
+
+pub const DEFAULT_SWEEP_INTERVAL_MS: u64 = 60_000;
+
+impl Default for HoldSettings {
+    fn default() -> Self {
+        HoldSettings { sweep_interval_ms: DEFAULT_SWEEP_INTERVAL_MS }
     }
 }
 
@@ -373,6 +390,7 @@ impl Settings {
         need(self.signing.replay_window_seconds > 0, "signing.replay_window_seconds", "must be at least 1");
         need(self.signing.replay_capacity > 0, "signing.replay_capacity", "must be at least 1");
         need(self.clicks.unique_window_hours > 0, "clicks.unique_window_hours", "must be at least 1");
+        need(self.holds.sweep_interval_ms >= 10, "holds.sweep_interval_ms", "must be at least 10");
         need(self.clicks.ipv4_prefix <= 32, "clicks.ipv4_prefix", "must be 0..32");
         need(self.clicks.ipv6_prefix <= 128, "clicks.ipv6_prefix", "must be 0..128");
         check_addr("public_addr", &self.public_addr, &mut p);

@@ -1,10 +1,12 @@
 //! Attribution (SPEC 8): which partner sourced a conversion, by which rule, and why.
 //! A pure function over what the store knows, reached through [`Facts`].
 //!
-//! Rules applied by this version, in order: `explicit` (partner_id), `click`, `coupon`.
-//! `deal` and `customer` slot in between once deal registration exists.
+//! Rules, in order: `explicit` (partner_id), `deal` (the account's source of record),
+//! `customer` (lifetime binding), `click`, `coupon`. Influencers: every other partner with
+//! a registration or touch on the account inside the plan's influence window.
 
-use crate::domain::clock::{human_duration, UnixMillis};
+use crate::domain::account::{AccountRecord, CustomerBinding};
+use crate::domain::clock::{format_rfc3339, human_duration, UnixMillis};
 use crate::domain::conversion::{Attribution, AttributionKeys, Credit, RuleKind};
 use crate::domain::entities::{Partner, Status};
 use crate::domain::ids::{LinkId, PartnerId, Ulid};
@@ -28,6 +30,9 @@ pub trait Facts {
     fn partner(&self, id: &PartnerId) -> Result<Option<Partner>, Self::Error>;
     fn click(&self, id: &Ulid) -> Result<Option<ClickFacts>, Self::Error>;
     fn coupon_owner(&self, coupon: &str) -> Result<Option<Partner>, Self::Error>;
+    /// The account record of a normalized account.
+    fn account(&self, account: &str) -> Result<Option<AccountRecord>, Self::Error>;
+    fn customer(&self, customer_id: &str) -> Result<Option<CustomerBinding>, Self::Error>;
 }
 
 /// The outcome: a sourced partner (and the link its click came through), or why nobody.
@@ -70,6 +75,46 @@ pub fn decide<F: Facts>(keys: &AttributionKeys, occurred_ms: UnixMillis, facts: 
         }
     }
 
+    if let Some(account) = &keys.account {
+        match facts.account(account)? {
+            Some(rec) => match rec.holder_at(occurred_ms) {
+                Some(claim) => match facts.partner(&claim.partner_id)? {
+                    Some(p) => {
+                        let reason = format!(
+                            "account {account} was registered by partner {} on {} (deal {}); the first accepted registration is the source of record",
+                            p.id,
+                            format_rfc3339(claim.registered_ms),
+                            claim.deal_id
+                        );
+                        return Ok(sourced(p, RuleKind::Deal, reason, None));
+                    }
+                    None => misses.push(format!("account {account} is held by a partner that no longer exists")),
+                },
+                None if rec.claim.is_some() => misses.push(format!("the registration of account {account} expired")),
+                None => misses.push(format!("account {account} has no deal registration")),
+            },
+            None => misses.push(format!("account {account} has no deal registration")),
+        }
+    }
+
+    if let Some(customer) = &keys.customer_id {
+        match facts.customer(customer)? {
+            Some(b) => match facts.partner(&b.partner_id)? {
+                Some(p) => {
+                    let reason = format!(
+                        "customer {customer} is bound to partner {} since its first attributed sale ({}, {})",
+                        p.id,
+                        b.txn_id,
+                        format_rfc3339(b.first_sale_ms)
+                    );
+                    return Ok(sourced(p, RuleKind::Customer, reason, None));
+                }
+                None => misses.push(format!("customer {customer} is bound to a partner that no longer exists")),
+            },
+            None => misses.push(format!("customer {customer} is not bound to a partner yet")),
+        }
+    }
+
     if let Some(raw) = &keys.click_id {
         match click_rule(raw, occurred_ms, facts)? {
             Ok((click, reason)) => match facts.partner(&click.partner_id)? {
@@ -93,15 +138,33 @@ pub fn decide<F: Facts>(keys: &AttributionKeys, occurred_ms: UnixMillis, facts: 
         }
     }
 
-    for (given, name) in [(&keys.account, "account"), (&keys.customer_id, "customer_id")] {
-        if given.is_some() {
-            misses.push(format!("{name} is stored but not used for attribution by this version"));
-        }
-    }
     if misses.is_empty() {
         misses.push("no attribution key given (partner_id, click_id, coupon, account or customer_id)".into());
     }
     Ok(Decision::Unattributed { reason: misses.join("; ") })
+}
+
+/// Partners other than `sourced` with a deal registration or touch on the account inside
+/// `window_days` before the conversion, each once, in the order they first touched it.
+pub fn influencers(
+    account: &AccountRecord,
+    sourced: &PartnerId,
+    occurred_ms: UnixMillis,
+    window_days: u32,
+) -> Vec<PartnerId> {
+    let window = i64::from(window_days) * 86_400_000;
+    let mut out: Vec<PartnerId> = Vec::new();
+    let claim = account.claim.iter().map(|c| (&c.partner_id, c.registered_ms));
+    let touches = account.touches.iter().map(|t| (&t.partner_id, t.at_ms));
+    let mut all: Vec<(&PartnerId, UnixMillis)> = claim.chain(touches).collect();
+    all.sort_by_key(|(_, at)| *at);
+    for (p, at) in all {
+        let age = occurred_ms - at;
+        if p != sourced && (0..=window).contains(&age) && !out.contains(p) {
+            out.push(p.clone());
+        }
+    }
+    out
 }
 
 /// The click rule: a click of this merchant, not after the conversion, no younger than
@@ -165,6 +228,8 @@ mod tests {
     struct Fake {
         partners: HashMap<String, Partner>,
         clicks: HashMap<Ulid, ClickFacts>,
+        accounts: HashMap<String, AccountRecord>,
+        customers: HashMap<String, CustomerBinding>,
     }
 
     impl Facts for Fake {
@@ -177,6 +242,12 @@ mod tests {
         }
         fn coupon_owner(&self, coupon: &str) -> Result<Option<Partner>, Infallible> {
             Ok(self.partners.values().find(|p| p.coupons.iter().any(|c| c == coupon)).cloned())
+        }
+        fn account(&self, account: &str) -> Result<Option<AccountRecord>, Infallible> {
+            Ok(self.accounts.get(account).cloned())
+        }
+        fn customer(&self, customer_id: &str) -> Result<Option<CustomerBinding>, Infallible> {
+            Ok(self.customers.get(customer_id).cloned())
         }
     }
 
@@ -213,7 +284,38 @@ mod tests {
         .into_iter()
         .map(|p| (p.id.to_string(), p))
         .collect();
-        (Fake { partners, clicks: HashMap::from([(click_id, click)]) }, click_id)
+        let claim = crate::domain::account::Claim {
+            partner_id: PartnerId::parse("bob").unwrap(),
+            deal_id: "D-1".into(),
+            opportunity_id: None,
+            registered_ms: click_at - 10 * DAY,
+            expires_ms: click_at + 5 * DAY,
+            converted: false,
+        };
+        let touch = crate::domain::account::Touch {
+            partner_id: PartnerId::parse("ann").unwrap(),
+            kind: crate::domain::account::TouchKind::Crm,
+            label: "webinar".into(),
+            at_ms: click_at - 20 * DAY,
+        };
+        let acme = AccountRecord {
+            account: "acme.com".into(),
+            claim: Some(claim),
+            touches: vec![touch],
+            reassignments: vec![],
+        };
+        let binding = CustomerBinding {
+            partner_id: PartnerId::parse("bob").unwrap(),
+            first_sale_ms: click_at - DAY,
+            txn_id: crate::domain::ids::TxnId::parse("first").unwrap(),
+        };
+        let fake = Fake {
+            partners,
+            clicks: HashMap::from([(click_id, click)]),
+            accounts: HashMap::from([("acme.com".to_string(), acme)]),
+            customers: HashMap::from([("cus_1".to_string(), binding)]),
+        };
+        (fake, click_id)
     }
 
     fn keys(partner: Option<&str>, click: Option<String>, coupon: Option<&str>) -> AttributionKeys {
@@ -259,6 +361,47 @@ mod tests {
             let got = decide(&k, at, &f).unwrap();
             assert_eq!(rule_of(&got), want.map(|(r, p)| (r, p.to_string())), "{k:?} at +{}", at - t0);
         }
+    }
+
+    #[test]
+    fn deal_and_customer_rules_come_before_clicks() {
+        let t0 = 1_790_000_000_000;
+        let (f, click) = world(t0, 30, 0);
+        let c = Some(click.to_string());
+        let with = |account: Option<&str>, customer: Option<&str>| AttributionKeys {
+            click_id: c.clone(),
+            account: account.map(String::from),
+            customer_id: customer.map(String::from),
+            ..Default::default()
+        };
+        let cases = [
+            (with(Some("acme.com"), Some("cus_1")), t0 + DAY, Some((RuleKind::Deal, "bob"))),
+            (with(Some("acme.com"), None), t0 + 5 * DAY, Some((RuleKind::Deal, "bob"))),
+            (with(Some("acme.com"), None), t0 + 5 * DAY + 1, Some((RuleKind::Click, "ann"))),
+            (with(Some("other.com"), Some("cus_1")), t0 + DAY, Some((RuleKind::Customer, "bob"))),
+            (with(None, Some("cus_2")), t0 + DAY, Some((RuleKind::Click, "ann"))),
+        ];
+        for (k, at, want) in cases {
+            let got = decide(&k, at, &f).unwrap();
+            assert_eq!(rule_of(&got), want.map(|(r, p)| (r, p.to_string())), "{k:?} at +{}", at - t0);
+        }
+    }
+
+    #[test]
+    fn influencers_inside_the_window_only() {
+        let t0 = 1_790_000_000_000;
+        let (f, _) = world(t0, 30, 0);
+        let acme = f.accounts.get("acme.com").unwrap();
+        let bob = PartnerId::parse("bob").unwrap();
+        let ann = PartnerId::parse("ann").unwrap();
+        assert_eq!(influencers(acme, &bob, t0, 180), vec![ann.clone()]);
+        assert_eq!(influencers(acme, &bob, t0 - 20 * DAY + 180 * DAY, 180), vec![ann.clone()], "window edge inclusive");
+        assert!(influencers(acme, &bob, t0 - 20 * DAY + 180 * DAY + 1, 180).is_empty());
+        assert_eq!(
+            influencers(acme, &ann, t0, 180),
+            vec![bob],
+            "the registering partner influences when another sources"
+        );
     }
 
     #[test]

@@ -86,9 +86,50 @@ pub fn human_duration(ms: i64) -> String {
     format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
 }
 
+fn datetime(ms: UnixMillis) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+/// `ms` plus `months` calendar months (UTC), the day clamped to the month's length:
+/// 31 January + 1 month = 28 (or 29) February.
+pub fn add_months(ms: UnixMillis, months: u32) -> UnixMillis {
+    let t = datetime(ms);
+    let total = i64::from(t.year()) * 12 + i64::from(u8::from(t.month()) - 1) + i64::from(months);
+    let (year, month0) = (total.div_euclid(12), total.rem_euclid(12));
+    let Ok(month) = time::Month::try_from(u8::try_from(month0 + 1).unwrap_or(1)) else { return ms };
+    let year = i32::try_from(year).unwrap_or(i32::MAX);
+    let day = t.day().min(month.length(year));
+    match time::Date::from_calendar_date(year, month, day) {
+        Ok(date) => {
+            let moved = t.replace_date(date);
+            i64::try_from(moved.unix_timestamp_nanos() / 1_000_000).unwrap_or(ms)
+        }
+        Err(_) => ms,
+    }
+}
+
+/// The calendar month (UTC) of `ms` as `YYYYMM`, e.g. 202611.
+pub fn month_of(ms: UnixMillis) -> u32 {
+    let t = datetime(ms);
+    u32::try_from(t.year()).unwrap_or(0) * 100 + u32::from(u8::from(t.month()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn months() {
+        let jan31 = parse_rfc3339("2026-01-31T12:00:00Z").unwrap();
+        assert_eq!(format_rfc3339(add_months(jan31, 1)), "2026-02-28T12:00:00.000Z");
+        assert_eq!(format_rfc3339(add_months(jan31, 12)), "2027-01-31T12:00:00.000Z");
+        assert_eq!(format_rfc3339(add_months(jan31, 13)), "2027-02-28T12:00:00.000Z");
+        let leap = parse_rfc3339("2028-02-29T00:00:00Z").unwrap();
+        assert_eq!(format_rfc3339(add_months(leap, 12)), "2029-02-28T00:00:00.000Z");
+        assert_eq!(month_of(jan31), 202601);
+        assert_eq!(month_of(parse_rfc3339("2026-12-31T23:59:59Z").unwrap()), 202612);
+    }
 
     #[test]
     fn rfc3339_round_trip() {

@@ -146,7 +146,10 @@ impl ConversionBody {
             keys: AttributionKeys {
                 click_id: key("click_id", self.click_id)?,
                 coupon: key("coupon", self.coupon)?,
-                account: key("account", self.account)?,
+                account: key("account", self.account)?
+                    .map(|a| super::account::normalize_account(&a))
+                    .transpose()
+                    .map_err(|e| FieldError::new("account", e))?,
                 customer_id: key("customer_id", self.customer_id)?,
                 partner_id,
             },
@@ -259,8 +262,107 @@ pub struct ConversionRecord {
     /// Why nobody was credited, when `attribution` is `None`.
     pub unattributed_reason: Option<String>,
     pub commission: Option<Commission>,
-    /// Why there is no commission although a partner was credited.
+    /// Why there is no commission (or less than the rule says) although a partner was credited.
     pub commission_note: Option<String>,
+    /// Refunded and charged-back amount so far, in minor units.
+    #[serde(default)]
+    pub refunded_minor: i64,
+    /// When the hold period ends and a pending conversion is approved.
+    #[serde(default)]
+    pub approve_at_ms: Option<UnixMillis>,
+    #[serde(default)]
+    pub history: Vec<StatusChange>,
+}
+
+/// One move of a conversion's status, with what caused it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusChange {
+    pub from: ConversionStatus,
+    pub to: ConversionStatus,
+    pub at_ms: UnixMillis,
+    pub cause: String,
+}
+
+impl ConversionStatus {
+    /// SPEC 9: `pending -> approved | rejected`, `approved -> reversed`; never back.
+    pub fn can_move_to(self, to: ConversionStatus) -> bool {
+        matches!(
+            (self, to),
+            (ConversionStatus::Pending, ConversionStatus::Approved | ConversionStatus::Rejected)
+                | (ConversionStatus::Approved, ConversionStatus::Reversed)
+        )
+    }
+}
+
+/// `refund | chargeback | approve | reject`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdjustmentKind {
+    Refund,
+    Chargeback,
+    Approve,
+    Reject,
+}
+
+impl AdjustmentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdjustmentKind::Refund => "refund",
+            AdjustmentKind::Chargeback => "chargeback",
+            AdjustmentKind::Approve => "approve",
+            AdjustmentKind::Reject => "reject",
+        }
+    }
+}
+
+/// The body of `POST /v1/merchants/{id}/adjustments`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdjustmentBody {
+    pub adjustment_id: String,
+    pub txn_id: String,
+    pub kind: AdjustmentKind,
+    #[serde(default)]
+    pub amount: Option<serde_json::Value>,
+}
+
+/// A validated adjustment; the amount is parsed against the conversion's currency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdjustmentInput {
+    pub adjustment_id: String,
+    pub txn_id: TxnId,
+    pub kind: AdjustmentKind,
+    pub amount_text: Option<String>,
+}
+
+impl AdjustmentBody {
+    /// # Errors
+    /// The first invalid field, named.
+    pub fn into_input(self) -> Result<AdjustmentInput, FieldError> {
+        super::account::check_text_id("adjustment_id", &self.adjustment_id)?;
+        let txn_id = TxnId::parse(&self.txn_id).map_err(|e| FieldError::new("txn_id", e))?;
+        let amount_text = match &self.amount {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(
+                amount_text(v)
+                    .ok_or_else(|| FieldError::new("amount", "must be a decimal string such as \"10.00\""))?,
+            ),
+        };
+        if amount_text.is_some() && matches!(self.kind, AdjustmentKind::Approve | AdjustmentKind::Reject) {
+            return Err(FieldError::new("amount", "is only for refund and chargeback"));
+        }
+        Ok(AdjustmentInput { adjustment_id: self.adjustment_id, txn_id, kind: self.kind, amount_text })
+    }
+}
+
+/// A stored adjustment: the answer its `adjustment_id` replays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdjustmentRecord {
+    pub input: AdjustmentInput,
+    pub amount: Option<Money>,
+    pub at_ms: UnixMillis,
+    pub status_after: ConversionStatus,
+    pub ledger_entries: Vec<Ulid>,
 }
 
 impl ConversionRecord {

@@ -3,6 +3,7 @@
 //! Nothing here does I/O or knows about HTTP or RocksDB. Raw input is turned
 //! into these types at the boundary (`http/`), and everything inside works on them.
 
+pub mod account;
 pub mod click;
 pub mod clock;
 pub mod conversion;

@@ -27,6 +27,11 @@ pub struct Plan {
     pub deal_ttl_days: u32,
     pub influence_window_days: u32,
     pub rules: Vec<Rule>,
+    /// Ascending by `min_sales`.
+    #[serde(default)]
+    pub tiers: Vec<Tier>,
+    #[serde(default)]
+    pub monthly_cap: Option<Money>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,6 +40,17 @@ pub struct Rule {
     pub flat: Option<Money>,
     pub percent: Option<Percent>,
     pub partner_kind: Option<PartnerKind>,
+    /// Pays only within this many months of the customer's first sale.
+    #[serde(default)]
+    pub recurring_months: Option<u32>,
+}
+
+/// From `min_sales` approved sales this calendar month (before this one), percent rules of
+/// `sale` events pay `percent` instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tier {
+    pub min_sales: u32,
+    pub percent: Percent,
 }
 
 impl Rule {
@@ -77,9 +93,15 @@ pub struct PlanBody {
     pub influence_window_days: Option<u32>,
     pub rules: Vec<RuleBody>,
     #[serde(default)]
-    pub tiers: Option<serde_json::Value>,
+    pub tiers: Vec<Tier>,
     #[serde(default)]
-    pub caps: Option<serde_json::Value>,
+    pub caps: Option<CapsBody>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapsBody {
+    pub monthly_commission: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -106,21 +128,23 @@ pub fn check_event(event: &str) -> Result<(), String> {
 
 impl PlanBody {
     /// # Errors
-    /// The first field that is not valid. Tiers, caps and recurring rules are refused
-    /// until the engine that applies them exists, rather than stored and ignored.
+    /// The first field that is not valid.
     pub fn into_plan(
         self,
         merchant_id: MerchantId,
         id: PlanId,
         version_from_ms: UnixMillis,
     ) -> Result<Plan, FieldError> {
-        let not_yet = "is not supported by this version of tally yet; remove it";
-        if self.tiers.is_some() {
-            return Err(FieldError::new("tiers", not_yet));
+        let mut tiers = self.tiers;
+        tiers.sort_by_key(|t| t.min_sales);
+        if tiers.windows(2).any(|w| w[0].min_sales == w[1].min_sales) {
+            return Err(FieldError::new("tiers", "two tiers have the same min_sales"));
         }
-        if self.caps.is_some() {
-            return Err(FieldError::new("caps", not_yet));
-        }
+        let monthly_cap = self
+            .caps
+            .map(|c| Money::parse(&c.monthly_commission, self.currency))
+            .transpose()
+            .map_err(|e| FieldError::new("caps.monthly_commission", e))?;
         if self.rules.len() > MAX_RULES {
             return Err(FieldError::new("rules", format!("at most {MAX_RULES} rules")));
         }
@@ -128,8 +152,8 @@ impl PlanBody {
         for (i, r) in self.rules.into_iter().enumerate() {
             let at = |f: &str| format!("rules[{i}].{f}");
             check_event(&r.event).map_err(|e| FieldError::new(at("event"), e))?;
-            if r.recurring_months.is_some() {
-                return Err(FieldError::new(at("recurring_months"), not_yet));
+            if r.recurring_months == Some(0) {
+                return Err(FieldError::new(at("recurring_months"), "must be at least 1"));
             }
             let flat = r
                 .flat
@@ -140,7 +164,13 @@ impl PlanBody {
             if flat.is_none() && r.percent.is_none() {
                 return Err(FieldError::new(at("percent"), "a rule needs flat, percent or both"));
             }
-            rules.push(Rule { event: r.event, flat, percent: r.percent, partner_kind: r.partner_kind });
+            rules.push(Rule {
+                event: r.event,
+                flat,
+                percent: r.percent,
+                partner_kind: r.partner_kind,
+                recurring_months: r.recurring_months,
+            });
         }
         Ok(Plan {
             id,
@@ -152,6 +182,8 @@ impl PlanBody {
             deal_ttl_days: self.deal_ttl_days.unwrap_or(DEFAULT_DEAL_TTL_DAYS),
             influence_window_days: self.influence_window_days.unwrap_or(DEFAULT_INFLUENCE_WINDOW_DAYS),
             rules,
+            tiers,
+            monthly_cap,
         })
     }
 }

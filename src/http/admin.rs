@@ -10,10 +10,14 @@ use subtle::ConstantTimeEq;
 use super::problem::ApiError;
 use super::views::{ConversionView, LedgerEntryView, PlanView};
 use super::{json, parse_json, read_body, require_json, Body, Ctx, Route};
+use crate::domain::account::{check_text_id, normalize_account, AccountRecord, Reassignment};
+use crate::domain::clock::format_rfc3339;
 use crate::domain::entities::{MerchantBody, Partner, PartnerBody};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId, TxnId};
 use crate::domain::link::{Link, LinkBody};
+use crate::domain::money::Money;
 use crate::domain::plan::PlanBody;
+use crate::domain::FieldError;
 use crate::signing::WebhookSecret;
 use crate::store::{EntityOp, Saved};
 
@@ -113,6 +117,35 @@ struct WithSecret<'a, T: Serialize> {
     secret: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     token: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReassignBody {
+    partner_id: PartnerId,
+    why: String,
+    #[serde(default)]
+    by: Option<String>,
+}
+
+/// An account as the merchant's program manager sees it: holder, touches, audit trail.
+fn account_view(acc: &AccountRecord, now: i64) -> serde_json::Value {
+    let holder = acc.holder_at(now);
+    serde_json::json!({
+        "account": acc.account,
+        "source_of_record": holder.map(|c| serde_json::json!({
+            "partner_id": c.partner_id,
+            "deal_id": c.deal_id,
+            "registered_at": format_rfc3339(c.registered_ms),
+            "expires_at": (!c.converted).then(|| format_rfc3339(c.expires_ms)),
+        })),
+        "touches": acc.touches.iter().map(|t| serde_json::json!({
+            "partner_id": t.partner_id, "kind": t.label, "at": format_rfc3339(t.at_ms)
+        })).collect::<Vec<_>>(),
+        "reassignments": acc.reassignments.iter().map(|r| serde_json::json!({
+            "at": format_rfc3339(r.at_ms), "from": r.from, "to": r.to, "by": r.by, "why": r.why
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// A postback token (`pbt_` + 32 random bytes, base64url) and its SHA-256, which is all
@@ -224,23 +257,55 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             let decoded = percent_encoding::percent_decode_str(txn).decode_utf8().map_err(|_| ApiError::NotFound)?;
             let txn = id(&decoded, TxnId::parse)?;
             let rec = ctx.store.conversion(&merchant, &txn).await?.ok_or(ApiError::NotFound)?;
-            let ledger = match &rec.attribution {
-                Some(a) => ctx.store.ledger_for(&merchant, &a.partner_id, &txn).await?,
-                None => Vec::new(),
-            };
+            let ledger = ctx.store.ledger_for_conversion(&rec).await?;
+            let history: Vec<_> = rec
+                .history
+                .iter()
+                .map(|h| {
+                    serde_json::json!({"from": h.from.as_str(), "to": h.to.as_str(), "at": format_rfc3339(h.at_ms), "cause": h.cause})
+                })
+                .collect();
+            let refunded = rec.amount.map(|a| Money { minor: rec.refunded_minor, currency: a.currency }.amount_text());
             let body = serde_json::json!({
                 "conversion": ConversionView::new(&rec, false),
                 "keys": rec.keys,
-                "received_at": crate::domain::clock::format_rfc3339(rec.received_ms),
+                "received_at": format_rfc3339(rec.received_ms),
+                "approve_at": rec.approve_at_ms.map(format_rfc3339),
+                "refunded": refunded,
+                "status_history": history,
                 "ledger": ledger.iter().map(LedgerEntryView::from).collect::<Vec<_>>(),
             });
             Ok(json(StatusCode::OK, &body))
+        }
+        (&Method::POST, [_, "accounts", target]) if target.ends_with(":reassign") => {
+            let raw = percent_encoding::percent_decode_str(target.trim_end_matches(":reassign"))
+                .decode_utf8()
+                .map_err(|_| ApiError::NotFound)?;
+            let account = normalize_account(&raw).map_err(|e| FieldError::new("account", e))?;
+            let b: ReassignBody = body(ctx, req).await?;
+            if catalog.partner_of(&merchant, &b.partner_id).is_none() {
+                return Err(FieldError::new("partner_id", "is not a partner of this merchant").into());
+            }
+            check_text_id("why", &b.why)?;
+            let by = b.by.unwrap_or_else(|| "admin".into());
+            check_text_id("by", &by)?;
+            let current = ctx.store.account(&merchant, &account).await?;
+            let from = current.as_ref().and_then(|a| a.holder_at(now)).map(|c| c.partner_id.clone());
+            let change = Reassignment { at_ms: now, from, to: b.partner_id, by, why: b.why };
+            let acc = ctx.store.reassign(merchant.clone(), account, change).await?;
+            Ok(json(StatusCode::OK, &account_view(&acc, now)))
+        }
+        (&Method::GET, [_, "accounts", raw]) => {
+            let raw = percent_encoding::percent_decode_str(raw).decode_utf8().map_err(|_| ApiError::NotFound)?;
+            let account = normalize_account(&raw).map_err(|_| ApiError::NotFound)?;
+            let acc = ctx.store.account(&merchant, &account).await?.ok_or(ApiError::NotFound)?;
+            Ok(json(StatusCode::OK, &account_view(&acc, now)))
         }
         (
             _,
             [_]
             | [_, "secrets:rotate" | "postback-token:rotate"]
-            | [_, "partners" | "links" | "plans" | "conversions", _],
+            | [_, "partners" | "links" | "plans" | "conversions" | "accounts", _],
         ) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     }

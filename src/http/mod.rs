@@ -3,6 +3,7 @@
 //! to problem+json.
 
 mod admin;
+mod b2b;
 pub mod problem;
 mod public;
 mod views;
@@ -67,6 +68,10 @@ pub enum Route {
     Conversion,
     ConversionBatch,
     ServerClick,
+    Adjustment,
+    Touch,
+    Deal,
+    AdminReassign,
     AdminMerchant,
     AdminSecretRotate,
     AdminTokenRotate,
@@ -88,6 +93,10 @@ impl Route {
             Route::Conversion => "conversion",
             Route::ConversionBatch => "conversion_batch",
             Route::ServerClick => "server_click",
+            Route::Adjustment => "adjustment",
+            Route::Touch => "touch",
+            Route::Deal => "deal",
+            Route::AdminReassign => "admin_reassign",
             Route::AdminMerchant => "admin_merchant",
             Route::AdminSecretRotate => "admin_secret_rotate",
             Route::AdminTokenRotate => "admin_token_rotate",

@@ -81,6 +81,8 @@ struct Problem<'a> {
     field: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     conversion_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    current_status: Option<&'a str>,
 }
 
 impl ApiError {
@@ -173,6 +175,10 @@ impl ApiError {
             detail,
             field,
             conversion_id,
+            current_status: match self {
+                ApiError::Refused(r) => r.current_status,
+                _ => None,
+            },
         }
     }
 

@@ -51,6 +51,18 @@ pub(super) async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) 
         (_, ["v1", "merchants", merchant, "clicks"]) if post => {
             (Route::ServerClick, server_click(ctx, peer, merchant, req).await)
         }
+        (_, ["v1", "merchants", merchant, "adjustments"]) if post => {
+            (Route::Adjustment, super::b2b::adjust(ctx, merchant, req).await)
+        }
+        (_, ["v1", "merchants", merchant, "touches"]) if post => {
+            (Route::Touch, super::b2b::touch(ctx, merchant, req).await)
+        }
+        (_, ["v1", "partners", partner, "deals"]) if post => {
+            (Route::Deal, super::b2b::register_deal(ctx, partner, req).await)
+        }
+        (_, ["v1", "merchants", _, "adjustments" | "touches"] | ["v1", "partners", _, "deals"]) => {
+            (Route::NotFound, Err(ApiError::MethodNotAllowed))
+        }
         (_, ["v1", "merchants", _, "conversions" | "clicks"] | ["v1", "merchants", _, "conversions", "batch"]) => {
             (Route::NotFound, Err(ApiError::MethodNotAllowed))
         }
@@ -165,15 +177,23 @@ async fn click(
     Ok(resp)
 }
 
-/// Checks the Standard Webhooks signature against the merchant's active secrets, then
-/// the replay guard. An unknown merchant fails like a wrong secret (no enumeration).
-fn verify_merchant(
+/// Who signs a request: a merchant (merchant API) or a partner (partner API).
+#[derive(Clone, Copy)]
+pub(super) enum Sender<'a> {
+    Merchant(&'a str),
+    Partner(&'a str),
+}
+
+/// Checks the Standard Webhooks signature against the sender's active secrets, then the
+/// replay guard. An unknown sender fails like a wrong secret (no enumeration). Returns
+/// the merchant the request acts for and, for the partner API, the partner.
+fn verify_sender(
     ctx: &Ctx,
-    merchant: Option<&MerchantId>,
+    sender: Sender<'_>,
     headers: &HeaderMap,
     body: &[u8],
     now_ms: i64,
-) -> Result<(), SignatureFailure> {
+) -> Result<(MerchantId, Option<crate::domain::ids::PartnerId>), SignatureFailure> {
     let get = |name| single_header(headers, name).map_err(|()| SignatureFailure::Malformed);
     let wh = WebhookHeaders {
         id: get("webhook-id")?,
@@ -181,56 +201,82 @@ fn verify_merchant(
         signature: get("webhook-signature")?,
     };
     let catalog = ctx.store.catalog();
-    let secrets = merchant.and_then(|m| catalog.secrets.get(m));
+    let (scope, secrets, acting) = match sender {
+        Sender::Merchant(raw) => {
+            let m = MerchantId::parse(raw).ok();
+            let secrets = m.as_ref().and_then(|m| catalog.secrets.get(m));
+            (format!("m:{raw}"), secrets, m.map(|m| (m, None)))
+        }
+        Sender::Partner(raw) => {
+            let p = crate::domain::ids::PartnerId::parse(raw).ok().and_then(|id| catalog.partners.get(&id));
+            let secrets = p.and_then(|p| catalog.partner_secrets.get(&p.id));
+            (format!("p:{raw}"), secrets, p.map(|p| (p.merchant_id.clone(), Some(p.id.clone()))))
+        }
+    };
     let keys = secrets.into_iter().flat_map(|s| s.active_keys(now_ms));
-    // No secrets (unknown merchant) means no key can match: `Mismatch`, like a wrong secret.
+    // No secrets (unknown sender) means no key can match: `Mismatch`, like a wrong secret.
     signing::verify(keys, wh, body, now_ms.div_euclid(1000), ctx.settings.signing.tolerance_seconds)?;
-    let (Some(m), Some(id)) = (merchant, wh.id) else { return Err(SignatureFailure::Missing) };
+    let (Some(acting), Some(id)) = (acting, wh.id) else { return Err(SignatureFailure::Mismatch) };
     let mut guard = ctx.replay.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let before = guard.evicted_early;
-    let r = guard.check(m.as_str(), id, ReplayGuard::body_hash(body), now_ms);
+    let r = guard.check(&scope, id, ReplayGuard::body_hash(body), now_ms);
     ctx.metrics.replay_evictions.inc_by(guard.evicted_early - before);
-    r.map_err(|_| SignatureFailure::Replay)
+    r.map_err(|_| SignatureFailure::Replay)?;
+    Ok(acting)
 }
 
-/// A verified signed POST: the merchant, the request head and the raw body.
-struct Signed {
-    merchant: MerchantId,
-    parts: Parts,
-    body: Bytes,
-    now: i64,
+/// A verified signed POST: who acts, the request head and the raw body.
+pub(super) struct Signed {
+    pub(super) merchant: MerchantId,
+    pub(super) partner: Option<crate::domain::ids::PartnerId>,
+    scope: String,
+    pub(super) parts: Parts,
+    pub(super) body: Bytes,
+    pub(super) now: i64,
 }
 
 impl Signed {
     /// Releases the `webhook-id` of a request that stored nothing (`400`/`422`), so a
     /// corrected body may reuse it.
-    fn release(&self, ctx: &Ctx) {
+    pub(super) fn release(&self, ctx: &Ctx) {
         if let Ok(Some(id)) = single_header(&self.parts.headers, "webhook-id") {
             let mut guard = ctx.replay.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            guard.forget(self.merchant.as_str(), id, ReplayGuard::body_hash(&self.body));
+            guard.forget(&self.scope, id, ReplayGuard::body_hash(&self.body));
         }
     }
 
     /// Parses the body as JSON of `T`, releasing the `webhook-id` when it is refused.
-    fn parse<T: serde::de::DeserializeOwned>(&self, ctx: &Ctx) -> Result<T, ApiError> {
+    pub(super) fn parse<T: serde::de::DeserializeOwned>(&self, ctx: &Ctx) -> Result<T, ApiError> {
         let r = require_json(&self.parts.headers).and_then(|()| parse_json::<T>(&self.body));
         if r.is_err() {
             self.release(ctx);
         }
         r
     }
+
+    /// `Err(e)` after releasing the `webhook-id`: for validation failures.
+    pub(super) fn refuse<T>(&self, ctx: &Ctx, e: impl Into<ApiError>) -> Result<T, ApiError> {
+        self.release(ctx);
+        Err(e.into())
+    }
 }
 
 /// Reads a body of at most `limit` bytes and verifies its signature; counts failures.
-async fn signed(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>, limit: usize) -> Result<Signed, ApiError> {
-    let merchant = MerchantId::parse(merchant_raw).ok();
+pub(super) async fn signed(
+    ctx: &Ctx,
+    sender: Sender<'_>,
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<Signed, ApiError> {
     let (parts, body) = req.into_parts();
     let body = read_body(ctx, &parts.headers, body, limit).await?;
     let now = ctx.clock.now_ms();
-    let verified = verify_merchant(ctx, merchant.as_ref(), &parts.headers, &body, now)
-        .and_then(|()| merchant.ok_or(SignatureFailure::Mismatch));
-    match verified {
-        Ok(merchant) => Ok(Signed { merchant, parts, body, now }),
+    let scope = match sender {
+        Sender::Merchant(raw) => format!("m:{raw}"),
+        Sender::Partner(raw) => format!("p:{raw}"),
+    };
+    match verify_sender(ctx, sender, &parts.headers, &body, now) {
+        Ok((merchant, partner)) => Ok(Signed { merchant, partner, scope, parts, body, now }),
         Err(reason) => {
             ctx.metrics.signature_failures.with_label_values(&[reason.as_str()]).inc();
             Err(ApiError::Signature(reason))
@@ -253,8 +299,12 @@ fn count_conversion(ctx: &Ctx, result: Result<Response<Body>, ApiError>) -> Resu
 }
 
 async fn conversion(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, merchant_raw, req, ctx.settings.http.max_body_bytes).await?;
-    let input = s.parse::<ConversionBody>(ctx)?.into_input(s.now).inspect_err(|_| s.release(ctx))?;
+    let s = signed(ctx, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
+    let input = s.parse::<ConversionBody>(ctx)?.into_input(s.now);
+    let input = match input {
+        Ok(i) => i,
+        Err(e) => return s.refuse(ctx, e),
+    };
     let outcome = ctx.store.convert(s.merchant, input, s.now).await?;
     answer(ctx, outcome, StatusCode::CREATED)
 }
@@ -369,7 +419,7 @@ struct BatchItem<'a> {
 /// `POST /v1/merchants/{id}/conversions/batch`: up to 1,000 conversions, one result each,
 /// in order; valid items are stored in one write even when others fail.
 async fn batch(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, merchant_raw, req, ctx.settings.http.max_batch_body_bytes).await?;
+    let s = signed(ctx, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_batch_body_bytes).await?;
     let body: BatchBody = s.parse(ctx)?;
     if body.conversions.len() > MAX_BATCH_ITEMS {
         s.release(ctx);
@@ -462,7 +512,7 @@ async fn server_click(
     merchant_raw: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, merchant_raw, req, ctx.settings.http.max_body_bytes).await?;
+    let s = signed(ctx, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
     let body: ServerClickBody = s.parse(ctx)?;
     let invalid = |field: &str, detail: &str| {
         s.release(ctx);

@@ -150,6 +150,8 @@ pub struct RuleView {
     pub percent: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partner_kind: Option<PartnerKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recurring_months: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -162,6 +164,9 @@ pub struct PlanView {
     pub influence_window_days: u32,
     pub version_from: String,
     pub rules: Vec<RuleView>,
+    pub tiers: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caps: Option<serde_json::Value>,
 }
 
 impl From<&Plan> for PlanView {
@@ -182,8 +187,15 @@ impl From<&Plan> for PlanView {
                     flat: r.flat.map(|f| f.amount_text()),
                     percent: r.percent.map(|x| x.text()),
                     partner_kind: r.partner_kind,
+                    recurring_months: r.recurring_months,
                 })
                 .collect(),
+            tiers: p
+                .tiers
+                .iter()
+                .map(|t| serde_json::json!({"min_sales": t.min_sales, "percent": t.percent.text()}))
+                .collect(),
+            caps: p.monthly_cap.map(|c| serde_json::json!({"monthly_commission": c.amount_text()})),
         }
     }
 }

@@ -67,6 +67,40 @@ pub fn ledger(merchant: &MerchantId, partner: &PartnerId, entry: &Ulid) -> Vec<u
     join(&[merchant.as_str().as_bytes(), partner.as_str().as_bytes(), &entry.0])
 }
 
+pub fn account(merchant: &MerchantId, account: &str) -> Vec<u8> {
+    join(&[merchant.as_str().as_bytes(), account.as_bytes()])
+}
+
+pub fn deal(partner: &PartnerId, deal_id: &str) -> Vec<u8> {
+    join(&[partner.as_str().as_bytes(), deal_id.as_bytes()])
+}
+
+pub fn customer(merchant: &MerchantId, customer_id: &str) -> Vec<u8> {
+    join(&[merchant.as_str().as_bytes(), customer_id.as_bytes()])
+}
+
+pub fn partner_month(merchant: &MerchantId, partner: &PartnerId, month: u32) -> Vec<u8> {
+    join(&[merchant.as_str().as_bytes(), partner.as_str().as_bytes(), &month.to_be_bytes()])
+}
+
+/// Holds sort by the time they end, so the sweep reads only the due ones.
+pub fn hold(approve_at_ms: i64, merchant: &MerchantId, txn: &TxnId) -> Vec<u8> {
+    let at = u64::try_from(approve_at_ms).unwrap_or(0).to_be_bytes();
+    join(&[&at, merchant.as_str().as_bytes(), txn.as_str().as_bytes()])
+}
+
+/// `(approve_at, merchant, txn)` of a hold key.
+pub fn parse_hold(key: &[u8]) -> Option<(i64, MerchantId, TxnId)> {
+    let at = i64::try_from(u64::from_be_bytes(key.get(..8)?.try_into().ok()?)).ok()?;
+    let rest = std::str::from_utf8(key.get(9..)?).ok()?;
+    let (m, t) = rest.split_once('\0')?;
+    Some((at, MerchantId::parse(m).ok()?, TxnId::parse(t).ok()?))
+}
+
+pub fn adjustment(merchant: &MerchantId, adjustment_id: &str) -> Vec<u8> {
+    join(&[merchant.as_str().as_bytes(), adjustment_id.as_bytes()])
+}
+
 /// The prefix shared by every ledger entry of one partner.
 pub fn ledger_prefix(merchant: &MerchantId, partner: &PartnerId) -> Vec<u8> {
     let mut p = join(&[merchant.as_str().as_bytes(), partner.as_str().as_bytes()]);
@@ -112,6 +146,13 @@ mod tests {
         let prefix = ledger_prefix(&mm, &p);
         assert!(a.starts_with(&prefix) && b.starts_with(&prefix));
         assert!(!ledger(&mm, &PartnerId::parse("ann2").unwrap(), &Ulid::mint(0)).starts_with(&prefix));
+    }
+
+    #[test]
+    fn holds_sort_by_time_and_parse_back() {
+        let (mm, t1) = (m("shop"), t("o-1"));
+        assert!(hold(255, &mm, &t1) < hold(256, &mm, &t("a")));
+        assert_eq!(parse_hold(&hold(1_790_000_000_000, &mm, &t1)), Some((1_790_000_000_000, mm, t1)));
     }
 
     #[test]

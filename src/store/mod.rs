@@ -14,6 +14,7 @@
 pub mod catalog;
 pub mod codec;
 pub mod keys;
+mod money;
 pub mod schema;
 mod writer;
 
@@ -26,9 +27,10 @@ use rand::RngCore;
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::domain::account::{AccountRecord, Reassignment, Touch};
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
-use crate::domain::conversion::{ConversionInput, ConversionRecord};
+use crate::domain::conversion::{AdjustmentInput, ConversionInput, ConversionRecord};
 use crate::domain::entities::{Merchant, Partner};
 use crate::domain::ids::{MerchantId, PartnerId, TxnId};
 use crate::domain::ledger::LedgerEntry;
@@ -37,6 +39,7 @@ use crate::domain::plan::Plan;
 use crate::metrics::{Metrics, StorageStats};
 use crate::signing::WebhookSecret;
 pub use catalog::{Catalog, CatalogCell};
+pub use money::{AdjustOutcome, DealAnswer, DealDraft};
 use schema::Cf;
 pub use writer::{ConversionOutcome, EntityOp, Saved};
 
@@ -65,6 +68,8 @@ pub struct Refusal {
     pub code: &'static str,
     pub field: Option<&'static str>,
     pub detail: String,
+    /// The conversion's status, for a refused status change.
+    pub current_status: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -255,6 +260,66 @@ impl Store {
         self.call(|tx| writer::Op::Batch(drafts, tx)).await?
     }
 
+    /// Applies a refund, chargeback, approval or rejection, idempotent by its id.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn adjust(
+        &self,
+        merchant: MerchantId,
+        input: AdjustmentInput,
+        now: UnixMillis,
+    ) -> Result<AdjustOutcome, StoreError> {
+        self.call(|tx| writer::Op::Adjust(Box::new((merchant, input, now)), tx)).await?
+    }
+
+    /// Registers a deal; `true` with the answer when it replays an earlier registration.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn register_deal(&self, draft: DealDraft) -> Result<(DealAnswer, bool), StoreError> {
+        self.call(|tx| writer::Op::Deal(Box::new(draft), tx)).await?
+    }
+
+    /// Records a CRM touch on an account (normalized).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn touch(&self, merchant: MerchantId, account: String, touch: Touch) -> Result<(), StoreError> {
+        self.call(|tx| writer::Op::Touch(Box::new((merchant, account, touch)), tx)).await?
+    }
+
+    /// Changes the source of record of an account, audited.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn reassign(
+        &self,
+        merchant: MerchantId,
+        account: String,
+        change: Reassignment,
+    ) -> Result<AccountRecord, StoreError> {
+        self.call(|tx| writer::Op::Reassign(Box::new((merchant, account, change)), tx)).await?
+    }
+
+    /// Approves the conversions whose hold ended by `now`; returns how many.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn sweep_holds(&self, now: UnixMillis) -> Result<u64, StoreError> {
+        self.call(|tx| writer::Op::Sweep(now, tx)).await?
+    }
+
+    /// The stored account record (admin).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn account(&self, merchant: &MerchantId, account: &str) -> Result<Option<AccountRecord>, StoreError> {
+        let key = keys::account(merchant, account);
+        let shared = Arc::clone(&self.shared);
+        blocking(move || shared.get(Cf::Accounts, &key)?.map(|b| codec::decode(&b)).transpose()).await
+    }
+
     /// Creates or updates an entity, checking references and uniqueness in the writer
     /// so concurrent admin calls cannot race.
     ///
@@ -329,6 +394,22 @@ impl Store {
             Ok(out)
         })
         .await
+    }
+
+    /// Every ledger entry of a conversion: its sourced partner's and its influencers'.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn ledger_for_conversion(&self, rec: &ConversionRecord) -> Result<Vec<LedgerEntry>, StoreError> {
+        let Some(a) = &rec.attribution else { return Ok(Vec::new()) };
+        let mut partners = vec![a.partner_id.clone()];
+        partners.extend(a.influencers.iter().map(|i| i.partner_id.clone()));
+        let mut out = Vec::new();
+        for p in partners {
+            out.extend(self.ledger_for(&rec.merchant_id, &p, &rec.txn_id).await?);
+        }
+        out.sort_by_key(|e| e.entry_id);
+        Ok(out)
     }
 
     /// A stored click, for tests and admin views.

@@ -23,10 +23,22 @@ pub enum Cf {
     Conversions,
     /// `merchant, partner, entry_id` -> `LedgerEntry`. Append-only.
     Ledger,
+    /// `merchant, account` -> `AccountRecord` (claim, touches, reassignments).
+    Accounts,
+    /// `partner, deal_id` -> the answer to that registration, for idempotent replays.
+    Deals,
+    /// `merchant, customer_id` -> `CustomerBinding`.
+    Customers,
+    /// `merchant, partner, YYYYMM` -> `PartnerMonth` (tiers and caps).
+    PartnerMonths,
+    /// `approve_at (8 bytes BE), merchant, txn_id` -> empty: the hold-period index.
+    Holds,
+    /// `merchant, adjustment_id` -> `AdjustmentRecord`.
+    Adjustments,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 10] = [
+    pub const ALL: [Cf; 16] = [
         Cf::Meta,
         Cf::Merchants,
         Cf::Secrets,
@@ -37,6 +49,12 @@ impl Cf {
         Cf::Visitors,
         Cf::Conversions,
         Cf::Ledger,
+        Cf::Accounts,
+        Cf::Deals,
+        Cf::Customers,
+        Cf::PartnerMonths,
+        Cf::Holds,
+        Cf::Adjustments,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +69,12 @@ impl Cf {
             Cf::Visitors => "visitors",
             Cf::Conversions => "conversions",
             Cf::Ledger => "ledger",
+            Cf::Accounts => "accounts",
+            Cf::Deals => "deals",
+            Cf::Customers => "customers",
+            Cf::PartnerMonths => "partner_months",
+            Cf::Holds => "holds",
+            Cf::Adjustments => "adjustments",
         }
     }
 }

@@ -12,16 +12,17 @@ use std::time::Instant;
 use rocksdb::{WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
+use super::money::{self, AdjustOutcome, DealAnswer, DealDraft};
 use super::schema::Cf;
 use super::{codec, keys, Durability, Refusal, Shared, StoreError, WriteError};
 use crate::attribution::{self, ClickFacts, Decision, Facts};
-use crate::commission;
+use crate::domain::account::{AccountRecord, CustomerBinding, Reassignment, Touch};
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
-use crate::domain::conversion::{ConversionInput, ConversionRecord, ConversionStatus};
+use crate::domain::conversion::{AdjustmentInput, ConversionInput, ConversionRecord, ConversionStatus};
 use crate::domain::entities::{Merchant, Partner, Status};
 use crate::domain::ids::{MerchantId, PartnerId, PlanId, Ulid};
-use crate::domain::ledger::{LedgerEntry, LedgerKind};
+use crate::domain::ledger::LedgerKind;
 use crate::domain::link::{Link, DEFAULT_WINDOW_DAYS};
 use crate::domain::plan::Plan;
 use crate::signing::{SecretSet, WebhookSecret};
@@ -33,6 +34,11 @@ pub(super) enum Op {
     Click(Box<ClickRecord>, Reply<Result<ClickRecord, StoreError>>),
     Conversion(Box<Draft>, Reply<Result<ConversionOutcome, StoreError>>),
     Batch(Vec<Draft>, Reply<Result<Vec<ConversionOutcome>, StoreError>>),
+    Adjust(Box<(MerchantId, AdjustmentInput, UnixMillis)>, Reply<Result<AdjustOutcome, StoreError>>),
+    Deal(Box<DealDraft>, Reply<Result<(DealAnswer, bool), StoreError>>),
+    Touch(Box<(MerchantId, String, Touch)>, Reply<Result<(), StoreError>>),
+    Reassign(Box<(MerchantId, String, Reassignment)>, Reply<Result<AccountRecord, StoreError>>),
+    Sweep(UnixMillis, Reply<Result<u64, StoreError>>),
     Entity(Box<EntityOp>, Reply<Result<Saved, WriteError>>),
     Stop,
 }
@@ -93,16 +99,36 @@ pub enum Saved {
 
 type Done = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
 
+/// Most holds approved by one sweep; the next sweep continues.
+const SWEEP_LIMIT: usize = 10_000;
+
+/// Runs `f` on the batch; its answer is sent once the batch is written (or at once when
+/// `f` fails, having staged nothing that matters: the caller retries).
+fn defer<T: Send + 'static>(
+    pending: &mut Pending<'_>,
+    reply: Reply<Result<T, StoreError>>,
+    f: impl FnOnce(&mut Pending<'_>) -> Result<T, StoreError>,
+) {
+    match f(pending) {
+        Ok(value) => pending.done.push(Box::new(move |r| {
+            let _ = reply.send(r.clone().map(|()| value));
+        })),
+        Err(e) => {
+            let _ = reply.send(Err(e));
+        }
+    }
+}
+
 /// One batch being built: the RocksDB batch, a view of its puts for reads inside the
 /// batch, and the answers to send once it is written.
-struct Pending<'a> {
-    shared: &'a Shared,
+pub(super) struct Pending<'a> {
+    pub(super) shared: &'a Shared,
     batch: WriteBatch,
     puts: HashMap<(Cf, Vec<u8>), Vec<u8>>,
-    sync: bool,
+    pub(super) sync: bool,
     done: Vec<Done>,
-    ops: usize,
-    ledger: Vec<LedgerKind>,
+    pub(super) ops: usize,
+    pub(super) ledger: Vec<LedgerKind>,
 }
 
 impl<'a> Pending<'a> {
@@ -119,17 +145,32 @@ impl<'a> Pending<'a> {
     }
 
     /// Reads through the batch: `(value, true)` when the value is only in this batch.
-    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
+    pub(super) fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
         if let Some(v) = self.puts.get(&(cf, key.to_vec())) {
             return Ok(Some((v.clone(), true)));
         }
         Ok(self.shared.get(cf, key)?.map(|v| (v, false)))
     }
 
-    fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
+    pub(super) fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
         self.batch.put_cf(self.shared.cf(cf)?, &key, &value);
         self.puts.insert((cf, key), value);
         Ok(())
+    }
+
+    pub(super) fn delete(&mut self, cf: Cf, key: Vec<u8>) -> Result<(), StoreError> {
+        self.batch.delete_cf(self.shared.cf(cf)?, &key);
+        self.puts.remove(&(cf, key));
+        Ok(())
+    }
+
+    /// Decodes the value at `key`, reading through the batch.
+    pub(super) fn read<T: serde::de::DeserializeOwned>(&self, cf: Cf, key: &[u8]) -> Result<Option<T>, StoreError> {
+        self.get(cf, key)?.map(|(v, _)| codec::decode(&v)).transpose()
+    }
+
+    pub(super) fn write<T: serde::Serialize>(&mut self, cf: Cf, key: Vec<u8>, value: &T) -> Result<(), StoreError> {
+        self.put(cf, key, codec::encode(value))
     }
 }
 
@@ -210,6 +251,24 @@ impl Writer {
                             let _ = reply.send(Err(e));
                         }
                     }
+                }
+                Op::Adjust(a, reply) => {
+                    let (merchant, input, now) = *a;
+                    defer(&mut pending, reply, |p| money::adjust(p, &merchant, input, now));
+                }
+                Op::Deal(d, reply) => defer(&mut pending, reply, |p| money::register_deal(p, *d)),
+                Op::Touch(t, reply) => {
+                    let (merchant, account, touch) = *t;
+                    defer(&mut pending, reply, |p| money::touch(p, &merchant, &account, touch));
+                }
+                Op::Reassign(r, reply) => {
+                    let (merchant, account, change) = *r;
+                    defer(&mut pending, reply, |p| money::reassign(p, &merchant, &account, change));
+                }
+                Op::Sweep(now, reply) => {
+                    self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
+                    defer(&mut pending, reply, |p| money::sweep(p, now, SWEEP_LIMIT));
+                    self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
                 }
                 Op::Entity(op, reply) => {
                     self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
@@ -305,39 +364,17 @@ impl Writer {
             unattributed_reason: None,
             commission: None,
             commission_note: None,
+            refunded_minor: 0,
+            approve_at_ms: None,
+            history: Vec::new(),
         };
         match decision {
             Decision::Unattributed { reason } => rec.unattributed_reason = Some(reason),
             Decision::Attributed { attribution, partner, link_id } => {
                 let link = link_id.as_ref().and_then(|l| catalog.links.get(l));
-                match plan_for(&catalog, &d.merchant, link, &partner, rec.occurred_ms) {
-                    Err(note) => rec.commission_note = Some(note),
-                    Ok(plan) => match commission::quote(plan, &rec.event, rec.amount, partner.kind) {
-                        Ok(c) => rec.commission = Some(c),
-                        Err(note) => rec.commission_note = Some(note),
-                    },
-                }
+                let plan = plan_for(&catalog, &d.merchant, link, &partner, rec.occurred_ms);
                 rec.attribution = Some(attribution);
-            }
-        }
-        if let (Some(c), Some(a)) = (&rec.commission, &rec.attribution) {
-            if c.amount.minor != 0 {
-                let entry = LedgerEntry {
-                    entry_id: Ulid::mint(d.received_ms),
-                    merchant_id: d.merchant.clone(),
-                    partner_id: a.partner_id.clone(),
-                    kind: LedgerKind::Commission,
-                    txn_id: rec.txn_id.clone(),
-                    conversion_id: rec.conversion_id,
-                    amount: c.amount,
-                    at_ms: d.received_ms,
-                };
-                pending.put(
-                    Cf::Ledger,
-                    keys::ledger(&d.merchant, &a.partner_id, &entry.entry_id),
-                    codec::encode(&entry),
-                )?;
-                pending.ledger.push(LedgerKind::Commission);
+                super::money::credit(pending, &mut rec, &partner, plan, d.received_ms)?;
             }
         }
         pending.put(Cf::Conversions, key, codec::encode(&rec))?;
@@ -366,7 +403,7 @@ impl Writer {
 }
 
 fn refused(conflict: bool, code: &'static str, field: Option<&'static str>, detail: String) -> WriteError {
-    WriteError::Refused(Refusal { conflict, code, field, detail })
+    WriteError::Refused(Refusal { conflict, code, field, detail, current_status: None })
 }
 
 /// Checks an entity write against the catalog, puts it in `batch` and applies it to
@@ -594,5 +631,13 @@ impl Facts for BatchFacts<'_, '_> {
 
     fn coupon_owner(&self, coupon: &str) -> Result<Option<Partner>, StoreError> {
         Ok(self.catalog.coupon_owner(self.merchant, coupon).cloned())
+    }
+
+    fn account(&self, account: &str) -> Result<Option<AccountRecord>, StoreError> {
+        self.pending.read(Cf::Accounts, &keys::account(self.merchant, account))
+    }
+
+    fn customer(&self, customer_id: &str) -> Result<Option<CustomerBinding>, StoreError> {
+        self.pending.read(Cf::Customers, &keys::customer(self.merchant, customer_id))
     }
 }

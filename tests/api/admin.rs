@@ -66,7 +66,16 @@ async fn bad_admin_bodies_are_422_naming_the_field() {
             json!({"currency": "USD", "rules": [{"event": "sale", "flat": "1.001"}]}),
             "rules[0].flat",
         ),
-        ("/admin/v1/merchants/shop/plans/p", json!({"currency": "USD", "rules": [], "tiers": []}), "tiers"),
+        (
+            "/admin/v1/merchants/shop/plans/p",
+            json!({"currency": "USD", "rules": [], "tiers": [{"min_sales": 5, "percent": "20"}, {"min_sales": 5, "percent": "25"}]}),
+            "tiers",
+        ),
+        (
+            "/admin/v1/merchants/shop/plans/p",
+            json!({"currency": "USD", "rules": [], "caps": {"monthly_commission": "x"}}),
+            "caps.monthly_commission",
+        ),
     ];
     for (path, body, field) in cases {
         let r = app.admin(Method::PUT, path, Some(body.clone())).await;

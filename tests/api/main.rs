@@ -8,6 +8,7 @@ mod cli;
 mod clicks;
 mod conversions;
 mod crash;
+mod engine;
 mod helpers;
 mod observability;
 mod postbacks;

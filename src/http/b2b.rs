@@ -1,0 +1,173 @@
+//! The partner API (deal registration) and the merchant's money and CRM calls:
+//! adjustments and touches (SPEC 5.1, 8, 9).
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::problem::ApiError;
+use super::public::{signed, Sender};
+use super::views::{ConversionView, LedgerEntryView};
+use super::{json, Body, Ctx};
+use crate::domain::account::{check_text_id, normalize_account, DealBody, Touch, TouchBody, TouchKind};
+use crate::domain::clock::{format_rfc3339, parse_rfc3339};
+use crate::domain::conversion::{AdjustmentBody, MAX_AGE_DAYS, MAX_AHEAD_SECONDS};
+use crate::domain::plan::DEFAULT_DEAL_TTL_DAYS;
+use crate::domain::FieldError;
+use crate::store::{AdjustOutcome, DealDraft, Refusal};
+
+fn replayed(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    resp
+}
+
+/// A time given by the caller: at most 400 days old, at most 5 minutes ahead.
+fn past_time(field: &str, text: Option<&str>, now: i64) -> Result<i64, FieldError> {
+    let Some(text) = text else { return Ok(now) };
+    let at = parse_rfc3339(text).map_err(|e| FieldError::new(field, e))?;
+    if at < now - MAX_AGE_DAYS * 86_400_000 || at > now + MAX_AHEAD_SECONDS * 1000 {
+        return Err(FieldError::new(field, "must be within the last 400 days and not in the future"));
+    }
+    Ok(at)
+}
+
+/// `POST /v1/partners/{partner_id}/deals`, signed with the partner's secret.
+pub(super) async fn register_deal(
+    ctx: &Ctx,
+    partner_raw: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let s = signed(ctx, Sender::Partner(partner_raw), req, ctx.settings.http.max_body_bytes).await?;
+    let Some(partner) = s.partner.clone() else { return Err(ApiError::NotFound) };
+    let body: DealBody = s.parse(ctx)?;
+    if let Err(e) = check_text_id("deal_id", &body.deal_id) {
+        return s.refuse(ctx, e);
+    }
+    if let Some(o) = &body.opportunity_id {
+        if let Err(e) = check_text_id("opportunity_id", o) {
+            return s.refuse(ctx, e);
+        }
+    }
+    let account = match normalize_account(&body.account) {
+        Ok(a) => a,
+        Err(e) => return s.refuse(ctx, FieldError::new("account", e)),
+    };
+    let registered_ms = match past_time("registered_at", body.registered_at.as_deref(), s.now) {
+        Ok(t) => t,
+        Err(e) => return s.refuse(ctx, e),
+    };
+    let catalog = ctx.store.catalog();
+    let plan_id = catalog
+        .partner_of(&s.merchant, &partner)
+        .and_then(|p| p.plan_id.clone())
+        .or_else(|| catalog.merchants.get(&s.merchant).and_then(|m| m.default_plan_id.clone()));
+    let ttl_days = plan_id
+        .and_then(|id| catalog.plan_at(&s.merchant, &id, registered_ms).map(|p| p.deal_ttl_days))
+        .unwrap_or(DEFAULT_DEAL_TTL_DAYS);
+    let draft = DealDraft {
+        merchant: s.merchant.clone(),
+        partner,
+        deal_id: body.deal_id,
+        account,
+        opportunity_id: body.opportunity_id,
+        registered_ms,
+        ttl_days,
+    };
+    let (answer, replay) = ctx.store.register_deal(draft).await?;
+    let resp = if answer.status == 409 {
+        // Never says who holds the account.
+        let e = ApiError::Refused(Refusal {
+            conflict: true,
+            code: "account_already_registered",
+            field: Some("account"),
+            detail: format!(
+                "account {} is already registered by another partner; your registration is recorded as a touch",
+                answer.account
+            ),
+            current_status: None,
+        });
+        e.into_response()
+    } else {
+        let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+        json(
+            status,
+            &json!({
+                "deal_id": answer.deal_id,
+                "account": answer.account,
+                "status": "accepted",
+                "source_of_record": answer.source_of_record,
+                "expires_at": answer.expires_ms.map(format_rfc3339),
+            }),
+        )
+    };
+    Ok(if replay { replayed(resp) } else { resp })
+}
+
+/// `POST /v1/merchants/{id}/touches`: a partner influenced an account (from the CRM).
+pub(super) async fn touch(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let s = signed(ctx, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
+    let body: TouchBody = s.parse(ctx)?;
+    let account = match normalize_account(&body.account) {
+        Ok(a) => a,
+        Err(e) => return s.refuse(ctx, FieldError::new("account", e)),
+    };
+    if ctx.store.catalog().partner_of(&s.merchant, &body.partner_id).is_none() {
+        return s.refuse(ctx, FieldError::new("partner_id", "is not a partner of this merchant"));
+    }
+    let label = body.kind.unwrap_or_else(|| "crm".into());
+    if let Err(e) = check_text_id("kind", &label) {
+        return s.refuse(ctx, e);
+    }
+    let at_ms = match past_time("occurred_at", body.occurred_at.as_deref(), s.now) {
+        Ok(t) => t,
+        Err(e) => return s.refuse(ctx, e),
+    };
+    let touch = Touch { partner_id: body.partner_id.clone(), kind: TouchKind::Crm, label: label.clone(), at_ms };
+    ctx.store.touch(s.merchant.clone(), account.clone(), touch).await?;
+    let answer =
+        json!({"account": account, "partner_id": body.partner_id, "kind": label, "occurred_at": format_rfc3339(at_ms)});
+    Ok(json(StatusCode::CREATED, &answer))
+}
+
+/// `POST /v1/merchants/{id}/adjustments`: refund, chargeback, approve, reject.
+pub(super) async fn adjust(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let s = signed(ctx, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
+    let input = match s.parse::<AdjustmentBody>(ctx)?.into_input() {
+        Ok(i) => i,
+        Err(e) => return s.refuse(ctx, e),
+    };
+    let (stored, rec, replay) = match ctx.store.adjust(s.merchant.clone(), input, s.now).await? {
+        AdjustOutcome::Applied(a, r) => (a, r, false),
+        AdjustOutcome::Replay(a, r) => (a, r, true),
+        AdjustOutcome::Refused { status, code, field, detail, current } => {
+            s.release(ctx);
+            let e = ApiError::Refused(Refusal {
+                conflict: status == 409,
+                code,
+                field,
+                detail,
+                current_status: current.map(|c| c.as_str()),
+            });
+            return Err(e);
+        }
+    };
+    let ledger = match &rec.attribution {
+        Some(_) => {
+            let all = ctx.store.ledger_for_conversion(&rec).await?;
+            all.into_iter().filter(|e| stored.ledger_entries.contains(&e.entry_id)).collect()
+        }
+        None => Vec::new(),
+    };
+    let body = json!({
+        "adjustment_id": stored.input.adjustment_id,
+        "txn_id": stored.input.txn_id,
+        "kind": stored.input.kind.as_str(),
+        "amount": stored.amount.map(|m| json!({"amount": m.amount_text(), "currency": m.currency.to_string()})),
+        "status": stored.status_after.as_str(),
+        "ledger": ledger.iter().map(LedgerEntryView::from).collect::<Vec<_>>(),
+        "conversion": ConversionView::new(&rec, false),
+    });
+    let status = if replay { StatusCode::OK } else { StatusCode::CREATED };
+    let resp = json(status, &body);
+    Ok(if replay { replayed(resp) } else { resp })
+}
