@@ -396,6 +396,31 @@ impl Store {
         .await
     }
 
+    /// Every ledger entry of one partner, oldest first.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn ledger_entries(
+        &self,
+        merchant: &MerchantId,
+        partner: &PartnerId,
+    ) -> Result<Vec<LedgerEntry>, StoreError> {
+        let prefix = keys::ledger_prefix(merchant, partner);
+        let shared = Arc::clone(&self.shared);
+        blocking(move || {
+            let mut out = Vec::new();
+            for item in shared.db.prefix_iterator_cf(shared.cf(Cf::Ledger)?, &prefix) {
+                let (k, v) = item?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                out.push(codec::decode(&v)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Every ledger entry of a conversion: its sourced partner's and its influencers'.
     ///
     /// # Errors
@@ -477,6 +502,14 @@ impl Store {
         if let Err(e) = self.shared.db.flush_wal(true) {
             tracing::error!(error = %e, "final WAL sync failed");
         }
+    }
+}
+
+impl Store {
+    /// [`Store::shutdown`] from inside an async context (tests): runs it on a blocking thread.
+    pub fn shutdown_blocking_in_place(&self) {
+        let store = self.clone();
+        let _ = std::thread::spawn(move || store.shutdown()).join();
     }
 }
 

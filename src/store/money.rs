@@ -221,10 +221,12 @@ fn reverse_to(
     }
     let mut ids = Vec::new();
     for (partner, amount) in credited {
-        let reversed =
-            |refunded: i64| if full { amount.minor } else { commission::proportional(amount.minor, refunded, total) };
-        let before = if refunded_before == 0 { 0 } else { reversed(refunded_before) };
-        let delta = reversed(refunded_after) - before;
+        // `before` is always the proportional share: `full` only decides the last step, so a
+        // rejection after a partial refund takes back exactly what is left.
+        let before =
+            if refunded_before == 0 { 0 } else { commission::proportional(amount.minor, refunded_before, total) };
+        let after = if full { amount.minor } else { commission::proportional(amount.minor, refunded_after, total) };
+        let delta = after - before;
         if delta != 0 {
             ids.push(append(pending, rec, &partner, kind, Money { minor: -delta, currency: amount.currency }, at)?);
         }

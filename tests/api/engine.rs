@@ -261,6 +261,11 @@ async fn refunds_chargebacks_and_status_moves() {
     let rej = adjust(&app, &secret, json!({"adjustment_id": "adj-6", "txn_id": "j-1", "kind": "reject"})).await;
     assert_eq!(rej.json()["status"], "rejected");
     assert_eq!(ledger_sum(&view(&app, "shop", "j-1").await, "alpha"), 0);
+    // Found by the ledger property test: a rejection after a partial refund takes back the rest.
+    assert_eq!(app.convert("shop", &secret, &sale("k-1")).await.status, 201);
+    adjust(&app, &secret, json!({"adjustment_id": "adj-8", "txn_id": "k-1", "kind": "refund", "amount": "0.01"})).await;
+    adjust(&app, &secret, json!({"adjustment_id": "adj-9", "txn_id": "k-1", "kind": "reject"})).await;
+    assert_eq!(ledger_sum(&view(&app, "shop", "k-1").await, "alpha"), 0);
     let unknown = adjust(&app, &secret, json!({"adjustment_id": "adj-7", "txn_id": "nope", "kind": "approve"})).await;
     assert_eq!(unknown.status, 422);
 }

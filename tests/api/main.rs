@@ -10,6 +10,7 @@ mod conversions;
 mod crash;
 mod engine;
 mod helpers;
+mod ledger_props;
 mod observability;
 mod postbacks;
 mod signatures;

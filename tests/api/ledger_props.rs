@@ -1,0 +1,231 @@
+//! Property: for any sequence of conversions and adjustments, every partner's ledger
+//! balance is the sum of its commissions minus what refunds, chargebacks and rejections
+//! took back; no entry is ever changed; the same sequence gives the same ledger.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use tally::domain::account::{Touch, TouchKind};
+use tally::domain::conversion::{
+    AdjustmentInput, AdjustmentKind, AttributionKeys, ConversionInput, ConversionRecord, ConversionStatus,
+};
+use tally::domain::entities::{Merchant, Partner, PartnerKind, Status};
+use tally::domain::ids::{MerchantId, PartnerId, PlanId, TxnId};
+use tally::domain::ledger::LedgerEntry;
+use tally::domain::money::{Currency, Money};
+use tally::domain::plan::PlanBody;
+use tally::signing::WebhookSecret;
+use tally::store::{DealDraft, Durability, EntityOp, Store, StoreOptions};
+
+#[derive(Debug, Clone)]
+enum Step {
+    Convert { n: u8, cents: i64, via_account: bool },
+    Refund { n: u8, cents: i64 },
+    Chargeback { n: u8 },
+    Approve { n: u8 },
+    Reject { n: u8 },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0u8..6, 1i64..50_000, any::<bool>()).prop_map(|(n, cents, via_account)| Step::Convert { n, cents, via_account }),
+        3 => (0u8..6, 1i64..30_000).prop_map(|(n, cents)| Step::Refund { n, cents }),
+        1 => (0u8..6).prop_map(|n| Step::Chargeback { n }),
+        1 => (0u8..6).prop_map(|n| Step::Approve { n }),
+        1 => (0u8..6).prop_map(|n| Step::Reject { n }),
+    ]
+}
+
+const T0: i64 = 1_790_000_000_000;
+
+fn m() -> MerchantId {
+    MerchantId::parse("pm").unwrap()
+}
+
+fn usd(cents: i64) -> Money {
+    Money { minor: cents, currency: Currency::parse("USD").unwrap() }
+}
+
+fn partner(id: &str) -> Partner {
+    Partner {
+        id: PartnerId::parse(id).unwrap(),
+        merchant_id: m(),
+        name: id.into(),
+        kind: PartnerKind::Affiliate,
+        tier: None,
+        status: Status::Active,
+        coupons: vec![],
+        outbound: None,
+        plan_id: None,
+        created_ms: T0,
+    }
+}
+
+async fn open(dir: &std::path::Path) -> Store {
+    let opts = StoreOptions {
+        data_dir: dir.to_path_buf(),
+        durability: Durability::Buffered,
+        wal_sync_interval: std::time::Duration::from_millis(100),
+        queue_capacity: 64,
+        max_batch: 64,
+        unique_window_ms: 86_400_000,
+        block_cache_bytes: 8 << 20,
+        write_buffer_bytes: 4 << 20,
+    };
+    let store = Store::open(&opts, Arc::new(tally::metrics::Metrics::new())).unwrap();
+    let merchant = Merchant {
+        id: m(),
+        name: "Prop".into(),
+        postback_token: false,
+        allowed_ips: vec![],
+        default_plan_id: Some(PlanId::parse("p").unwrap()),
+        created_ms: T0,
+    };
+    store.apply(EntityOp::Merchant { merchant, secret: WebhookSecret::generate(), token_hash: None }).await.unwrap();
+    let body: PlanBody = serde_json::from_str(
+        r#"{"currency":"USD","influence_percent":"5","rules":[{"event":"sale","percent":"12.5","flat":"0.99"}]}"#,
+    )
+    .unwrap();
+    store.put_plan(body.into_plan(m(), PlanId::parse("p").unwrap(), 0).unwrap()).await.unwrap();
+    for p in ["alpha", "beta"] {
+        store.put_partner(partner(p), WebhookSecret::generate()).await.unwrap();
+    }
+    let draft = DealDraft {
+        merchant: m(),
+        partner: PartnerId::parse("alpha").unwrap(),
+        deal_id: "D".into(),
+        account: "acme.com".into(),
+        opportunity_id: None,
+        registered_ms: T0,
+        ttl_days: 180,
+    };
+    store.register_deal(draft).await.unwrap();
+    let touch =
+        Touch { partner_id: PartnerId::parse("beta").unwrap(), kind: TouchKind::Crm, label: "crm".into(), at_ms: T0 };
+    store.touch(m(), "acme.com".into(), touch).await.unwrap();
+    store
+}
+
+/// Runs the steps; returns every partner's entries, checking after each step that no
+/// entry seen before was changed or removed.
+async fn run(steps: &[Step], dir: &std::path::Path) -> (Store, BTreeMap<String, Vec<LedgerEntry>>) {
+    let store = open(dir).await;
+    let mut seen: BTreeMap<String, LedgerEntry> = BTreeMap::new();
+    for (i, s) in steps.iter().enumerate() {
+        let now = T0 + 1000 * (i as i64 + 1);
+        let txn = |n: &u8| TxnId::parse(&format!("t{n}")).unwrap();
+        let adjust = |n: &u8, kind: AdjustmentKind, amount: Option<i64>| AdjustmentInput {
+            adjustment_id: format!("a{i}"),
+            txn_id: txn(n),
+            kind,
+            amount_text: amount.map(|c| usd(c).amount_text()),
+        };
+        match s {
+            Step::Convert { n, cents, via_account } => {
+                let keys = if *via_account {
+                    AttributionKeys { account: Some("acme.com".into()), ..Default::default() }
+                } else {
+                    AttributionKeys { partner_id: Some(PartnerId::parse("beta").unwrap()), ..Default::default() }
+                };
+                let input = ConversionInput {
+                    txn_id: txn(n),
+                    event: "sale".into(),
+                    amount: Some(usd(*cents)),
+                    occurred_ms: now,
+                    keys,
+                    metadata: None,
+                };
+                store.convert(m(), input, now).await.unwrap();
+            }
+            Step::Refund { n, cents } => {
+                store.adjust(m(), adjust(n, AdjustmentKind::Refund, Some(*cents)), now).await.unwrap();
+            }
+            Step::Chargeback { n } => {
+                store.adjust(m(), adjust(n, AdjustmentKind::Chargeback, None), now).await.unwrap();
+            }
+            Step::Approve { n } => {
+                store.adjust(m(), adjust(n, AdjustmentKind::Approve, None), now).await.unwrap();
+            }
+            Step::Reject { n } => {
+                store.adjust(m(), adjust(n, AdjustmentKind::Reject, None), now).await.unwrap();
+            }
+        }
+        for p in ["alpha", "beta"] {
+            let entries = store.ledger_entries(&m(), &PartnerId::parse(p).unwrap()).await.unwrap();
+            let ids: Vec<String> = entries.iter().map(|e| e.entry_id.to_string()).collect();
+            for (id, old) in seen.iter().filter(|(_, e)| e.partner_id.as_str() == p) {
+                assert!(ids.contains(id), "entry {id} disappeared");
+                assert_eq!(entries.iter().find(|e| e.entry_id.to_string() == *id), Some(old), "entry {id} changed");
+            }
+            for e in entries {
+                seen.insert(e.entry_id.to_string(), e);
+            }
+        }
+    }
+    let mut by_partner = BTreeMap::new();
+    for p in ["alpha", "beta"] {
+        by_partner.insert(p.to_string(), store.ledger_entries(&m(), &PartnerId::parse(p).unwrap()).await.unwrap());
+    }
+    (store, by_partner)
+}
+
+/// What each partner must hold: for every live conversion, what was credited minus the
+/// proportional share of what was refunded; nothing for rejected or reversed ones.
+async fn expected(store: &Store) -> BTreeMap<String, i64> {
+    let mut want = BTreeMap::from([("alpha".to_string(), 0), ("beta".to_string(), 0)]);
+    for n in 0..6 {
+        let Some(rec): Option<ConversionRecord> =
+            store.conversion(&m(), &TxnId::parse(&format!("t{n}")).unwrap()).await.unwrap()
+        else {
+            continue;
+        };
+        if matches!(rec.status, ConversionStatus::Rejected | ConversionStatus::Reversed) {
+            continue;
+        }
+        let total = rec.amount.unwrap().minor;
+        let a = rec.attribution.as_ref().unwrap();
+        let mut credited = vec![(a.partner_id.to_string(), rec.commission.as_ref().map_or(0, |c| c.amount.minor))];
+        credited.extend(a.influencers.iter().map(|i| (i.partner_id.to_string(), i.commission.map_or(0, |c| c.minor))));
+        for (p, amount) in credited {
+            let kept = amount - tally::commission::proportional(amount, rec.refunded_minor, total);
+            *want.get_mut(&p).unwrap() += if rec.refunded_minor == 0 { amount } else { kept };
+        }
+    }
+    want
+}
+
+fn shape(ledger: &BTreeMap<String, Vec<LedgerEntry>>) -> Vec<(String, String, String, i64)> {
+    let mut rows: Vec<_> = ledger
+        .values()
+        .flatten()
+        .map(|e| (e.partner_id.to_string(), e.txn_id.to_string(), e.kind.as_str().to_string(), e.amount.minor))
+        .collect();
+    rows.sort();
+    rows
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn ledger_balances_are_commissions_minus_reversals(steps in proptest::collection::vec(step(), 1..30)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, ledger) = run(&steps, dir.path()).await;
+            let want = expected(&store).await;
+            for (p, entries) in &ledger {
+                let balance: i64 = entries.iter().map(|e| e.amount.minor).sum();
+                assert_eq!(balance, want[p], "partner {p}: {entries:#?}");
+                assert!(balance >= 0, "a partner never owes more than it was credited");
+            }
+            store.shutdown_blocking_in_place();
+
+            let again = tempfile::tempdir().unwrap();
+            let (store2, ledger2) = run(&steps, again.path()).await;
+            assert_eq!(shape(&ledger), shape(&ledger2), "the same sequence gives the same ledger");
+            store2.shutdown_blocking_in_place();
+        });
+    }
+}
