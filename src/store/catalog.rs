@@ -92,3 +92,30 @@ impl CatalogCell {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::plan::PlanBody;
+
+    #[test]
+    fn the_plan_in_force_when_the_conversion_occurred_governs() {
+        let m = MerchantId::parse("m").unwrap();
+        let id = PlanId::parse("std").unwrap();
+        let version = |percent: &str, from: i64| {
+            let body: PlanBody = serde_json::from_str(&format!(
+                r#"{{"currency":"USD","rules":[{{"event":"sale","percent":"{percent}"}}]}}"#
+            ))
+            .unwrap();
+            body.into_plan(m.clone(), id.clone(), from).unwrap()
+        };
+        let mut c = Catalog::default();
+        c.insert_plan(version("20", 1000));
+        c.insert_plan(version("25", 2000));
+        let pct = |at: i64| c.plan_at(&m, &id, at).unwrap().rules[0].percent.unwrap().text();
+        assert_eq!(pct(999), "20", "before the first version: the first version");
+        assert_eq!(pct(1999), "20");
+        assert_eq!(pct(2000), "25", "a version is in force from its start");
+        assert_eq!(c.current_plan(&m, &id).unwrap().version_from_ms, 2000);
+    }
+}
