@@ -55,6 +55,31 @@ fn field(at: &str, e: crate::domain::FieldError) -> Problem {
     Problem { key: format!("{at}.{}", e.field), problem: e.detail }
 }
 
+/// Parses the seeds of one merchant-scoped section (`merchant_id` and `id` plus the admin
+/// body), collecting every problem.
+fn scoped<I, B: DeserializeOwned, T>(
+    raws: &[Map<String, Value>],
+    section: &str,
+    parse_id: fn(&str) -> Result<I, String>,
+    build: fn(B, MerchantId, I, UnixMillis) -> Result<T, crate::domain::FieldError>,
+    problems: &mut Vec<Problem>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for (i, raw) in raws.iter().enumerate() {
+        let at = format!("{section}[{i}]");
+        let mut map = raw.clone();
+        let r = take_id(&mut map, "merchant_id", &at, MerchantId::parse).and_then(|m| {
+            let id = take_id(&mut map, "id", &at, parse_id)?;
+            build(body::<B>(map, &at)?, m, id, 0).map_err(|e| field(&at, e))
+        });
+        match r {
+            Ok(t) => out.push(t),
+            Err(p) => problems.push(p),
+        }
+    }
+    out
+}
+
 /// Parses every seed; all problems are reported, each with its key.
 ///
 /// # Errors
@@ -73,42 +98,9 @@ pub fn parse(settings: &Settings) -> Result<Seeds, Vec<Problem>> {
             Err(p) => problems.push(p),
         }
     }
-    for (i, raw) in settings.plans.iter().enumerate() {
-        let at = format!("plans[{i}]");
-        let mut map = raw.clone();
-        let r = take_id(&mut map, "merchant_id", &at, MerchantId::parse).and_then(|m| {
-            let id = take_id(&mut map, "id", &at, PlanId::parse)?;
-            body::<PlanBody>(map, &at)?.into_plan(m, id, 0).map_err(|e| field(&at, e))
-        });
-        match r {
-            Ok(p) => seeds.plans.push(p),
-            Err(p) => problems.push(p),
-        }
-    }
-    for (i, raw) in settings.partners.iter().enumerate() {
-        let at = format!("partners[{i}]");
-        let mut map = raw.clone();
-        let r = take_id(&mut map, "merchant_id", &at, MerchantId::parse).and_then(|m| {
-            let id = take_id(&mut map, "id", &at, PartnerId::parse)?;
-            body::<PartnerBody>(map, &at)?.into_partner(m, id, 0).map_err(|e| field(&at, e))
-        });
-        match r {
-            Ok(p) => seeds.partners.push(p),
-            Err(p) => problems.push(p),
-        }
-    }
-    for (i, raw) in settings.links.iter().enumerate() {
-        let at = format!("links[{i}]");
-        let mut map = raw.clone();
-        let r = take_id(&mut map, "merchant_id", &at, MerchantId::parse).and_then(|m| {
-            let id = take_id(&mut map, "id", &at, LinkId::parse)?;
-            body::<LinkBody>(map, &at)?.into_link(m, id, 0).map_err(|e| field(&at, e))
-        });
-        match r {
-            Ok(l) => seeds.links.push(l),
-            Err(p) => problems.push(p),
-        }
-    }
+    seeds.plans = scoped(&settings.plans, "plans", PlanId::parse, PlanBody::into_plan, &mut problems);
+    seeds.partners = scoped(&settings.partners, "partners", PartnerId::parse, PartnerBody::into_partner, &mut problems);
+    seeds.links = scoped(&settings.links, "links", LinkId::parse, LinkBody::into_link, &mut problems);
     if problems.is_empty() {
         Ok(seeds)
     } else {

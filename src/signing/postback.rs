@@ -8,7 +8,6 @@ use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
 
 use super::SignatureFailure;
 
@@ -119,15 +118,7 @@ pub fn verify<'k>(
     let raw = URL_SAFE_NO_PAD.decode(b64).or_else(|_| URL_SAFE.decode(b64)).map_err(|_| SignatureFailure::Malformed)?;
     let given = <[u8; 32]>::try_from(raw.as_slice()).map_err(|_| SignatureFailure::Malformed)?;
     let canonical = query.canonical();
-    let mut matched = subtle::Choice::from(0u8);
-    for key in keys {
-        matched |= mac(key, path, &canonical).ct_eq(&given);
-    }
-    if bool::from(matched) {
-        Ok(())
-    } else {
-        Err(SignatureFailure::Mismatch)
-    }
+    super::any_match(keys.into_iter().map(|key| mac(key, path, &canonical)), &[given])
 }
 
 #[cfg(test)]
