@@ -49,5 +49,72 @@ fn parse_conversion(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, signature, ids_and_keys, parse_conversion);
+fn canonical_query(c: &mut Criterion) {
+    let raw = "txn_id=order-1001&amount=149.90&currency=USD&click_id=01JD0000000000000000000000&event=sale&coupon=SPRING%2025&ts=1790000000&sig=v1,abc";
+    let mut g = c.benchmark_group("postback");
+    g.throughput(Throughput::Bytes(raw.len() as u64));
+    g.bench_function("parse_and_canonicalize_query", |b| {
+        b.iter(|| tally::signing::postback::Query::parse(black_box(raw)).unwrap().canonical())
+    });
+    g.finish();
+}
+
+fn attribution_decision(c: &mut Criterion) {
+    use std::convert::Infallible;
+    use tally::attribution::{decide, ClickFacts, Facts};
+    use tally::domain::account::{AccountRecord, CustomerBinding};
+    use tally::domain::conversion::AttributionKeys;
+    use tally::domain::entities::{Partner, PartnerKind, Status};
+    use tally::domain::ids::{LinkId, PartnerId};
+
+    struct One(Partner, ClickFacts);
+    impl Facts for One {
+        type Error = Infallible;
+        fn partner(&self, _: &PartnerId) -> Result<Option<Partner>, Infallible> {
+            Ok(Some(self.0.clone()))
+        }
+        fn click(&self, _: &Ulid) -> Result<Option<ClickFacts>, Infallible> {
+            Ok(Some(self.1.clone()))
+        }
+        fn coupon_owner(&self, _: &str) -> Result<Option<Partner>, Infallible> {
+            Ok(None)
+        }
+        fn account(&self, _: &str) -> Result<Option<AccountRecord>, Infallible> {
+            Ok(None)
+        }
+        fn customer(&self, _: &str) -> Result<Option<CustomerBinding>, Infallible> {
+            Ok(None)
+        }
+    }
+    let t0 = 1_790_000_000_000;
+    let click_id = Ulid::mint(t0);
+    let partner = Partner {
+        id: PartnerId::parse("ann").unwrap(),
+        merchant_id: MerchantId::parse("m").unwrap(),
+        name: "Ann".into(),
+        kind: PartnerKind::Affiliate,
+        tier: None,
+        status: Status::Active,
+        coupons: vec![],
+        outbound: None,
+        plan_id: None,
+        created_ms: 0,
+    };
+    let click = ClickFacts {
+        click_id,
+        link_id: LinkId::parse("spring").unwrap(),
+        partner_id: partner.id.clone(),
+        at_ms: t0,
+        window_days: 30,
+        min_ctit_seconds: 0,
+    };
+    let facts = One(partner, click);
+    let keys = AttributionKeys { click_id: Some(click_id.to_string()), ..Default::default() };
+    let mut g = c.benchmark_group("attribution");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("click_rule_decision", |b| b.iter(|| decide(black_box(&keys), t0 + 86_400_000, &facts).unwrap()));
+    g.finish();
+}
+
+criterion_group!(benches, signature, ids_and_keys, parse_conversion, canonical_query, attribution_decision);
 criterion_main!(benches);

@@ -1,7 +1,7 @@
 //! Load benchmark: tally side by side with a bare hyper server that answers 204, driven
 //! by the same client with the same connections and duration.
 //!
-//! `cargo bench --bench load -- [--duration SECS] [--connections N] [--workload NAME]`
+//! `cargo bench --bench load -- [--duration SECS] [--connections N] [--workload NAME] [--open-loop]`
 //! Workloads: clicks, conversions (unique txn_ids, durability fsync), duplicates, mixed
 //! (90 % clicks / 10 % conversions), all (default). Needs the release binary:
 //! `cargo build --release` first (the bench target does not build it).
@@ -178,11 +178,16 @@ fn request(target: &Target, workload: Workload, conn: usize, n: u64, ts: i64) ->
         .unwrap()
 }
 
+/// Drives `target`. `rate: None` is closed loop (each connection sends as soon as its
+/// previous answer arrived); `Some(r)` is open loop at `r` requests/s in total, spread
+/// over the connections, with latency measured from each request's *scheduled* time, so
+/// a slow answer is charged to every request it delayed (no coordinated omission).
 async fn run(
     target: &Target,
     workload: Workload,
     connections: usize,
     duration: Duration,
+    rate: Option<f64>,
 ) -> (u64, u64, hdrhistogram::Histogram<u64>, f64) {
     let ts = now_secs();
     let deadline = Instant::now() + duration;
@@ -198,10 +203,22 @@ async fn run(
             let (mut sender, conn_task) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
             tokio::spawn(conn_task);
             let mut n = 0u64;
+            let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
+            let first = started + interval.map_or(Duration::ZERO, |i| i.mul_f64(conn as f64 / connections as f64));
             while Instant::now() < deadline {
                 let req = request(&target, workload, conn, n, ts);
+                let t0 = match interval {
+                    None => Instant::now(),
+                    Some(i) => {
+                        let scheduled = first + i.mul_f64(n as f64);
+                        if scheduled >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep_until(scheduled.into()).await;
+                        scheduled
+                    }
+                };
                 n += 1;
-                let t0 = Instant::now();
                 match sender.send_request(req).await {
                     Ok(resp) => {
                         let status = resp.status().as_u16();
@@ -254,7 +271,12 @@ async fn main() {
     let (_child, tally_addr, secret) = start_tally(dir.path()).await;
     let tally = Target { name: "tally", addr: tally_addr, secret: Some(secret) };
 
-    println!("{connections} connections, {}s per run, closed loop", duration.as_secs());
+    let open_loop = std::env::args().any(|a| a == "--open-loop");
+    println!(
+        "{connections} connections, {}s per run, {}",
+        duration.as_secs(),
+        if open_loop { "open loop at half the bare server's closed-loop maximum" } else { "closed loop" }
+    );
     println!(
         "{:<12} {:<11} {:>10} {:>7} {:>10} {:>8} {:>8} {:>9} {:>8}",
         "workload", "target", "requests", "errors", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "ratio"
@@ -262,8 +284,14 @@ async fn main() {
     let mut rows = Vec::new();
     for w in workloads {
         let mut bare_rps = None;
+        let rate = if open_loop {
+            let (ok, _, _, secs) = run(&bare, w, connections, duration, None).await;
+            Some(ok as f64 / secs / 2.0)
+        } else {
+            None
+        };
         for target in [&bare, &tally] {
-            let (ok, errors, h, secs) = run(target, w, connections, duration).await;
+            let (ok, errors, h, secs) = run(target, w, connections, duration, rate).await;
             let rps = ok as f64 / secs;
             let ratio = bare_rps.map(|b: f64| rps / b);
             if target.name == "bare-hyper" {
@@ -298,7 +326,8 @@ async fn main() {
     let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("target"));
     let out = target.join("bench");
     let _ = std::fs::create_dir_all(&out);
-    let path = out.join(format!("load-{}.json", now_secs()));
+    let mode = if open_loop { "open" } else { "closed" };
+    let path = out.join(format!("load-{mode}-{}.json", now_secs()));
     let _ = std::fs::write(&path, serde_json::to_vec_pretty(&rows).unwrap());
     println!("written to {}", path.display());
 }
