@@ -146,6 +146,15 @@ async fn start_tally(dir: &std::path::Path) -> (tokio::process::Child, SocketAdd
     (child, public, Arc::new(secret))
 }
 
+/// Current and peak resident memory of a process, in MiB (Linux `/proc`).
+fn rss_mib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb / 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
 fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
@@ -268,7 +277,8 @@ async fn main() {
     };
     let dir = tempfile::tempdir().unwrap();
     let bare = Target { name: "bare-hyper", addr: bare_server().await, secret: None };
-    let (_child, tally_addr, secret) = start_tally(dir.path()).await;
+    let (child, tally_addr, secret) = start_tally(dir.path()).await;
+    let tally_pid = child.id();
     let tally = Target { name: "tally", addr: tally_addr, secret: Some(secret) };
 
     let open_loop = std::env::args().any(|a| a == "--open-loop");
@@ -322,6 +332,9 @@ async fn main() {
             );
             rows.push(row);
         }
+    }
+    if let Some((rss, peak)) = tally_pid.and_then(rss_mib) {
+        println!("tally RSS after the runs: {rss} MiB (peak {peak} MiB; SPEC: <= 256 MiB)");
     }
     let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("target"));
     let out = target.join("bench");
