@@ -91,6 +91,13 @@ admin_addr = "127.0.0.1:0"
 [log]
 level = "error"
 format = "json"
+# One client IP drives the whole load: lift the per-IP and per-merchant limits so the
+# limiter code still runs but never refuses.
+[limits]
+clicks_per_ip_per_second = 100000000
+clicks_burst = 100000000
+merchant_per_second = 100000000
+merchant_burst = 100000000
 [[merchants]]
 id = "bench"
 name = "Bench Shop"

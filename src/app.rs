@@ -25,7 +25,7 @@ pub struct App {
     store: Store,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
-    sweeper: JoinHandle<()>,
+    sweepers: Vec<JoinHandle<()>>,
 }
 
 /// Why the gateway could not start.
@@ -96,14 +96,24 @@ impl App {
             Duration::from_millis(settings.holds.sweep_interval_ms),
         ));
         let replay = ReplayGuard::new(settings.signing.replay_window_seconds * 1000, settings.signing.replay_capacity);
-        let ctx =
-            Arc::new(Ctx { store: store.clone(), metrics, clock, settings, admin_token, replay: Mutex::new(replay) });
+        let limits = crate::limits::Limits::new(&settings.limits, governor::clock::DefaultClock::default());
+        let sweep_every = Duration::from_millis(settings.limits.sweep_interval_ms);
+        let ctx = Arc::new(Ctx {
+            store: store.clone(),
+            metrics,
+            clock,
+            settings,
+            admin_token,
+            replay: Mutex::new(replay),
+            limits,
+        });
+        let limiter_sweeper = tokio::spawn(sweep_limiters(Arc::clone(&ctx), sweep_every));
         let (shutdown, rx) = watch::channel(false);
         let servers = vec![
             tokio::spawn(http::serve(public, Arc::clone(&ctx), Listener::Public, rx.clone())),
             tokio::spawn(http::serve(admin, ctx, Listener::Admin, rx)),
         ];
-        Ok(App { public_addr, admin_addr, store, shutdown, servers, sweeper })
+        Ok(App { public_addr, admin_addr, store, shutdown, servers, sweepers: vec![sweeper, limiter_sweeper] })
     }
 
     pub fn public_addr(&self) -> SocketAddr {
@@ -122,7 +132,9 @@ impl App {
     /// then stops the writer and syncs the WAL.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        self.sweeper.abort();
+        for s in &self.sweepers {
+            s.abort();
+        }
         for s in self.servers {
             let _ = s.await;
         }
@@ -149,6 +161,20 @@ async fn sweep_holds(store: Store, clock: Arc<dyn Clock>, interval: Duration) {
             Ok(0) => {}
             Ok(n) => tracing::info!(approved = n, "hold periods ended; conversions approved"),
             Err(e) => tracing::warn!(error = %e, "hold sweep failed; retrying at the next interval"),
+        }
+    }
+}
+
+/// Drops idle rate-limiter keys every `interval`, on a blocking thread (the sweep walks
+/// whole tables), and publishes `tally_ratelimit_keys`.
+async fn sweep_limiters(ctx: Arc<Ctx>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let c = Arc::clone(&ctx);
+        if let Ok(keys) = tokio::task::spawn_blocking(move || c.limits.sweep()).await {
+            ctx.metrics.ratelimit_keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
         }
     }
 }

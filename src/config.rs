@@ -59,6 +59,7 @@ pub struct Settings {
     pub signing: SigningSettings,
     pub clicks: ClickSettings,
     pub holds: HoldSettings,
+    pub limits: crate::limits::LimitSettings,
     pub merchants: Vec<serde_json::Map<String, serde_json::Value>>,
     pub partners: Vec<serde_json::Map<String, serde_json::Value>>,
     pub links: Vec<serde_json::Map<String, serde_json::Value>>,
@@ -151,6 +152,7 @@ impl Default for Settings {
             signing: SigningSettings::default(),
             clicks: ClickSettings::default(),
             holds: HoldSettings::default(),
+            limits: crate::limits::LimitSettings::default(),
             merchants: Vec::new(),
             partners: Vec::new(),
             links: Vec::new(),
@@ -390,6 +392,17 @@ impl Settings {
         need(self.signing.replay_window_seconds > 0, "signing.replay_window_seconds", "must be at least 1");
         need(self.signing.replay_capacity > 0, "signing.replay_capacity", "must be at least 1");
         need(self.clicks.unique_window_hours > 0, "clicks.unique_window_hours", "must be at least 1");
+        let l = &self.limits;
+        for (ok, key) in [
+            (l.clicks_per_ip_per_second > 0 && l.clicks_burst > 0, "limits.clicks_per_ip_per_second"),
+            (l.failures_per_ip_per_minute > 0, "limits.failures_per_ip_per_minute"),
+            (l.merchant_per_second > 0 && l.merchant_burst > 0, "limits.merchant_per_second"),
+            (l.partner_per_second > 0 && l.partner_burst > 0, "limits.partner_per_second"),
+            (l.max_keys > 0, "limits.max_keys"),
+            (l.sweep_interval_ms >= 10, "limits.sweep_interval_ms"),
+        ] {
+            need(ok, key, "must be positive (rates and bursts at least 1, the sweep at least 10 ms)");
+        }
         need(self.holds.sweep_interval_ms >= 10, "holds.sweep_interval_ms", "must be at least 10");
         need(self.clicks.ipv4_prefix <= 32, "clicks.ipv4_prefix", "must be 0..32");
         need(self.clicks.ipv6_prefix <= 128, "clicks.ipv6_prefix", "must be 0..128");

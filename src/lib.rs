@@ -12,6 +12,7 @@
 //!   writer (group commit, exact dedupe) and the in-memory catalog of entities.
 //! - [`http`]: the only module that names hyper: accept loop, routing, handlers,
 //!   errors as problem+json.
+//! - [`limits`]: rate limits (governor), bounded.
 //! - [`metrics`], [`telemetry`], [`config`], [`seed`]: operations and configuration.
 //! - [`app`]: wiring; [`cli`]: subcommands. `main.rs` only calls [`cli::run`].
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ pub mod commission;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod seed;
 pub mod signing;

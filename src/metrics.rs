@@ -39,6 +39,7 @@ pub struct Metrics {
     pub storage_errors: IntCounter,
     pub storage_ready: IntGauge,
     pub replay_evictions: IntCounter,
+    pub ratelimit_keys: IntGauge,
     sst_bytes: IntGauge,
     memtable_bytes: IntGauge,
     estimated_keys: IntGauge,
@@ -141,6 +142,11 @@ impl Metrics {
                 r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("{e}"));
                 c
             },
+            ratelimit_keys: gauge(
+                &r,
+                "tally_ratelimit_keys",
+                "Keys held by the rate limiters (IPs, merchants, partners).",
+            ),
             sst_bytes: gauge(&r, "tally_storage_sst_bytes", "Bytes of RocksDB SST files."),
             memtable_bytes: gauge(&r, "tally_storage_memtable_bytes", "Bytes of RocksDB memtables."),
             estimated_keys: gauge(&r, "tally_storage_estimated_keys", "RocksDB's estimate of stored keys."),

@@ -1,6 +1,8 @@
 //! The partner API (deal registration) and the merchant's money and CRM calls:
 //! adjustments and touches (SPEC 5.1, 8, 9).
 
+use std::net::SocketAddr;
+
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
@@ -34,10 +36,11 @@ fn past_time(field: &str, text: Option<&str>, now: i64) -> Result<i64, FieldErro
 /// `POST /v1/partners/{partner_id}/deals`, signed with the partner's secret.
 pub(super) async fn register_deal(
     ctx: &Ctx,
+    peer: SocketAddr,
     partner_raw: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, Sender::Partner(partner_raw), req, ctx.settings.http.max_body_bytes).await?;
+    let s = signed(ctx, peer, Sender::Partner(partner_raw), req, ctx.settings.http.max_body_bytes).await?;
     let Some(partner) = s.partner.clone() else { return Err(ApiError::NotFound) };
     let body: DealBody = s.parse(ctx)?;
     if let Err(e) = check_text_id("deal_id", &body.deal_id) {
@@ -104,8 +107,13 @@ pub(super) async fn register_deal(
 }
 
 /// `POST /v1/merchants/{id}/touches`: a partner influenced an account (from the CRM).
-pub(super) async fn touch(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
+pub(super) async fn touch(
+    ctx: &Ctx,
+    peer: SocketAddr,
+    merchant_raw: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let s = signed(ctx, peer, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
     let body: TouchBody = s.parse(ctx)?;
     let account = match normalize_account(&body.account) {
         Ok(a) => a,
@@ -130,8 +138,13 @@ pub(super) async fn touch(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>)
 }
 
 /// `POST /v1/merchants/{id}/adjustments`: refund, chargeback, approve, reject.
-pub(super) async fn adjust(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
+pub(super) async fn adjust(
+    ctx: &Ctx,
+    peer: SocketAddr,
+    merchant_raw: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let s = signed(ctx, peer, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
     let input = match s.parse::<AdjustmentBody>(ctx)?.into_input() {
         Ok(i) => i,
         Err(e) => return s.refuse(ctx, e),

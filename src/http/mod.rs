@@ -42,6 +42,7 @@ pub struct Ctx {
     pub settings: Settings,
     pub admin_token: SecretString,
     pub replay: Mutex<ReplayGuard>,
+    pub limits: crate::limits::Limits,
 }
 
 /// Which listener a request came in on: the `listener` label.

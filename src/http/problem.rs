@@ -46,6 +46,8 @@ pub enum ApiError {
     InvalidQuery(String),
     #[error("token mode from an IP outside the merchant's allow-list")]
     TokenIpNotAllowed,
+    #[error("rate limited for {0:?}")]
+    RateLimited(std::time::Duration),
 }
 
 impl From<StoreError> for ApiError {
@@ -104,6 +106,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::InvalidQuery(_) => "invalid_query",
             ApiError::TokenIpNotAllowed => "ip_not_allowed",
+            ApiError::RateLimited(_) => "rate_limited",
         }
     }
 
@@ -117,6 +120,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MalformedJson(_) | ApiError::BadRequest(_) | ApiError::InvalidQuery(_) => StatusCode::BAD_REQUEST,
             ApiError::TokenIpNotAllowed => StatusCode::FORBIDDEN,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::DuplicateConflict { .. } => StatusCode::CONFLICT,
             ApiError::Refused(r) if r.conflict => StatusCode::CONFLICT,
@@ -149,6 +153,10 @@ impl ApiError {
             ApiError::Storage(_) => ("Service unavailable", "Storage is not accepting writes right now. Nothing was stored; retry later with the same request.".into()),
             ApiError::BadRequest(d) => ("Bad request", d.clone()),
             ApiError::InvalidQuery(d) => ("Invalid query", format!("The query string cannot be read: {d}.")),
+            ApiError::RateLimited(wait) => (
+                "Too many requests",
+                format!("Slow down: retry after {} s.", crate::limits::retry_after_secs(*wait)),
+            ),
             ApiError::TokenIpNotAllowed => (
                 "Forbidden",
                 "Postback tokens are accepted only from the merchant's allowed_ips; sign the URL instead.".into(),
@@ -201,6 +209,9 @@ impl ApiError {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             h.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        if let ApiError::RateLimited(wait) = &self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(crate::limits::retry_after_secs(*wait)));
         }
         if status == StatusCode::UNAUTHORIZED && matches!(self, ApiError::AdminUnauthorized) {
             h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

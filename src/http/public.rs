@@ -42,23 +42,23 @@ pub(super) async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) 
         }
         (_, ["pb", _]) => (Route::Postback, Err(ApiError::MethodNotAllowed)),
         (_, ["v1", "merchants", merchant, "conversions"]) if post => {
-            let r = conversion(ctx, merchant, req).await;
+            let r = conversion(ctx, peer, merchant, req).await;
             (Route::Conversion, count_conversion(ctx, r))
         }
         (_, ["v1", "merchants", merchant, "conversions", "batch"]) if post => {
-            (Route::ConversionBatch, batch(ctx, merchant, req).await)
+            (Route::ConversionBatch, batch(ctx, peer, merchant, req).await)
         }
         (_, ["v1", "merchants", merchant, "clicks"]) if post => {
             (Route::ServerClick, server_click(ctx, peer, merchant, req).await)
         }
         (_, ["v1", "merchants", merchant, "adjustments"]) if post => {
-            (Route::Adjustment, super::b2b::adjust(ctx, merchant, req).await)
+            (Route::Adjustment, super::b2b::adjust(ctx, peer, merchant, req).await)
         }
         (_, ["v1", "merchants", merchant, "touches"]) if post => {
-            (Route::Touch, super::b2b::touch(ctx, merchant, req).await)
+            (Route::Touch, super::b2b::touch(ctx, peer, merchant, req).await)
         }
         (_, ["v1", "partners", partner, "deals"]) if post => {
-            (Route::Deal, super::b2b::register_deal(ctx, partner, req).await)
+            (Route::Deal, super::b2b::register_deal(ctx, peer, partner, req).await)
         }
         (_, ["v1", "merchants", _, "adjustments" | "touches"] | ["v1", "partners", _, "deals"]) => {
             (Route::NotFound, Err(ApiError::MethodNotAllowed))
@@ -139,6 +139,12 @@ async fn click(
     link_raw: &str,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
+    if ctx.limits.enabled {
+        if let Err(wait) = ctx.limits.clicks.check(&peer.ip()) {
+            ctx.metrics.clicks.with_label_values(&["rate_limited"]).inc();
+            return Err(ApiError::RateLimited(wait));
+        }
+    }
     let link = LinkId::parse(link_raw).ok().and_then(|id| active_link(ctx, &id)).ok_or_else(|| {
         ctx.metrics.clicks.with_label_values(&["not_found"]).inc();
         ApiError::NotFound
@@ -264,10 +270,12 @@ impl Signed {
 /// Reads a body of at most `limit` bytes and verifies its signature; counts failures.
 pub(super) async fn signed(
     ctx: &Ctx,
+    peer: SocketAddr,
     sender: Sender<'_>,
     req: Request<Incoming>,
     limit: usize,
 ) -> Result<Signed, ApiError> {
+    ctx.limits.check_blocked(peer.ip()).map_err(ApiError::RateLimited)?;
     let (parts, body) = req.into_parts();
     let body = read_body(ctx, &parts.headers, body, limit).await?;
     let now = ctx.clock.now_ms();
@@ -276,12 +284,33 @@ pub(super) async fn signed(
         Sender::Partner(raw) => format!("p:{raw}"),
     };
     match verify_sender(ctx, sender, &parts.headers, &body, now) {
-        Ok((merchant, partner)) => Ok(Signed { merchant, partner, scope, parts, body, now }),
+        Ok((merchant, partner)) => {
+            spend_quota(ctx, &merchant, partner.as_ref())?;
+            Ok(Signed { merchant, partner, scope, parts, body, now })
+        }
         Err(reason) => {
             ctx.metrics.signature_failures.with_label_values(&[reason.as_str()]).inc();
+            ctx.limits.record_failure(peer.ip());
             Err(ApiError::Signature(reason))
         }
     }
+}
+
+/// Spends one cell of the verified sender's quota: the partner's for the partner API, the
+/// merchant's otherwise. Only called after the signature check.
+fn spend_quota(
+    ctx: &Ctx,
+    merchant: &MerchantId,
+    partner: Option<&crate::domain::ids::PartnerId>,
+) -> Result<(), ApiError> {
+    if !ctx.limits.enabled {
+        return Ok(());
+    }
+    let r = match partner {
+        Some(p) => ctx.limits.partners.check(&p.to_string()),
+        None => ctx.limits.merchants.check(&merchant.to_string()),
+    };
+    r.map_err(ApiError::RateLimited)
 }
 
 /// Counts a single-conversion answer in `tally_conversions_total{outcome}`.
@@ -291,6 +320,7 @@ fn count_conversion(ctx: &Ctx, result: Result<Response<Body>, ApiError>) -> Resu
         Ok(_) => "created",
         Err(ApiError::DuplicateConflict { .. }) => "conflict",
         Err(ApiError::Signature(_) | ApiError::TokenIpNotAllowed) => "unauthorized",
+        Err(ApiError::RateLimited(_)) => "rate_limited",
         Err(ApiError::Storage(_)) => "error",
         Err(_) => "invalid",
     };
@@ -298,8 +328,13 @@ fn count_conversion(ctx: &Ctx, result: Result<Response<Body>, ApiError>) -> Resu
     result
 }
 
-async fn conversion(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
+async fn conversion(
+    ctx: &Ctx,
+    peer: SocketAddr,
+    merchant_raw: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let s = signed(ctx, peer, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
     let input = s.parse::<ConversionBody>(ctx)?.into_input(s.now);
     let input = match input {
         Ok(i) => i,
@@ -341,8 +376,10 @@ async fn postback(
     let query = Query::parse(req.uri().query().unwrap_or("")).map_err(|e| ApiError::InvalidQuery(e.to_string()))?;
     let merchant = MerchantId::parse(merchant_raw).ok();
     let now = ctx.clock.now_ms();
+    ctx.limits.check_blocked(peer.ip()).map_err(ApiError::RateLimited)?;
     let fail = |reason: SignatureFailure| {
         ctx.metrics.signature_failures.with_label_values(&[reason.as_str()]).inc();
+        ctx.limits.record_failure(peer.ip());
         ApiError::Signature(reason)
     };
     let catalog = ctx.store.catalog();
@@ -369,6 +406,7 @@ async fn postback(
         .map_err(fail)?;
     }
     let merchant = merchant.ok_or_else(|| fail(SignatureFailure::Mismatch))?;
+    spend_quota(ctx, &merchant, None)?;
     let input = postback_input(&query, now)?;
     let outcome = ctx.store.convert(merchant, input, now).await?;
     answer(ctx, outcome, StatusCode::OK)
@@ -418,8 +456,13 @@ struct BatchItem<'a> {
 
 /// `POST /v1/merchants/{id}/conversions/batch`: up to 1,000 conversions, one result each,
 /// in order; valid items are stored in one write even when others fail.
-async fn batch(ctx: &Ctx, merchant_raw: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_batch_body_bytes).await?;
+async fn batch(
+    ctx: &Ctx,
+    peer: SocketAddr,
+    merchant_raw: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let s = signed(ctx, peer, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_batch_body_bytes).await?;
     let body: BatchBody = s.parse(ctx)?;
     if body.conversions.len() > MAX_BATCH_ITEMS {
         s.release(ctx);
@@ -512,7 +555,7 @@ async fn server_click(
     merchant_raw: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
+    let s = signed(ctx, peer, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
     let body: ServerClickBody = s.parse(ctx)?;
     let invalid = |field: &str, detail: &str| {
         s.release(ctx);

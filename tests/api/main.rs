@@ -11,6 +11,7 @@ mod crash;
 mod engine;
 mod helpers;
 mod ledger_props;
+mod limits;
 mod observability;
 mod postbacks;
 mod signatures;
