@@ -14,6 +14,10 @@ admin_addr = "127.0.0.1:0"
 [log]
 level = "warn"
 format = "json"
+# This test is about durability, not limits: 32 clients on one merchant exceed the default.
+[limits]
+merchant_per_second = 1000000
+merchant_burst = 1000000
 [[merchants]]
 id = "crash"
 name = "Crash Shop"
