@@ -10,6 +10,7 @@ mod conversions;
 mod crash;
 mod engine;
 mod helpers;
+mod hostile;
 mod ledger_props;
 mod limits;
 mod observability;
