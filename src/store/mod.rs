@@ -113,6 +113,9 @@ struct Shared {
     unsynced: AtomicBool,
     stopping: AtomicBool,
     metrics: Arc<Metrics>,
+    /// The last ledger entry id minted: ids are strictly increasing, so a partner's
+    /// entries read back in the order they were appended, even within one millisecond.
+    last_entry: std::sync::Mutex<u128>,
 }
 
 impl Shared {
@@ -122,6 +125,15 @@ impl Shared {
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(cf)?, key)?)
+    }
+
+    /// A ledger entry id after every earlier one: time-ordered, unguessable, never equal.
+    fn next_entry_id(&self, at: UnixMillis) -> crate::domain::ids::Ulid {
+        let mut last = self.last_entry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let minted = u128::from_be_bytes(crate::domain::ids::Ulid::mint(at).0);
+        let next = if minted > *last { minted } else { last.saturating_add(1) };
+        *last = next;
+        crate::domain::ids::Ulid(next.to_be_bytes())
     }
 
     fn set_ready(&self, ready: bool) {
@@ -178,6 +190,7 @@ impl Store {
             unsynced: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             metrics,
+            last_entry: std::sync::Mutex::new(0),
         });
         let salt = load_or_create_salt(&shared)?;
         shared.catalog.replace(load_catalog(&shared)?);

@@ -33,7 +33,7 @@ fn append(
     at: UnixMillis,
 ) -> Result<Ulid, StoreError> {
     let entry = LedgerEntry {
-        entry_id: Ulid::mint(at),
+        entry_id: pending.shared.next_entry_id(at),
         merchant_id: rec.merchant_id.clone(),
         partner_id: partner.clone(),
         kind,

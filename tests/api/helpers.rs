@@ -236,3 +236,13 @@ pub async fn start_binary(dir: &std::path::Path, config: &str) -> Proc {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The value of the first `/metrics` line starting with `line_start` (0 when absent).
+pub async fn metric(app: &TestApp, line_start: &str) -> f64 {
+    let r = app.request(Method::GET, format!("http://{}/metrics", app.admin), &[], Vec::new()).await;
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0.0, |v| v.parse().unwrap())
+}

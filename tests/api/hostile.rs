@@ -8,16 +8,7 @@ use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
 
-use crate::helpers::{client, TestApp};
-
-async fn metric(app: &TestApp, line_start: &str) -> f64 {
-    let r = app.request(Method::GET, format!("http://{}/metrics", app.admin), &[], Vec::new()).await;
-    let text = String::from_utf8_lossy(&r.body).into_owned();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0.0, |v| v.parse().unwrap())
-}
+use crate::helpers::{client, metric, TestApp};
 
 fn sig(secret: &str, id: &str, ts: i64, body: &str) -> String {
     let key = tally::signing::WebhookSecret::parse(secret).unwrap();

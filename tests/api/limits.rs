@@ -4,18 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Method;
-
-use crate::helpers::TestApp;
-
-async fn metric(app: &TestApp, line_start: &str) -> f64 {
-    let r = app.request(Method::GET, format!("http://{}/metrics", app.admin), &[], Vec::new()).await;
-    let text = String::from_utf8_lossy(&r.body).into_owned();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0.0, |v| v.parse().unwrap())
-}
+use crate::helpers::{metric, TestApp};
 
 async fn limited_app() -> TestApp {
     TestApp::spawn_with(

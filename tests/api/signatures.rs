@@ -6,19 +6,10 @@ use std::process::Stdio;
 use http::Method;
 use tokio::io::AsyncWriteExt;
 
-use crate::helpers::{manual_clock, TestApp};
+use crate::helpers::{manual_clock, metric, TestApp};
 
 const BODY: &str = r#"{"txn_id":"sig-1","amount":"10.00","currency":"USD","partner_id":"ann"}"#;
 const PATH: &str = "/v1/merchants/shop/conversions";
-
-async fn metric(app: &TestApp, line_start: &str) -> f64 {
-    let r = app.request(Method::GET, format!("http://{}/metrics", app.admin), &[], Vec::new()).await;
-    let text = String::from_utf8_lossy(&r.body).into_owned();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0.0, |v| v.parse().unwrap())
-}
 
 #[tokio::test]
 async fn stale_future_and_hostile_signatures_are_401_and_store_nothing() {
