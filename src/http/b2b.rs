@@ -8,7 +8,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::problem::ApiError;
-use super::public::{signed, Sender};
+use super::public::{signed_json, Sender};
 use super::views::{ConversionView, LedgerEntryView};
 use super::{json, Body, Ctx};
 use crate::domain::account::{check_text_id, normalize_account, DealBody, Touch, TouchBody, TouchKind};
@@ -40,9 +40,8 @@ pub(super) async fn register_deal(
     partner_raw: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, peer, Sender::Partner(partner_raw), req, ctx.settings.http.max_body_bytes).await?;
+    let (s, body) = signed_json::<DealBody>(ctx, peer, Sender::Partner(partner_raw), req).await?;
     let Some(partner) = s.partner.clone() else { return Err(ApiError::NotFound) };
-    let body: DealBody = s.parse(ctx)?;
     if let Err(e) = check_text_id("deal_id", &body.deal_id) {
         return s.refuse(ctx, e);
     }
@@ -113,8 +112,7 @@ pub(super) async fn touch(
     merchant_raw: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, peer, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
-    let body: TouchBody = s.parse(ctx)?;
+    let (s, body) = signed_json::<TouchBody>(ctx, peer, Sender::Merchant(merchant_raw), req).await?;
     let account = match normalize_account(&body.account) {
         Ok(a) => a,
         Err(e) => return s.refuse(ctx, FieldError::new("account", e)),
@@ -144,8 +142,8 @@ pub(super) async fn adjust(
     merchant_raw: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, peer, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
-    let input = match s.parse::<AdjustmentBody>(ctx)?.into_input() {
+    let (s, body) = signed_json::<AdjustmentBody>(ctx, peer, Sender::Merchant(merchant_raw), req).await?;
+    let input = match body.into_input() {
         Ok(i) => i,
         Err(e) => return s.refuse(ctx, e),
     };

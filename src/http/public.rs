@@ -296,6 +296,18 @@ pub(super) async fn signed(
     }
 }
 
+/// A verified signed POST of at most `http.max_body_bytes`, and its body parsed as `T`.
+pub(super) async fn signed_json<T: serde::de::DeserializeOwned>(
+    ctx: &Ctx,
+    peer: SocketAddr,
+    sender: Sender<'_>,
+    req: Request<Incoming>,
+) -> Result<(Signed, T), ApiError> {
+    let s = signed(ctx, peer, sender, req, ctx.settings.http.max_body_bytes).await?;
+    let body = s.parse(ctx)?;
+    Ok((s, body))
+}
+
 /// Spends one cell of the verified sender's quota: the partner's for the partner API, the
 /// merchant's otherwise. Only called after the signature check.
 fn spend_quota(
@@ -334,8 +346,8 @@ async fn conversion(
     merchant_raw: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, peer, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
-    let input = s.parse::<ConversionBody>(ctx)?.into_input(s.now);
+    let (s, body) = signed_json::<ConversionBody>(ctx, peer, Sender::Merchant(merchant_raw), req).await?;
+    let input = body.into_input(s.now);
     let input = match input {
         Ok(i) => i,
         Err(e) => return s.refuse(ctx, e),
@@ -555,8 +567,7 @@ async fn server_click(
     merchant_raw: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let s = signed(ctx, peer, Sender::Merchant(merchant_raw), req, ctx.settings.http.max_body_bytes).await?;
-    let body: ServerClickBody = s.parse(ctx)?;
+    let (s, body) = signed_json::<ServerClickBody>(ctx, peer, Sender::Merchant(merchant_raw), req).await?;
     let invalid = |field: &str, detail: &str| {
         s.release(ctx);
         ApiError::Invalid(FieldError::new(field, detail))
