@@ -176,8 +176,8 @@ async fn dispatch(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let method = req.method().clone();
-    let target = redacted_target(req.uri());
+    // Built only when request logs are on: this runs for every click.
+    let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| (req.method().clone(), redacted_target(req.uri())));
     let (route, result) = match kind {
         Listener::Public => public::handle(&ctx, peer, req).await,
         Listener::Admin => admin::handle(&ctx, req).await,
@@ -186,16 +186,18 @@ async fn dispatch(
     let m = &ctx.metrics;
     m.http_requests.with_label_values(&[kind.as_str(), route.as_str(), resp.status().as_str()]).inc();
     m.http_duration.with_label_values(&[route.as_str()]).observe(started.elapsed().as_secs_f64());
-    tracing::debug!(
-        listener = kind.as_str(),
-        %peer,
-        %method,
-        target = %target,
-        route = route.as_str(),
-        status = resp.status().as_u16(),
-        micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-        "request"
-    );
+    if let Some((method, target)) = logged {
+        tracing::debug!(
+            listener = kind.as_str(),
+            %peer,
+            %method,
+            target = %target,
+            route = route.as_str(),
+            status = resp.status().as_u16(),
+            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "request"
+        );
+    }
     Ok(resp)
 }
 

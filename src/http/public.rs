@@ -190,12 +190,23 @@ pub(super) enum Sender<'a> {
     Partner(&'a str),
 }
 
+impl Sender<'_> {
+    /// The replay guard's scope: webhook ids are unique per sender.
+    fn scope(self) -> String {
+        match self {
+            Sender::Merchant(raw) => format!("m:{raw}"),
+            Sender::Partner(raw) => format!("p:{raw}"),
+        }
+    }
+}
+
 /// Checks the Standard Webhooks signature against the sender's active secrets, then the
 /// replay guard. An unknown sender fails like a wrong secret (no enumeration). Returns
 /// the merchant the request acts for and, for the partner API, the partner.
 fn verify_sender(
     ctx: &Ctx,
     sender: Sender<'_>,
+    scope: &str,
     headers: &HeaderMap,
     body: &[u8],
     now_ms: i64,
@@ -207,16 +218,16 @@ fn verify_sender(
         signature: get("webhook-signature")?,
     };
     let catalog = ctx.store.catalog();
-    let (scope, secrets, acting) = match sender {
+    let (secrets, acting) = match sender {
         Sender::Merchant(raw) => {
             let m = MerchantId::parse(raw).ok();
             let secrets = m.as_ref().and_then(|m| catalog.secrets.get(m));
-            (format!("m:{raw}"), secrets, m.map(|m| (m, None)))
+            (secrets, m.map(|m| (m, None)))
         }
         Sender::Partner(raw) => {
             let p = crate::domain::ids::PartnerId::parse(raw).ok().and_then(|id| catalog.partners.get(&id));
             let secrets = p.and_then(|p| catalog.partner_secrets.get(&p.id));
-            (format!("p:{raw}"), secrets, p.map(|p| (p.merchant_id.clone(), Some(p.id.clone()))))
+            (secrets, p.map(|p| (p.merchant_id.clone(), Some(p.id.clone()))))
         }
     };
     let keys = secrets.into_iter().flat_map(|s| s.active_keys(now_ms));
@@ -225,7 +236,7 @@ fn verify_sender(
     let (Some(acting), Some(id)) = (acting, wh.id) else { return Err(SignatureFailure::Mismatch) };
     let mut guard = ctx.replay.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let before = guard.evicted_early;
-    let r = guard.check(&scope, id, ReplayGuard::body_hash(body), now_ms);
+    let r = guard.check(scope, id, ReplayGuard::body_hash(body), now_ms);
     ctx.metrics.replay_evictions.inc_by(guard.evicted_early - before);
     r.map_err(|_| SignatureFailure::Replay)?;
     Ok(acting)
@@ -279,11 +290,8 @@ pub(super) async fn signed(
     let (parts, body) = req.into_parts();
     let body = read_body(ctx, &parts.headers, body, limit).await?;
     let now = ctx.clock.now_ms();
-    let scope = match sender {
-        Sender::Merchant(raw) => format!("m:{raw}"),
-        Sender::Partner(raw) => format!("p:{raw}"),
-    };
-    match verify_sender(ctx, sender, &parts.headers, &body, now) {
+    let scope = sender.scope();
+    match verify_sender(ctx, sender, &scope, &parts.headers, &body, now) {
         Ok((merchant, partner)) => {
             spend_quota(ctx, &merchant, partner.as_ref())?;
             Ok(Signed { merchant, partner, scope, parts, body, now })
