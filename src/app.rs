@@ -73,8 +73,9 @@ impl App {
             None => generated_admin_token(&settings.data_dir)?,
         };
 
+        let backlog = settings.http.listen_backlog;
         let bind = |what: &'static str, addr: String| async move {
-            TcpListener::bind(&addr).await.map_err(|source| StartError::Bind { what, addr, source })
+            listen(&addr, backlog).await.map_err(|source| StartError::Bind { what, addr, source })
         };
         let public = bind("public", settings.public_addr.clone()).await?;
         let admin = bind("admin", settings.admin_addr.clone()).await?;
@@ -149,6 +150,20 @@ impl App {
         tracing::info!("shutdown requested; finishing in-flight requests");
         self.shutdown().await;
     }
+}
+
+/// Binds `addr` (the first address it resolves to) with an accept queue of `backlog`
+/// connections. `TcpListener::bind` uses 128: a burst of new connections beyond that is
+/// dropped by the kernel and costs those clients a one-second SYN retransmit.
+async fn listen(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
+    let resolved = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolves to nothing"))?;
+    let socket = if resolved.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(resolved)?;
+    socket.listen(backlog)
 }
 
 /// Approves conversions whose hold ended, every `interval`, with the app's clock.

@@ -103,6 +103,7 @@ async fn serve(path: Option<PathBuf>) -> i32 {
         }
     };
     crate::telemetry::init(loaded.settings.log.format, &loaded.settings.log.level);
+    raise_open_files_limit(loaded.settings.http.max_connections);
     let example = loaded.settings.print_example.then(|| loaded.settings.clone());
     let app = match App::start(loaded, Arc::new(SystemClock)).await {
         Ok(app) => app,
@@ -117,6 +118,21 @@ async fn serve(path: Option<PathBuf>) -> i32 {
     }
     app.run_until_signal().await;
     0
+}
+
+/// Raises the soft limit on open files to the hard limit: both listeners may hold
+/// `max_connections` sockets each, next to RocksDB's files. Warns when that is not enough.
+fn raise_open_files_limit(max_connections: usize) {
+    let wanted = 2 * max_connections as u64 + 1024;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(got) if got < wanted => tracing::warn!(
+            open_files = got,
+            wanted,
+            "the open-files limit is below what http.max_connections needs; raise it (ulimit -n, LimitNOFILE=) or lower http.max_connections"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open-files limit"),
+    }
 }
 
 fn check_config(path: Option<PathBuf>) -> i32 {

@@ -20,8 +20,10 @@ pub const DEFAULT_PUBLIC_ADDR: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:9090";
 pub const DEFAULT_DATA_DIR: &str = "data";
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 64;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
@@ -98,8 +100,10 @@ pub struct LogSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
     pub max_connections: usize,
+    pub listen_backlog: u32,
     pub header_read_timeout_ms: u64,
     pub body_read_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub max_body_bytes: usize,
@@ -171,8 +175,10 @@ impl Default for HttpSettings {
     fn default() -> Self {
         HttpSettings {
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            listen_backlog: DEFAULT_LISTEN_BACKLOG,
             header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
             body_read_timeout_ms: DEFAULT_BODY_READ_TIMEOUT_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_headers: DEFAULT_MAX_HEADERS,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -368,8 +374,10 @@ impl Settings {
             "secrets never go in the config file: set TALLY_ADMIN_TOKEN or TALLY_ADMIN_TOKEN_FILE",
         );
         need(self.http.max_connections > 0, "http.max_connections", "must be at least 1");
+        need(self.http.listen_backlog > 0, "http.listen_backlog", "must be at least 1");
         need(self.http.header_read_timeout_ms > 0, "http.header_read_timeout_ms", "must be at least 1");
         need(self.http.body_read_timeout_ms > 0, "http.body_read_timeout_ms", "must be at least 1");
+        need(self.http.idle_timeout_ms > 0, "http.idle_timeout_ms", "must be at least 1");
         need(self.http.max_header_bytes >= 8192, "http.max_header_bytes", "must be at least 8192");
         need(self.http.max_headers > 0, "http.max_headers", "must be at least 1");
         need((1024..=64 << 20).contains(&self.http.max_body_bytes), "http.max_body_bytes", "must be 1 KiB..64 MiB");

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub storage_ready: IntGauge,
     pub replay_evictions: IntCounter,
     pub ratelimit_keys: IntGauge,
+    pub connections_open: IntGauge,
+    pub connections_silent: IntCounter,
     sst_bytes: IntGauge,
     memtable_bytes: IntGauge,
     estimated_keys: IntGauge,
@@ -58,6 +60,12 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
     r.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
     g
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("register {name}: {e}"));
+    c
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -126,22 +134,19 @@ impl Metrics {
                 "Duration of synced batch writes.",
                 fsync_buckets,
             ),
-            storage_errors: {
-                let c = IntCounter::new("tally_storage_write_errors_total", "Storage writes that failed.")
-                    .unwrap_or_else(|e| panic!("{e}"));
-                r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("{e}"));
-                c
-            },
+            storage_errors: counter(&r, "tally_storage_write_errors_total", "Storage writes that failed."),
+            connections_open: gauge(&r, "tally_http_connections", "Open client connections, both listeners."),
+            connections_silent: counter(
+                &r,
+                "tally_http_connections_silent_total",
+                "Connections closed because no request started within the header read timeout.",
+            ),
             storage_ready: gauge(&r, "tally_storage_ready", "1 while storage accepts writes."),
-            replay_evictions: {
-                let c = IntCounter::new(
-                    "tally_replay_guard_evictions_total",
-                    "Webhook ids forgotten before their window ended because the replay guard was full.",
-                )
-                .unwrap_or_else(|e| panic!("{e}"));
-                r.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("{e}"));
-                c
-            },
+            replay_evictions: counter(
+                &r,
+                "tally_replay_guard_evictions_total",
+                "Webhook ids forgotten before their window ended because the replay guard was full.",
+            ),
             ratelimit_keys: gauge(
                 &r,
                 "tally_ratelimit_keys",

@@ -4,6 +4,7 @@
 
 mod admin;
 mod b2b;
+mod conn;
 pub mod problem;
 mod public;
 mod views;
@@ -126,6 +127,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, kind: Listener, mut shu
         .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
         .max_buf_size(limits.max_header_bytes)
         .max_headers(limits.max_headers)
+        // A client that half-closes after its request (`nc -N`, some proxies) still gets the answer.
+        .half_close(true)
         .keep_alive(true);
     builder
         .http2()
@@ -154,18 +157,42 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, kind: Listener, mut shu
         };
         let _ = stream.set_nodelay(true);
         let ctx = Arc::clone(&ctx);
-        let svc = service_fn(move |req| dispatch(Arc::clone(&ctx), kind, peer, req));
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
+            let _permit = permit;
+            let open = OpenConnection::new(&ctx.metrics);
+            let http = &ctx.settings.http;
+            if !conn::first_bytes(&stream, Duration::from_millis(http.header_read_timeout_ms)).await {
+                ctx.metrics.connections_silent.inc();
+                return;
+            }
+            let io = conn::IdleLimited::new(stream, Duration::from_millis(http.idle_timeout_ms));
+            let svc = service_fn(move |req| dispatch(Arc::clone(&ctx), kind, peer, req));
+            let _ = watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned()).await;
+            drop(open);
         });
     }
     drop(listener);
     let grace = Duration::from_millis(ctx.settings.http.shutdown_grace_ms);
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(listener = kind.as_str(), "connections still open after the shutdown grace; closing them");
+    }
+}
+
+/// Counts a connection in `tally_http_connections` while it lives.
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn new(metrics: &Metrics) -> OpenConnection {
+        metrics.connections_open.inc();
+        OpenConnection(metrics.connections_open.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

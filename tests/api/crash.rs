@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::Method;
 use tokio::sync::Mutex;
 
-use crate::helpers::{client, send, start_binary, ADMIN_TOKEN};
+use crate::helpers::{client, heavy_test, send, start_binary, ADMIN_TOKEN};
 
 const CONFIG: &str = r#"
 public_addr = "127.0.0.1:0"
@@ -31,6 +31,7 @@ kind = "affiliate"
 
 #[tokio::test]
 async fn kill_9_under_load_loses_no_acknowledged_conversion() {
+    let _heavy = heavy_test().await;
     let dir = tempfile::tempdir().unwrap();
     let mut proc = start_binary(dir.path(), CONFIG).await;
     let secret = std::fs::read_to_string(dir.path().join("crash.whsec")).unwrap().trim().to_string();

@@ -246,3 +246,10 @@ pub async fn metric(app: &TestApp, line_start: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .map_or(0.0, |v| v.parse().unwrap())
 }
+
+/// Held by the tests that load the machine or measure time (floods, slow clients, kill -9
+/// loops), so that they do not run at the same time and skew each other's timings.
+pub async fn heavy_test() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}

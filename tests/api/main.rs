@@ -3,6 +3,7 @@
 
 #![allow(clippy::disallowed_methods)] // reading the server's responses, not untrusted input
 
+mod abuse;
 mod admin;
 mod cli;
 mod clicks;
