@@ -106,7 +106,14 @@ pub struct StoreOptions {
 
 /// State shared by the store handle, the writer and the WAL syncer.
 struct Shared {
-    db: DB,
+    /// The open database; `None` only while the writer reopens it after a failed write
+    /// (RocksDB refuses every write after an I/O error such as a full disk until it is
+    /// reopened: its own recovery needs an `SstFileManager`, which the Rust crate lacks).
+    db: std::sync::RwLock<Option<Arc<DB>>>,
+    /// Set by a failed write; the writer reopens the database before its next batch.
+    needs_reopen: AtomicBool,
+    data_dir: PathBuf,
+    db_opts: Options,
     catalog: CatalogCell,
     ready: AtomicBool,
     /// Set after an unsynced write; cleared by the WAL syncer.
@@ -118,13 +125,57 @@ struct Shared {
     last_entry: std::sync::Mutex<u128>,
 }
 
+/// A column family's handle.
+fn cf_of(db: &DB, cf: Cf) -> Result<&rocksdb::ColumnFamily, StoreError> {
+    db.cf_handle(cf.name()).ok_or_else(|| StoreError::Corrupt(format!("column family {} missing", cf.name())))
+}
+
+fn open_db(data_dir: &std::path::Path, db_opts: &Options) -> Result<DB, StoreError> {
+    let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), db_opts.clone()));
+    Ok(DB::open_cf_descriptors(db_opts, data_dir, cfs)?)
+}
+
 impl Shared {
-    fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily, StoreError> {
-        self.db.cf_handle(cf.name()).ok_or_else(|| StoreError::Corrupt(format!("column family {} missing", cf.name())))
+    /// The open database, or `Io` while it is being reopened.
+    fn db(&self) -> Result<Arc<DB>, StoreError> {
+        let slot = self.db.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        slot.clone().ok_or_else(|| StoreError::Io("storage is being reopened after a failed write".into()))
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get_cf(self.cf(cf)?, key)?)
+        let db = self.db()?;
+        Ok(db.get_cf(cf_of(&db, cf)?, key)?)
+    }
+
+    /// Closes and reopens the database (the writer calls this, between batches, after a
+    /// failed write). Readers get `Io` meanwhile. When reads keep the old handle for over
+    /// five seconds, or the reopen fails (the disk is still full), the next batch tries again.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let taken = self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(mut old) = taken {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still_shared) if std::time::Instant::now() < deadline => {
+                        old = still_shared;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(still_shared) => {
+                        *self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(still_shared);
+                        return Err(StoreError::Io("reads kept the storage busy; reopen postponed".into()));
+                    }
+                }
+            }
+        }
+        let db = open_db(&self.data_dir, &self.db_opts)?;
+        *self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(db));
+        self.needs_reopen.store(false, Ordering::SeqCst);
+        tracing::warn!("storage reopened after a failed write");
+        Ok(())
     }
 
     /// A ledger entry id after every earlier one: time-ordered, unguessable, never equal.
@@ -181,10 +232,12 @@ impl Store {
         std::fs::create_dir_all(&opts.data_dir)
             .map_err(|e| StoreError::Io(format!("create {}: {e}", opts.data_dir.display())))?;
         let db_opts = db_options(opts);
-        let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), db_opts.clone()));
-        let db = DB::open_cf_descriptors(&db_opts, &opts.data_dir, cfs)?;
+        let db = open_db(&opts.data_dir, &db_opts)?;
         let shared = Arc::new(Shared {
-            db,
+            db: std::sync::RwLock::new(Some(Arc::new(db))),
+            needs_reopen: AtomicBool::new(false),
+            data_dir: opts.data_dir.clone(),
+            db_opts,
             catalog: CatalogCell::default(),
             ready: AtomicBool::new(true),
             unsynced: AtomicBool::new(false),
@@ -393,7 +446,8 @@ impl Store {
         let txn = txn.clone();
         blocking(move || {
             let mut out = Vec::new();
-            let iter = shared.db.prefix_iterator_cf(shared.cf(Cf::Ledger)?, &prefix);
+            let db = shared.db()?;
+            let iter = db.prefix_iterator_cf(cf_of(&db, Cf::Ledger)?, &prefix);
             for item in iter {
                 let (k, v) = item?;
                 if !k.starts_with(&prefix) {
@@ -422,7 +476,8 @@ impl Store {
         let shared = Arc::clone(&self.shared);
         blocking(move || {
             let mut out = Vec::new();
-            for item in shared.db.prefix_iterator_cf(shared.cf(Cf::Ledger)?, &prefix) {
+            let db = shared.db()?;
+            for item in db.prefix_iterator_cf(cf_of(&db, Cf::Ledger)?, &prefix) {
                 let (k, v) = item?;
                 if !k.starts_with(&prefix) {
                     break;
@@ -470,7 +525,8 @@ impl Store {
         let shared = Arc::clone(&self.shared);
         blocking(move || {
             let mut n = 0;
-            for item in shared.db.prefix_iterator_cf(shared.cf(Cf::Conversions)?, &prefix) {
+            let db = shared.db()?;
+            for item in db.prefix_iterator_cf(cf_of(&db, Cf::Conversions)?, &prefix) {
                 let (k, _) = item?;
                 if !k.starts_with(&prefix) {
                     break;
@@ -484,7 +540,7 @@ impl Store {
 
     /// Figures for `/metrics`.
     pub fn stats(&self) -> StorageStats {
-        let db = &self.shared.db;
+        let Ok(db) = self.shared.db() else { return StorageStats::default() };
         let sum = |name: &str| -> u64 {
             Cf::ALL
                 .iter()
@@ -512,7 +568,7 @@ impl Store {
         for t in threads {
             let _ = t.join();
         }
-        if let Err(e) = self.shared.db.flush_wal(true) {
+        if let Err(e) = self.shared.db().and_then(|db| Ok(db.flush_wal(true)?)) {
             tracing::error!(error = %e, "final WAL sync failed");
         }
     }
@@ -541,15 +597,17 @@ fn load_or_create_salt(shared: &Shared) -> Result<[u8; 32], StoreError> {
     let mut opts = rocksdb::WriteOptions::default();
     opts.set_sync(true);
     let mut batch = rocksdb::WriteBatch::default();
-    batch.put_cf(shared.cf(Cf::Meta)?, keys::META_VISITOR_SALT, salt);
-    batch.put_cf(shared.cf(Cf::Meta)?, keys::META_SCHEMA_VERSION, 1u32.to_be_bytes());
-    shared.db.write_opt(batch, &opts)?;
+    let db = shared.db()?;
+    batch.put_cf(cf_of(&db, Cf::Meta)?, keys::META_VISITOR_SALT, salt);
+    batch.put_cf(cf_of(&db, Cf::Meta)?, keys::META_SCHEMA_VERSION, 1u32.to_be_bytes());
+    db.write_opt(batch, &opts)?;
     Ok(salt)
 }
 
 fn load_all<T: serde::de::DeserializeOwned>(shared: &Shared, cf: Cf) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
     let mut out = Vec::new();
-    for item in shared.db.iterator_cf(shared.cf(cf)?, rocksdb::IteratorMode::Start) {
+    let db = shared.db()?;
+    for item in db.iterator_cf(cf_of(&db, cf)?, rocksdb::IteratorMode::Start) {
         let (k, v) = item?;
         out.push((k.to_vec(), codec::decode(&v)?));
     }
@@ -589,7 +647,7 @@ fn wal_syncer(shared: &Shared, interval: Duration) {
         std::thread::sleep(interval);
         if shared.unsynced.swap(false, Ordering::SeqCst) {
             let started = std::time::Instant::now();
-            if let Err(e) = shared.db.flush_wal(true) {
+            if let Err(e) = shared.db().and_then(|db| Ok(db.flush_wal(true)?)) {
                 shared.unsynced.store(true, Ordering::SeqCst);
                 shared.metrics.storage_errors.inc();
                 tracing::error!(error = %e, "WAL sync failed");

@@ -365,8 +365,8 @@ type HoldTarget = (MerchantId, crate::domain::ids::TxnId);
 /// per call. Returns how many were approved.
 pub(super) fn sweep(pending: &mut Pending<'_>, now: UnixMillis, limit: usize) -> Result<u64, StoreError> {
     let mut due: Vec<(Vec<u8>, Option<HoldTarget>)> = Vec::new();
-    let db = &pending.shared.db;
-    for item in db.iterator_cf(pending.shared.cf(Cf::Holds)?, rocksdb::IteratorMode::Start) {
+    let db = pending.db()?;
+    for item in db.iterator_cf(super::cf_of(db, Cf::Holds)?, rocksdb::IteratorMode::Start) {
         let (k, _) = item?;
         match keys::parse_hold(&k) {
             Some((at, _, _)) if at > now => break,

@@ -123,6 +123,8 @@ fn defer<T: Send + 'static>(
 /// batch, and the answers to send once it is written.
 pub(super) struct Pending<'a> {
     pub(super) shared: &'a Shared,
+    /// The database this batch reads and is written to; `None` while it cannot be opened.
+    db: Option<Arc<rocksdb::DB>>,
     batch: WriteBatch,
     puts: HashMap<(Cf, Vec<u8>), Vec<u8>>,
     pub(super) sync: bool,
@@ -135,6 +137,7 @@ impl<'a> Pending<'a> {
     fn new(shared: &'a Shared) -> Self {
         Pending {
             shared,
+            db: shared.db().ok(),
             batch: WriteBatch::default(),
             puts: HashMap::new(),
             sync: false,
@@ -144,22 +147,30 @@ impl<'a> Pending<'a> {
         }
     }
 
+    /// The database, or `Io` while it cannot be opened.
+    pub(super) fn db(&self) -> Result<&rocksdb::DB, StoreError> {
+        self.db.as_deref().ok_or_else(|| StoreError::Io("storage is being reopened after a failed write".into()))
+    }
+
     /// Reads through the batch: `(value, true)` when the value is only in this batch.
     pub(super) fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
         if let Some(v) = self.puts.get(&(cf, key.to_vec())) {
             return Ok(Some((v.clone(), true)));
         }
-        Ok(self.shared.get(cf, key)?.map(|v| (v, false)))
+        let db = self.db()?;
+        Ok(db.get_cf(super::cf_of(db, cf)?, key)?.map(|v| (v, false)))
     }
 
     pub(super) fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
-        self.batch.put_cf(self.shared.cf(cf)?, &key, &value);
+        let db = self.db.as_deref().ok_or_else(|| StoreError::Io("storage is being reopened".into()))?;
+        self.batch.put_cf(super::cf_of(db, cf)?, &key, &value);
         self.puts.insert((cf, key), value);
         Ok(())
     }
 
     pub(super) fn delete(&mut self, cf: Cf, key: Vec<u8>) -> Result<(), StoreError> {
-        self.batch.delete_cf(self.shared.cf(cf)?, &key);
+        let db = self.db.as_deref().ok_or_else(|| StoreError::Io("storage is being reopened".into()))?;
+        self.batch.delete_cf(super::cf_of(db, cf)?, &key);
         self.puts.remove(&(cf, key));
         Ok(())
     }
@@ -179,11 +190,15 @@ pub(super) struct Writer {
     durability: Durability,
     max_batch: usize,
     unique_window_ms: i64,
+    last_reopen: std::sync::Mutex<Option<Instant>>,
 }
+
+/// How often the writer tries to reopen the database while writes fail.
+const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Writer {
     pub(super) fn new(shared: Arc<Shared>, durability: Durability, max_batch: usize, unique_window_ms: i64) -> Self {
-        Writer { shared, durability, max_batch: max_batch.max(1), unique_window_ms }
+        Writer { shared, durability, max_batch: max_batch.max(1), unique_window_ms, last_reopen: Default::default() }
     }
 
     pub(super) fn run(self, mut rx: mpsc::Receiver<Op>) {
@@ -211,6 +226,9 @@ impl Writer {
     /// Applies a drained run of operations; returns true when told to stop.
     fn process(&self, ops: impl Iterator<Item = Op>) -> bool {
         let shared = &*self.shared;
+        if shared.needs_reopen.load(Ordering::SeqCst) {
+            self.reopen();
+        }
         let mut pending = Pending::new(shared);
         let mut stop = false;
         for op in ops {
@@ -281,6 +299,19 @@ impl Writer {
         stop
     }
 
+    /// Reopens the database after a failed write, at most every [`REOPEN_EVERY`]; until
+    /// it succeeds every write answers `Io` (503).
+    fn reopen(&self) {
+        let mut last = self.last_reopen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+            return;
+        }
+        *last = Some(Instant::now());
+        if let Err(e) = self.shared.reopen() {
+            tracing::error!(error = %e, "storage could not be reopened yet; retrying");
+        }
+    }
+
     fn commit(&self, pending: Pending<'_>) {
         if pending.ops == 0 {
             for d in pending.done {
@@ -292,7 +323,10 @@ impl Writer {
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
         let started = Instant::now();
-        let result = self.shared.db.write_opt(pending.batch, &opts).map_err(StoreError::from);
+        let result = match &pending.db {
+            Some(db) => db.write_opt(pending.batch, &opts).map_err(StoreError::from),
+            None => Err(StoreError::Io("storage is being reopened after a failed write".into())),
+        };
         let m = &self.shared.metrics;
         m.write_batch_size.observe(pending.ops as f64);
         match &result {
@@ -314,6 +348,7 @@ impl Writer {
                 m.storage_errors.inc();
                 tracing::error!(error = %e, ops = pending.ops, "storage write failed; answering 503 until a write succeeds");
                 self.shared.set_ready(false);
+                self.shared.needs_reopen.store(true, Ordering::SeqCst);
             }
         }
         for d in pending.done {
@@ -391,11 +426,12 @@ impl Writer {
         let saved = stage_entity(shared, &mut catalog, &mut batch, op)?;
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        if let Err(e) = shared.db.write_opt(batch, &opts) {
+        if let Err(e) = shared.db().and_then(|db| Ok(db.write_opt(batch, &opts)?)) {
             shared.metrics.storage_errors.inc();
             shared.set_ready(false);
+            shared.needs_reopen.store(true, Ordering::SeqCst);
             tracing::error!(error = %e, "entity write failed");
-            return Err(WriteError::Store(e.into()));
+            return Err(WriteError::Store(e));
         }
         shared.catalog.replace(catalog);
         Ok(saved)
@@ -414,8 +450,9 @@ fn stage_entity(
     batch: &mut WriteBatch,
     op: EntityOp,
 ) -> Result<Saved, WriteError> {
+    let db = shared.db()?;
     let put = |batch: &mut WriteBatch, cf: Cf, key: Vec<u8>, value: Vec<u8>| -> Result<(), WriteError> {
-        batch.put_cf(shared.cf(cf)?, key, value);
+        batch.put_cf(super::cf_of(&db, cf)?, key, value);
         Ok(())
     };
     let no_merchant =

@@ -53,7 +53,9 @@ pub fn test_settings(dir: &std::path::Path) -> Settings {
     }
 }
 
-pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).pool_max_idle_per_host(128).build_http()
 }
 
@@ -209,6 +211,11 @@ pub struct Proc {
 /// Starts the binary with `config` (where `SECRET_FILE` becomes `{dir}/crash.whsec`), data in
 /// `{dir}/db`, and waits until it has bound its listeners.
 pub async fn start_binary(dir: &std::path::Path, config: &str) -> Proc {
+    start_binary_on(dir, &dir.join("db"), config).await
+}
+
+/// [`start_binary`] with the data directory at `data_dir`.
+pub async fn start_binary_on(dir: &std::path::Path, data_dir: &std::path::Path, config: &str) -> Proc {
     let addr_file = dir.join("addr.json");
     let _ = std::fs::remove_file(&addr_file);
     let path = dir.join("tally.toml");
@@ -216,7 +223,7 @@ pub async fn start_binary(dir: &std::path::Path, config: &str) -> Proc {
     let log = dir.join(format!("tally-{}.log", tally::domain::ids::Ulid::mint(0)));
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["serve", "--config", path.to_str().unwrap()])
-        .env("TALLY_DATA_DIR", dir.join("db"))
+        .env("TALLY_DATA_DIR", data_dir)
         .env("TALLY_ADDR_FILE", &addr_file)
         .env("TALLY_ADMIN_TOKEN", ADMIN_TOKEN)
         .env_remove("RUST_LOG")

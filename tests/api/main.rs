@@ -10,6 +10,7 @@ mod clicks;
 mod conversions;
 mod crash;
 mod engine;
+mod faults;
 mod helpers;
 mod hostile;
 mod ledger_props;
