@@ -216,12 +216,30 @@ pub async fn start_binary(dir: &std::path::Path, config: &str) -> Proc {
 
 /// [`start_binary`] with the data directory at `data_dir`.
 pub async fn start_binary_on(dir: &std::path::Path, data_dir: &std::path::Path, config: &str) -> Proc {
+    start_binary_via(dir, data_dir, config, &[]).await
+}
+
+/// [`start_binary_on`], run by `wrapper` (such as `strace -f -o …`) when it is not empty.
+pub async fn start_binary_via(
+    dir: &std::path::Path,
+    data_dir: &std::path::Path,
+    config: &str,
+    wrapper: &[&str],
+) -> Proc {
     let addr_file = dir.join("addr.json");
     let _ = std::fs::remove_file(&addr_file);
     let path = dir.join("tally.toml");
     std::fs::write(&path, config.replace("SECRET_FILE", dir.join("crash.whsec").to_str().unwrap())).unwrap();
     let log = dir.join(format!("tally-{}.log", tally::domain::ids::Ulid::mint(0)));
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+    let mut command = match wrapper {
+        [] => tokio::process::Command::new(env!("CARGO_BIN_EXE_tally")),
+        [program, args @ ..] => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(args).arg(env!("CARGO_BIN_EXE_tally"));
+            c
+        }
+    };
+    let mut child = command
         .args(["serve", "--config", path.to_str().unwrap()])
         .env("TALLY_DATA_DIR", data_dir)
         .env("TALLY_ADDR_FILE", &addr_file)
@@ -239,7 +257,12 @@ pub async fn start_binary_on(dir: &std::path::Path, data_dir: &std::path::Path, 
             let admin = v["admin"].as_str().unwrap().to_string();
             return Proc { child, public, admin, log };
         }
-        assert!(started.elapsed() < std::time::Duration::from_secs(30), "tally did not start within 30 s");
+        let exited = child.try_wait().ok().flatten();
+        assert!(
+            exited.is_none() && started.elapsed() < std::time::Duration::from_secs(30),
+            "tally did not start within 30 s ({exited:?}); its log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
