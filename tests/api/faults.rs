@@ -248,9 +248,9 @@ fn synced_before_answer(calls: &[Syscall]) -> (usize, usize) {
     for c in calls {
         // The request is read once its last piece is: the head may come in several reads.
         let got_bytes = !c.text.contains("= -1 ");
-        if is_read(c) && got_bytes && c.text.contains("POST /v1/merchants/crash") {
-            request_read_at = Some(c.end);
-        } else if is_read(c) && got_bytes && c.text.contains("socket:[") && request_read_at.is_some() {
+        let starts = c.text.contains("POST /v1/merchants/crash");
+        let continues = c.text.contains("socket:[") && request_read_at.is_some();
+        if is_read(c) && got_bytes && (starts || continues) {
             request_read_at = Some(c.end);
         } else if is_write(c) && c.text.contains("HTTP/1.1 201") {
             let Some(read_at) = request_read_at.take() else { continue };
