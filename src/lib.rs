@@ -17,16 +17,25 @@
 //! - [`app`]: wiring; [`cli`]: subcommands. `main.rs` only calls [`cli::run`].
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "server")]
 pub mod app;
 pub mod attribution;
+#[cfg(feature = "server")]
 pub mod cli;
 pub mod commission;
+#[cfg(feature = "server")]
 pub mod config;
 pub mod domain;
+#[cfg(feature = "server")]
 pub mod http;
+#[cfg(feature = "server")]
 pub mod limits;
+#[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "server")]
 pub mod seed;
 pub mod signing;
+#[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
 pub mod telemetry;

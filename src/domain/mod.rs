@@ -9,6 +9,7 @@ pub mod clock;
 pub mod conversion;
 pub mod entities;
 pub mod ids;
+pub mod json;
 pub mod ledger;
 pub mod link;
 pub mod money;

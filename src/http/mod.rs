@@ -296,41 +296,7 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Parses a JSON body into `T`, naming the failing field (`rules[1].percent`).
-/// Only objects are accepted: serde would otherwise also read a struct from an array.
+/// Parses a JSON body into `T`: [`crate::domain::json::parse_object`] as an [`ApiError`].
 fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => {}
-        Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
-            return Err(ApiError::Invalid(crate::domain::FieldError::new("body", "must be a JSON object")));
-        }
-        _ => return Err(ApiError::MalformedJson("expected a JSON object".into())),
-    }
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if !inner.is_data() {
-            return ApiError::MalformedJson(inner.to_string());
-        }
-        let message = inner.to_string();
-        // Unknown and duplicate fields are reported at their parent; name the field itself.
-        let named = message
-            .split('`')
-            .nth(1)
-            .filter(|_| ["unknown field", "duplicate field", "missing field"].iter().any(|p| message.starts_with(p)));
-        // serde_path_to_error already ends the path with an unknown field, not with a
-        // missing or duplicated one.
-        let field = match (path.as_str(), named) {
-            (p, Some(n)) if p == n || p.ends_with(&format!(".{n}")) => p.to_string(),
-            (".", Some(n)) => n.to_string(),
-            (p, Some(n)) => format!("{p}.{n}"),
-            (".", None) => "body".to_string(),
-            (p, None) => p.to_string(),
-        };
-        let detail = message.split(" at line ").next().unwrap_or(&message).to_string();
-        ApiError::Invalid(crate::domain::FieldError::new(field, detail))
-    })?;
-    de.end().map_err(|e| ApiError::MalformedJson(e.to_string()))?;
-    Ok(value)
+    crate::domain::json::parse_object(bytes).map_err(ApiError::from)
 }

@@ -50,6 +50,15 @@ pub enum ApiError {
     RateLimited(std::time::Duration),
 }
 
+impl From<crate::domain::json::JsonError> for ApiError {
+    fn from(e: crate::domain::json::JsonError) -> Self {
+        match e {
+            crate::domain::json::JsonError::Malformed(d) => ApiError::MalformedJson(d),
+            crate::domain::json::JsonError::Invalid(f) => ApiError::Invalid(f),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         ApiError::Storage(e)

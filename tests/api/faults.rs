@@ -211,8 +211,9 @@ fn parse_strace(text: &str) -> Vec<Syscall> {
         line.rsplit_once('<').and_then(|(_, d)| d.strip_suffix('>')).and_then(|d| d.parse::<f64>().ok()).unwrap_or(0.0)
     };
     for line in text.lines() {
-        let mut fields = line.splitn(3, ' ');
-        let (Some(tid), Some(time), Some(rest)) = (fields.next(), fields.next(), fields.next()) else { continue };
+        // strace pads the thread id to the width of the largest one seen: `812  15:40:01.1 …`.
+        let Some((tid, after)) = line.trim_start().split_once(' ') else { continue };
+        let Some((time, rest)) = after.trim_start().split_once(' ') else { continue };
         if !time.contains(':') {
             continue;
         }
