@@ -140,8 +140,9 @@ async fn slowloris_connections_are_closed_within_the_timeout_while_others_are_se
         assert!(*late <= Duration::from_secs(1), "{kind} connections were closed {late:?} after their limit");
     }
     assert!(metric(&app, "tally_http_connections_silent_total").await >= 240.0);
-    // Only the metrics scrape itself is still open once the abusers are gone.
-    assert!(metric(&app, "tally_http_connections ").await <= 2.0);
+    // Once the abusers are gone only the test client's own pooled connections remain.
+    let open = metric(&app, "tally_http_connections ").await;
+    assert!(open < 10.0, "{open} connections still open");
 }
 
 const FLOOD_CONFIG: &str = r#"
