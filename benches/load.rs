@@ -2,6 +2,8 @@
 //! by the same client with the same connections and duration.
 //!
 //! `cargo bench --bench load -- [--duration SECS] [--connections N] [--workload NAME] [--open-loop]`
+//! `cargo bench --bench load -- --scale 10000000 [--duration SECS]`: conversions attributed
+//! by stored clicks, 10,000 against N stored clicks, RSS, and restart time after kill -9.
 //! Workloads: clicks, conversions (unique txn_ids, durability fsync), duplicates, mixed
 //! (90 % clicks / 10 % conversions), all (default). Needs the release binary:
 //! `cargo build --release` first (the bench target does not build it).
@@ -44,6 +46,8 @@ struct Target {
     name: &'static str,
     addr: SocketAddr,
     secret: Option<Arc<tally::signing::WebhookSecret>>,
+    /// Stored click ids that conversions name (`--scale` runs); empty: explicit partner.
+    clicks: Arc<Vec<String>>,
 }
 
 #[derive(serde::Serialize)]
@@ -129,6 +133,15 @@ fn tally_binary() -> PathBuf {
 }
 
 async fn start_tally(dir: &std::path::Path) -> (tokio::process::Child, SocketAddr, Arc<tally::signing::WebhookSecret>) {
+    let (child, public, _, secret) = start_tally_full(dir).await;
+    (child, public, secret)
+}
+
+/// Starts tally on `dir/db` and waits for its address file: the child, public and admin
+/// addresses and the merchant secret.
+async fn start_tally_full(
+    dir: &std::path::Path,
+) -> (tokio::process::Child, SocketAddr, SocketAddr, Arc<tally::signing::WebhookSecret>) {
     let config = dir.join("tally.toml");
     let secret_file = dir.join("bench.whsec");
     std::fs::write(&config, CONFIG.replace("SECRET_FILE", secret_file.to_str().unwrap())).unwrap();
@@ -141,16 +154,17 @@ async fn start_tally(dir: &std::path::Path) -> (tokio::process::Child, SocketAdd
         .kill_on_drop(true)
         .spawn()
         .expect("start tally");
+    let _ = std::fs::remove_file(&addr_file);
     let started = Instant::now();
-    let public = loop {
+    let (public, admin) = loop {
         if let Ok(Ok(v)) = std::fs::read_to_string(&addr_file).map(|t| serde_json::from_str::<serde_json::Value>(&t)) {
-            break v["public"].as_str().unwrap().parse().unwrap();
+            break (v["public"].as_str().unwrap().parse().unwrap(), v["admin"].as_str().unwrap().parse().unwrap());
         }
         assert!(started.elapsed() < Duration::from_secs(60), "tally did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let secret = tally::signing::WebhookSecret::parse(&std::fs::read_to_string(secret_file).unwrap()).unwrap();
-    (child, public, Arc::new(secret))
+    (child, public, admin, Arc::new(secret))
 }
 
 /// Current and peak resident memory of a process, in MiB (Linux `/proc`).
@@ -179,7 +193,13 @@ fn request(target: &Target, workload: Workload, conn: usize, n: u64, ts: i64) ->
             .unwrap();
     }
     let txn = if workload == Workload::Duplicates { format!("dup-{}", n % 100) } else { format!("t{ts}-{conn}-{n}") };
-    let body = format!(r#"{{"txn_id":"{txn}","amount":"49.90","currency":"USD","partner_id":"bp"}}"#);
+    let body = if target.clicks.is_empty() {
+        format!(r#"{{"txn_id":"{txn}","amount":"49.90","currency":"USD","partner_id":"bp"}}"#)
+    } else {
+        // Attributed by a stored click: the click rule reads it from the store.
+        let click = &target.clicks[(n as usize * 7919 + conn * 104_729) % target.clicks.len()];
+        format!(r#"{{"txn_id":"{txn}","amount":"49.90","currency":"USD","click_id":"{click}"}}"#)
+    };
     let id = format!("msg_{txn}_{conn}_{n}");
     let sig =
         target.secret.as_ref().map(|s| tally::signing::sign(s.key(), &id, ts, body.as_bytes())).unwrap_or_default();
@@ -210,7 +230,12 @@ async fn run(
     let started = Instant::now();
     let mut tasks = Vec::new();
     for conn in 0..connections {
-        let target = Target { name: target.name, addr: target.addr, secret: target.secret.clone() };
+        let target = Target {
+            name: target.name,
+            addr: target.addr,
+            secret: target.secret.clone(),
+            clicks: Arc::clone(&target.clicks),
+        };
         tasks.push(tokio::spawn(async move {
             let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
             let (mut ok, mut errors) = (0u64, 0u64);
@@ -268,7 +293,8 @@ async fn run(
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    if std::env::args().any(|a| a == "--bench") && arg("--workload").is_none() && std::env::var("TALLY_LOAD").is_err() {
+    let asked = arg("--workload").is_some() || arg("--scale").is_some() || std::env::var("TALLY_LOAD").is_ok();
+    if std::env::args().any(|a| a == "--bench") && !asked {
         // `cargo bench` without arguments runs every bench target; keep this one opt-in.
         eprintln!("load: skipped (run `cargo bench --bench load -- --workload all`, or set TALLY_LOAD=1)");
         return;
@@ -283,10 +309,14 @@ async fn main() {
         _ => vec![Workload::Clicks, Workload::Conversions, Workload::Duplicates, Workload::Mixed],
     };
     let dir = tempfile::tempdir().unwrap();
-    let bare = Target { name: "bare-hyper", addr: bare_server().await, secret: None };
+    if let Some(n) = arg("--scale").and_then(|n| n.parse::<u64>().ok()) {
+        scale(n, duration, connections).await;
+        return;
+    }
+    let bare = Target { name: "bare-hyper", addr: bare_server().await, secret: None, clicks: Arc::default() };
     let (child, tally_addr, secret) = start_tally(dir.path()).await;
     let tally_pid = child.id();
-    let tally = Target { name: "tally", addr: tally_addr, secret: Some(secret) };
+    let tally = Target { name: "tally", addr: tally_addr, secret: Some(secret), clicks: Arc::default() };
 
     let open_loop = std::env::args().any(|a| a == "--open-loop");
     println!(
@@ -348,6 +378,143 @@ async fn main() {
     let _ = std::fs::create_dir_all(&out);
     let mode = if open_loop { "open" } else { "closed" };
     let path = out.join(format!("load-{mode}-{}.json", now_secs()));
+    let _ = std::fs::write(&path, serde_json::to_vec_pretty(&rows).unwrap());
+    println!("written to {}", path.display());
+}
+
+/// Writes `n` clicks on `bench-link` into a new store at `data_dir` through tally's own
+/// store (the writer thread, batched, WAL without fsync, as the click handler does), with a
+/// distinct visitor each. Returns every 1000th click id (at least 100) for conversions.
+async fn load_clicks(data_dir: &std::path::Path, n: u64) -> Vec<String> {
+    use tally::domain::click::ClickRecord;
+    use tally::domain::ids::{LinkId, MerchantId, PartnerId, Ulid};
+    let opts = tally::store::StoreOptions {
+        data_dir: data_dir.to_path_buf(),
+        durability: tally::store::Durability::Buffered,
+        wal_sync_interval: Duration::from_millis(100),
+        queue_capacity: 8192,
+        max_batch: 1024,
+        unique_window_ms: 86_400_000,
+        block_cache_bytes: 64 << 20,
+        write_buffer_bytes: 32 << 20,
+    };
+    let store = tally::store::Store::open(&opts, Arc::new(tally::metrics::Metrics::new())).expect("open the store");
+    let tasks = 1024u64;
+    let every = (n / 100).clamp(1, 1000);
+    let started = Instant::now();
+    let now_ms = now_secs() * 1000;
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            let mut sample = Vec::new();
+            let (link, partner, merchant) = (
+                LinkId::parse("bench-link").unwrap(),
+                PartnerId::parse("bp").unwrap(),
+                MerchantId::parse("bench").unwrap(),
+            );
+            let mut i = t;
+            while i < n {
+                let at_ms = now_ms - (i as i64 % (20 * 86_400)) * 1000;
+                let mut visitor = [0u8; 16];
+                visitor[..8].copy_from_slice(&i.to_be_bytes());
+                let click = ClickRecord {
+                    click_id: Ulid::mint(at_ms),
+                    link_id: link.clone(),
+                    partner_id: partner.clone(),
+                    merchant_id: merchant.clone(),
+                    at_ms,
+                    subs: [Some(format!("s{}", i % 977)), None, None, None, None],
+                    ip: "203.0.113.0".into(),
+                    user_agent: "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0".into(),
+                    bot: false,
+                    unique: false,
+                    visitor,
+                };
+                let id = click.click_id.to_string();
+                store.record_click(click).await.expect("click stored");
+                if i % every == 0 {
+                    sample.push(id);
+                }
+                i += tasks;
+            }
+            sample
+        }));
+    }
+    let mut sample = Vec::new();
+    for h in handles {
+        sample.extend(h.await.unwrap());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("loaded {n} clicks in {secs:.1} s ({:.0} clicks/s)", n as f64 / secs);
+    tokio::task::spawn_blocking(move || store.shutdown()).await.unwrap();
+    sample
+}
+
+fn dir_size(path: &std::path::Path) -> u64 {
+    std::fs::read_dir(path).map_or(0, |d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+}
+
+/// Waits until `/readyz` answers 200; the time from `since`.
+async fn ready_after(admin: SocketAddr, since: Instant) -> Duration {
+    loop {
+        if let Ok(mut s) = TcpStream::connect(admin).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await;
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf).await;
+            if buf.starts_with(b"HTTP/1.1 200") {
+                return since.elapsed();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// SPEC 13's scale rows: conversions attributed by stored clicks with a small store
+/// (10,000 clicks) and with `n` clicks, tally's RSS, and the time to ready after `kill -9`.
+async fn scale(n: u64, duration: Duration, connections: usize) {
+    let mut rows = Vec::new();
+    let mut small_rps = None;
+    for (label, clicks) in [("10k-clicks", 10_000u64), ("scale", n)] {
+        let dir = tempfile::tempdir_in(std::env::var("TALLY_BENCH_DIR").unwrap_or_else(|_| "/tmp".into())).unwrap();
+        let sample = load_clicks(&dir.path().join("db"), clicks).await;
+        let (child, public, _, secret) = start_tally_full(dir.path()).await;
+        let t = Target { name: "tally", addr: public, secret: Some(secret), clicks: Arc::new(sample) };
+        let (ok, errors, h, secs) = run(&t, Workload::Conversions, connections, duration, None).await;
+        let rps = ok as f64 / secs;
+        let ratio = small_rps.map(|s: f64| rps / s);
+        small_rps.get_or_insert(rps);
+        let rss = child.id().and_then(rss_mib);
+        println!(
+            "{clicks} stored clicks: {rps:.0} conversions/s, errors {errors}, p50 {} µs, p99 {} µs{}; RSS {:?} MiB (now, peak); store {} MiB",
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            ratio.map(|r| format!(", {:.0}% of the 10k-click store", r * 100.0)).unwrap_or_default(),
+            rss,
+            dir_size(&dir.path().join("db")) >> 20
+        );
+        // kill -9 right after the load, then time the restart until /readyz is 200.
+        let mut child = child;
+        child.start_kill().unwrap();
+        child.wait().await.unwrap();
+        let restarted = Instant::now();
+        let (mut again, _, admin2, _) = start_tally_full(dir.path()).await;
+        let ready = ready_after(admin2, restarted).await;
+        println!("{clicks} stored clicks: ready {:.2} s after a restart that followed kill -9", ready.as_secs_f64());
+        again.start_kill().unwrap();
+        let _ = again.wait().await;
+        rows.push(serde_json::json!({
+            "store": label, "clicks": clicks, "conversions_per_s": rps, "errors": errors,
+            "p50_us": h.value_at_quantile(0.5), "p99_us": h.value_at_quantile(0.99),
+            "ratio_to_10k": ratio, "rss_mib": rss.map(|r| r.0), "peak_rss_mib": rss.map(|r| r.1),
+            "restart_ready_s": ready.as_secs_f64(),
+        }));
+    }
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("target"));
+    let out = target.join("bench");
+    let _ = std::fs::create_dir_all(&out);
+    let path = out.join(format!("load-scale-{}.json", now_secs()));
     let _ = std::fs::write(&path, serde_json::to_vec_pretty(&rows).unwrap());
     println!("written to {}", path.display());
 }
