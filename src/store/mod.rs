@@ -54,6 +54,13 @@ pub enum StoreError {
     Closed,
 }
 
+impl StoreError {
+    /// Reads and writes while the writer reopens the database after a failed write.
+    fn reopening() -> StoreError {
+        StoreError::Io("storage is being reopened after a failed write".into())
+    }
+}
+
 impl From<rocksdb::Error> for StoreError {
     fn from(e: rocksdb::Error) -> Self {
         StoreError::Io(e.into_string())
@@ -139,7 +146,7 @@ impl Shared {
     /// The open database, or `Io` while it is being reopened.
     fn db(&self) -> Result<Arc<DB>, StoreError> {
         let slot = self.db.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        slot.clone().ok_or_else(|| StoreError::Io("storage is being reopened after a failed write".into()))
+        slot.clone().ok_or_else(StoreError::reopening)
     }
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -316,20 +323,6 @@ impl Store {
         input: ConversionInput,
         received_ms: UnixMillis,
     ) -> Result<ConversionOutcome, StoreError> {
-        // A replay of a stored conversion is answered from a point lookup, without a trip
-        // through the writer. A record is visible only once the write of its batch returned,
-        // and with `fsync` durability that write included the WAL sync, so the answer never
-        // runs ahead of durability. The lookup is a memtable or block-cache read of a few
-        // microseconds, done in place. A conversion not found here (new, or still in the
-        // writer's current batch) goes to the writer, which decides.
-        if let Some(rec) = self.shared.get(Cf::Conversions, &keys::conversion(&merchant, &input.txn_id))? {
-            let rec: ConversionRecord = codec::decode(&rec)?;
-            return Ok(if rec.same_content(&input) {
-                ConversionOutcome::Duplicate(rec)
-            } else {
-                ConversionOutcome::Conflict(rec)
-            });
-        }
         let draft = writer::Draft { merchant, input, received_ms };
         self.call(|tx| writer::Op::Conversion(Box::new(draft), tx)).await?
     }

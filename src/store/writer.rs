@@ -149,7 +149,7 @@ impl<'a> Pending<'a> {
 
     /// The database, or `Io` while it cannot be opened.
     pub(super) fn db(&self) -> Result<&rocksdb::DB, StoreError> {
-        self.db.as_deref().ok_or_else(|| StoreError::Io("storage is being reopened after a failed write".into()))
+        self.db.as_deref().ok_or_else(StoreError::reopening)
     }
 
     /// Reads through the batch: `(value, true)` when the value is only in this batch.
@@ -162,14 +162,14 @@ impl<'a> Pending<'a> {
     }
 
     pub(super) fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
-        let db = self.db.as_deref().ok_or_else(|| StoreError::Io("storage is being reopened".into()))?;
+        let db = self.db.as_deref().ok_or_else(StoreError::reopening)?;
         self.batch.put_cf(super::cf_of(db, cf)?, &key, &value);
         self.puts.insert((cf, key), value);
         Ok(())
     }
 
     pub(super) fn delete(&mut self, cf: Cf, key: Vec<u8>) -> Result<(), StoreError> {
-        let db = self.db.as_deref().ok_or_else(|| StoreError::Io("storage is being reopened".into()))?;
+        let db = self.db.as_deref().ok_or_else(StoreError::reopening)?;
         self.batch.delete_cf(super::cf_of(db, cf)?, &key);
         self.puts.remove(&(cf, key));
         Ok(())
@@ -325,7 +325,7 @@ impl Writer {
         let started = Instant::now();
         let result = match &pending.db {
             Some(db) => db.write_opt(pending.batch, &opts).map_err(StoreError::from),
-            None => Err(StoreError::Io("storage is being reopened after a failed write".into())),
+            None => Err(StoreError::reopening()),
         };
         let m = &self.shared.metrics;
         m.write_batch_size.observe(pending.ops as f64);
