@@ -246,7 +246,7 @@ async fn endless_bodies_get_413_and_memory_stays_bounded() {
 
 /// Valid requests the generator starts from.
 fn seeds(secret: &tally::signing::WebhookSecret) -> Vec<Vec<u8>> {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = crate::helpers::unix_now();
     let body = r#"{"txn_id":"fuzz-1","event":"sale","amount":"10.00","currency":"USD","partner_id":"ann"}"#;
     let sig = tally::signing::sign(secret.key(), "msg_fuzz", now, body.as_bytes());
     vec![

@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::Method;
 use tokio::sync::Mutex;
 
-use crate::helpers::{client, heavy_test, send, start_binary, ADMIN_TOKEN};
+use crate::helpers::{client, heavy_test, send, start_binary, unix_now, webhook_headers, ADMIN_TOKEN};
 
 const CONFIG: &str = r#"
 public_addr = "127.0.0.1:0"
@@ -61,15 +61,8 @@ fn load(
                     } else {
                         format!(r#"{{"txn_id":"{txn}","event":"lead","partner_id":"cp"}}"#)
                     };
-                    let ts =
-                        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-                    let id = format!("msg_{txn}");
                     let signed = if i % 10 == 7 { "tampered" } else { body.as_str() };
-                    let headers = vec![
-                        ("webhook-id", id.clone()),
-                        ("webhook-timestamp", ts.to_string()),
-                        ("webhook-signature", tally::signing::sign(key.key(), &id, ts, signed.as_bytes())),
-                    ];
+                    let headers = webhook_headers(&key, &format!("msg_{txn}"), unix_now(), signed.as_bytes()).to_vec();
                     let req = send_checked(&http, url.clone(), headers, body);
                     match tokio::time::timeout(Duration::from_secs(5), req).await {
                         Ok(Some(201)) => out.lock().await.acked.push(txn),
@@ -160,10 +153,7 @@ async fn kill_9_loop_loses_no_acknowledged_conversion_and_stores_no_rejected_one
 
 /// Sends one request; `None` when the connection failed (the server was killed).
 async fn send_checked(
-    http: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Full<bytes::Bytes>,
-    >,
+    http: &crate::helpers::HttpClient,
     url: String,
     headers: Vec<(&str, String)>,
     body: String,

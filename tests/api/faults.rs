@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use http::Method;
 
-use crate::helpers::{client, heavy_test, send, start_binary_on, HttpClient, Proc, TestResponse, ADMIN_TOKEN};
+use crate::helpers::{
+    client, heavy_test, send, start_binary_on, unix_now, webhook_headers, HttpClient, Proc, TestResponse, ADMIN_TOKEN,
+};
 
 const CONFIG: &str = r#"
 public_addr = "127.0.0.1:0"
@@ -73,14 +75,8 @@ fn fill(path: &std::path::Path) -> u64 {
 
 async fn convert(http: &HttpClient, proc: &Proc, key: &tally::signing::WebhookSecret, txn: &str) -> TestResponse {
     let body = format!(r#"{{"txn_id":"{txn}","event":"lead","partner_id":"cp"}}"#);
-    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-    let id = format!("msg_{txn}");
-    let headers = vec![
-        ("content-type", "application/json".to_string()),
-        ("webhook-id", id.clone()),
-        ("webhook-timestamp", ts.to_string()),
-        ("webhook-signature", tally::signing::sign(key.key(), &id, ts, body.as_bytes())),
-    ];
+    let mut headers = vec![("content-type", "application/json".to_string())];
+    headers.extend(webhook_headers(key, &format!("msg_{txn}"), unix_now(), body.as_bytes()));
     let url = format!("http://{}/v1/merchants/crash/conversions", proc.public);
     send(http, Method::POST, url, &headers, body.into_bytes()).await
 }

@@ -107,12 +107,8 @@ impl TestApp {
     /// POSTs `body` to a merchant path, signed with `secret` at `ts` under `id`.
     pub async fn post_signed(&self, path: &str, body: &str, secret: &str, id: &str, ts: i64) -> TestResponse {
         let key = WebhookSecret::parse(secret).expect("secret");
-        let headers = vec![
-            ("content-type", "application/json".to_string()),
-            ("webhook-id", id.to_string()),
-            ("webhook-timestamp", ts.to_string()),
-            ("webhook-signature", sign(key.key(), id, ts, body.as_bytes())),
-        ];
+        let mut headers = vec![("content-type", "application/json".to_string())];
+        headers.extend(webhook_headers(&key, id, ts, body.as_bytes()));
         self.request(Method::POST, format!("http://{}{path}", self.public), &headers, body.as_bytes().to_vec()).await
     }
 
@@ -163,6 +159,20 @@ impl TestApp {
         let app = self.app.as_ref().expect("running");
         app.store().count_conversions(&tally::domain::ids::MerchantId::parse(merchant).unwrap()).await.unwrap()
     }
+}
+
+/// The three Standard Webhooks headers for `signed` (usually the body itself).
+pub fn webhook_headers(key: &WebhookSecret, id: &str, ts: i64, signed: &[u8]) -> [(&'static str, String); 3] {
+    [
+        ("webhook-id", id.to_string()),
+        ("webhook-timestamp", ts.to_string()),
+        ("webhook-signature", sign(key.key(), id, ts, signed)),
+    ]
+}
+
+/// Seconds since the Unix epoch, by the system clock (for the real binary's signatures).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 pub const BROWSER: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0";
