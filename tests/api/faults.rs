@@ -297,7 +297,19 @@ async fn traced_conversions(durability: &str, n: usize) -> Option<(usize, usize)
     }
     proc.child.start_kill().unwrap();
     proc.child.wait().await.unwrap();
-    Some(synced_before_answer(&parse_strace(&std::fs::read_to_string(&trace).unwrap())))
+    let (answered, synced) = synced_before_answer(&parse_strace(&std::fs::read_to_string(&trace).unwrap()));
+    if durability == "fsync" && synced != answered {
+        // Keep the evidence: an answer without its sync is either a durability bug or a
+        // misread trace, and the trace tells which.
+        let kept = std::env::temp_dir().join(format!("tally-wal-order-{}.txt", unix_now()));
+        let _ = std::fs::copy(&trace, &kept);
+        eprintln!(
+            "WAL ordering: {} of {answered} answers without a sync; trace kept in {}",
+            answered - synced,
+            kept.display()
+        );
+    }
+    Some((answered, synced))
 }
 
 /// SPEC 7: with `durability = "fsync"` every conversion's 201 is written to the socket after
