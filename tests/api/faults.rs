@@ -241,16 +241,19 @@ fn synced_before_answer(calls: &[Syscall]) -> (usize, usize) {
         .filter(|c| ["fdatasync", "fsync"].contains(&c.name.as_str()) && c.text.contains(".log>"))
         .collect();
     let (mut answered, mut synced) = (0, 0);
-    let mut request_read_at = None;
+    // The socket a request came in on, and when its last piece was read.
+    let mut request: Option<(&str, f64)> = None;
     for c in calls {
-        // The request is read once its last piece is: the head may come in several reads.
-        let got_bytes = !c.text.contains("= -1 ");
-        let starts = c.text.contains("POST /v1/merchants/crash");
-        let continues = c.text.contains("socket:[") && request_read_at.is_some();
-        if is_read(c) && got_bytes && (starts || continues) {
-            request_read_at = Some(c.end);
-        } else if is_write(c) && c.text.contains("HTTP/1.1 201") {
-            let Some(read_at) = request_read_at.take() else { continue };
+        let socket = c.text.split_once("socket:[").and_then(|(_, r)| r.split_once(']')).map(|(s, _)| s);
+        // Reads that returned bytes; not EAGAIN, and not the EOF of another, pooled connection.
+        let got_bytes = !c.text.contains("= -1 ") && !c.text.ends_with("= 0") && !c.text.contains(") = 0 <");
+        if is_read(c) && got_bytes && c.text.contains("POST /v1/merchants/crash") {
+            request = socket.map(|s| (s, c.end));
+        } else if is_read(c) && got_bytes && request.is_some_and(|(s, _)| Some(s) == socket) {
+            // The head and body may come in several reads.
+            request = request.map(|(s, _)| (s, c.end));
+        } else if is_write(c) && c.text.contains("HTTP/1.1 201") && request.is_some_and(|(s, _)| Some(s) == socket) {
+            let Some((_, read_at)) = request.take() else { continue };
             answered += 1;
             // A sync that completed between the two. Requests go one at a time, so it cannot
             // belong to an earlier batch (that one ended before the earlier answer). Its start
