@@ -68,25 +68,55 @@ fn arg(name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
 }
 
-async fn bare_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let _ = req.into_body().collect().await;
-                    let mut r = hyper::Response::new(Empty::<Bytes>::new());
-                    *r.status_mut() = hyper::StatusCode::NO_CONTENT;
-                    Ok::<_, std::convert::Infallible>(r)
-                });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+/// Serves `204` to everything on `listener` with hyper 1.x: the bare server.
+async fn serve_bare(listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(async move {
+            let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                let _ = req.into_body().collect().await;
+                let mut r = hyper::Response::new(Empty::<Bytes>::new());
+                *r.status_mut() = hyper::StatusCode::NO_CONTENT;
+                Ok::<_, std::convert::Infallible>(r)
             });
-        }
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
+
+/// The bare server's process (`--bare-server`): prints its address, then serves until killed.
+/// It runs on the same runtime shape as tally (a multi-thread runtime, one worker per core).
+fn bare_server_process() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", listener.local_addr().unwrap());
+        serve_bare(listener).await;
     });
-    addr
+}
+
+/// Starts the bare server: as its own process like tally (the default, so both servers pay
+/// the same cross-process scheduling), or inside the client's runtime with
+/// `--bare-in-process` (how runs before 2026-11-21 measured it).
+async fn bare_server() -> (SocketAddr, Option<tokio::process::Child>) {
+    if std::env::args().any(|a| a == "--bare-in-process") {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_bare(listener));
+        return (addr, None);
+    }
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .arg("--bare-server")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the bare server");
+    let mut line = String::new();
+    let stdout = child.stdout.take().unwrap();
+    tokio::io::BufReader::new(stdout).read_line(&mut line).await.unwrap();
+    (line.trim().parse().expect("the bare server's address"), Some(child))
 }
 
 const CONFIG: &str = r#"
@@ -291,8 +321,14 @@ async fn run(
     (ok, errors, total, started.elapsed().as_secs_f64())
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn main() {
+    if std::env::args().any(|a| a == "--bare-server") {
+        return bare_server_process();
+    }
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(client());
+}
+
+async fn client() {
     let asked = arg("--workload").is_some() || arg("--scale").is_some() || std::env::var("TALLY_LOAD").is_ok();
     if std::env::args().any(|a| a == "--bench") && !asked {
         // `cargo bench` without arguments runs every bench target; keep this one opt-in.
@@ -313,7 +349,8 @@ async fn main() {
         scale(n, duration, connections).await;
         return;
     }
-    let bare = Target { name: "bare-hyper", addr: bare_server().await, secret: None, clicks: Arc::default() };
+    let (bare_addr, _bare_child) = bare_server().await;
+    let bare = Target { name: "bare-hyper", addr: bare_addr, secret: None, clicks: Arc::default() };
     let (child, tally_addr, secret) = start_tally(dir.path()).await;
     let tally_pid = child.id();
     let tally = Target { name: "tally", addr: tally_addr, secret: Some(secret), clicks: Arc::default() };

@@ -131,7 +131,7 @@ impl Metrics {
             fsync_duration: histogram(
                 &r,
                 "tally_storage_fsync_duration_seconds",
-                "Duration of synced batch writes.",
+                "Duration of WAL fsyncs.",
                 fsync_buckets,
             ),
             storage_errors: counter(&r, "tally_storage_write_errors_total", "Storage writes that failed."),
@@ -185,6 +185,13 @@ impl Metrics {
         self.write_stopped.set(i64::from(s.write_stopped));
         self.delayed_write_rate.set(g(s.delayed_write_rate));
         self.pending_compaction_bytes.set(g(s.pending_compaction_bytes));
+    }
+
+    /// Counts the ledger entries of a batch once it is durable.
+    pub fn count_ledger(&self, kinds: &[LedgerKind]) {
+        for kind in kinds {
+            self.ledger_entries.with_label_values(&[kind.as_str()]).inc();
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -19,7 +19,7 @@ pub mod schema;
 mod writer;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,7 +125,13 @@ struct Shared {
     ready: AtomicBool,
     /// Set after an unsynced write; cleared by the WAL syncer.
     unsynced: AtomicBool,
-    stopping: AtomicBool,
+    /// Counts reopens: a WAL sync that failed condemns the writes of its generation.
+    generation: AtomicU64,
+    /// The last written batch (by the writer's sequence) that the syncer has fsynced.
+    synced: AtomicU64,
+    /// Tests hold it to keep the syncer from syncing.
+    #[cfg(test)]
+    sync_hold: std::sync::Mutex<()>,
     metrics: Arc<Metrics>,
     /// The last ledger entry id minted: ids are strictly increasing, so a partner's
     /// entries read back in the order they were appended, even within one millisecond.
@@ -180,6 +186,7 @@ impl Shared {
         }
         let db = open_db(&self.data_dir, &self.db_opts)?;
         *self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(db));
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.needs_reopen.store(false, Ordering::SeqCst);
         tracing::warn!("storage reopened after a failed write");
         Ok(())
@@ -259,7 +266,10 @@ impl Store {
             catalog: CatalogCell::default(),
             ready: AtomicBool::new(true),
             unsynced: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            #[cfg(test)]
+            sync_hold: std::sync::Mutex::new(()),
             metrics,
             last_entry: std::sync::Mutex::new(0),
         });
@@ -268,17 +278,24 @@ impl Store {
         shared.set_ready(true);
 
         let (tx, rx) = mpsc::channel(opts.queue_capacity);
-        let w = writer::Writer::new(Arc::clone(&shared), opts.durability, opts.max_batch, opts.unique_window_ms);
-        let writer = std::thread::Builder::new()
-            .name("tally-writer".into())
-            .spawn(move || w.run(rx))
-            .map_err(|e| StoreError::Io(format!("spawn writer: {e}")))?;
+        let (written_tx, written_rx) = std::sync::mpsc::channel();
         let syncer_shared = Arc::clone(&shared);
         let interval = opts.wal_sync_interval;
         let syncer = std::thread::Builder::new()
             .name("tally-wal-sync".into())
-            .spawn(move || wal_syncer(&syncer_shared, interval))
+            .spawn(move || writer::wal_syncer(&syncer_shared, &written_rx, interval))
             .map_err(|e| StoreError::Io(format!("spawn WAL syncer: {e}")))?;
+        let w = writer::Writer::new(
+            Arc::clone(&shared),
+            written_tx,
+            opts.durability,
+            opts.max_batch,
+            opts.unique_window_ms,
+        );
+        let writer = std::thread::Builder::new()
+            .name("tally-writer".into())
+            .spawn(move || w.run(rx))
+            .map_err(|e| StoreError::Io(format!("spawn writer: {e}")))?;
         Ok(Store { shared, tx, salt: Arc::new(salt), threads: Arc::new(std::sync::Mutex::new(vec![writer, syncer])) })
     }
 
@@ -594,7 +611,6 @@ impl Store {
     /// threads. Other clones of the store see `Closed` afterwards. Blocks: call it from a
     /// blocking thread, not from the async runtime.
     pub fn shutdown(&self) {
-        self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.tx.blocking_send(writer::Op::Stop);
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         for t in threads {
@@ -670,22 +686,4 @@ fn load_catalog(shared: &Shared) -> Result<Catalog, StoreError> {
         c.insert_plan(p);
     }
     Ok(c)
-}
-
-/// Syncs the WAL every `interval` while unsynced writes exist (SPEC 7: clicks reach
-/// disk within the interval).
-fn wal_syncer(shared: &Shared, interval: Duration) {
-    while !shared.stopping.load(Ordering::SeqCst) {
-        std::thread::sleep(interval);
-        if shared.unsynced.swap(false, Ordering::SeqCst) {
-            let started = std::time::Instant::now();
-            if let Err(e) = shared.db().and_then(|db| Ok(db.flush_wal(true)?)) {
-                shared.unsynced.store(true, Ordering::SeqCst);
-                shared.metrics.storage_errors.inc();
-                tracing::error!(error = %e, "WAL sync failed");
-            } else {
-                shared.metrics.fsync_duration.observe(started.elapsed().as_secs_f64());
-            }
-        }
-    }
 }

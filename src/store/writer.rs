@@ -1,13 +1,24 @@
-//! The single writer thread. It drains the queue into one batch, decides dedupe,
-//! uniqueness and attribution against the database plus the batch's own pending puts,
-//! writes the batch once (with fsync when it holds a conversion), then answers every
-//! caller. Concurrent conversions therefore share one fsync, and two identical
-//! conversions can never both be created: one thread sees them in order.
+//! The single writer thread and the WAL syncer behind it.
+//!
+//! The writer drains the queue into one batch, decides dedupe, uniqueness and
+//! attribution against the database plus the batch's own pending puts, and writes the
+//! batch once to the WAL and memtables, without fsync. Clicks are answered at once. The
+//! answers that promise durability (conversions, adjustments, deals, touches) go to the
+//! syncer thread with the batch; it fsyncs the WAL once for every batch written since its
+//! last sync, then answers them. So the writer prepares batch N+1 while batch N is being
+//! fsynced, concurrent conversions share one fsync, and two identical conversions can
+//! never both be created: one thread sees them in order.
+//!
+//! A batch read by the writer may be written but not yet synced. An answer that read
+//! such data (a duplicate of a conversion whose batch is still syncing) waits for the
+//! next sync too: a `2xx` never reports something that is not durable.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rocksdb::{WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
@@ -102,7 +113,7 @@ type Done = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
 /// Most holds approved by one sweep; the next sweep continues.
 const SWEEP_LIMIT: usize = 10_000;
 
-/// Runs `f` on the batch; its answer is sent once the batch is written (or at once when
+/// Runs `f` on the batch; its answer is sent once the batch is durable (or at once when
 /// `f` fails, having staged nothing that matters: the caller retries).
 fn defer<T: Send + 'static>(
     pending: &mut Pending<'_>,
@@ -120,28 +131,35 @@ fn defer<T: Send + 'static>(
 }
 
 /// One batch being built: the RocksDB batch, a view of its puts for reads inside the
-/// batch, and the answers to send once it is written.
+/// batch, and the answers to send once it is written or once it is durable.
 pub(super) struct Pending<'a> {
     pub(super) shared: &'a Shared,
-    /// The database this batch reads and is written to; `None` while it cannot be opened.
+    /// The database this batch reads and is written to; `None` while it cannot be opened
+    /// (or after a failed write or sync, until the writer has reopened it).
     db: Option<Arc<rocksdb::DB>>,
     batch: WriteBatch,
     puts: HashMap<(Cf, Vec<u8>), Vec<u8>>,
+    /// Some answer of this batch promises durability: `done` waits for the WAL sync.
     pub(super) sync: bool,
+    /// Answers sent once the batch is durable.
     done: Vec<Done>,
+    /// Answers sent once the batch is written (clicks: SPEC 7 syncs them within an interval).
+    written: Vec<Done>,
     pub(super) ops: usize,
     pub(super) ledger: Vec<LedgerKind>,
 }
 
 impl<'a> Pending<'a> {
     fn new(shared: &'a Shared) -> Self {
+        let usable = !shared.needs_reopen.load(Ordering::SeqCst);
         Pending {
             shared,
-            db: shared.db().ok(),
+            db: shared.db().ok().filter(|_| usable),
             batch: WriteBatch::default(),
             puts: HashMap::new(),
             sync: false,
             done: Vec::new(),
+            written: Vec::new(),
             ops: 0,
             ledger: Vec::new(),
         }
@@ -185,8 +203,23 @@ impl<'a> Pending<'a> {
     }
 }
 
+/// A written batch whose answers wait for the WAL sync.
+pub(super) struct Unsynced {
+    db: Arc<rocksdb::DB>,
+    /// The database generation it was written to (see `Shared::generation`).
+    generation: u64,
+    /// The writer's sequence number of this batch.
+    seq: u64,
+    done: Vec<Done>,
+    ledger: Vec<LedgerKind>,
+}
+
 pub(super) struct Writer {
     shared: Arc<Shared>,
+    /// Written batches to the syncer.
+    syncer: Sender<Unsynced>,
+    /// The sequence number of the last batch handed to the syncer.
+    sent: Cell<u64>,
     durability: Durability,
     max_batch: usize,
     unique_window_ms: i64,
@@ -197,8 +230,28 @@ pub(super) struct Writer {
 const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Writer {
-    pub(super) fn new(shared: Arc<Shared>, durability: Durability, max_batch: usize, unique_window_ms: i64) -> Self {
-        Writer { shared, durability, max_batch: max_batch.max(1), unique_window_ms, last_reopen: Default::default() }
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        syncer: Sender<Unsynced>,
+        durability: Durability,
+        max_batch: usize,
+        unique_window_ms: i64,
+    ) -> Self {
+        Writer {
+            shared,
+            syncer,
+            sent: Cell::new(0),
+            durability,
+            max_batch: max_batch.max(1),
+            unique_window_ms,
+            last_reopen: Default::default(),
+        }
+    }
+
+    /// True while a batch handed to the syncer is not yet fsynced: what the writer reads
+    /// from the database may then not be durable yet.
+    fn syncing(&self) -> bool {
+        self.durability == Durability::Fsync && self.shared.synced.load(Ordering::SeqCst) < self.sent.get()
     }
 
     pub(super) fn run(self, mut rx: mpsc::Receiver<Op>) {
@@ -234,7 +287,7 @@ impl Writer {
         for op in ops {
             match op {
                 Op::Click(click, reply) => match self.click(&mut pending, *click) {
-                    Ok(rec) => pending.done.push(Box::new(move |r| {
+                    Ok(rec) => pending.written.push(Box::new(move |r| {
                         let _ = reply.send(r.clone().map(|()| rec));
                     })),
                     Err(e) => {
@@ -242,12 +295,16 @@ impl Writer {
                     }
                 },
                 Op::Conversion(draft, reply) => match self.conversion(&mut pending, *draft) {
-                    Ok((outcome, false)) => {
+                    Ok((outcome, false)) if !self.syncing() => {
                         let _ = reply.send(Ok(outcome));
                     }
-                    Ok((outcome, true)) => pending.done.push(Box::new(move |r| {
-                        let _ = reply.send(r.clone().map(|()| outcome));
-                    })),
+                    Ok((outcome, _)) => {
+                        // Created, or read from a batch that is not durable yet.
+                        pending.sync = true;
+                        pending.done.push(Box::new(move |r| {
+                            let _ = reply.send(r.clone().map(|()| outcome));
+                        }));
+                    }
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
@@ -312,33 +369,48 @@ impl Writer {
         }
     }
 
+    /// Writes the batch without fsync and answers what needs only the write; hands the
+    /// answers that promise durability to the syncer (with `fsync` durability).
     fn commit(&self, pending: Pending<'_>) {
-        if pending.ops == 0 {
-            for d in pending.done {
-                d(&Ok(()));
-            }
-            return;
+        let Pending { db, batch, sync, done, written, ops, ledger, .. } = pending;
+        let result = if ops == 0 { Ok(()) } else { self.write(db.as_deref(), batch, ops) };
+        for d in written {
+            d(&result);
         }
-        let sync = pending.sync && self.durability == Durability::Fsync;
-        let mut opts = WriteOptions::default();
-        opts.set_sync(sync);
-        let started = Instant::now();
-        let result = match &pending.db {
-            Some(db) => db.write_opt(pending.batch, &opts).map_err(StoreError::from),
+        let wait = result.is_ok() && self.durability == Durability::Fsync && (sync || self.syncing());
+        match db.filter(|_| wait && !done.is_empty()) {
+            Some(db) => {
+                let seq = self.sent.get() + 1;
+                self.sent.set(seq);
+                let generation = self.shared.generation.load(Ordering::SeqCst);
+                if let Err(unsent) = self.syncer.send(Unsynced { db, generation, seq, done, ledger }) {
+                    for d in unsent.0.done {
+                        d(&Err(StoreError::Closed));
+                    }
+                }
+            }
+            None => {
+                if result.is_ok() {
+                    self.shared.metrics.count_ledger(&ledger);
+                }
+                for d in done {
+                    d(&result);
+                }
+            }
+        }
+    }
+
+    /// One unsynced write of a batch; a failure makes the store unready and reopens it.
+    fn write(&self, db: Option<&rocksdb::DB>, batch: WriteBatch, ops: usize) -> Result<(), StoreError> {
+        let m = &self.shared.metrics;
+        m.write_batch_size.observe(ops as f64);
+        let result = match db {
+            Some(db) => db.write_opt(batch, &WriteOptions::default()).map_err(StoreError::from),
             None => Err(StoreError::reopening()),
         };
-        let m = &self.shared.metrics;
-        m.write_batch_size.observe(pending.ops as f64);
         match &result {
             Ok(()) => {
-                if sync {
-                    m.fsync_duration.observe(started.elapsed().as_secs_f64());
-                } else {
-                    self.shared.unsynced.store(true, Ordering::SeqCst);
-                }
-                for kind in &pending.ledger {
-                    m.ledger_entries.with_label_values(&[kind.as_str()]).inc();
-                }
+                self.shared.unsynced.store(true, Ordering::SeqCst);
                 if !self.shared.ready.load(Ordering::SeqCst) {
                     tracing::warn!("storage accepts writes again");
                     self.shared.set_ready(true);
@@ -346,14 +418,12 @@ impl Writer {
             }
             Err(e) => {
                 m.storage_errors.inc();
-                tracing::error!(error = %e, ops = pending.ops, "storage write failed; answering 503 until a write succeeds");
+                tracing::error!(error = %e, ops, "storage write failed; answering 503 until a write succeeds");
                 self.shared.set_ready(false);
                 self.shared.needs_reopen.store(true, Ordering::SeqCst);
             }
         }
-        for d in pending.done {
-            d(&result);
-        }
+        result
     }
 
     fn click(&self, pending: &mut Pending<'_>, mut click: ClickRecord) -> Result<ClickRecord, StoreError> {
@@ -676,5 +746,137 @@ impl Facts for BatchFacts<'_, '_> {
 
     fn customer(&self, customer_id: &str) -> Result<Option<CustomerBinding>, StoreError> {
         self.pending.read(Cf::Customers, &keys::customer(self.merchant, customer_id))
+    }
+}
+
+/// The WAL syncer: fsyncs the WAL once for every batch the writer handed over since the
+/// last sync, then sends their answers; between batches it syncs unsynced writes (clicks,
+/// `buffered` durability) every `interval` (SPEC 7). After a failed sync, every batch
+/// written to the same database generation answers an error too (after a failed fsync a
+/// later one may succeed without the lost pages), and the writer reopens the database.
+pub(super) fn wal_syncer(shared: &Shared, rx: &Receiver<Unsynced>, interval: Duration) {
+    let mut failed_generation = None;
+    loop {
+        let mut batches = match rx.recv_timeout(interval) {
+            Ok(first) => vec![first],
+            Err(RecvTimeoutError::Timeout) => {
+                if shared.unsynced.load(Ordering::SeqCst) {
+                    if let Ok(db) = shared.db() {
+                        let _ = sync_wal(shared, &db);
+                    }
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        batches.extend(rx.try_iter());
+        // Normally one generation; after a reopen the older batches come first.
+        let mut synced: Option<(u64, Result<(), StoreError>)> = None;
+        for b in batches {
+            let result = match &synced {
+                Some((generation, r)) if *generation == b.generation => r.clone(),
+                _ if failed_generation == Some(b.generation) => {
+                    Err(StoreError::Io("an earlier WAL sync failed; the storage is being reopened".into()))
+                }
+                _ => {
+                    let r = sync_wal(shared, &b.db);
+                    if r.is_err() {
+                        failed_generation = Some(b.generation);
+                    }
+                    synced = Some((b.generation, r.clone()));
+                    r
+                }
+            };
+            drop(b.db);
+            if result.is_ok() {
+                shared.synced.fetch_max(b.seq, Ordering::SeqCst);
+                shared.metrics.count_ledger(&b.ledger);
+            }
+            for d in b.done {
+                d(&result);
+            }
+        }
+    }
+}
+
+/// Fsyncs the WAL of `db`; a failure makes the store unready until the writer reopens it.
+fn sync_wal(shared: &Shared, db: &rocksdb::DB) -> Result<(), StoreError> {
+    #[cfg(test)]
+    drop(shared.sync_hold.lock());
+    shared.unsynced.store(false, Ordering::SeqCst);
+    let started = Instant::now();
+    match db.flush_wal(true) {
+        Ok(()) => {
+            shared.metrics.fsync_duration.observe(started.elapsed().as_secs_f64());
+            Ok(())
+        }
+        Err(e) => {
+            shared.unsynced.store(true, Ordering::SeqCst);
+            shared.metrics.storage_errors.inc();
+            tracing::error!(error = %e, "WAL sync failed; answering 503 until the storage is reopened");
+            shared.set_ready(false);
+            shared.needs_reopen.store(true, Ordering::SeqCst);
+            Err(e.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::ConversionOutcome;
+    use crate::domain::conversion::ConversionBody;
+    use crate::domain::ids::MerchantId;
+    use crate::store::{Durability, Store, StoreOptions};
+
+    async fn convert(store: &Store, txn: &str) -> ConversionOutcome {
+        let body: ConversionBody = serde_json::from_str(&format!(r#"{{"txn_id":"{txn}","event":"lead"}}"#)).unwrap();
+        let input = body.into_input(1_800_000_000_000).unwrap();
+        store.convert(MerchantId::parse("m").unwrap(), input, 1_800_000_000_000).await.unwrap()
+    }
+
+    /// The pipelined writer reads batches that are written but not yet fsynced. A duplicate
+    /// of such a conversion must wait for the sync like the original does: answering it at
+    /// once would report a conversion that a power loss could still take away.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // holding the syncer back across awaits is the point
+    async fn a_duplicate_of_a_conversion_still_syncing_waits_for_the_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            data_dir: dir.path().to_path_buf(),
+            durability: Durability::Fsync,
+            wal_sync_interval: Duration::from_secs(60),
+            queue_capacity: 64,
+            max_batch: 64,
+            unique_window_ms: 86_400_000,
+            block_cache_bytes: 8 << 20,
+            write_buffer_bytes: 4 << 20,
+        };
+        let store = Store::open(&opts, Arc::new(crate::metrics::Metrics::new())).unwrap();
+        let hold = store.shared.sync_hold.lock().unwrap();
+        let first = tokio::spawn({
+            let store = store.clone();
+            async move { convert(&store, "t-1").await }
+        });
+        // Let the writer write the first batch and hand it to the (held) syncer.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let second = tokio::spawn({
+            let store = store.clone();
+            async move { convert(&store, "t-1").await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!first.is_finished(), "the original was answered before its sync");
+        assert!(!second.is_finished(), "the duplicate was answered before the original's sync");
+        drop(hold);
+        assert!(matches!(first.await.unwrap(), ConversionOutcome::Created(_)));
+        assert!(matches!(second.await.unwrap(), ConversionOutcome::Duplicate(_)));
+        // Once everything is synced, a duplicate is answered without waiting for another sync.
+        let hold = store.shared.sync_hold.lock().unwrap();
+        let third = tokio::time::timeout(Duration::from_secs(5), convert(&store, "t-1")).await;
+        drop(hold);
+        assert!(matches!(third, Ok(ConversionOutcome::Duplicate(_))), "a duplicate of a synced conversion waited");
+        store.shutdown_blocking_in_place();
     }
 }
