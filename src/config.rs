@@ -137,8 +137,8 @@ pub struct ClickSettings {
     pub unique_window_hours: i64,
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
-    /// Lower-case substrings that mark a user agent as a bot (an empty agent always is).
-    pub bot_user_agents: Vec<String>,
+    /// Substrings (any ASCII case) that mark a user agent as a bot (an empty agent always is).
+    pub bot_user_agents: crate::domain::click::BotMarkers,
 }
 
 impl Default for Settings {
@@ -237,7 +237,12 @@ impl Default for ClickSettings {
             unique_window_hours: DEFAULT_UNIQUE_WINDOW_HOURS,
             ipv4_prefix: 24,
             ipv6_prefix: 48,
-            bot_user_agents: DEFAULT_BOT_MARKERS.iter().map(|s| s.to_string()).collect(),
+            bot_user_agents: DEFAULT_BOT_MARKERS
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .try_into()
+                .unwrap_or_else(|e| unreachable!("the default bot markers are valid: {e}")),
         }
     }
 }

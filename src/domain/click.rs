@@ -32,6 +32,90 @@ pub struct ClickRecord {
     pub visitor: [u8; 16],
 }
 
+/// Marks an absent `sub` in the binary encoding (no kept string is this long).
+const ABSENT: u16 = u16::MAX;
+
+impl ClickRecord {
+    /// The compact binary encoding of a click (clicks are the bulk of the store, and JSON
+    /// cost a tenth of a click's CPU): the click id, time, flags and visitor hash at fixed
+    /// offsets, then the ids, IP, user agent and subs, each as a little-endian `u16` length
+    /// and its bytes (`u16::MAX`: an absent sub).
+    pub fn encode_binary(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.click_id.0);
+        out.extend_from_slice(&self.at_ms.to_be_bytes());
+        out.push(u8::from(self.bot) | (u8::from(self.unique) << 1));
+        out.extend_from_slice(&self.visitor);
+        let mut text = |t: Option<&str>| match t {
+            // Every kept string is far below the marker: ids, an IP, a 512-byte agent, subs.
+            Some(t) => {
+                let len = u16::try_from(t.len()).unwrap_or(ABSENT - 1).min(ABSENT - 1);
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(&t.as_bytes()[..usize::from(len)]);
+            }
+            None => out.extend_from_slice(&ABSENT.to_le_bytes()),
+        };
+        text(Some(self.link_id.as_str()));
+        text(Some(self.partner_id.as_str()));
+        text(Some(self.merchant_id.as_str()));
+        text(Some(&self.ip));
+        text(Some(&self.user_agent));
+        for sub in &self.subs {
+            text(sub.as_deref());
+        }
+    }
+
+    /// Reads [`ClickRecord::encode_binary`]'s output back.
+    ///
+    /// # Errors
+    /// What is wrong with the bytes.
+    pub fn decode_binary(bytes: &[u8]) -> Result<ClickRecord, String> {
+        let mut rest = bytes;
+        let mut take = |n: usize| -> Result<&[u8], String> {
+            if rest.len() < n {
+                return Err("click record is cut short".into());
+            }
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            Ok(head)
+        };
+        let click_id = Ulid(take(16)?.try_into().map_err(|_| "click id")?);
+        let at_ms = i64::from_be_bytes(take(8)?.try_into().map_err(|_| "click time")?);
+        let flags = take(1)?[0];
+        let visitor: [u8; 16] = take(16)?.try_into().map_err(|_| "visitor")?;
+        let mut text = || -> Result<Option<String>, String> {
+            let len = u16::from_le_bytes(take(2)?.try_into().map_err(|_| "length")?);
+            if len == ABSENT {
+                return Ok(None);
+            }
+            let raw = take(usize::from(len))?;
+            std::str::from_utf8(raw).map(|t| Some(t.to_string())).map_err(|_| "click text is not UTF-8".to_string())
+        };
+        let mut required = |what: &str| text()?.ok_or_else(|| format!("click {what} is missing"));
+        let link_id = LinkId::parse(&required("link id")?)?;
+        let partner_id = PartnerId::parse(&required("partner id")?)?;
+        let merchant_id = MerchantId::parse(&required("merchant id")?)?;
+        let ip = required("ip")?;
+        let user_agent = required("user agent")?;
+        let subs = [text()?, text()?, text()?, text()?, text()?];
+        if !rest.is_empty() {
+            return Err("click record has trailing bytes".into());
+        }
+        Ok(ClickRecord {
+            click_id,
+            link_id,
+            partner_id,
+            merchant_id,
+            at_ms,
+            subs,
+            ip,
+            user_agent,
+            bot: flags & 1 != 0,
+            unique: flags & 2 != 0,
+            visitor,
+        })
+    }
+}
+
 /// Cuts `text` to at most `max` bytes at a character boundary.
 pub fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {
@@ -47,37 +131,91 @@ pub fn truncate(text: &str, max: usize) -> String {
 /// The IP as stored: its network of `v4_prefix` / `v6_prefix` bits, in CIDR notation.
 /// A prefix of 32 (128) keeps the address whole.
 pub fn reduce_ip(ip: IpAddr, v4_prefix: u8, v6_prefix: u8) -> String {
-    match ip {
-        IpAddr::V4(v4) => {
-            let p = v4_prefix.min(32);
-            let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
-            let net = std::net::Ipv4Addr::from(u32::from(v4) & mask);
-            if p == 32 {
-                net.to_string()
-            } else {
-                format!("{net}/{p}")
-            }
-        }
+    use std::fmt::Write;
+    let mut out = String::with_capacity(48);
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let (p, whole) = match ip {
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return reduce_ip(IpAddr::V4(v4), v4_prefix, v6_prefix);
-            }
             let p = v6_prefix.min(128);
             let mask = if p == 0 { 0 } else { u128::MAX << (128 - p) };
-            let net = std::net::Ipv6Addr::from(u128::from(v6) & mask);
-            if p == 128 {
-                net.to_string()
-            } else {
-                format!("{net}/{p}")
-            }
+            let _ = write!(out, "{}", std::net::Ipv6Addr::from(u128::from(v6) & mask));
+            (p, 128)
         }
+        IpAddr::V4(v4) => {
+            // The common case, by hand: `format!` through `Ipv4Addr`'s `Display` cost ~1,800 instructions a click.
+            let p = v4_prefix.min(32);
+            let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+            for (i, octet) in (u32::from(v4) & mask).to_be_bytes().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_decimal(&mut out, octet);
+            }
+            (p, 32)
+        }
+    };
+    if p != whole {
+        out.push('/');
+        push_decimal(&mut out, p);
+    }
+    out
+}
+
+fn push_decimal(out: &mut String, n: u8) {
+    if n >= 100 {
+        out.push(char::from(b'0' + n / 100));
+    }
+    if n >= 10 {
+        out.push(char::from(b'0' + n / 10 % 10));
+    }
+    out.push(char::from(b'0' + n % 10));
+}
+
+/// The user-agent markers of bots (`clicks.bot_user_agents`), compiled once into one
+/// ASCII-case-insensitive automaton: a click scans its user agent once, whatever the
+/// number of markers. Configured as a list of strings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+pub struct BotMarkers {
+    markers: Vec<String>,
+    matcher: aho_corasick::AhoCorasick,
+}
+
+impl TryFrom<Vec<String>> for BotMarkers {
+    type Error = String;
+
+    fn try_from(markers: Vec<String>) -> Result<Self, String> {
+        if let Some(empty) = markers.iter().position(|m| m.trim().is_empty()) {
+            return Err(format!("marker {} is empty: it would flag every user agent as a bot", empty + 1));
+        }
+        let matcher = aho_corasick::AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(&markers)
+            .map_err(|e| format!("bot markers: {e}"))?;
+        Ok(BotMarkers { markers, matcher })
     }
 }
 
-/// True when the user agent is empty or contains one of `markers` (lower case).
-pub fn is_bot(user_agent: &str, markers: &[String]) -> bool {
-    let ua = user_agent.trim().to_ascii_lowercase();
-    ua.is_empty() || markers.iter().any(|m| ua.contains(m.as_str()))
+impl From<BotMarkers> for Vec<String> {
+    fn from(b: BotMarkers) -> Self {
+        b.markers
+    }
+}
+
+impl BotMarkers {
+    /// The markers as configured.
+    pub fn markers(&self) -> &[String] {
+        &self.markers
+    }
+}
+
+/// True when the user agent is empty (or blank) or contains one of the markers, in any
+/// ASCII case.
+pub fn is_bot(user_agent: &str, markers: &BotMarkers) -> bool {
+    user_agent.trim().is_empty() || markers.matcher.is_match(user_agent)
 }
 
 /// A salted fingerprint of one visitor on one link; the salt is per installation, so
@@ -87,7 +225,10 @@ pub fn visitor_hash(salt: &[u8], link: &LinkId, ip: IpAddr, user_agent: &str) ->
     h.update(salt);
     h.update(link.as_str().as_bytes());
     h.update([0]);
-    h.update(ip.to_string().as_bytes());
+    match ip {
+        IpAddr::V4(v4) => h.update(v4.octets()),
+        IpAddr::V6(v6) => h.update(v6.octets()),
+    }
     h.update([0]);
     h.update(user_agent.as_bytes());
     let full: [u8; 32] = h.finalize().into();
@@ -109,14 +250,72 @@ mod tests {
         assert_eq!(reduce_ip(v6, 24, 48), "2001:db8:abcd::/48");
         let mapped: IpAddr = "::ffff:198.51.100.9".parse().unwrap();
         assert_eq!(reduce_ip(mapped, 24, 48), "198.51.100.0/24");
+        assert_eq!(reduce_ip(v6, 24, 128), "2001:db8:abcd:12::1");
+        assert_eq!(reduce_ip("0.0.0.0".parse().unwrap(), 0, 0), "0.0.0.0/0");
+        assert_eq!(reduce_ip("10.200.7.255".parse().unwrap(), 31, 48), "10.200.7.254/31");
+        for text in ["1.2.3.4", "255.255.255.255", "100.10.0.9", "192.168.100.1"] {
+            assert_eq!(reduce_ip(text.parse().unwrap(), 32, 128), text);
+        }
     }
 
     #[test]
     fn bots() {
-        let markers = vec!["bot".to_string(), "spider".to_string()];
+        let markers = BotMarkers::try_from(vec!["bot".to_string(), "spider".to_string(), "curl/".into()]).unwrap();
         assert!(is_bot("", &markers));
+        assert!(is_bot("   ", &markers));
         assert!(is_bot("Googlebot/2.1", &markers));
+        assert!(is_bot("BaiduSPIDER", &markers), "any ASCII case");
+        assert!(is_bot("curl/8.5.0", &markers));
+        assert!(!is_bot("curl", &markers), "a marker matches whole, slash included");
         assert!(!is_bot("Mozilla/5.0 (X11; Linux x86_64) Firefox/120.0", &markers));
+        assert!(BotMarkers::try_from(vec!["bot".to_string(), " ".into()]).is_err(), "an empty marker matches all");
+        let json = serde_json::to_string(&markers).unwrap();
+        assert_eq!(json, r#"["bot","spider","curl/"]"#, "configured and shown as a list");
+    }
+
+    #[test]
+    fn visitor_hash_separates_ip_versions_and_links() {
+        let link = LinkId::parse("l1").unwrap();
+        let v4: IpAddr = "203.0.113.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:203.0.113.7".parse().unwrap();
+        let ua = "Mozilla/5.0";
+        assert_eq!(visitor_hash(b"salt", &link, v4, ua), visitor_hash(b"salt", &link, v4, ua));
+        assert_ne!(visitor_hash(b"salt", &link, v4, ua), visitor_hash(b"salt", &link, mapped, ua));
+        assert_ne!(visitor_hash(b"salt", &link, v4, ua), visitor_hash(b"pepper", &link, v4, ua));
+        let other = LinkId::parse("l2").unwrap();
+        assert_ne!(visitor_hash(b"salt", &link, v4, ua), visitor_hash(b"salt", &other, v4, ua));
+    }
+
+    fn sample() -> ClickRecord {
+        ClickRecord {
+            click_id: Ulid::mint(1_800_000_000_000),
+            link_id: LinkId::parse("spring-sale").unwrap(),
+            partner_id: PartnerId::parse("ann").unwrap(),
+            merchant_id: MerchantId::parse("shop").unwrap(),
+            at_ms: 1_800_000_000_123,
+            subs: [Some("c1".into()), None, Some(String::new()), None, Some("é".repeat(128))],
+            ip: "203.0.113.0/24".into(),
+            user_agent: "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0".into(),
+            bot: false,
+            unique: true,
+            visitor: [7; 16],
+        }
+    }
+
+    #[test]
+    fn binary_encoding_round_trips_and_refuses_damage() {
+        let mut bot = sample();
+        (bot.bot, bot.unique, bot.subs) = (true, false, Default::default());
+        for click in [sample(), bot] {
+            let mut bytes = Vec::new();
+            click.encode_binary(&mut bytes);
+            assert_eq!(ClickRecord::decode_binary(&bytes).unwrap(), click);
+            for cut in 0..bytes.len() {
+                assert!(ClickRecord::decode_binary(&bytes[..cut]).is_err(), "cut at {cut}");
+            }
+            bytes.push(0);
+            assert!(ClickRecord::decode_binary(&bytes).is_err(), "trailing byte");
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::domain::link::{Link, MacroValues};
 use crate::domain::FieldError;
 use crate::signing::postback::Query;
 use crate::signing::{self, ReplayGuard, SignatureFailure, WebhookHeaders};
+use crate::store::catalog::Catalog;
 use crate::store::ConversionOutcome;
 
 type Answer = (Route, Result<Response<Body>, ApiError>);
@@ -73,21 +74,25 @@ pub(super) async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) 
 /// Browsers announce speculative loads with one of these headers; they are redirected
 /// but not recorded.
 fn is_prefetch(headers: &HeaderMap) -> bool {
-    let has = |name: &str, needle: &str| {
-        headers.get_all(name).iter().any(|v| v.to_str().is_ok_and(|s| s.to_ascii_lowercase().contains(needle)))
+    use http::header::HeaderName;
+    static PURPOSE: HeaderName = HeaderName::from_static("purpose");
+    static SEC_PURPOSE: HeaderName = HeaderName::from_static("sec-purpose");
+    static X_MOZ: HeaderName = HeaderName::from_static("x-moz");
+    static X_PURPOSE: HeaderName = HeaderName::from_static("x-purpose");
+    let has = |name: &HeaderName, needle: &[u8]| {
+        headers.get_all(name).iter().any(|v| v.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle)))
     };
-    has("purpose", "prefetch")
-        || has("sec-purpose", "prefetch")
-        || has("x-moz", "prefetch")
-        || has("x-purpose", "preview")
+    has(&PURPOSE, b"prefetch")
+        || has(&SEC_PURPOSE, b"prefetch")
+        || has(&X_MOZ, b"prefetch")
+        || has(&X_PURPOSE, b"preview")
 }
 
 /// An active link whose partner is active, or `None`.
-fn active_link(ctx: &Ctx, id: &LinkId) -> Option<Link> {
-    let catalog = ctx.store.catalog();
+fn active_link<'c>(catalog: &'c Catalog, id: &LinkId) -> Option<&'c Link> {
     let link = catalog.links.get(id).filter(|l| l.status == Status::Active)?;
     catalog.partner_of(&link.merchant_id, &link.partner_id).filter(|p| p.status == Status::Active)?;
-    Some(link.clone())
+    Some(link)
 }
 
 /// What one click is made of, from a browser or from a merchant's server.
@@ -145,7 +150,8 @@ async fn click(
             return Err(ApiError::RateLimited(wait));
         }
     }
-    let link = LinkId::parse(link_raw).ok().and_then(|id| active_link(ctx, &id)).ok_or_else(|| {
+    let catalog = ctx.store.catalog();
+    let link = LinkId::parse(link_raw).ok().and_then(|id| active_link(&catalog, &id)).ok_or_else(|| {
         ctx.metrics.clicks.with_label_values(&["not_found"]).inc();
         ApiError::NotFound
     })?;
@@ -166,14 +172,14 @@ async fn click(
     }
     let now = ctx.clock.now_ms();
     let click_id = Ulid::mint(now);
-    let location = location(&link, &click_id, &subs, deep_link.as_deref());
+    let location = location(link, &click_id, &subs, deep_link.as_deref());
     if req.method() == Method::GET && !is_prefetch(req.headers()) {
         let user_agent = req
             .headers()
             .get(header::USER_AGENT)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
             .unwrap_or_default();
-        record_click(ctx, &link, ClickInput { subs, ip: peer.ip(), user_agent }, click_id, now).await?;
+        record_click(ctx, link, ClickInput { subs, ip: peer.ip(), user_agent }, click_id, now).await?;
     }
     let mut resp = Response::new(Body::default());
     *resp.status_mut() = StatusCode::FOUND;
@@ -580,9 +586,10 @@ async fn server_click(
         s.release(ctx);
         ApiError::Invalid(FieldError::new(field, detail))
     };
+    let catalog = ctx.store.catalog();
     let link = LinkId::parse(&body.link_id)
         .ok()
-        .and_then(|id| active_link(ctx, &id))
+        .and_then(|id| active_link(&catalog, &id))
         .filter(|l| l.merchant_id == s.merchant)
         .ok_or_else(|| invalid("link_id", "is not an active link of this merchant"))?;
     let ip = match body.ip.as_deref() {
@@ -591,8 +598,8 @@ async fn server_click(
     };
     let subs = [body.sub1, body.sub2, body.sub3, body.sub4, body.sub5].map(|s| s.map(|v| truncate(&v, MAX_SUB_LEN)));
     let click_id = Ulid::mint(s.now);
-    let destination = location(&link, &click_id, &subs, None);
+    let destination = location(link, &click_id, &subs, None);
     let input = ClickInput { subs, ip, user_agent: body.user_agent.unwrap_or_default() };
-    record_click(ctx, &link, input, click_id, s.now).await?;
+    record_click(ctx, link, input, click_id, s.now).await?;
     Ok(json(StatusCode::CREATED, &serde_json::json!({ "click_id": click_id.to_string(), "destination": destination })))
 }

@@ -547,7 +547,7 @@ impl Store {
     pub async fn click(&self, id: &crate::domain::ids::Ulid) -> Result<Option<ClickRecord>, StoreError> {
         let key = keys::click(id);
         let shared = Arc::clone(&self.shared);
-        blocking(move || shared.get(Cf::Clicks, &key)?.map(|b| codec::decode(&b)).transpose()).await
+        blocking(move || shared.get(Cf::Clicks, &key)?.map(|b| codec::decode_click(&b)).transpose()).await
     }
 
     /// Counts the stored conversions of a merchant (admin and tests; a full scan of its range).

@@ -434,7 +434,7 @@ impl Writer {
         if click.unique {
             pending.put(Cf::Visitors, vkey, click.at_ms.to_be_bytes().to_vec())?;
         }
-        pending.put(Cf::Clicks, keys::click(&click.click_id), codec::encode(&click))?;
+        pending.put(Cf::Clicks, keys::click(&click.click_id), codec::encode_click(&click))?;
         pending.ops += 1;
         Ok(click)
     }
@@ -721,7 +721,7 @@ impl Facts for BatchFacts<'_, '_> {
         let Some((bytes, _)) = self.pending.get(Cf::Clicks, &keys::click(id))? else {
             return Ok(None);
         };
-        let click: ClickRecord = codec::decode(&bytes)?;
+        let click = codec::decode_click(&bytes)?;
         if click.merchant_id != *self.merchant {
             return Ok(None);
         }
