@@ -298,6 +298,13 @@ async fn traced_conversions(durability: &str, n: usize) -> Option<(usize, usize)
     for i in 0..n {
         assert_eq!(convert(&http, &proc, &key, &format!("traced-{i}")).await.status, 201);
     }
+    // Killing strace only detaches tally (strace 6.1 has no --kill-on-exit): kill tally first.
+    let strace_pid = proc.child.id().unwrap();
+    let children =
+        std::fs::read_to_string(format!("/proc/{strace_pid}/task/{strace_pid}/children")).unwrap_or_default();
+    for pid in children.split_whitespace() {
+        let _ = std::process::Command::new("kill").args(["-9", pid]).status();
+    }
     proc.child.start_kill().unwrap();
     proc.child.wait().await.unwrap();
     let (answered, synced) = synced_before_answer(&parse_strace(&std::fs::read_to_string(&trace).unwrap()));
