@@ -176,7 +176,12 @@ async fn start_tally_full(
     let secret_file = dir.join("bench.whsec");
     std::fs::write(&config, CONFIG.replace("SECRET_FILE", secret_file.to_str().unwrap())).unwrap();
     let addr_file = dir.join("addr.json");
-    let child = tokio::process::Command::new(tally_binary())
+    // `BENCH_WRAP="valgrind --tool=callgrind"` runs tally under a profiler.
+    let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
+    let mut command: Vec<String> = wrap.split_whitespace().map(str::to_string).collect();
+    command.push(tally_binary().to_string_lossy().into_owned());
+    let child = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
         .args(["serve", "--config", config.to_str().unwrap()])
         .env("TALLY_DATA_DIR", dir.join("db"))
         .env("TALLY_ADDR_FILE", &addr_file)
@@ -190,7 +195,7 @@ async fn start_tally_full(
         if let Ok(Ok(v)) = std::fs::read_to_string(&addr_file).map(|t| serde_json::from_str::<serde_json::Value>(&t)) {
             break (v["public"].as_str().unwrap().parse().unwrap(), v["admin"].as_str().unwrap().parse().unwrap());
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "tally did not start");
+        assert!(started.elapsed() < Duration::from_secs(120), "tally did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let secret = tally::signing::WebhookSecret::parse(&std::fs::read_to_string(secret_file).unwrap()).unwrap();
@@ -417,6 +422,12 @@ async fn client() {
     let path = out.join(format!("load-{mode}-{}.json", now_secs()));
     let _ = std::fs::write(&path, serde_json::to_vec_pretty(&rows).unwrap());
     println!("written to {}", path.display());
+    if let Some(pid) = tally_pid.filter(|_| std::env::var("BENCH_WRAP").is_ok()) {
+        // A profiler writes its output only when tally stops cleanly.
+        let _ = std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status();
+        let mut child = child;
+        let _ = child.wait().await;
+    }
 }
 
 /// Writes `n` clicks on `bench-link` into a new store at `data_dir` through tally's own

