@@ -761,8 +761,11 @@ pub(super) fn wal_syncer(shared: &Shared, rx: &Receiver<Unsynced>, interval: Dur
             Ok(first) => vec![first],
             Err(RecvTimeoutError::Timeout) => {
                 if shared.unsynced.load(Ordering::SeqCst) {
+                    let generation = shared.generation.load(Ordering::SeqCst);
                     if let Ok(db) = shared.db() {
-                        let _ = sync_wal(shared, &db);
+                        if sync_wal(shared, &db).is_err() {
+                            failed_generation = Some(generation);
+                        }
                     }
                 }
                 continue;
