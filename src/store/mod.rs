@@ -129,6 +129,8 @@ struct Shared {
     generation: AtomicU64,
     /// The last written batch (by the writer's sequence) that the syncer has fsynced.
     synced: AtomicU64,
+    /// Conversion records the writer wrote or read lately (see [`RecentConversions`]).
+    recent: std::sync::Mutex<RecentConversions>,
     /// Tests hold it to keep the syncer from syncing.
     #[cfg(test)]
     sync_hold: std::sync::Mutex<()>,
@@ -187,9 +189,15 @@ impl Shared {
         let db = open_db(&self.data_dir, &self.db_opts)?;
         *self.db.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Arc::new(db));
         self.generation.fetch_add(1, Ordering::SeqCst);
+        // The reopened database lacks whatever a failed write or sync lost.
+        self.recent().clear();
         self.needs_reopen.store(false, Ordering::SeqCst);
         tracing::warn!("storage reopened after a failed write");
         Ok(())
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentConversions> {
+        self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A ledger entry id after every earlier one: time-ordered, unguessable, never equal.
@@ -204,6 +212,48 @@ impl Shared {
     fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
         self.metrics.storage_ready.set(i64::from(ready));
+    }
+}
+
+/// Most conversion records kept decoded by [`RecentConversions`] (about 1.5 KiB each).
+const RECENT_CONVERSIONS: usize = 4096;
+
+/// Conversion records the writer wrote or decoded lately, by key, so that a retried
+/// conversion (a duplicate, usually soon after the original) is answered without reading
+/// and decoding its JSON again: that decode was 18 % of a duplicate's instructions. Only
+/// the writer writes conversion records, so it keeps this exact: a staged put or delete
+/// of a key drops it, and a failed write or a reopen drops everything. The oldest entries
+/// go first.
+#[derive(Default)]
+struct RecentConversions {
+    records: std::collections::HashMap<Vec<u8>, ConversionRecord>,
+    order: std::collections::VecDeque<Vec<u8>>,
+}
+
+impl RecentConversions {
+    fn get(&self, key: &[u8]) -> Option<&ConversionRecord> {
+        self.records.get(key)
+    }
+
+    fn insert(&mut self, key: Vec<u8>, record: ConversionRecord) {
+        if self.records.insert(key.clone(), record).is_none() {
+            self.order.push_back(key);
+        }
+        // `order` may hold keys dropped since; bounding it bounds both.
+        while self.order.len() > RECENT_CONVERSIONS {
+            if let Some(old) = self.order.pop_front() {
+                self.records.remove(&old);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        self.records.remove(key);
+    }
+
+    fn clear(&mut self) {
+        self.records.clear();
+        self.order.clear();
     }
 }
 
@@ -268,6 +318,7 @@ impl Store {
             unsynced: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             synced: AtomicU64::new(0),
+            recent: std::sync::Mutex::new(RecentConversions::default()),
             #[cfg(test)]
             sync_hold: std::sync::Mutex::new(()),
             metrics,

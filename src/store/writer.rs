@@ -182,6 +182,9 @@ impl<'a> Pending<'a> {
     pub(super) fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
         let db = self.db.as_deref().ok_or_else(StoreError::reopening)?;
         self.batch.put_cf(super::cf_of(db, cf)?, &key, &value);
+        if cf == Cf::Conversions {
+            self.shared.recent().remove(&key);
+        }
         self.puts.insert((cf, key), value);
         Ok(())
     }
@@ -189,6 +192,9 @@ impl<'a> Pending<'a> {
     pub(super) fn delete(&mut self, cf: Cf, key: Vec<u8>) -> Result<(), StoreError> {
         let db = self.db.as_deref().ok_or_else(StoreError::reopening)?;
         self.batch.delete_cf(super::cf_of(db, cf)?, &key);
+        if cf == Cf::Conversions {
+            self.shared.recent().remove(&key);
+        }
         self.puts.remove(&(cf, key));
         Ok(())
     }
@@ -323,6 +329,8 @@ impl Writer {
                             self.commit(own);
                         }
                         Err(e) => {
+                            // Its records may be among the recent ones; it is not stored.
+                            shared.recent().clear();
                             let _ = reply.send(Err(e));
                         }
                     }
@@ -374,6 +382,10 @@ impl Writer {
     fn commit(&self, pending: Pending<'_>) {
         let Pending { db, batch, sync, done, written, ops, ledger, .. } = pending;
         let result = if ops == 0 { Ok(()) } else { self.write(db.as_deref(), batch, ops) };
+        if result.is_err() {
+            // It may hold records of this batch, which is not stored.
+            self.shared.recent().clear();
+        }
         for d in written {
             d(&result);
         }
@@ -442,8 +454,26 @@ impl Writer {
     /// Returns the outcome and whether it must wait for this batch's write.
     fn conversion(&self, pending: &mut Pending<'_>, d: Draft) -> Result<(ConversionOutcome, bool), StoreError> {
         let key = keys::conversion(&d.merchant, &d.input.txn_id);
-        if let Some((bytes, in_batch)) = pending.get(Cf::Conversions, &key)? {
-            let rec: ConversionRecord = codec::decode(&bytes)?;
+        pending.db()?;
+        let cached = if pending.puts.contains_key(&(Cf::Conversions, key.clone())) {
+            None
+        } else {
+            self.shared.recent().get(&key).cloned()
+        };
+        let found = match cached {
+            Some(rec) => Some((rec, false)),
+            None => match pending.get(Cf::Conversions, &key)? {
+                Some((bytes, in_batch)) => {
+                    let rec: ConversionRecord = codec::decode(&bytes)?;
+                    if !in_batch {
+                        self.shared.recent().insert(key.clone(), rec.clone());
+                    }
+                    Some((rec, in_batch))
+                }
+                None => None,
+            },
+        };
+        if let Some((rec, in_batch)) = found {
             let outcome = if rec.same_content(&d.input) {
                 ConversionOutcome::Duplicate(rec)
             } else {
@@ -482,7 +512,8 @@ impl Writer {
                 super::money::credit(pending, &mut rec, &partner, plan, d.received_ms)?;
             }
         }
-        pending.put(Cf::Conversions, key, codec::encode(&rec))?;
+        pending.put(Cf::Conversions, key.clone(), codec::encode(&rec))?;
+        self.shared.recent().insert(key, rec.clone());
         pending.sync = true;
         pending.ops += 1;
         Ok((ConversionOutcome::Created(rec), true))
@@ -840,15 +871,9 @@ mod tests {
         store.convert(MerchantId::parse("m").unwrap(), input, 1_800_000_000_000).await.unwrap()
     }
 
-    /// The pipelined writer reads batches that are written but not yet fsynced. A duplicate
-    /// of such a conversion must wait for the sync like the original does: answering it at
-    /// once would report a conversion that a power loss could still take away.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[allow(clippy::await_holding_lock)] // holding the syncer back across awaits is the point
-    async fn a_duplicate_of_a_conversion_still_syncing_waits_for_the_sync() {
-        let dir = tempfile::tempdir().unwrap();
+    fn open(dir: &std::path::Path) -> Store {
         let opts = StoreOptions {
-            data_dir: dir.path().to_path_buf(),
+            data_dir: dir.to_path_buf(),
             durability: Durability::Fsync,
             wal_sync_interval: Duration::from_secs(60),
             queue_capacity: 64,
@@ -857,7 +882,42 @@ mod tests {
             block_cache_bytes: 8 << 20,
             write_buffer_bytes: 4 << 20,
         };
-        let store = Store::open(&opts, Arc::new(crate::metrics::Metrics::new())).unwrap();
+        Store::open(&opts, Arc::new(crate::metrics::Metrics::new())).unwrap()
+    }
+
+    /// Duplicates are answered from the writer's recent records; an adjustment must show
+    /// in the next duplicate's answer, and a restart must not change it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_duplicate_after_an_adjustment_shows_the_adjusted_record() {
+        use crate::domain::conversion::{AdjustmentBody, ConversionStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        assert!(matches!(convert(&store, "t-adj").await, ConversionOutcome::Created(_)));
+        let ConversionOutcome::Duplicate(before) = convert(&store, "t-adj").await else { panic!("not a duplicate") };
+        assert_eq!(before.status, ConversionStatus::Pending);
+        let body: AdjustmentBody =
+            serde_json::from_str(r#"{"adjustment_id":"a1","txn_id":"t-adj","kind":"reject"}"#).unwrap();
+        let merchant = MerchantId::parse("m").unwrap();
+        store.adjust(merchant, body.into_input().unwrap(), 1_800_000_001_000).await.unwrap();
+        let ConversionOutcome::Duplicate(after) = convert(&store, "t-adj").await else { panic!("not a duplicate") };
+        assert_eq!(after.status, ConversionStatus::Rejected, "the duplicate shows the rejection");
+        store.shutdown_blocking_in_place();
+        drop(store);
+        let store = open(dir.path());
+        let ConversionOutcome::Duplicate(stored) = convert(&store, "t-adj").await else { panic!("not a duplicate") };
+        assert_eq!(stored.status, after.status);
+        assert_eq!(stored.history.len(), after.history.len());
+        store.shutdown_blocking_in_place();
+    }
+
+    /// The pipelined writer reads batches that are written but not yet fsynced. A duplicate
+    /// of such a conversion must wait for the sync like the original does: answering it at
+    /// once would report a conversion that a power loss could still take away.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // holding the syncer back across awaits is the point
+    async fn a_duplicate_of_a_conversion_still_syncing_waits_for_the_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
         let hold = store.shared.sync_hold.lock().unwrap();
         let first = tokio::spawn({
             let store = store.clone();
