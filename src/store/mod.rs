@@ -213,6 +213,14 @@ impl Shared {
         self.ready.store(ready, Ordering::SeqCst);
         self.metrics.storage_ready.set(i64::from(ready));
     }
+
+    /// Books a failed write or WAL sync: counted, `/readyz` false (503s) and the database
+    /// reopened by the writer before its next batch.
+    fn failed(&self) {
+        self.metrics.storage_errors.inc();
+        self.set_ready(false);
+        self.needs_reopen.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Most conversion records kept decoded by [`RecentConversions`] (about 1.5 KiB each).

@@ -229,7 +229,7 @@ pub(super) struct Writer {
     durability: Durability,
     max_batch: usize,
     unique_window_ms: i64,
-    last_reopen: std::sync::Mutex<Option<Instant>>,
+    last_reopen: Cell<Option<Instant>>,
 }
 
 /// How often the writer tries to reopen the database while writes fail.
@@ -367,11 +367,10 @@ impl Writer {
     /// Reopens the database after a failed write, at most every [`REOPEN_EVERY`]; until
     /// it succeeds every write answers `Io` (503).
     fn reopen(&self) {
-        let mut last = self.last_reopen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if last.is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
+        if self.last_reopen.get().is_some_and(|t| t.elapsed() < REOPEN_EVERY) {
             return;
         }
-        *last = Some(Instant::now());
+        self.last_reopen.set(Some(Instant::now()));
         if let Err(e) = self.shared.reopen() {
             tracing::error!(error = %e, "storage could not be reopened yet; retrying");
         }
@@ -429,10 +428,8 @@ impl Writer {
                 }
             }
             Err(e) => {
-                m.storage_errors.inc();
                 tracing::error!(error = %e, ops, "storage write failed; answering 503 until a write succeeds");
-                self.shared.set_ready(false);
-                self.shared.needs_reopen.store(true, Ordering::SeqCst);
+                self.shared.failed();
             }
         }
         result
@@ -451,27 +448,26 @@ impl Writer {
         Ok(click)
     }
 
+    /// A conversion record written by an earlier batch: from the recent ones, else read
+    /// from the database and kept as recent.
+    fn stored_conversion(&self, pending: &Pending<'_>, key: &[u8]) -> Result<Option<ConversionRecord>, StoreError> {
+        let db = pending.db()?;
+        let recent = self.shared.recent().get(key).cloned();
+        if recent.is_some() {
+            return Ok(recent);
+        }
+        let Some(bytes) = db.get_pinned_cf(super::cf_of(db, Cf::Conversions)?, key)? else { return Ok(None) };
+        let rec: ConversionRecord = codec::decode(&bytes)?;
+        self.shared.recent().insert(key.to_vec(), rec.clone());
+        Ok(Some(rec))
+    }
+
     /// Returns the outcome and whether it must wait for this batch's write.
     fn conversion(&self, pending: &mut Pending<'_>, d: Draft) -> Result<(ConversionOutcome, bool), StoreError> {
         let key = keys::conversion(&d.merchant, &d.input.txn_id);
-        pending.db()?;
-        let cached = if pending.puts.contains_key(&(Cf::Conversions, key.clone())) {
-            None
-        } else {
-            self.shared.recent().get(&key).cloned()
-        };
-        let found = match cached {
-            Some(rec) => Some((rec, false)),
-            None => match pending.get(Cf::Conversions, &key)? {
-                Some((bytes, in_batch)) => {
-                    let rec: ConversionRecord = codec::decode(&bytes)?;
-                    if !in_batch {
-                        self.shared.recent().insert(key.clone(), rec.clone());
-                    }
-                    Some((rec, in_batch))
-                }
-                None => None,
-            },
+        let found = match pending.puts.get(&(Cf::Conversions, key.clone())) {
+            Some(bytes) => Some((codec::decode::<ConversionRecord>(bytes)?, true)),
+            None => self.stored_conversion(pending, &key)?.map(|rec| (rec, false)),
         };
         if let Some((rec, in_batch)) = found {
             let outcome = if rec.same_content(&d.input) {
@@ -528,10 +524,8 @@ impl Writer {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         if let Err(e) = shared.db().and_then(|db| Ok(db.write_opt(batch, &opts)?)) {
-            shared.metrics.storage_errors.inc();
-            shared.set_ready(false);
-            shared.needs_reopen.store(true, Ordering::SeqCst);
             tracing::error!(error = %e, "entity write failed");
+            shared.failed();
             return Err(WriteError::Store(e));
         }
         shared.catalog.replace(catalog);
@@ -846,10 +840,8 @@ fn sync_wal(shared: &Shared, db: &rocksdb::DB) -> Result<(), StoreError> {
         }
         Err(e) => {
             shared.unsynced.store(true, Ordering::SeqCst);
-            shared.metrics.storage_errors.inc();
             tracing::error!(error = %e, "WAL sync failed; answering 503 until the storage is reopened");
-            shared.set_ready(false);
-            shared.needs_reopen.store(true, Ordering::SeqCst);
+            shared.failed();
             Err(e.into())
         }
     }
