@@ -63,6 +63,11 @@ struct Row {
     ratio_to_bare: Option<f64>,
 }
 
+/// True when the command line holds `name`.
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
@@ -100,7 +105,7 @@ fn bare_server_process() {
 /// the same cross-process scheduling), or inside the client's runtime with
 /// `--bare-in-process` (how runs before 2026-11-21 measured it).
 async fn bare_server() -> (SocketAddr, Option<tokio::process::Child>) {
-    if std::env::args().any(|a| a == "--bare-in-process") {
+    if flag("--bare-in-process") {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(serve_bare(listener));
@@ -327,7 +332,7 @@ async fn run(
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--bare-server") {
+    if flag("--bare-server") {
         return bare_server_process();
     }
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(client());
@@ -335,7 +340,7 @@ fn main() {
 
 async fn client() {
     let asked = arg("--workload").is_some() || arg("--scale").is_some() || std::env::var("TALLY_LOAD").is_ok();
-    if std::env::args().any(|a| a == "--bench") && !asked {
+    if flag("--bench") && !asked {
         // `cargo bench` without arguments runs every bench target; keep this one opt-in.
         eprintln!("load: skipped (run `cargo bench --bench load -- --workload all`, or set TALLY_LOAD=1)");
         return;
@@ -360,7 +365,7 @@ async fn client() {
     let tally_pid = child.id();
     let tally = Target { name: "tally", addr: tally_addr, secret: Some(secret), clicks: Arc::default() };
 
-    let open_loop = std::env::args().any(|a| a == "--open-loop");
+    let open_loop = flag("--open-loop");
     println!(
         "{connections} connections, {}s per run, {}",
         duration.as_secs(),
