@@ -181,6 +181,9 @@ impl Link {
     }
 
     /// Parses a deep link and accepts it only when its parsed host is on the allow-list.
+    /// The accepted URL carries the allow-listed spelling of the host: `SHOP.example.com.`
+    /// becomes `shop.example.com`, because browsers treat a trailing dot as another origin
+    /// (the shopper's cookies for the shop would not be sent).
     pub fn allowed_deep_link(&self, raw: &str) -> Option<url::Url> {
         if self.deep_link_hosts.is_empty() || raw.len() > MAX_DESTINATION_LEN {
             return None;
@@ -193,7 +196,14 @@ impl Link {
             return None;
         }
         let host = url.host_str()?.trim_end_matches('.').to_ascii_lowercase();
-        self.deep_link_hosts.contains(&host).then_some(url)
+        if !self.deep_link_hosts.contains(&host) {
+            return None;
+        }
+        let mut url = url;
+        if url.host_str() != Some(host.as_str()) {
+            url.set_host(Some(&host)).ok()?;
+        }
+        Some(url)
     }
 
     /// Appends the template's query parameters that carry macros (e.g. `ref={click_id}`)
@@ -271,7 +281,9 @@ mod tests {
         let ok = l.redirect_location(&v, Some("https://shop.example.com/item/7?x=1"));
         assert_eq!(ok, "https://shop.example.com/item/7?x=1&ref=01ABC&s1=");
         let ok = l.redirect_location(&v, Some("https://SHOP.example.com./item"));
-        assert!(ok.starts_with("https://shop.example.com./item?ref=01ABC"), "{ok}");
+        assert!(ok.starts_with("https://shop.example.com/item?ref=01ABC"), "{ok}");
+        let ok = l.redirect_location(&v, Some("https://shop.example.com.?x#1"));
+        assert_eq!(ok, "https://shop.example.com/?x&ref=01ABC&s1=#1");
         let default = "https://shop.example.com/spring?ref=01ABC&s1=";
         for evil in [
             "https://evil.com/",
