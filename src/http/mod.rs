@@ -251,7 +251,12 @@ pub fn redacted_target(uri: &http::Uri) -> String {
 
 /// A JSON response.
 pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(value).unwrap_or_default())));
+    json_bytes(status, Bytes::from(serde_json::to_vec(value).unwrap_or_default()))
+}
+
+/// A JSON response from a body rendered earlier.
+pub fn json_bytes(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

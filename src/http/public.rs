@@ -13,9 +13,9 @@ use subtle::ConstantTimeEq;
 
 use super::problem::ApiError;
 use super::views::ConversionView;
-use super::{json, parse_json, read_body, require_json, single_header, Body, Ctx, Route};
+use super::{json, json_bytes, parse_json, read_body, require_json, single_header, Body, Ctx, Route};
 use crate::domain::click::{is_bot, reduce_ip, truncate, visitor_hash, ClickRecord, MAX_SUB_LEN, MAX_USER_AGENT_LEN};
-use crate::domain::conversion::{ConversionBody, ConversionInput};
+use crate::domain::conversion::{ConversionBody, ConversionInput, ConversionRecord};
 use crate::domain::entities::{ip_allowed, Status};
 use crate::domain::ids::{LinkId, MerchantId, Ulid};
 use crate::domain::link::{Link, MacroValues};
@@ -366,8 +366,44 @@ async fn conversion(
         Ok(i) => i,
         Err(e) => return s.refuse(ctx, e),
     };
-    let outcome = ctx.store.convert(s.merchant, input, s.now).await?;
-    answer(ctx, outcome, StatusCode::CREATED)
+    convert_one(ctx, s.merchant, input, s.now, StatusCode::CREATED).await
+}
+
+/// Stores one conversion and answers it; `created` is `201` for the POST, `200` for the
+/// GET postback. A retry of a recent conversion whose WAL sync is done is answered here,
+/// from its answer rendered once, without a round trip through the writer: with a
+/// retrying merchant that is most duplicates. Everything else goes to the writer, which
+/// decides exactly.
+async fn convert_one(
+    ctx: &Ctx,
+    merchant: MerchantId,
+    input: ConversionInput,
+    now: i64,
+    created: StatusCode,
+) -> Result<Response<Body>, ApiError> {
+    if let Some(settled) = ctx.store.settled_conversion(&merchant, &input.txn_id) {
+        let rec = &settled.record;
+        if !rec.same_content(&input) {
+            return Err(conflict(rec));
+        }
+        let body = settled
+            .answer
+            .get_or_init(|| Bytes::from(serde_json::to_vec(&ConversionView::new(rec, true)).unwrap_or_default()));
+        return Ok(replayed(json_bytes(StatusCode::OK, body.clone())));
+    }
+    let outcome = ctx.store.convert(merchant, input, now).await?;
+    answer(ctx, outcome, created)
+}
+
+/// Marks a duplicate's answer (SPEC: `Idempotent-Replayed: true`).
+fn replayed(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    resp
+}
+
+/// The `409` for a `txn_id` stored with other content.
+fn conflict(rec: &ConversionRecord) -> ApiError {
+    ApiError::DuplicateConflict { txn_id: rec.txn_id.to_string(), conversion_id: rec.conversion_id.to_string() }
 }
 
 /// The HTTP answer to one conversion outcome; `created` is `201` for the POST, `200` for
@@ -380,15 +416,8 @@ fn answer(ctx: &Ctx, outcome: ConversionOutcome, created: StatusCode) -> Result<
             ctx.metrics.attributions.with_label_values(&[rule, credit]).inc();
             Ok(json(created, &ConversionView::new(&rec, false)))
         }
-        ConversionOutcome::Duplicate(rec) => {
-            let mut resp = json(StatusCode::OK, &ConversionView::new(&rec, true));
-            resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
-            Ok(resp)
-        }
-        ConversionOutcome::Conflict(rec) => Err(ApiError::DuplicateConflict {
-            txn_id: rec.txn_id.to_string(),
-            conversion_id: rec.conversion_id.to_string(),
-        }),
+        ConversionOutcome::Duplicate(rec) => Ok(replayed(json(StatusCode::OK, &ConversionView::new(&rec, true)))),
+        ConversionOutcome::Conflict(rec) => Err(conflict(&rec)),
     }
 }
 
@@ -434,8 +463,7 @@ async fn postback(
     let merchant = merchant.ok_or_else(|| fail(SignatureFailure::Mismatch))?;
     spend_quota(ctx, &merchant, None)?;
     let input = postback_input(&query, now)?;
-    let outcome = ctx.store.convert(merchant, input, now).await?;
-    answer(ctx, outcome, StatusCode::OK)
+    convert_one(ctx, merchant, input, now, StatusCode::OK).await
 }
 
 /// The conversion fields of a postback query, validated like a JSON body.

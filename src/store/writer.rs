@@ -448,17 +448,25 @@ impl Writer {
         Ok(click)
     }
 
+    /// Keeps a record among the recent ones, durable once the next batch handed to the
+    /// syncer is synced: the one being built, which stores it or comes after its read.
+    fn remember(&self, key: Vec<u8>, rec: ConversionRecord) {
+        let durable_after = if self.durability == Durability::Fsync { self.sent.get() + 1 } else { 0 };
+        let generation = self.shared.generation.load(Ordering::SeqCst);
+        self.shared.recent().insert(key, rec, durable_after, generation);
+    }
+
     /// A conversion record written by an earlier batch: from the recent ones, else read
     /// from the database and kept as recent.
     fn stored_conversion(&self, pending: &Pending<'_>, key: &[u8]) -> Result<Option<ConversionRecord>, StoreError> {
         let db = pending.db()?;
-        let recent = self.shared.recent().get(key).cloned();
+        let recent = self.shared.recent().get(key).map(|e| e.record.clone());
         if recent.is_some() {
             return Ok(recent);
         }
         let Some(bytes) = db.get_pinned_cf(super::cf_of(db, Cf::Conversions)?, key)? else { return Ok(None) };
         let rec: ConversionRecord = codec::decode(&bytes)?;
-        self.shared.recent().insert(key.to_vec(), rec.clone());
+        self.remember(key.to_vec(), rec.clone());
         Ok(Some(rec))
     }
 
@@ -509,7 +517,7 @@ impl Writer {
             }
         }
         pending.put(Cf::Conversions, key.clone(), codec::encode(&rec))?;
-        self.shared.recent().insert(key, rec.clone());
+        self.remember(key, rec.clone());
         pending.sync = true;
         pending.ops += 1;
         Ok((ConversionOutcome::Created(rec), true))
@@ -890,9 +898,16 @@ mod tests {
         let body: AdjustmentBody =
             serde_json::from_str(r#"{"adjustment_id":"a1","txn_id":"t-adj","kind":"reject"}"#).unwrap();
         let merchant = MerchantId::parse("m").unwrap();
-        store.adjust(merchant, body.into_input().unwrap(), 1_800_000_001_000).await.unwrap();
+        store.adjust(merchant.clone(), body.into_input().unwrap(), 1_800_000_001_000).await.unwrap();
+        let txn = crate::domain::ids::TxnId::parse("t-adj").unwrap();
+        assert!(store.settled_conversion(&merchant, &txn).is_none(), "the adjustment dropped the recent record");
         let ConversionOutcome::Duplicate(after) = convert(&store, "t-adj").await else { panic!("not a duplicate") };
         assert_eq!(after.status, ConversionStatus::Rejected, "the duplicate shows the rejection");
+        // Read back from the database, the record is answered in place once a later batch
+        // has been synced, and shows the rejection too.
+        assert!(matches!(convert(&store, "t-later").await, ConversionOutcome::Created(_)));
+        let settled = store.settled_conversion(&merchant, &txn).expect("durable and recent");
+        assert_eq!(settled.record.status, ConversionStatus::Rejected);
         store.shutdown_blocking_in_place();
         drop(store);
         let store = open(dir.path());
@@ -924,9 +939,12 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!first.is_finished(), "the original was answered before its sync");
         assert!(!second.is_finished(), "the duplicate was answered before the original's sync");
+        let (merchant, txn) = (MerchantId::parse("m").unwrap(), crate::domain::ids::TxnId::parse("t-1").unwrap());
+        assert!(store.settled_conversion(&merchant, &txn).is_none(), "a record not yet synced is not settled");
         drop(hold);
         assert!(matches!(first.await.unwrap(), ConversionOutcome::Created(_)));
         assert!(matches!(second.await.unwrap(), ConversionOutcome::Duplicate(_)));
+        assert!(store.settled_conversion(&merchant, &txn).is_some(), "a synced record is settled");
         // Once everything is synced, a duplicate is answered without waiting for another sync.
         let hold = store.shared.sync_hold.lock().unwrap();
         let third = tokio::time::timeout(Duration::from_secs(5), convert(&store, "t-1")).await;

@@ -117,6 +117,22 @@ async fn duplicate_replays_the_original_answer_and_conflicts_are_409() {
     let after = app.admin(http::Method::GET, "/admin/v1/merchants/shop/conversions/order-7", None).await;
     assert_eq!(after.json()["conversion"]["amount"]["amount"], "20.00", "the stored conversion is unchanged");
     assert_eq!(app.stored_conversions("shop").await, 1);
+
+    // Retries are answered from a recent answer kept in memory; a status move must show in
+    // the next retry's answer, whether it is answered by the writer or from memory.
+    let reject = r#"{"adjustment_id":"adj-7","txn_id":"order-7","kind":"reject"}"#;
+    let id = format!("msg_{}", tally::domain::ids::Ulid::mint(0));
+    let r = app.post_signed("/v1/merchants/shop/adjustments", reject, &secret, &id, app.now_secs()).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    for round in 0..3 {
+        let again = app.convert("shop", &secret, &body).await;
+        assert_eq!(again.status, 200);
+        assert_eq!(again.json()["status"], "rejected", "retry {round} after the rejection");
+        assert_eq!(again.json()["conversion_id"], first.json()["conversion_id"]);
+        // Another conversion's WAL sync makes the retried record durable in memory.
+        let other = format!(r#"{{"txn_id":"order-7-{round}","amount":"1.00","currency":"USD"}}"#);
+        assert_eq!(app.convert("shop", &secret, &other).await.status, 201);
+    }
 }
 
 #[tokio::test]
