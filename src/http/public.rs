@@ -386,13 +386,17 @@ async fn convert_one(
         if !rec.same_content(&input) {
             return Err(conflict(rec));
         }
-        let body = settled
-            .answer
-            .get_or_init(|| Bytes::from(serde_json::to_vec(&ConversionView::new(rec, true)).unwrap_or_default()));
+        let body = settled.answer.get_or_init(|| duplicate_body(rec));
         return Ok(replayed(json_bytes(StatusCode::OK, body.clone())));
     }
     let outcome = ctx.store.convert(merchant, input, now).await?;
     answer(ctx, outcome, created)
+}
+
+/// The body of a duplicate's answer: the stored conversion with `duplicate: true`. The
+/// writer's answer and the one kept in memory are both this.
+fn duplicate_body(rec: &ConversionRecord) -> Bytes {
+    Bytes::from(serde_json::to_vec(&ConversionView::new(rec, true)).unwrap_or_default())
 }
 
 /// Marks a duplicate's answer (SPEC: `Idempotent-Replayed: true`).
@@ -416,7 +420,7 @@ fn answer(ctx: &Ctx, outcome: ConversionOutcome, created: StatusCode) -> Result<
             ctx.metrics.attributions.with_label_values(&[rule, credit]).inc();
             Ok(json(created, &ConversionView::new(&rec, false)))
         }
-        ConversionOutcome::Duplicate(rec) => Ok(replayed(json(StatusCode::OK, &ConversionView::new(&rec, true)))),
+        ConversionOutcome::Duplicate(rec) => Ok(replayed(json_bytes(StatusCode::OK, duplicate_body(&rec)))),
         ConversionOutcome::Conflict(rec) => Err(conflict(&rec)),
     }
 }

@@ -170,9 +170,14 @@ impl<'a> Pending<'a> {
         self.db.as_deref().ok_or_else(StoreError::reopening)
     }
 
+    /// A value staged by this batch, not yet written.
+    fn staged(&self, cf: Cf, key: &[u8]) -> Option<&Vec<u8>> {
+        self.puts.get(&(cf, key.to_vec()))
+    }
+
     /// Reads through the batch: `(value, true)` when the value is only in this batch.
     pub(super) fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
-        if let Some(v) = self.puts.get(&(cf, key.to_vec())) {
+        if let Some(v) = self.staged(cf, key) {
             return Ok(Some((v.clone(), true)));
         }
         let db = self.db()?;
@@ -473,7 +478,7 @@ impl Writer {
     /// Returns the outcome and whether it must wait for this batch's write.
     fn conversion(&self, pending: &mut Pending<'_>, d: Draft) -> Result<(ConversionOutcome, bool), StoreError> {
         let key = keys::conversion(&d.merchant, &d.input.txn_id);
-        let found = match pending.puts.get(&(Cf::Conversions, key.clone())) {
+        let found = match pending.staged(Cf::Conversions, &key) {
             Some(bytes) => Some((codec::decode::<ConversionRecord>(bytes)?, true)),
             None => self.stored_conversion(pending, &key)?.map(|rec| (rec, false)),
         };

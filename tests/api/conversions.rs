@@ -121,8 +121,7 @@ async fn duplicate_replays_the_original_answer_and_conflicts_are_409() {
     // Retries are answered from a recent answer kept in memory; a status move must show in
     // the next retry's answer, whether it is answered by the writer or from memory.
     let reject = r#"{"adjustment_id":"adj-7","txn_id":"order-7","kind":"reject"}"#;
-    let id = format!("msg_{}", tally::domain::ids::Ulid::mint(0));
-    let r = app.post_signed("/v1/merchants/shop/adjustments", reject, &secret, &id, app.now_secs()).await;
+    let r = app.adjust("shop", &secret, reject).await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     for round in 0..3 {
         let again = app.convert("shop", &secret, &body).await;

@@ -54,8 +54,7 @@ async fn register(
 }
 
 async fn adjust(app: &TestApp, secret: &str, body: Value) -> crate::helpers::TestResponse {
-    let id = format!("msg_adj_{}", tally::domain::ids::Ulid::mint(0));
-    app.post_signed("/v1/merchants/shop/adjustments", &body.to_string(), secret, &id, app.now_secs()).await
+    app.adjust("shop", secret, &body.to_string()).await
 }
 
 async fn view(app: &TestApp, merchant: &str, txn: &str) -> Value {

@@ -112,10 +112,20 @@ impl TestApp {
         self.request(Method::POST, format!("http://{}{path}", self.public), &headers, body.as_bytes().to_vec()).await
     }
 
+    /// POSTs `body` to a merchant path, signed with a fresh webhook-id at the app's current time.
+    pub async fn post_fresh(&self, path: &str, body: &str, secret: &str) -> TestResponse {
+        let id = format!("msg_{}", tally::domain::ids::Ulid::mint(0));
+        self.post_signed(path, body, secret, &id, self.now_secs()).await
+    }
+
     /// A signed conversion with a fresh webhook-id at the app's current time.
     pub async fn convert(&self, merchant: &str, secret: &str, body: &str) -> TestResponse {
-        let id = format!("msg_{}", tally::domain::ids::Ulid::mint(0));
-        self.post_signed(&format!("/v1/merchants/{merchant}/conversions"), body, secret, &id, self.now_secs()).await
+        self.post_fresh(&format!("/v1/merchants/{merchant}/conversions"), body, secret).await
+    }
+
+    /// A signed adjustment (refund, chargeback, approval, rejection), like [`TestApp::convert`].
+    pub async fn adjust(&self, merchant: &str, secret: &str, body: &str) -> TestResponse {
+        self.post_fresh(&format!("/v1/merchants/{merchant}/adjustments"), body, secret).await
     }
 
     /// Merchant `shop` (returns its secret), plan `standard` (sale 20%, lead 15.00),
