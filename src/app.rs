@@ -48,7 +48,10 @@ impl App {
     /// Storage that will not open, an address that will not bind, a seed that is refused.
     pub async fn start(loaded: Loaded, clock: Arc<dyn Clock>) -> Result<App, StartError> {
         let settings = loaded.settings;
+        private_data_dir(&settings.data_dir)
+            .map_err(|source| StartError::File { path: settings.data_dir.display().to_string(), source })?;
         let metrics = Arc::new(Metrics::new());
+        metrics.ratelimit_keys_max.set(i64::try_from(settings.limits.max_keys).unwrap_or(i64::MAX));
         let s = &settings.storage;
         let opts = StoreOptions {
             data_dir: settings.data_dir.clone(),
@@ -214,6 +217,34 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// SPEC 15: the data directory and its files are readable by tally's user only (the WAL
+/// holds secrets). Sets the process umask to `077`, so every file RocksDB creates is
+/// `0600`, creates the directory `0700`, and tightens what an earlier version left
+/// readable by others.
+fn private_data_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fn tighten(path: &Path, depth: u32) -> std::io::Result<()> {
+        let meta = std::fs::symlink_metadata(path)?;
+        let mode = meta.permissions().mode();
+        if meta.is_dir() {
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))?;
+            }
+            if depth < 4 {
+                for entry in std::fs::read_dir(path)? {
+                    tighten(&entry?.path(), depth + 1)?;
+                }
+            }
+        } else if meta.is_file() && mode & 0o077 != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))?;
+        }
+        Ok(())
+    }
+    tighten(dir, 0)
 }
 
 /// Without `TALLY_ADMIN_TOKEN`, tally makes a token once and keeps it in

@@ -40,9 +40,7 @@ pub enum Command {
         config: Option<PathBuf>,
     },
     /// Sign a request body read from stdin; prints the three Standard Webhooks headers.
-    ///
-    /// Example: printf %s "$BODY" | tally sign --secret-file data/secrets/demo.whsec --id msg_1 > h.txt
-    ///          curl -H @h.txt -H 'content-type: application/json' --data-binary "$BODY" URL
+    #[command(after_help = SIGN_EXAMPLE)]
     Sign {
         /// The secret (whsec_...). Prefer --secret-file: arguments are visible to other users.
         #[arg(long, env = "TALLY_SIGN_SECRET", hide_env_values = true, conflicts_with = "secret_file")]
@@ -58,9 +56,7 @@ pub enum Command {
         timestamp: Option<i64>,
     },
     /// Sign a GET postback URL: adds `ts` (unless present) and `sig`, prints the URL.
-    ///
-    /// Example: tally sign-url --secret-file data/secrets/demo.whsec \
-    ///            'http://127.0.0.1:8080/pb/demo?txn_id=o-1&amount=49.90&currency=USD&click_id=01J...'
+    #[command(after_help = SIGN_URL_EXAMPLE)]
     SignUrl {
         /// The secret (whsec_...). Prefer --secret-file.
         #[arg(long, env = "TALLY_SIGN_SECRET", hide_env_values = true, conflicts_with = "secret_file")]
@@ -75,6 +71,18 @@ pub enum Command {
         url: String,
     },
 }
+
+/// `tally sign --help`'s example, runnable as printed against `./scripts/demo`
+/// (CI runs it: scripts/check-readme).
+pub const SIGN_EXAMPLE: &str = "Example (the demo's merchant; paste all three lines):
+  BODY='{\"txn_id\":\"order-'$RANDOM'\",\"amount\":\"49.90\",\"currency\":\"USD\"}'
+  printf %s \"$BODY\" | tally sign --secret-file data/secrets/demo.whsec --id msg_$RANDOM > /tmp/tally-headers
+  curl -s -H @/tmp/tally-headers -H 'content-type: application/json' --data-binary \"$BODY\" http://127.0.0.1:8080/v1/merchants/demo/conversions";
+
+/// `tally sign-url --help`'s example, runnable as printed against `./scripts/demo`.
+pub const SIGN_URL_EXAMPLE: &str = "Example (the demo's merchant):
+  URL=$(tally sign-url --secret-file data/secrets/demo.whsec \"http://127.0.0.1:8080/pb/demo?txn_id=pb-$RANDOM&amount=49.90&currency=USD\")
+  curl -s \"$URL\"";
 
 /// Runs a subcommand; returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
@@ -103,6 +111,14 @@ async fn serve(path: Option<PathBuf>) -> i32 {
         }
     };
     crate::telemetry::init(loaded.settings.log.format, &loaded.settings.log.level);
+    warn_ignored_env(&loaded.ignored_env);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %loaded.config_file.as_ref().map_or_else(|| "none (built-in defaults)".to_string(), |p| p.display().to_string()),
+        data_dir = %loaded.settings.data_dir.display(),
+        durability = loaded.settings.storage.durability.as_str(),
+        "tally is starting"
+    );
     raise_open_files_limit(loaded.settings.http.max_connections);
     let example = loaded.settings.print_example.then(|| loaded.settings.clone());
     let app = match App::start(loaded, Arc::new(SystemClock)).await {
@@ -118,6 +134,16 @@ async fn serve(path: Option<PathBuf>) -> i32 {
     }
     app.run_until_signal().await;
     0
+}
+
+/// SPEC 15: `TALLY_*` variables that name no key are ignored, and said so once.
+fn warn_ignored_env(names: &[String]) {
+    if !names.is_empty() {
+        tracing::warn!(
+            variables = %names.join(", "),
+            "ignoring TALLY_* environment variables that name no configuration key (container platforms inject some, e.g. TALLY_PORT for a Service named tally); `tally check-config` lists the keys"
+        );
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit: both listeners may hold
@@ -138,6 +164,9 @@ fn raise_open_files_limit(max_connections: usize) {
 fn check_config(path: Option<PathBuf>) -> i32 {
     match config::load(path.as_deref()) {
         Ok(loaded) => {
+            for name in &loaded.ignored_env {
+                eprintln!("tally: warning: ignoring {name}: it names no configuration key");
+            }
             let s = &loaded.settings;
             println!(
                 "configuration ok: public {}, admin {}, data_dir {}, {} merchant(s), {} partner(s), {} link(s), {} plan(s); admin token {}",

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
@@ -109,6 +109,11 @@ pub struct HttpSettings {
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,
     pub shutdown_grace_ms: u64,
+    /// Proxies and load balancers (CIDRs such as `10.0.0.0/8`, `192.0.2.7/32`) whose
+    /// `X-Forwarded-For` is believed: the client IP (rate limits, stored clicks, IP
+    /// allow-lists) is then the right-most address in it that is not a trusted proxy.
+    /// Empty (the default): the socket's address, always.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -184,6 +189,7 @@ impl Default for HttpSettings {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_batch_body_bytes: DEFAULT_MAX_BATCH_BODY_BYTES,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -279,27 +285,71 @@ impl std::fmt::Display for Problem {
 pub struct Loaded {
     pub settings: Settings,
     pub admin_token: Option<SecretString>,
+    /// `TALLY_*` environment variables that name no configuration key and were ignored
+    /// (SPEC 15: a Kubernetes Service named `tally` injects `TALLY_PORT`, ...).
+    pub ignored_env: Vec<String>,
+    /// The configuration file read, if any (the default path may be absent).
+    pub config_file: Option<PathBuf>,
+}
+
+impl Loaded {
+    /// Settings built in code (tests, embedding): no file, no ignored variables.
+    pub fn new(settings: Settings, admin_token: Option<SecretString>) -> Loaded {
+        Loaded { settings, admin_token, ignored_env: Vec::new(), config_file: None }
+    }
 }
 
 impl std::fmt::Debug for Loaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loaded").field("settings", &self.settings).field("admin_token", &"<redacted>").finish()
+        f.debug_struct("Loaded")
+            .field("settings", &self.settings)
+            .field("admin_token", &"<redacted>")
+            .field("ignored_env", &self.ignored_env)
+            .finish()
     }
 }
 
-/// Loads the layers. `path = None` means the default path, which may be absent.
+/// Environment variables read by tally that are not configuration keys.
+const OTHER_ENV: [&str; 3] = ["TALLY_ADMIN_TOKEN", "TALLY_ADMIN_TOKEN_FILE", "TALLY_SIGN_SECRET"];
+
+/// Loads the layers from the process environment. `path = None` means the default path,
+/// which may be absent.
 ///
 /// # Errors
 /// Every problem found: unreadable files, unknown keys, wrong types, invalid values.
 pub fn load(path: Option<&Path>) -> Result<Loaded, Vec<Problem>> {
-    load_from(path, &|name| std::env::var(name).ok())
+    let vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with("TALLY_"))
+        .collect();
+    load_from(path, &vars)
 }
 
-/// [`load`] with the environment passed in (tests).
+/// Every configuration key as a dotted path (`http.max_connections`), from the defaults.
+fn known_keys() -> std::collections::BTreeSet<String> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, child) in map {
+                    let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    walk(&path, child, out);
+                }
+            }
+            _ => {
+                out.insert(prefix.to_string());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk("", &serde_json::to_value(Settings::default()).unwrap_or_default(), &mut out);
+    out
+}
+
+/// [`load`] with the environment passed in: `vars` are the `TALLY_*` variables.
 ///
 /// # Errors
-/// As [`load`].
-pub fn load_from(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, Vec<Problem>> {
+/// As [`load`]: every problem, each with its key, in one run.
+pub fn load_from(path: Option<&Path>, vars: &[(String, String)]) -> Result<Loaded, Vec<Problem>> {
     let mut problems = Vec::new();
     let file = path.map_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH), Path::to_path_buf);
     let mut fig = Figment::from(Serialized::defaults(Settings::default()));
@@ -308,13 +358,24 @@ pub fn load_from(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> R
     } else if path.is_some() {
         problems.push(Problem { key: "--config".into(), problem: format!("{} does not exist", file.display()) });
     }
-    fig = fig.merge(
-        Env::prefixed("TALLY_")
-            .split("__")
-            .filter(|k| !["admin_token", "admin_token_file"].iter().any(|s| k.as_str().eq_ignore_ascii_case(s))),
-    );
-    let settings: Settings = match fig.extract() {
-        Ok(s) => s,
+    let known = known_keys();
+    let mut ignored_env = Vec::new();
+    for (name, value) in vars {
+        let Some(rest) = name.strip_prefix("TALLY_") else { continue };
+        if OTHER_ENV.contains(&name.as_str()) {
+            continue;
+        }
+        let key = rest.to_ascii_lowercase().replace("__", ".");
+        if known.contains(&key) {
+            let parsed: figment::value::Value = value.parse().unwrap_or_else(|e: std::convert::Infallible| match e {});
+            fig = fig.merge(Serialized::default(&key, parsed));
+        } else {
+            ignored_env.push(name.clone());
+        }
+    }
+    ignored_env.sort();
+    let settings = match fig.extract::<serde_json::Value>() {
+        Ok(raw) => typed_settings(raw, &file, &mut problems),
         Err(errors) => {
             for e in errors {
                 let key = if e.path.is_empty() { file.display().to_string() } else { e.path.join(".") };
@@ -323,12 +384,79 @@ pub fn load_from(path: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> R
             return Err(problems);
         }
     };
-    let admin_token = admin_token(env, &mut problems);
+    let env = |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let admin_token = admin_token(&env, &mut problems);
     problems.extend(settings.validate());
     if problems.is_empty() {
-        Ok(Loaded { settings, admin_token })
+        let config_file = file.exists().then_some(file);
+        Ok(Loaded { settings, admin_token, ignored_env, config_file })
     } else {
         Err(problems)
+    }
+}
+
+/// Reads the merged layers into [`Settings`], reporting every unknown key and every value
+/// of the wrong type: each one found is recorded and removed (its default applies), then
+/// the rest is read again, so one run lists them all.
+fn typed_settings(mut raw: serde_json::Value, file: &Path, problems: &mut Vec<Problem>) -> Settings {
+    // Each round removes one key, so the rounds are bounded by the keys given.
+    for _ in 0..1024 {
+        let err = match serde_path_to_error::deserialize::<_, Settings>(&raw) {
+            Ok(settings) => return settings,
+            Err(e) => e,
+        };
+        let mut path: Vec<String> = err.path().iter().map(ToString::to_string).collect();
+        let message = err.into_inner().to_string();
+        // serde names an unknown field in the message, at its parent's path.
+        if let Some(field) = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
+            if path.last().map(String::as_str) != Some(field) {
+                path.push(field.to_string());
+            }
+        }
+        let key = if path.is_empty() { file.display().to_string() } else { path.join(".") };
+        problems.push(Problem { key, problem: message });
+        if path.is_empty() || !remove_path(&mut raw, &path) {
+            break;
+        }
+    }
+    Settings::default()
+}
+
+/// Removes the value at `path` (object keys and `[i]` indexes); false when absent.
+fn remove_path(value: &mut serde_json::Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else { return false };
+    let mut at = value;
+    for segment in parents {
+        at = match at {
+            serde_json::Value::Object(map) => match map.get_mut(segment) {
+                Some(v) => v,
+                None => return false,
+            },
+            serde_json::Value::Array(items) => {
+                match segment
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| items.get_mut(i))
+                {
+                    Some(v) => v,
+                    None => return false,
+                }
+            }
+            _ => return false,
+        };
+    }
+    match at {
+        serde_json::Value::Object(map) => map.remove(last).is_some(),
+        serde_json::Value::Array(items) => match last.trim_start_matches('[').trim_end_matches(']').parse::<usize>() {
+            Ok(i) if i < items.len() => {
+                items.remove(i);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -446,7 +574,7 @@ mod tests {
     #[test]
     fn every_problem_is_reported_with_its_key() {
         let f = write("public_addr = \"nope\"\n[http]\nmax_connections = 0\n[clicks]\nipv4_prefix = 40\n");
-        let problems = load_from(Some(f.path()), &|_| None).unwrap_err();
+        let problems = load_from(Some(f.path()), &[]).unwrap_err();
         let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["http.max_connections", "clicks.ipv4_prefix", "public_addr"], "{problems:?}");
     }
@@ -454,17 +582,17 @@ mod tests {
     #[test]
     fn unknown_keys_and_tokens_in_file_are_refused() {
         let f = write("admin_token = \"supersecretsupersecret\"\n");
-        let problems = load_from(Some(f.path()), &|_| None).unwrap_err();
+        let problems = load_from(Some(f.path()), &[]).unwrap_err();
         assert_eq!(problems[0].key, "admin_token");
         let f = write("[http]\nmax_conections = 5\n");
-        let problems = load_from(Some(f.path()), &|_| None).unwrap_err();
+        let problems = load_from(Some(f.path()), &[]).unwrap_err();
         assert!(problems[0].problem.contains("max_conections"), "{problems:?}");
     }
 
     #[test]
     fn short_admin_token_is_refused() {
         let f = write("");
-        let env = |k: &str| (k == "TALLY_ADMIN_TOKEN").then(|| "short".to_string());
+        let env = [("TALLY_ADMIN_TOKEN".to_string(), "short".to_string())];
         let problems = load_from(Some(f.path()), &env).unwrap_err();
         assert_eq!(problems[0].key, "TALLY_ADMIN_TOKEN");
     }

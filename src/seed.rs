@@ -101,10 +101,65 @@ pub fn parse(settings: &Settings) -> Result<Seeds, Vec<Problem>> {
     seeds.plans = scoped(&settings.plans, "plans", PlanId::parse, PlanBody::into_plan, &mut problems);
     seeds.partners = scoped(&settings.partners, "partners", PartnerId::parse, PartnerBody::into_partner, &mut problems);
     seeds.links = scoped(&settings.links, "links", LinkId::parse, LinkBody::into_link, &mut problems);
+    check_refs(&seeds, &mut problems);
     if problems.is_empty() {
         Ok(seeds)
     } else {
         Err(problems)
+    }
+}
+
+/// The references between seeds that the store would refuse when applying them, so that
+/// `check-config` refuses exactly what `serve` refuses. Seeds are self-contained: a
+/// seeded link names a seeded partner and plan of its merchant, never one created
+/// through the admin API (which `check-config` cannot see without opening the store).
+fn check_refs(seeds: &Seeds, problems: &mut Vec<Problem>) {
+    use std::collections::BTreeMap;
+    let merchants: Vec<&MerchantId> = seeds.merchants.iter().map(|m| &m.merchant.id).collect();
+    let mut report = |key: String, problem: String| problems.push(Problem { key, problem });
+    let no_merchant = |m: &MerchantId| format!("merchant {m} is not among the seeded [[merchants]]");
+    let plan_known =
+        |m: &MerchantId, p: &PlanId| seeds.plans.iter().any(|plan| &plan.merchant_id == m && &plan.id == p);
+    for (i, plan) in seeds.plans.iter().enumerate() {
+        if !merchants.contains(&&plan.merchant_id) {
+            report(format!("plans[{i}].merchant_id"), no_merchant(&plan.merchant_id));
+        }
+    }
+    let mut partner_merchant: BTreeMap<&PartnerId, &MerchantId> = BTreeMap::new();
+    let mut coupons: BTreeMap<(&MerchantId, &str), &PartnerId> = BTreeMap::new();
+    for (i, p) in seeds.partners.iter().enumerate() {
+        if !merchants.contains(&&p.merchant_id) {
+            report(format!("partners[{i}].merchant_id"), no_merchant(&p.merchant_id));
+        }
+        if partner_merchant.insert(&p.id, &p.merchant_id).is_some_and(|m| m != &p.merchant_id) {
+            report(format!("partners[{i}].id"), format!("partner id {} is taken by another merchant's partner", p.id));
+        }
+        for c in &p.coupons {
+            if coupons.insert((&p.merchant_id, c.as_str()), &p.id).is_some_and(|owner| owner != &p.id) {
+                report(format!("partners[{i}].coupons"), format!("coupon {c} belongs to another partner"));
+            }
+        }
+        if let Some(plan) = p.plan_id.as_ref().filter(|plan| !plan_known(&p.merchant_id, plan)) {
+            report(format!("partners[{i}].plan_id"), format!("plan {plan} is not a seeded plan of {}", p.merchant_id));
+        }
+    }
+    let mut link_merchant: BTreeMap<&LinkId, &MerchantId> = BTreeMap::new();
+    for (i, l) in seeds.links.iter().enumerate() {
+        if !merchants.contains(&&l.merchant_id) {
+            report(format!("links[{i}].merchant_id"), no_merchant(&l.merchant_id));
+        }
+        if partner_merchant.get(&l.partner_id) != Some(&&l.merchant_id) {
+            report(
+                format!("links[{i}].partner_id"),
+                format!("partner {} is not a seeded partner of {}", l.partner_id, l.merchant_id),
+            );
+        }
+        if let Some(plan) = l.plan_id.as_ref().filter(|plan| !plan_known(&l.merchant_id, plan)) {
+            report(format!("links[{i}].plan_id"), format!("plan {plan} is not a seeded plan of {}", l.merchant_id));
+        }
+        if link_merchant.insert(&l.id, &l.merchant_id).is_some_and(|m| m != &l.merchant_id) {
+            report(format!("links[{i}].id"), format!("link id {} is taken by another merchant's link", l.id));
+        }
     }
 }
 

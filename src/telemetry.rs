@@ -1,5 +1,6 @@
 //! Logging: JSON lines by default, human-readable on a terminal. Per-request events are
-//! at DEBUG; ERROR means an operator must act.
+//! at DEBUG; ERROR means an operator must act. Every line logged while a request is
+//! handled carries its `request_id` (the `x-request-id` answered to the client).
 
 use std::io::IsTerminal;
 
@@ -19,6 +20,7 @@ pub fn init(format: LogFormat, level: &str) {
     let _ = if pretty {
         builder.try_init()
     } else {
-        builder.json().flatten_event(true).with_current_span(false).try_init()
+        // The current span carries the request id: `"span":{"request_id":"...","name":"request"}`.
+        builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init()
     };
 }

@@ -16,6 +16,8 @@ pub const MAX_AGE_DAYS: i64 = 400;
 pub const MAX_AHEAD_SECONDS: i64 = 300;
 /// Largest `metadata` accepted, in bytes of JSON.
 pub const MAX_METADATA_BYTES: usize = 4096;
+/// Deepest nesting of arrays and objects accepted in `metadata` (`{"a":[1]}` is 2).
+pub const MAX_METADATA_DEPTH: usize = 32;
 /// Longest attribution key (`click_id`, `coupon`, `account`, `customer_id`).
 pub const MAX_KEY_LEN: usize = 128;
 /// Events that may come without an amount.
@@ -138,6 +140,12 @@ impl ConversionBody {
         if metadata.as_ref().is_some_and(|m| m.len() > MAX_METADATA_BYTES) {
             return Err(FieldError::new("metadata", format!("must be at most {MAX_METADATA_BYTES} bytes of JSON")));
         }
+        if metadata.as_deref().is_some_and(|m| json_depth(m) > MAX_METADATA_DEPTH) {
+            return Err(FieldError::new(
+                "metadata",
+                format!("must not nest arrays and objects more than {MAX_METADATA_DEPTH} levels deep"),
+            ));
+        }
         Ok(ConversionInput {
             txn_id,
             event,
@@ -243,6 +251,33 @@ impl ConversionStatus {
             ConversionStatus::Reversed => "reversed",
         }
     }
+}
+
+/// The deepest nesting of arrays and objects in a JSON text (brackets inside strings do
+/// not count). The text is known to be JSON: it was parsed as a raw value.
+pub fn json_depth(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// A stored conversion: the input, when it arrived, and the decisions taken then.
@@ -430,5 +465,24 @@ mod tests {
         assert!(parse(&format!(r#"{{"txn_id":"o","event":"lead","occurred_at":"{ahead}"}}"#)).is_ok());
         let ahead = super::super::clock::format_rfc3339(NOW + 301_000);
         assert!(parse(&format!(r#"{{"txn_id":"o","event":"lead","occurred_at":"{ahead}"}}"#)).is_err());
+    }
+
+    #[test]
+    fn metadata_depth_is_bounded() {
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let body = |m: &str| format!(r#"{{"txn_id":"o","event":"lead","metadata":{m}}}"#);
+        assert!(parse(&body(&nested(MAX_METADATA_DEPTH))).is_ok());
+        assert_eq!(parse(&body(&nested(MAX_METADATA_DEPTH + 1))).unwrap_err().field, "metadata");
+        assert_eq!(parse(&body(&nested(128))).unwrap_err().field, "metadata");
+        // Brackets inside strings are text, and escaped quotes do not end a string.
+        assert!(parse(&body(&format!(r#"{{"note":"{}\"]]"}}"#, "[".repeat(100)))).is_ok());
+    }
+
+    #[test]
+    fn json_depth_counts_structure_only() {
+        let cases = [("1", 0), ("[]", 1), (r#"{"a":[1,{"b":2}]}"#, 3), (r#"["[[[", "\"[["]"#, 1), (r#"{"a":{}}"#, 2)];
+        for (text, depth) in cases {
+            assert_eq!(json_depth(text), depth, "{text}");
+        }
     }
 }

@@ -44,6 +44,18 @@ pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Answer {
     }
 }
 
+/// `GET /admin/v1/merchants/{m}/conversions/{txn_id}`.
+#[derive(Serialize)]
+struct AdminConversionView<'a> {
+    conversion: ConversionView<'a>,
+    keys: &'a crate::domain::conversion::AttributionKeys,
+    received_at: String,
+    approve_at: Option<String>,
+    refunded: Option<String>,
+    status_history: Vec<serde_json::Value>,
+    ledger: Vec<LedgerEntryView>,
+}
+
 fn route_of(rest: &[&str]) -> Route {
     match rest {
         [_] => Route::AdminMerchant,
@@ -53,6 +65,8 @@ fn route_of(rest: &[&str]) -> Route {
         [_, "links", _] => Route::AdminLink,
         [_, "plans", _] => Route::AdminPlan,
         [_, "conversions", _] => Route::AdminConversion,
+        [_, "accounts", a] if a.ends_with(":reassign") => Route::AdminReassign,
+        [_, "accounts", _] => Route::AdminAccount,
         _ => Route::NotFound,
     }
 }
@@ -265,16 +279,16 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
                     serde_json::json!({"from": h.from.as_str(), "to": h.to.as_str(), "at": format_rfc3339(h.at_ms), "cause": h.cause})
                 })
                 .collect();
-            let refunded = rec.amount.map(|a| Money { minor: rec.refunded_minor, currency: a.currency }.amount_text());
-            let body = serde_json::json!({
-                "conversion": ConversionView::new(&rec, false),
-                "keys": rec.keys,
-                "received_at": format_rfc3339(rec.received_ms),
-                "approve_at": rec.approve_at_ms.map(format_rfc3339),
-                "refunded": refunded,
-                "status_history": history,
-                "ledger": ledger.iter().map(LedgerEntryView::from).collect::<Vec<_>>(),
-            });
+            // Typed, not `json!`: the metadata is written as stored, never parsed again.
+            let body = AdminConversionView {
+                conversion: ConversionView::new(&rec, false),
+                keys: &rec.keys,
+                received_at: format_rfc3339(rec.received_ms),
+                approve_at: rec.approve_at_ms.map(format_rfc3339),
+                refunded: rec.amount.map(|a| Money { minor: rec.refunded_minor, currency: a.currency }.amount_text()),
+                status_history: history,
+                ledger: ledger.iter().map(LedgerEntryView::from).collect(),
+            };
             Ok(json(StatusCode::OK, &body))
         }
         (&Method::POST, [_, "accounts", target]) if target.ends_with(":reassign") => {

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::problem::ApiError;
 use super::public::{signed_json, Sender};
-use super::views::{ConversionView, LedgerEntryView};
+use super::views::{ConversionView, LedgerEntryView, MoneyView};
 use super::{json, Body, Ctx};
 use crate::domain::account::{check_text_id, normalize_account, DealBody, Touch, TouchBody, TouchKind};
 use crate::domain::clock::{format_rfc3339, parse_rfc3339};
@@ -105,6 +105,18 @@ pub(super) async fn register_deal(
     Ok(if replay { replayed(resp) } else { resp })
 }
 
+/// The answer to an adjustment.
+#[derive(serde::Serialize)]
+struct AdjustmentView<'a> {
+    adjustment_id: &'a str,
+    txn_id: &'a str,
+    kind: &'static str,
+    amount: Option<MoneyView>,
+    status: &'static str,
+    ledger: Vec<LedgerEntryView>,
+    conversion: ConversionView<'a>,
+}
+
 /// `POST /v1/merchants/{id}/touches`: a partner influenced an account (from the CRM).
 pub(super) async fn touch(
     ctx: &Ctx,
@@ -169,15 +181,17 @@ pub(super) async fn adjust(
         }
         None => Vec::new(),
     };
-    let body = json!({
-        "adjustment_id": stored.input.adjustment_id,
-        "txn_id": stored.input.txn_id,
-        "kind": stored.input.kind.as_str(),
-        "amount": stored.amount.map(|m| json!({"amount": m.amount_text(), "currency": m.currency.to_string()})),
-        "status": stored.status_after.as_str(),
-        "ledger": ledger.iter().map(LedgerEntryView::from).collect::<Vec<_>>(),
-        "conversion": ConversionView::new(&rec, false),
-    });
+    // A typed body, not `json!`: the conversion's metadata is written as the stored text,
+    // never parsed again (parsing it into a `Value` could fail and panic inside `json!`).
+    let body = AdjustmentView {
+        adjustment_id: &stored.input.adjustment_id,
+        txn_id: stored.input.txn_id.as_str(),
+        kind: stored.input.kind.as_str(),
+        amount: stored.amount.as_ref().map(MoneyView::from),
+        status: stored.status_after.as_str(),
+        ledger: ledger.iter().map(LedgerEntryView::from).collect(),
+        conversion: ConversionView::new(&rec, false),
+    };
     let status = if replay { StatusCode::OK } else { StatusCode::CREATED };
     let resp = json(status, &body);
     Ok(if replay { replayed(resp) } else { resp })

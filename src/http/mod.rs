@@ -11,10 +11,12 @@ mod views;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -25,6 +27,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tracing::Instrument;
 
 use crate::config::Settings;
 use crate::domain::clock::Clock;
@@ -81,6 +84,7 @@ pub enum Route {
     AdminLink,
     AdminPlan,
     AdminConversion,
+    AdminAccount,
     Metrics,
     Health,
     Ready,
@@ -106,11 +110,37 @@ impl Route {
             Route::AdminLink => "admin_link",
             Route::AdminPlan => "admin_plan",
             Route::AdminConversion => "admin_conversion",
+            Route::AdminAccount => "admin_account",
             Route::Metrics => "metrics",
             Route::Health => "healthz",
             Route::Ready => "readyz",
             Route::NotFound => "not_found",
         }
+    }
+}
+
+/// `route` label values of requests that never reach a handler: hyper answers them
+/// itself (malformed, headers too large) or closes them (header read timeout), and of
+/// handlers that panicked.
+const ROUTE_MALFORMED: &str = "http_malformed";
+const ROUTE_HEADERS_TOO_LARGE: &str = "http_headers_too_large";
+const ROUTE_HEADER_TIMEOUT: &str = "http_header_timeout";
+const ROUTE_PANIC: &str = "handler_panic";
+
+/// The `route` and `status` under which a connection error is counted, when hyper
+/// answered (or closed) the request by itself.
+fn refused_by_http(e: &(dyn std::error::Error + 'static)) -> Option<(&'static str, &'static str)> {
+    let e = e.downcast_ref::<hyper::Error>()?;
+    if e.is_parse_too_large() {
+        Some((ROUTE_HEADERS_TOO_LARGE, "431"))
+    } else if e.is_parse() && e.to_string().contains("too long") {
+        Some((ROUTE_MALFORMED, "414"))
+    } else if e.is_parse() {
+        Some((ROUTE_MALFORMED, "400"))
+    } else if e.is_timeout() {
+        Some((ROUTE_HEADER_TIMEOUT, "408"))
+    } else {
+        None
     }
 }
 
@@ -168,8 +198,14 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, kind: Listener, mut shu
                 return;
             }
             let io = conn::IdleLimited::new(stream, Duration::from_millis(http.idle_timeout_ms));
-            let svc = service_fn(move |req| dispatch(Arc::clone(&ctx), kind, peer, req));
-            let _ = watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned()).await;
+            let svc_ctx = Arc::clone(&ctx);
+            let svc = service_fn(move |req| dispatch(Arc::clone(&svc_ctx), kind, peer, req));
+            if let Err(e) = watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned()).await {
+                if let Some((route, status)) = refused_by_http(e.as_ref()) {
+                    ctx.metrics.http_requests.with_label_values(&[kind.as_str(), route, status]).inc();
+                    tracing::debug!(listener = kind.as_str(), %peer, route, status, error = %e, "request refused by the HTTP layer");
+                }
+            }
             drop(open);
         });
     }
@@ -203,29 +239,106 @@ async fn dispatch(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
+    let request_id = request_id(req.headers());
+    let client = client_addr(&ctx.settings.http.trusted_proxies, peer, req.headers());
     // Built only when request logs are on: this runs for every click.
     let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| (req.method().clone(), redacted_target(req.uri())));
-    let (route, result) = match kind {
-        Listener::Public => public::handle(&ctx, peer, req).await,
-        Listener::Admin => admin::handle(&ctx, req).await,
+    let span = tracing::info_span!("request", request_id = %request_id);
+    let handled = async {
+        match kind {
+            Listener::Public => public::handle(&ctx, client, req).await,
+            Listener::Admin => admin::handle(&ctx, req).await,
+        }
     };
-    let resp = result.unwrap_or_else(ApiError::into_response);
+    let (route, result) = guarded(&ctx.metrics, &span, handled).await;
+    let mut resp = result.unwrap_or_else(ApiError::into_response);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(REQUEST_ID.clone(), v);
+    }
     let m = &ctx.metrics;
-    m.http_requests.with_label_values(&[kind.as_str(), route.as_str(), resp.status().as_str()]).inc();
-    m.http_duration.with_label_values(&[route.as_str()]).observe(started.elapsed().as_secs_f64());
-    if let Some((method, target)) = logged {
-        tracing::debug!(
-            listener = kind.as_str(),
-            %peer,
-            %method,
-            target = %target,
-            route = route.as_str(),
-            status = resp.status().as_u16(),
-            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            "request"
-        );
+    m.http_requests.with_label_values(&[kind.as_str(), route, resp.status().as_str()]).inc();
+    m.http_duration.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+    if let Some((method, path)) = logged {
+        span.in_scope(|| {
+            tracing::debug!(
+                listener = kind.as_str(),
+                peer = %client,
+                %method,
+                path = %path,
+                route,
+                status = resp.status().as_u16(),
+                micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                "request"
+            )
+        });
     }
     Ok(resp)
+}
+
+/// Runs a handler; a panic in it becomes `500` problem+json (`code: internal`), counted in
+/// `tally_http_handler_panics_total` and logged with the request's id, instead of a
+/// connection dropped without an answer.
+async fn guarded(
+    metrics: &Metrics,
+    span: &tracing::Span,
+    handler: impl std::future::Future<Output = (Route, Result<Response<Body>, ApiError>)>,
+) -> (&'static str, Result<Response<Body>, ApiError>) {
+    match AssertUnwindSafe(handler.instrument(span.clone())).catch_unwind().await {
+        Ok((route, result)) => (route.as_str(), result),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            metrics.handler_panics.inc();
+            span.in_scope(
+                || tracing::error!(panic = %why, "a handler panicked; answered 500 (a bug: please report it)"),
+            );
+            (ROUTE_PANIC, Err(ApiError::Internal))
+        }
+    }
+}
+
+static REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+/// The incoming `x-request-id` when it is 1..=128 of `[A-Za-z0-9._:-]` (so it can be
+/// logged and echoed safely), else a fresh random one.
+fn request_id(headers: &HeaderMap) -> String {
+    let valid = |v: &[u8]| {
+        (1..=128).contains(&v.len())
+            && v.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    };
+    match headers.get(&REQUEST_ID).map(HeaderValue::as_bytes).filter(|v| valid(v)) {
+        Some(v) => String::from_utf8_lossy(v).into_owned(),
+        None => format!("{:032x}", rand::random::<u128>()),
+    }
+}
+
+/// The client's address: the socket's peer, or, when the peer is one of
+/// `http.trusted_proxies`, the right-most address of `X-Forwarded-For` that is not a
+/// trusted proxy (addresses further left were written by the client and prove nothing).
+fn client_addr(trusted: &[ipnet::IpNet], peer: SocketAddr, headers: &HeaderMap) -> SocketAddr {
+    let is_trusted = |ip: &std::net::IpAddr| trusted.iter().any(|net| net.contains(&ip.to_canonical()));
+    if trusted.is_empty() || !is_trusted(&peer.ip()) {
+        return peer;
+    }
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    for hop in hops.iter().rev() {
+        match hop.parse::<std::net::IpAddr>().or_else(|_| hop.parse::<SocketAddr>().map(|s| s.ip())) {
+            Ok(ip) if is_trusted(&ip) => continue,
+            Ok(ip) => return SocketAddr::new(ip.to_canonical(), 0),
+            // A hop we cannot read: the chain cannot be trusted beyond it.
+            Err(_) => return peer,
+        }
+    }
+    peer
 }
 
 /// Query parameters whose values never reach a log line.
@@ -251,7 +364,13 @@ pub fn redacted_target(uri: &http::Uri) -> String {
 
 /// A JSON response.
 pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
-    json_bytes(status, Bytes::from(serde_json::to_vec(value).unwrap_or_default()))
+    match serde_json::to_vec(value) {
+        Ok(body) => json_bytes(status, Bytes::from(body)),
+        Err(e) => {
+            tracing::error!(error = %e, "an answer could not be rendered as JSON; answered 500 (a bug: please report it)");
+            ApiError::Internal.into_response()
+        }
+    }
 }
 
 /// A JSON response from a body rendered earlier.
@@ -304,4 +423,76 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
 /// Parses a JSON body into `T`: [`crate::domain::json::parse_object`] as an [`ApiError`].
 fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     crate::domain::json::parse_object(bytes).map_err(ApiError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    #[allow(clippy::disallowed_methods)] // reading our own answer
+    async fn a_panicking_handler_is_answered_500_and_counted() {
+        let metrics = Metrics::new();
+        let span = tracing::Span::none();
+        let (route, result) = guarded(&metrics, &span, async { panic!("boom") }).await;
+        assert_eq!(route, ROUTE_PANIC);
+        let resp = result.unwrap_err().into_response();
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/problem+json");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(problem["code"], "internal");
+        assert_eq!(metrics.handler_panics.get(), 1);
+        let (route, result) = guarded(&metrics, &span, async { (Route::Health, Err(ApiError::NotFound)) }).await;
+        assert_eq!((route, result.unwrap_err().status()), ("healthz", StatusCode::NOT_FOUND));
+        assert_eq!(metrics.handler_panics.get(), 1);
+    }
+
+    #[test]
+    fn the_client_address_is_taken_from_trusted_proxies_only() {
+        let nets: Vec<ipnet::IpNet> =
+            ["10.0.0.0/8", "192.0.2.7/32", "::1/128"].iter().map(|n| n.parse().unwrap()).collect();
+        let peer = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 4000);
+        let cases: [(&[ipnet::IpNet], &str, &[&str], &str); 10] = [
+            // No trusted proxies: the socket, whatever the header says.
+            (&[], "10.1.1.1", &["203.0.113.9"], "10.1.1.1"),
+            // An untrusted peer cannot choose its address.
+            (&nets, "198.51.100.1", &["203.0.113.9"], "198.51.100.1"),
+            (&nets, "10.1.1.1", &["203.0.113.9"], "203.0.113.9"),
+            (&nets, "192.0.2.7", &["203.0.113.9"], "203.0.113.9"),
+            // The right-most untrusted hop: what the client wrote further left is ignored.
+            (&nets, "10.1.1.1", &["6.6.6.6, 203.0.113.9, 10.2.2.2"], "203.0.113.9"),
+            (&nets, "10.1.1.1", &["6.6.6.6", "203.0.113.9"], "203.0.113.9"),
+            // Only proxies in the chain, no header, or an unreadable hop: the socket.
+            (&nets, "10.1.1.1", &["10.3.3.3"], "10.1.1.1"),
+            (&nets, "10.1.1.1", &[], "10.1.1.1"),
+            (&nets, "10.1.1.1", &["203.0.113.9, junk"], "10.1.1.1"),
+            // IPv6 and IPv4-mapped forms.
+            (&nets, "::ffff:10.1.1.1", &["2001:db8::5"], "2001:db8::5"),
+        ];
+        for (trusted, from, xff, want) in cases {
+            let mut headers = HeaderMap::new();
+            for v in xff {
+                headers.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+            }
+            let got = client_addr(trusted, peer(from), &headers).ip();
+            assert_eq!(got, want.parse::<std::net::IpAddr>().unwrap(), "{from} {xff:?}");
+        }
+    }
+
+    #[test]
+    fn request_ids_are_echoed_only_when_safe() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-request-id", HeaderValue::from_str(v).unwrap());
+            request_id(&h)
+        };
+        assert_eq!(with("abc-123.x:y_z"), "abc-123.x:y_z");
+        for bad in ["", "has space", "quote\"", &"a".repeat(129)] {
+            let id = with(bad);
+            assert_eq!(id.len(), 32, "{bad:?} -> {id}");
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+        assert_ne!(request_id(&HeaderMap::new()), request_id(&HeaderMap::new()));
+    }
 }

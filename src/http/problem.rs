@@ -48,6 +48,9 @@ pub enum ApiError {
     TokenIpNotAllowed,
     #[error("rate limited for {0:?}")]
     RateLimited(std::time::Duration),
+    /// A bug: a handler panicked. The request id is in the log line that says why.
+    #[error("internal error")]
+    Internal,
 }
 
 impl From<crate::domain::json::JsonError> for ApiError {
@@ -116,6 +119,7 @@ impl ApiError {
             ApiError::InvalidQuery(_) => "invalid_query",
             ApiError::TokenIpNotAllowed => "ip_not_allowed",
             ApiError::RateLimited(_) => "rate_limited",
+            ApiError::Internal => "internal",
         }
     }
 
@@ -136,6 +140,7 @@ impl ApiError {
             ApiError::Refused(r) if r.code == "not_found" || r.code == "merchant_not_found" => StatusCode::NOT_FOUND,
             ApiError::Refused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -165,6 +170,10 @@ impl ApiError {
             ApiError::RateLimited(wait) => (
                 "Too many requests",
                 format!("Slow down: retry after {} s.", crate::limits::retry_after_secs(*wait)),
+            ),
+            ApiError::Internal => (
+                "Internal error",
+                "tally failed to answer this request. A write it made is kept: retry with the same request to get its answer, and quote the x-request-id header when reporting it.".into(),
             ),
             ApiError::TokenIpNotAllowed => (
                 "Forbidden",

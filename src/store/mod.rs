@@ -98,6 +98,16 @@ pub enum Durability {
     Buffered,
 }
 
+impl Durability {
+    /// The config spelling (`fsync`, `buffered`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Fsync => "fsync",
+            Durability::Buffered => "buffered",
+        }
+    }
+}
+
 /// How the store is opened; filled from the `[storage]` config section.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -698,6 +708,12 @@ impl Store {
             write_stopped: db.property_int_value("rocksdb.is-write-stopped").ok().flatten().unwrap_or(0) > 0,
             delayed_write_rate: db.property_int_value("rocksdb.actual-delayed-write-rate").ok().flatten().unwrap_or(0),
             pending_compaction_bytes: sum("rocksdb.estimate-pending-compaction-bytes"),
+            stalls: Cf::ALL
+                .iter()
+                .filter_map(|cf| db.cf_handle(cf.name()))
+                .filter_map(|h| db.property_value_cf(h, "rocksdb.cf-write-stall-stats").ok().flatten())
+                .map(|text| (stall_count(&text, "total-delays"), stall_count(&text, "total-stops")))
+                .fold((0, 0), |(d, s), (d1, s1)| (d + d1, s + s1)),
         }
     }
 
@@ -780,4 +796,25 @@ fn load_catalog(shared: &Shared) -> Result<Catalog, StoreError> {
         c.insert_plan(p);
     }
     Ok(c)
+}
+
+/// One count of RocksDB's write-stall statistics text
+/// (`Write Stall (count): total-delays: 3, total-stops: 0, ...`).
+fn stall_count(text: &str, name: &str) -> u64 {
+    text.split([',', '\n'])
+        .filter_map(|part| part.trim().rsplit_once(": "))
+        .find(|(key, _)| key.trim().ends_with(name))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod stall_tests {
+    #[test]
+    fn stall_counts_are_read_from_rocksdb_text() {
+        let text = "Write Stall (count): cf-l0-file-count-limit-delays: 2, total-delays: 5, total-stops: 1\n";
+        assert_eq!(super::stall_count(text, "total-delays"), 5);
+        assert_eq!(super::stall_count(text, "total-stops"), 1);
+        assert_eq!(super::stall_count("", "total-stops"), 0);
+    }
 }

@@ -40,6 +40,107 @@ fn check_config_lists_every_problem_with_its_key_and_fails() {
 }
 
 #[test]
+fn check_config_lists_seven_mistakes_in_one_run_and_refuses_what_serve_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+pubilc_addr = "127.0.0.1:8080"
+admin_addr = "nowhere"
+print_example = "yes"
+[http]
+max_conections = 5
+max_connections = 0
+[storage]
+max_batch = "lots"
+[[merchants]]
+id = "demo"
+name = "Demo"
+[[partners]]
+merchant_id = "demo"
+id = "ann"
+name = "Ann"
+kind = "affiliate"
+[[links]]
+merchant_id = "demo"
+id = "l1"
+partner_id = "bob"
+destination = "https://shop.example.com/?c={click_id}"
+"#,
+    )
+    .unwrap();
+    let config = path.to_str().unwrap();
+    let out = tally(&["check-config", "--config", config], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "pubilc_addr",
+        "admin_addr",
+        "print_example",
+        "http.max_conections",
+        "http.max_connections",
+        "storage.max_batch",
+        "links[0].partner_id",
+    ] {
+        assert!(
+            err.contains(&format!("  - {key}: ")),
+            "{key} missing from:
+{err}"
+        );
+    }
+    assert!(err.contains("7 problem(s)"), "{err}");
+
+    // serve refuses the same file with the same list, before opening anything.
+    let data = dir.path().join("db");
+    let out = tally(&["serve", "--config", config], &[("TALLY_DATA_DIR", data.to_str().unwrap())]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("links[0].partner_id"));
+    assert!(!data.exists(), "nothing was created");
+}
+
+#[test]
+fn check_config_warns_about_stray_variables_and_accepts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.toml");
+    std::fs::write(&path, "").unwrap();
+    let out = tally(
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[
+            ("TALLY_PORT", "tcp://10.0.0.1:8080"),
+            ("TALLY_SERVICE_HOST", "10.0.0.1"),
+            ("TALLY_ADMIN_ADDR", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ignoring TALLY_PORT") && err.contains("ignoring TALLY_SERVICE_HOST"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("admin 127.0.0.1:0"));
+}
+
+#[test]
+fn help_examples_keep_their_lines() {
+    let out = tally(&["sign", "--help"], &[]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for line in tally::cli::SIGN_EXAMPLE.lines().skip(1) {
+        assert!(
+            help.lines().any(|l| l == line),
+            "line {line:?} not intact in:
+{help}"
+        );
+    }
+    let out = tally(&["sign-url", "--help"], &[]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for line in tally::cli::SIGN_URL_EXAMPLE.lines().skip(1) {
+        assert!(
+            help.lines().any(|l| l == line),
+            "line {line:?} not intact in:
+{help}"
+        );
+    }
+}
+
+#[test]
 fn sign_prints_the_reference_vector() {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))

@@ -68,7 +68,7 @@ impl TestApp {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut settings = test_settings(dir.path());
         tweak(&mut settings);
-        let loaded = Loaded { settings, admin_token: Some(SecretString::from(ADMIN_TOKEN)) };
+        let loaded = Loaded::new(settings, Some(SecretString::from(ADMIN_TOKEN)));
         let app = App::start(loaded, Arc::clone(&clock)).await.expect("app starts");
         TestApp { public: app.public_addr(), admin: app.admin_addr(), app: Some(app), dir, client: client(), clock }
     }
@@ -246,6 +246,17 @@ pub async fn start_binary_via(
     config: &str,
     wrapper: &[&str],
 ) -> Proc {
+    start_binary_env(dir, data_dir, config, wrapper, &[]).await
+}
+
+/// [`start_binary_via`] with extra environment variables.
+pub async fn start_binary_env(
+    dir: &std::path::Path,
+    data_dir: &std::path::Path,
+    config: &str,
+    wrapper: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let addr_file = dir.join("addr.json");
     let _ = std::fs::remove_file(&addr_file);
     let path = dir.join("tally.toml");
@@ -265,6 +276,7 @@ pub async fn start_binary_via(
         .env("TALLY_ADDR_FILE", &addr_file)
         .env("TALLY_ADMIN_TOKEN", ADMIN_TOKEN)
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .kill_on_drop(true)

@@ -16,5 +16,6 @@ mod hostile;
 mod ledger_props;
 mod limits;
 mod observability;
+mod operations;
 mod postbacks;
 mod signatures;
