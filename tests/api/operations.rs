@@ -243,3 +243,37 @@ async fn serve_ignores_stray_tally_variables_and_logs_request_ids() {
     assert_eq!(v["path"], "/healthz");
     assert_eq!(v["span"]["request_id"], "req-77");
 }
+
+#[tokio::test]
+async fn metadata_stored_by_an_earlier_version_never_crashes_a_view() {
+    let app = TestApp::spawn().await;
+    let secret = app.demo().await;
+    // What the intake accepted before it bounded the depth: 128 levels, under 4 KiB.
+    let metadata = nested(128);
+    let body: tally::domain::conversion::ConversionBody =
+        serde_json::from_str(r#"{"txn_id":"old-deep","event":"lead"}"#).unwrap();
+    let mut input = body.into_input(app.clock.now_ms()).unwrap();
+    input.metadata = Some(metadata.clone());
+    let store = app.app.as_ref().unwrap().store();
+    let merchant = tally::domain::ids::MerchantId::parse("shop").unwrap();
+    store.convert(merchant, input, app.clock.now_ms()).await.unwrap();
+
+    let view = app.admin(Method::GET, "/admin/v1/merchants/shop/conversions/old-deep", None).await;
+    assert_eq!(view.status, 200, "{}", String::from_utf8_lossy(&view.body));
+    assert!(String::from_utf8_lossy(&view.body).contains(&format!("\"metadata\":{metadata}")));
+    for _ in 0..2 {
+        // The approval and its retry are both answered, with the stored metadata.
+        let r = app
+            .post_signed(
+                "/v1/merchants/shop/adjustments",
+                r#"{"adjustment_id":"a-old","txn_id":"old-deep","kind":"approve"}"#,
+                &secret,
+                &format!("msg_{}", tally::domain::ids::Ulid::mint(0)),
+                app.now_secs(),
+            )
+            .await;
+        assert!(r.status == 201 || r.status == 200, "{}", String::from_utf8_lossy(&r.body));
+        assert!(String::from_utf8_lossy(&r.body).contains(&format!("\"metadata\":{metadata}")));
+    }
+    assert_eq!(metric(&app, "tally_http_handler_panics_total").await, 0.0);
+}
