@@ -52,17 +52,7 @@ impl App {
             .map_err(|source| StartError::File { path: settings.data_dir.display().to_string(), source })?;
         let metrics = Arc::new(Metrics::new());
         metrics.ratelimit_keys_max.set(i64::try_from(settings.limits.max_keys).unwrap_or(i64::MAX));
-        let s = &settings.storage;
-        let opts = StoreOptions {
-            data_dir: settings.data_dir.clone(),
-            durability: s.durability,
-            wal_sync_interval: Duration::from_millis(s.wal_sync_interval_ms),
-            queue_capacity: s.writer_queue,
-            max_batch: s.max_batch,
-            unique_window_ms: settings.clicks.unique_window_hours * 3_600_000,
-            block_cache_bytes: s.block_cache_mb << 20,
-            write_buffer_bytes: s.write_buffer_mb << 20,
-        };
+        let opts = store_options(&settings);
         let store_metrics = Arc::clone(&metrics);
         let store = tokio::task::spawn_blocking(move || Store::open(&opts, store_metrics))
             .await
@@ -219,13 +209,33 @@ async fn wait_for_signal() {
     }
 }
 
+/// How the store is opened, from the `[storage]` and `[clicks]` settings.
+pub fn store_options(settings: &crate::config::Settings) -> StoreOptions {
+    let s = &settings.storage;
+    StoreOptions {
+        data_dir: settings.data_dir.clone(),
+        durability: s.durability,
+        wal_sync_interval: Duration::from_millis(s.wal_sync_interval_ms),
+        queue_capacity: s.writer_queue,
+        max_batch: s.max_batch,
+        unique_window_ms: settings.clicks.unique_window_hours * 3_600_000,
+        block_cache_bytes: s.block_cache_mb << 20,
+        write_buffer_bytes: s.write_buffer_mb << 20,
+    }
+}
+
+/// Files tally creates from now on are readable by its user only (umask `077`).
+pub fn private_files() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
 /// SPEC 15: the data directory and its files are readable by tally's user only (the WAL
 /// holds secrets). Sets the process umask to `077`, so every file RocksDB creates is
 /// `0600`, creates the directory `0700`, and tightens what an earlier version left
 /// readable by others.
 fn private_data_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    private_files();
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     fn tighten(path: &Path, depth: u32) -> std::io::Result<()> {
         let meta = std::fs::symlink_metadata(path)?;

@@ -55,6 +55,35 @@ pub enum Command {
         #[arg(long)]
         timestamp: Option<i64>,
     },
+    /// Take an online, consistent backup of the store into DIR (absent or empty).
+    ///
+    /// With tally running on this configuration, it asks it (POST /admin/v1/backups on
+    /// the admin listener, with the admin token) and moves the backup to DIR; with tally
+    /// stopped, it opens the store itself.
+    #[command(
+        after_help = "Example:\n  tally backup --config /etc/tally/tally.toml --to /var/backups/tally/$(date -u +%Y%m%dT%H%M%SZ)"
+    )]
+    Backup {
+        /// Config file [default: config/tally.toml, if present]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Where to write the backup: a new or empty directory.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+    },
+    /// Restore a backup into the configured data directory, which must be absent or empty
+    /// (tally stopped). Checks that the restored store opens.
+    #[command(
+        after_help = "Example:\n  TALLY_DATA_DIR=/var/lib/tally/data tally restore --from /var/backups/tally/20261128T101500Z"
+    )]
+    Restore {
+        /// Config file [default: config/tally.toml, if present]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// A directory made by `tally backup` or `POST /admin/v1/backups`.
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+    },
     /// Sign a GET postback URL: adds `ts` (unless present) and `sig`, prints the URL.
     #[command(after_help = SIGN_URL_EXAMPLE)]
     SignUrl {
@@ -89,6 +118,8 @@ pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Serve { config } => serve(config).await,
         Command::CheckConfig { config } => check_config(config),
+        Command::Backup { config, to } => backup(config, to).await,
+        Command::Restore { config, from } => restore(config, from).await,
         Command::Sign { secret, secret_file, id, timestamp } => sign(secret, secret_file, &id, timestamp),
         Command::SignUrl { secret, secret_file, timestamp, url } => sign_url(secret, secret_file, timestamp, &url),
     }
@@ -184,6 +215,176 @@ fn check_config(path: Option<PathBuf>) -> i32 {
         Err(problems) => {
             print_problems(&problems);
             2
+        }
+    }
+}
+
+/// The configuration for an operator command, or the exit code after printing why not.
+fn load_quietly(path: Option<PathBuf>) -> Result<config::Loaded, i32> {
+    config::load(path.as_deref()).map_err(|problems| {
+        print_problems(&problems);
+        2
+    })
+}
+
+/// Where a running tally's admin listener answers on this machine.
+fn admin_target(settings: &Settings) -> Option<std::net::SocketAddr> {
+    let mut addr: std::net::SocketAddr = settings.admin_addr.parse().ok()?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    (addr.port() != 0).then_some(addr)
+}
+
+async fn backup(path: Option<PathBuf>, to: PathBuf) -> i32 {
+    let loaded = match load_quietly(path) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    crate::app::private_files();
+    let settings = &loaded.settings;
+    let to_is_free = std::fs::read_dir(&to).map_or(true, |mut d| d.next().is_none());
+    if !to_is_free {
+        eprintln!("tally backup: {} exists and is not empty: back up into a new directory", to.display());
+        return 2;
+    }
+    let token =
+        loaded.admin_token.as_ref().map(|t| secrecy::ExposeSecret::expose_secret(t).to_string()).or_else(|| {
+            std::fs::read_to_string(settings.data_dir.join("admin-token")).ok().map(|t| t.trim().to_string())
+        });
+    let online = match (admin_target(settings), token) {
+        (Some(addr), Some(token)) => {
+            let asked = crate::http::client::admin_request(
+                addr,
+                &token,
+                http::Method::POST,
+                "/admin/v1/backups",
+                std::time::Duration::from_secs(3600),
+            )
+            .await;
+            match asked {
+                Err(crate::http::client::ClientError::NotListening(_)) => None,
+                Err(e) => {
+                    eprintln!("tally backup: the running tally did not answer: {e}");
+                    return 1;
+                }
+                Ok((201, body)) => Some(body),
+                Ok((status, body)) => {
+                    eprintln!("tally backup: the running tally answered {status}: {}", String::from_utf8_lossy(&body));
+                    return 1;
+                }
+            }
+        }
+        _ => None,
+    };
+    let result = match online {
+        Some(body) => move_online_backup(&body, &to),
+        None => offline_backup(settings, &to).await,
+    };
+    match result {
+        Ok(how) => {
+            println!("backup written to {} ({how})", to.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("tally backup: {e}");
+            1
+        }
+    }
+}
+
+/// Moves the backup a running tally took into `backup.dir` to `to`.
+fn move_online_backup(answer: &[u8], to: &std::path::Path) -> Result<String, String> {
+    let info: serde_json::Value = serde_json::from_slice(answer).map_err(|e| format!("unexpected answer: {e}"))?;
+    let from = PathBuf::from(info["path"].as_str().ok_or("the answer names no path")?);
+    if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| format!("create {}: {e}", parent.display()))?;
+    }
+    let _ = std::fs::remove_dir(to);
+    if std::fs::rename(&from, to).is_err() {
+        // Another file system: copy, then drop the original.
+        copy_dir(&from, to)?;
+        std::fs::remove_dir_all(&from).map_err(|e| format!("remove {}: {e}", from.display()))?;
+    }
+    Ok(format!("taken online by the running tally at {}", info["created_at"].as_str().unwrap_or("?")))
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<(), String> {
+    std::fs::create_dir_all(to).map_err(|e| format!("create {}: {e}", to.display()))?;
+    for entry in std::fs::read_dir(from).map_err(|e| format!("read {}: {e}", from.display()))? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target).map_err(|e| format!("copy to {}: {e}", target.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// No tally is running on this configuration: open the store and back it up directly.
+async fn offline_backup(settings: &Settings, to: &std::path::Path) -> Result<String, String> {
+    let opts = crate::app::store_options(settings);
+    let (data_dir, to) = (settings.data_dir.clone(), to.to_path_buf());
+    if !data_dir.exists() {
+        return Err(format!("no data directory at {} and no tally answering on admin_addr", data_dir.display()));
+    }
+    tokio::task::spawn_blocking(move || {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let store = crate::store::Store::open(&opts, metrics).map_err(|e| {
+            format!(
+                "cannot open the store in {} ({e}); if tally is running, set TALLY_ADMIN_ADDR to its admin listener",
+                data_dir.display()
+            )
+        })?;
+        let taken = crate::backup::take(&store, &data_dir, &to, SystemClock.now_ms());
+        store.shutdown();
+        taken.map(|info| format!("tally was not running; {} bytes", info.bytes)).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+async fn restore(path: Option<PathBuf>, from: PathBuf) -> i32 {
+    let loaded = match load_quietly(path) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    crate::app::private_files();
+    let settings = loaded.settings;
+    let manifest = match crate::backup::restore(&from, &settings.data_dir) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("tally restore: {e}");
+            return 2;
+        }
+    };
+    let opts = crate::app::store_options(&settings);
+    let opened = tokio::task::spawn_blocking(move || {
+        let store = crate::store::Store::open(&opts, Arc::new(crate::metrics::Metrics::new()))?;
+        let merchants = store.catalog().merchants.len();
+        store.shutdown();
+        Ok::<_, crate::store::StoreError>(merchants)
+    })
+    .await;
+    match opened {
+        Ok(Ok(merchants)) => {
+            println!(
+                "restored the backup of {} (tally {}) into {}; the store opens ({merchants} merchant(s)). Start tally on it.",
+                manifest.created_at,
+                manifest.tally_version,
+                settings.data_dir.display()
+            );
+            0
+        }
+        Ok(Err(e)) => {
+            eprintln!("tally restore: the files were copied but the store does not open: {e}");
+            1
+        }
+        Err(e) => {
+            eprintln!("tally restore: {e}");
+            1
         }
     }
 }

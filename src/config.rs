@@ -62,6 +62,7 @@ pub struct Settings {
     pub clicks: ClickSettings,
     pub holds: HoldSettings,
     pub limits: crate::limits::LimitSettings,
+    pub backup: BackupSettings,
     pub merchants: Vec<serde_json::Map<String, serde_json::Value>>,
     pub partners: Vec<serde_json::Map<String, serde_json::Value>>,
     pub links: Vec<serde_json::Map<String, serde_json::Value>>,
@@ -162,6 +163,7 @@ impl Default for Settings {
             clicks: ClickSettings::default(),
             holds: HoldSettings::default(),
             limits: crate::limits::LimitSettings::default(),
+            backup: BackupSettings::default(),
             merchants: Vec::new(),
             partners: Vec::new(),
             links: Vec::new(),
@@ -250,6 +252,25 @@ impl Default for ClickSettings {
                 .try_into()
                 .unwrap_or_else(|e| unreachable!("the default bot markers are valid: {e}")),
         }
+    }
+}
+
+/// Online backups (`POST /admin/v1/backups`, `tally backup`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupSettings {
+    /// Where named backups go (`tally-<UTC time>` each), relative to the working directory.
+    pub dir: PathBuf,
+    /// Named backups kept in `dir`; the oldest beyond it are deleted after each backup.
+    pub keep: usize,
+}
+
+pub const DEFAULT_BACKUP_DIR: &str = "backups";
+pub const DEFAULT_BACKUP_KEEP: usize = 7;
+
+impl Default for BackupSettings {
+    fn default() -> Self {
+        BackupSettings { dir: PathBuf::from(DEFAULT_BACKUP_DIR), keep: DEFAULT_BACKUP_KEEP }
     }
 }
 
@@ -544,6 +565,8 @@ impl Settings {
         ] {
             need(ok, key, "must be positive (rates and bursts at least 1, the sweep at least 10 ms)");
         }
+        need(!self.backup.dir.as_os_str().is_empty(), "backup.dir", "must not be empty");
+        need(self.backup.keep >= 1, "backup.keep", "must be at least 1");
         need(self.holds.sweep_interval_ms >= 10, "holds.sweep_interval_ms", "must be at least 10");
         need(self.clicks.ipv4_prefix <= 32, "clicks.ipv4_prefix", "must be 0..32");
         need(self.clicks.ipv6_prefix <= 128, "clicks.ipv6_prefix", "must be 0..128");

@@ -13,13 +13,15 @@
 //! - [`http`]: the only module that names hyper: accept loop, routing, handlers,
 //!   errors as problem+json.
 //! - [`limits`]: rate limits (governor), bounded.
-//! - [`metrics`], [`telemetry`], [`config`], [`seed`]: operations and configuration.
+//! - [`metrics`], [`telemetry`], [`config`], [`seed`], [`backup`]: operations and configuration.
 //! - [`app`]: wiring; [`cli`]: subcommands. `main.rs` only calls [`cli::run`].
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "server")]
 pub mod app;
 pub mod attribution;
+#[cfg(feature = "server")]
+pub mod backup;
 #[cfg(feature = "server")]
 pub mod cli;
 pub mod commission;

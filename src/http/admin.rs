@@ -33,6 +33,13 @@ pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Answer {
             (Route::Health, Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))))
         }
         ["readyz"] if method == Method::GET => (Route::Ready, Ok(ready(ctx))),
+        ["admin", "v1", "backups"] => {
+            if let Err(e) = authorize(ctx, &req) {
+                return (Route::AdminBackup, Err(e));
+            }
+            let answer = if method == Method::POST { backup(ctx).await } else { Err(ApiError::MethodNotAllowed) };
+            (Route::AdminBackup, answer)
+        }
         ["admin", "v1", "merchants", rest @ ..] => {
             let route = route_of(rest);
             if let Err(e) = authorize(ctx, &req) {
@@ -68,6 +75,25 @@ fn route_of(rest: &[&str]) -> Route {
         [_, "accounts", a] if a.ends_with(":reassign") => Route::AdminReassign,
         [_, "accounts", _] => Route::AdminAccount,
         _ => Route::NotFound,
+    }
+}
+
+/// `POST /admin/v1/backups`: a named backup in `backup.dir`, taken while tally serves.
+async fn backup(ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+    let store = ctx.store.clone();
+    let (data_dir, dir, keep) =
+        (ctx.settings.data_dir.clone(), ctx.settings.backup.dir.clone(), ctx.settings.backup.keep);
+    let now = ctx.clock.now_ms();
+    let taken = tokio::task::spawn_blocking(move || crate::backup::take_named(&store, &data_dir, &dir, keep, now))
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    match taken {
+        Ok(info) => {
+            tracing::info!(path = %info.path.display(), bytes = info.bytes, "backup taken");
+            Ok(json(StatusCode::CREATED, &info))
+        }
+        Err(crate::backup::BackupError::Store(e)) => Err(ApiError::Storage(e)),
+        Err(e) => Err(ApiError::Storage(crate::store::StoreError::Io(e.to_string()))),
     }
 }
 

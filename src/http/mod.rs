@@ -4,6 +4,7 @@
 
 mod admin;
 mod b2b;
+pub mod client;
 mod conn;
 pub mod problem;
 mod public;
@@ -85,6 +86,7 @@ pub enum Route {
     AdminPlan,
     AdminConversion,
     AdminAccount,
+    AdminBackup,
     Metrics,
     Health,
     Ready,
@@ -111,6 +113,7 @@ impl Route {
             Route::AdminPlan => "admin_plan",
             Route::AdminConversion => "admin_conversion",
             Route::AdminAccount => "admin_account",
+            Route::AdminBackup => "admin_backup",
             Route::Metrics => "metrics",
             Route::Health => "healthz",
             Route::Ready => "readyz",

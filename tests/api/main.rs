@@ -5,6 +5,7 @@
 
 mod abuse;
 mod admin;
+mod backup;
 mod cli;
 mod clicks;
 mod conversions;
