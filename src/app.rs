@@ -182,7 +182,8 @@ async fn sweep_limiters(ctx: Arc<Ctx>, interval: Duration) {
         tick.tick().await;
         let c = Arc::clone(&ctx);
         if let Ok(keys) = tokio::task::spawn_blocking(move || c.limits.sweep()).await {
-            ctx.metrics.ratelimit_keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
+            ctx.metrics.ratelimit_keys.set(i64::try_from(keys.total).unwrap_or(i64::MAX));
+            ctx.metrics.ratelimit_fullest.set(i64::try_from(keys.fullest).unwrap_or(i64::MAX));
         }
     }
 }

@@ -197,15 +197,24 @@ impl<C: GovClock + Clone> Limits<C> {
         }
     }
 
-    /// Drops idle keys and expired blocks everywhere; returns the keys kept in total.
-    pub fn sweep(&self) -> usize {
+    /// Drops idle keys and expired blocks everywhere; returns the keys kept in total and
+    /// in the fullest table (each table is bounded by `limits.max_keys` on its own).
+    pub fn sweep(&self) -> SweptKeys {
         let mut blocked = self.blocked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         blocked.retain(|_, (since, wait)| self.remaining(*since, *wait).is_some());
         blocked.shrink_to_fit();
         let b = blocked.len();
         drop(blocked);
-        self.clicks.sweep() + self.failures.sweep() + self.merchants.sweep() + self.partners.sweep() + b
+        let tables = [self.clicks.sweep(), self.failures.sweep(), self.merchants.sweep(), self.partners.sweep(), b];
+        SweptKeys { total: tables.iter().sum(), fullest: tables.iter().copied().max().unwrap_or(0) }
     }
+}
+
+/// What the limiters hold after a sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweptKeys {
+    pub total: usize,
+    pub fullest: usize,
 }
 
 /// Whole seconds for `Retry-After`, at least 1.
@@ -273,7 +282,7 @@ mod tests {
         assert!(l.clicks.check(&IpAddr::from([10, 0, 0, 99])).is_err(), "full: new keys are refused");
         assert_eq!(l.clicks.refused_full.load(Ordering::Relaxed), 1);
         clock.advance(Duration::from_secs(10));
-        assert_eq!(l.sweep(), 0, "idle keys are gone");
+        assert_eq!(l.sweep(), SweptKeys { total: 0, fullest: 0 }, "idle keys are gone");
         assert!(l.clicks.check(&IpAddr::from([10, 0, 0, 99])).is_ok());
     }
 }

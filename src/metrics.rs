@@ -48,6 +48,7 @@ pub struct Metrics {
     /// Handlers that panicked; each was answered `500`.
     pub handler_panics: IntCounter,
     pub ratelimit_keys_max: IntGauge,
+    pub ratelimit_fullest: IntGauge,
     write_stalls: IntCounterVec,
     sst_bytes: IntGauge,
     memtable_bytes: IntGauge,
@@ -168,6 +169,11 @@ impl Metrics {
                 &r,
                 "tally_ratelimit_keys_max",
                 "Most keys the rate limiters hold (limits.max_keys); new keys are refused beyond it.",
+            ),
+            ratelimit_fullest: gauge(
+                &r,
+                "tally_ratelimit_fullest_table_keys",
+                "Keys held by the fullest rate-limiter table; it refuses new keys at tally_ratelimit_keys_max.",
             ),
             write_stalls: counter_vec(
                 &r,

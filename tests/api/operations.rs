@@ -76,6 +76,7 @@ async fn metrics_count_routes_build_info_stalls_and_precise_cpu() {
     assert!(text.contains("tally_storage_write_stalls_total{kind=\"delay\"} 0"));
     assert!(text.contains("tally_storage_write_stalls_total{kind=\"stop\"} 0"));
     assert!(text.contains("tally_ratelimit_keys_max "));
+    assert!(text.contains("tally_ratelimit_fullest_table_keys "));
     let cpu: f64 = text
         .lines()
         .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
