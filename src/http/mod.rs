@@ -8,6 +8,7 @@ pub mod client;
 mod conn;
 pub mod problem;
 mod public;
+pub mod routes;
 mod views;
 
 use std::convert::Infallible;
@@ -58,7 +59,7 @@ pub enum Listener {
 }
 
 impl Listener {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Listener::Public => "public",
             Listener::Admin => "admin",
@@ -66,60 +67,53 @@ impl Listener {
     }
 }
 
-/// Routes, the closed set of `route` label values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    Click,
-    Postback,
-    Conversion,
-    ConversionBatch,
-    ServerClick,
-    Adjustment,
-    Touch,
-    Deal,
-    AdminReassign,
-    AdminMerchant,
-    AdminSecretRotate,
-    AdminTokenRotate,
-    AdminPartner,
-    AdminLink,
-    AdminPlan,
-    AdminConversion,
-    AdminAccount,
-    AdminBackup,
-    Metrics,
-    Health,
-    Ready,
-    NotFound,
+/// Declares [`Route`], its label values and [`Route::ALL`] from one list, so a new
+/// route cannot be left out of `ALL` (which the route table's test walks).
+macro_rules! routes {
+    ($($variant:ident => $label:literal,)+) => {
+        /// Routes, the closed set of `route` label values.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Route {
+            $($variant,)+
+        }
+
+        impl Route {
+            /// Every route.
+            pub const ALL: &'static [Route] = &[$(Route::$variant,)+];
+
+            /// The `route` label value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Route::$variant => $label,)+
+                }
+            }
+        }
+    };
 }
 
-impl Route {
-    fn as_str(self) -> &'static str {
-        match self {
-            Route::Click => "click",
-            Route::Postback => "postback",
-            Route::Conversion => "conversion",
-            Route::ConversionBatch => "conversion_batch",
-            Route::ServerClick => "server_click",
-            Route::Adjustment => "adjustment",
-            Route::Touch => "touch",
-            Route::Deal => "deal",
-            Route::AdminReassign => "admin_reassign",
-            Route::AdminMerchant => "admin_merchant",
-            Route::AdminSecretRotate => "admin_secret_rotate",
-            Route::AdminTokenRotate => "admin_token_rotate",
-            Route::AdminPartner => "admin_partner",
-            Route::AdminLink => "admin_link",
-            Route::AdminPlan => "admin_plan",
-            Route::AdminConversion => "admin_conversion",
-            Route::AdminAccount => "admin_account",
-            Route::AdminBackup => "admin_backup",
-            Route::Metrics => "metrics",
-            Route::Health => "healthz",
-            Route::Ready => "readyz",
-            Route::NotFound => "not_found",
-        }
-    }
+routes! {
+    Click => "click",
+    Postback => "postback",
+    Conversion => "conversion",
+    ConversionBatch => "conversion_batch",
+    ServerClick => "server_click",
+    Adjustment => "adjustment",
+    Touch => "touch",
+    Deal => "deal",
+    AdminReassign => "admin_reassign",
+    AdminMerchant => "admin_merchant",
+    AdminSecretRotate => "admin_secret_rotate",
+    AdminTokenRotate => "admin_token_rotate",
+    AdminPartner => "admin_partner",
+    AdminLink => "admin_link",
+    AdminPlan => "admin_plan",
+    AdminConversion => "admin_conversion",
+    AdminAccount => "admin_account",
+    AdminBackup => "admin_backup",
+    Metrics => "metrics",
+    Health => "healthz",
+    Ready => "readyz",
+    NotFound => "not_found",
 }
 
 /// `route` label values of requests that never reach a handler: hyper answers them

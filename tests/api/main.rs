@@ -17,6 +17,7 @@ mod hostile;
 mod ledger_props;
 mod limits;
 mod observability;
+mod openapi;
 mod operations;
 mod postbacks;
 mod signatures;

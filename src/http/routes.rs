@@ -1,0 +1,80 @@
+//! Every operation tally serves, as a table: listener, method, path template, route.
+//!
+//! The routers (`public::handle`, `admin::handle`) match paths by hand, for speed and
+//! for precise 404/405 answers. This table is what `docs/openapi.yaml` is checked
+//! against (`tests/api/openapi.rs`: the same operations, no more, no fewer), and the
+//! same test sends each operation to a live tally and checks the router files it under
+//! this route. A route added to the router but not here, or here but not in the
+//! document, fails that test.
+
+use super::{Listener, Route};
+
+/// One operation.
+#[derive(Debug, Clone, Copy)]
+pub struct Operation {
+    pub listener: Listener,
+    /// Upper case, as in HTTP.
+    pub method: &'static str,
+    /// The OpenAPI path template (`/c/{link_id}`).
+    pub path: &'static str,
+    pub route: Route,
+}
+
+const fn public(method: &'static str, path: &'static str, route: Route) -> Operation {
+    Operation { listener: Listener::Public, method, path, route }
+}
+
+const fn admin(method: &'static str, path: &'static str, route: Route) -> Operation {
+    Operation { listener: Listener::Admin, method, path, route }
+}
+
+/// Every operation of both listeners.
+pub const OPERATIONS: &[Operation] = &[
+    public("GET", "/c/{link_id}", Route::Click),
+    public("HEAD", "/c/{link_id}", Route::Click),
+    public("GET", "/pb/{merchant_id}", Route::Postback),
+    public("POST", "/v1/merchants/{merchant_id}/conversions", Route::Conversion),
+    public("POST", "/v1/merchants/{merchant_id}/conversions/batch", Route::ConversionBatch),
+    public("POST", "/v1/merchants/{merchant_id}/clicks", Route::ServerClick),
+    public("POST", "/v1/merchants/{merchant_id}/adjustments", Route::Adjustment),
+    public("POST", "/v1/merchants/{merchant_id}/touches", Route::Touch),
+    public("POST", "/v1/partners/{partner_id}/deals", Route::Deal),
+    admin("GET", "/metrics", Route::Metrics),
+    admin("GET", "/healthz", Route::Health),
+    admin("GET", "/readyz", Route::Ready),
+    admin("POST", "/admin/v1/backups", Route::AdminBackup),
+    admin("PUT", "/admin/v1/merchants/{merchant_id}", Route::AdminMerchant),
+    admin("GET", "/admin/v1/merchants/{merchant_id}", Route::AdminMerchant),
+    admin("POST", "/admin/v1/merchants/{merchant_id}/secrets:rotate", Route::AdminSecretRotate),
+    admin("POST", "/admin/v1/merchants/{merchant_id}/postback-token:rotate", Route::AdminTokenRotate),
+    admin("PUT", "/admin/v1/merchants/{merchant_id}/partners/{partner_id}", Route::AdminPartner),
+    admin("GET", "/admin/v1/merchants/{merchant_id}/partners/{partner_id}", Route::AdminPartner),
+    admin("DELETE", "/admin/v1/merchants/{merchant_id}/partners/{partner_id}", Route::AdminPartner),
+    admin("PUT", "/admin/v1/merchants/{merchant_id}/links/{link_id}", Route::AdminLink),
+    admin("GET", "/admin/v1/merchants/{merchant_id}/links/{link_id}", Route::AdminLink),
+    admin("PUT", "/admin/v1/merchants/{merchant_id}/plans/{plan_id}", Route::AdminPlan),
+    admin("GET", "/admin/v1/merchants/{merchant_id}/plans/{plan_id}", Route::AdminPlan),
+    admin("GET", "/admin/v1/merchants/{merchant_id}/conversions/{txn_id}", Route::AdminConversion),
+    admin("POST", "/admin/v1/merchants/{merchant_id}/accounts/{account}:reassign", Route::AdminReassign),
+    admin("GET", "/admin/v1/merchants/{merchant_id}/accounts/{account}", Route::AdminAccount),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_but_not_found_has_an_operation_and_no_operation_repeats() {
+        for route in Route::ALL.iter().filter(|r| **r != Route::NotFound) {
+            assert!(OPERATIONS.iter().any(|o| o.route == *route), "{route:?} has no operation in the table");
+        }
+        for (i, a) in OPERATIONS.iter().enumerate() {
+            assert!(
+                !OPERATIONS[i + 1..].iter().any(|b| a.method == b.method && a.path == b.path),
+                "{} {} is listed twice",
+                a.method,
+                a.path
+            );
+        }
+    }
+}
