@@ -120,23 +120,12 @@ fn check_config_warns_about_stray_variables_and_accepts_them() {
 
 #[test]
 fn help_examples_keep_their_lines() {
-    let out = tally(&["sign", "--help"], &[]);
-    let help = String::from_utf8_lossy(&out.stdout);
-    for line in tally::cli::SIGN_EXAMPLE.lines().skip(1) {
-        assert!(
-            help.lines().any(|l| l == line),
-            "line {line:?} not intact in:
-{help}"
-        );
-    }
-    let out = tally(&["sign-url", "--help"], &[]);
-    let help = String::from_utf8_lossy(&out.stdout);
-    for line in tally::cli::SIGN_URL_EXAMPLE.lines().skip(1) {
-        assert!(
-            help.lines().any(|l| l == line),
-            "line {line:?} not intact in:
-{help}"
-        );
+    for (command, example) in [("sign", tally::cli::SIGN_EXAMPLE), ("sign-url", tally::cli::SIGN_URL_EXAMPLE)] {
+        let out = tally(&[command, "--help"], &[]);
+        let help = String::from_utf8_lossy(&out.stdout);
+        for line in example.lines().skip(1) {
+            assert!(help.lines().any(|l| l == line), "{command}: line {line:?} not intact in:\n{help}");
+        }
     }
 }
 
