@@ -145,6 +145,9 @@ pub fn take_named(
     now: UnixMillis,
 ) -> Result<BackupInfo, BackupError> {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // The answer names an absolute path: tally's working directory is not the caller's.
+    let absolute = std::path::absolute(backup_dir).map_err(io("resolve", backup_dir))?;
+    let backup_dir = absolute.as_path();
     let stamp: String = format_rfc3339(now).chars().filter(|c| !matches!(c, '-' | ':')).collect();
     let info = take(store, data_dir, &backup_dir.join(format!("{NAME_PREFIX}{stamp}")), now)?;
     let mut named: Vec<PathBuf> = std::fs::read_dir(backup_dir)

@@ -48,6 +48,7 @@ pub struct Rule {
 /// From `min_sales` approved sales this calendar month (before this one), percent rules of
 /// `sale` events pay `percent` instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Tier {
     pub min_sales: u32,
     pub percent: Percent,

@@ -33,11 +33,14 @@ pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Answer {
             (Route::Health, Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))))
         }
         ["readyz"] if method == Method::GET => (Route::Ready, Ok(ready(ctx))),
+        ["metrics"] => (Route::Metrics, Err(ApiError::MethodNotAllowed)),
+        ["healthz"] => (Route::Health, Err(ApiError::MethodNotAllowed)),
+        ["readyz"] => (Route::Ready, Err(ApiError::MethodNotAllowed)),
         ["admin", "v1", "backups"] => {
             if let Err(e) = authorize(ctx, &req) {
                 return (Route::AdminBackup, Err(e));
             }
-            let answer = if method == Method::POST { backup(ctx).await } else { Err(ApiError::MethodNotAllowed) };
+            let answer = if method == Method::POST { backup(ctx, req).await } else { Err(ApiError::MethodNotAllowed) };
             (Route::AdminBackup, answer)
         }
         ["admin", "v1", "merchants", rest @ ..] => {
@@ -78,8 +81,19 @@ fn route_of(rest: &[&str]) -> Route {
     }
 }
 
+/// The body of `POST /admin/v1/backups`: none, or an empty JSON object.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupBody {}
+
 /// `POST /admin/v1/backups`: a named backup in `backup.dir`, taken while tally serves.
-async fn backup(ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+async fn backup(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let (parts, body) = req.into_parts();
+    require_json(&parts.headers)?;
+    let bytes = read_body(ctx, &parts.headers, body, 1024).await?;
+    if !bytes.iter().all(u8::is_ascii_whitespace) {
+        let BackupBody {} = parse_json(&bytes)?;
+    }
     let store = ctx.store.clone();
     let (data_dir, dir, keep) =
         (ctx.settings.data_dir.clone(), ctx.settings.backup.dir.clone(), ctx.settings.backup.keep);
@@ -318,7 +332,7 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             Ok(json(StatusCode::OK, &body))
         }
         (&Method::POST, [_, "accounts", target]) if target.ends_with(":reassign") => {
-            let raw = percent_encoding::percent_decode_str(target.trim_end_matches(":reassign"))
+            let raw = percent_encoding::percent_decode_str(target.strip_suffix(":reassign").unwrap_or(target))
                 .decode_utf8()
                 .map_err(|_| ApiError::NotFound)?;
             let account = normalize_account(&raw).map_err(|e| FieldError::new("account", e))?;

@@ -237,6 +237,7 @@ async fn dispatch(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let request_id = request_id(req.headers());
+    let uri = req.uri().clone();
     let client = client_addr(&ctx.settings.http.trusted_proxies, peer, req.headers());
     // Built only when request logs are on: this runs for every click.
     let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| (req.method().clone(), redacted_target(req.uri())));
@@ -249,6 +250,11 @@ async fn dispatch(
     };
     let (route, result) = guarded(&ctx.metrics, &span, handled).await;
     let mut resp = result.unwrap_or_else(ApiError::into_response);
+    if resp.status() == StatusCode::METHOD_NOT_ALLOWED {
+        if let Ok(allow) = HeaderValue::from_str(&routes::allowed_methods(kind, uri.path())) {
+            resp.headers_mut().insert(header::ALLOW, allow);
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert(REQUEST_ID.clone(), v);
     }

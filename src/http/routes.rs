@@ -59,9 +59,64 @@ pub const OPERATIONS: &[Operation] = &[
     admin("GET", "/admin/v1/merchants/{merchant_id}/accounts/{account}", Route::AdminAccount),
 ];
 
+/// Whether a request path matches a template: `{name}` takes one segment, and a
+/// segment `{name}:action` one that ends with `:action`.
+fn matches(template: &str, path: &str) -> bool {
+    let (mut t, mut p) = (template.split('/'), path.split('/'));
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return true,
+            (Some(ts), Some(ps)) => {
+                let ok = match ts.split_once('}') {
+                    Some((open, "")) if open.starts_with('{') => !ps.is_empty(),
+                    Some((open, action)) if open.starts_with('{') => {
+                        ps.strip_suffix(action).is_some_and(|head| !head.is_empty())
+                    }
+                    _ => ts == ps,
+                };
+                if !ok {
+                    return false;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// The methods `path` takes on `listener`, for the `Allow` header of a `405`
+/// (`GET, HEAD`); empty when no operation has that path.
+pub fn allowed_methods(listener: Listener, path: &str) -> String {
+    let mut methods: Vec<&str> =
+        OPERATIONS.iter().filter(|o| o.listener == listener && matches(o.path, path)).map(|o| o.method).collect();
+    methods.dedup();
+    methods.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allowed_methods_follow_the_table() {
+        let cases = [
+            (Listener::Public, "/c/spring", "GET, HEAD"),
+            (Listener::Public, "/v1/merchants/m/conversions", "POST"),
+            (Listener::Public, "/v1/merchants/m/conversions/batch", "POST"),
+            (Listener::Admin, "/metrics", "GET"),
+            (Listener::Admin, "/admin/v1/merchants/m", "PUT, GET"),
+            (Listener::Admin, "/admin/v1/merchants/m/partners/p", "PUT, GET, DELETE"),
+            (Listener::Admin, "/admin/v1/merchants/m/accounts/acme.com", "GET"),
+            (Listener::Admin, "/admin/v1/merchants/m/accounts/acme.com:reassign", "POST, GET"),
+            (Listener::Admin, "/admin/v1/merchants/m/accounts/:reassign", "GET"),
+            (Listener::Admin, "/admin/v1/merchants/m/secrets:rotate", "POST"),
+            (Listener::Public, "/metrics", ""),
+            (Listener::Public, "/c/", ""),
+            (Listener::Public, "/c/a/b", ""),
+        ];
+        for (listener, path, want) in cases {
+            assert_eq!(allowed_methods(listener, path), want, "{path}");
+        }
+    }
 
     #[test]
     fn every_route_but_not_found_has_an_operation_and_no_operation_repeats() {

@@ -87,3 +87,31 @@ async fn the_routers_file_every_operation_under_its_route() {
         assert_ne!(r.status, 405, "{} {} is not routed", op.method, op.path);
     }
 }
+
+#[tokio::test]
+async fn every_path_answers_other_methods_405_with_allow() {
+    let app = TestApp::spawn().await;
+    app.demo().await;
+    let auth = [("authorization", format!("Bearer {ADMIN_TOKEN}"))];
+    for op in OPERATIONS {
+        let path = op
+            .path
+            .replace("{merchant_id}", "shop")
+            .replace("{partner_id}", "ann")
+            .replace("{link_id}", "spring")
+            .replace("{plan_id}", "standard")
+            .replace("{txn_id}", "t1")
+            .replace("{account}", "acme.com");
+        let addr = match op.listener {
+            Listener::Public => app.public,
+            Listener::Admin => app.admin,
+        };
+        let r = app.request(Method::TRACE, format!("http://{addr}{path}"), &auth, Vec::new()).await;
+        assert_eq!(r.status, 405, "TRACE {path}: {}", String::from_utf8_lossy(&r.body));
+        let allow = r.header("allow").unwrap_or_else(|| panic!("TRACE {path}: no Allow header"));
+        let listed: BTreeSet<&str> = allow.split(", ").collect();
+        let expected: BTreeSet<&str> =
+            OPERATIONS.iter().filter(|o| o.listener == op.listener && o.path == op.path).map(|o| o.method).collect();
+        assert!(expected.is_subset(&listed), "TRACE {path}: Allow {allow} lacks one of {expected:?}");
+    }
+}

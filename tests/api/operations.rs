@@ -187,6 +187,38 @@ async fn clients_behind_a_trusted_proxy_get_their_own_click_budget() {
     assert_eq!(click(&direct, "203.0.113.2").await, 429, "untrusted X-Forwarded-For is ignored");
 }
 
+#[tokio::test]
+async fn unknown_tier_fields_reassign_suffixes_and_backup_bodies_are_refused() {
+    let app = TestApp::spawn().await;
+    app.demo().await;
+    let plan = json!({"currency": "USD", "rules": [{"event": "sale", "percent": "10"}],
+        "tiers": [{"min_sales": 1, "percent": "12", "bogus": true}]});
+    let r = app.admin(Method::PUT, "/admin/v1/merchants/shop/plans/p2", Some(plan)).await;
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["field"], "tiers[0].bogus");
+
+    // `:reassign` is one suffix: `crm-7:reassign:reassign` reassigns the account `crm-7:reassign`.
+    let r = app
+        .admin(
+            Method::POST,
+            "/admin/v1/merchants/shop/accounts/crm-7:reassign:reassign",
+            Some(json!({"partner_id": "ann", "why": "moved"})),
+        )
+        .await;
+    assert!(r.status < 300, "{}", String::from_utf8_lossy(&r.body));
+    let moved = app.admin(Method::GET, "/admin/v1/merchants/shop/accounts/crm-7:reassign", None).await;
+    assert_eq!(moved.json()["source_of_record"]["partner_id"], "ann", "{}", String::from_utf8_lossy(&moved.body));
+    let untouched = app.admin(Method::GET, "/admin/v1/merchants/shop/accounts/crm-7", None).await;
+    assert!(untouched.json()["source_of_record"].is_null(), "{}", String::from_utf8_lossy(&untouched.body));
+
+    let auth = |ct: &str| vec![("authorization", format!("Bearer {ADMIN_TOKEN}")), ("content-type", ct.to_string())];
+    let url = format!("http://{}/admin/v1/backups", app.admin);
+    let r = app.request(Method::POST, url.clone(), &auth("text/plain"), b"hello".to_vec()).await;
+    assert_eq!(r.status, 415);
+    let r = app.request(Method::POST, url, &auth("application/json"), b"{\"to\":\"/etc\"}".to_vec()).await;
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+}
+
 async fn click(app: &TestApp, xff: &str) -> u16 {
     let headers = vec![("user-agent", BROWSER.to_string()), ("x-forwarded-for", xff.to_string())];
     app.get("/c/spring", &headers).await.status
