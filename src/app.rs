@@ -60,7 +60,9 @@ impl App {
             .map_err(|source| StartError::Store { dir: settings.data_dir.display().to_string(), source })?;
 
         let seeds = crate::seed::parse(&settings).map_err(|p| StartError::Seed(format!("{p:?}")))?;
-        crate::seed::apply(&store, seeds, &settings.data_dir, clock.now_ms()).await.map_err(StartError::Seed)?;
+        crate::seed::apply(&store, seeds, &settings.data_dir, clock.now_ms(), settings.outbound.allow_private)
+            .await
+            .map_err(StartError::Seed)?;
         let admin_token = match loaded.admin_token {
             Some(t) => t,
             None => generated_admin_token(&settings.data_dir)?,

@@ -117,7 +117,7 @@ pub const SIGN_URL_EXAMPLE: &str = "Example (the demo's merchant):
 pub async fn run(cli: Cli) -> i32 {
     match cli.command {
         Command::Serve { config } => serve(config).await,
-        Command::CheckConfig { config } => check_config(config),
+        Command::CheckConfig { config } => check_config(config).await,
         Command::Backup { config, to } => backup(config, to).await,
         Command::Restore { config, from } => restore(config, from).await,
         Command::Sign { secret, secret_file, id, timestamp } => sign(secret, secret_file, &id, timestamp),
@@ -192,8 +192,16 @@ fn raise_open_files_limit(max_connections: usize) {
     }
 }
 
-fn check_config(path: Option<PathBuf>) -> i32 {
-    match config::load(path.as_deref()) {
+async fn check_config(path: Option<PathBuf>) -> i32 {
+    let loaded = config::load(path.as_deref()).and_then(|loaded| Ok((crate::seed::parse(&loaded.settings)?, loaded)));
+    let loaded = match loaded {
+        Ok((seeds, loaded)) => match crate::seed::vet_outbound(&seeds, loaded.settings.outbound.allow_private).await {
+            Ok(()) => Ok(loaded),
+            Err(problem) => Err(vec![problem]),
+        },
+        Err(problems) => Err(problems),
+    };
+    match loaded {
         Ok(loaded) => {
             for name in &loaded.ignored_env {
                 eprintln!("tally: warning: ignoring {name}: it names no configuration key");

@@ -63,6 +63,7 @@ pub struct Settings {
     pub holds: HoldSettings,
     pub limits: crate::limits::LimitSettings,
     pub backup: BackupSettings,
+    pub outbound: OutboundSettings,
     pub merchants: Vec<serde_json::Map<String, serde_json::Value>>,
     pub partners: Vec<serde_json::Map<String, serde_json::Value>>,
     pub links: Vec<serde_json::Map<String, serde_json::Value>>,
@@ -164,6 +165,7 @@ impl Default for Settings {
             holds: HoldSettings::default(),
             limits: crate::limits::LimitSettings::default(),
             backup: BackupSettings::default(),
+            outbound: OutboundSettings::default(),
             merchants: Vec::new(),
             partners: Vec::new(),
             links: Vec::new(),
@@ -253,6 +255,16 @@ impl Default for ClickSettings {
                 .unwrap_or_else(|e| unreachable!("the default bot markers are valid: {e}")),
         }
     }
+}
+
+/// Partner postbacks (SPEC 10).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundSettings {
+    /// Let partner postbacks go to loopback, private (RFC 1918), CGNAT and unique-local
+    /// addresses: for tests and private networks only. Link-local, metadata, multicast and
+    /// IPv6 forms that embed an IPv4 address stay refused.
+    pub allow_private: bool,
 }
 
 /// Online backups (`POST /admin/v1/backups`, `tally backup`).

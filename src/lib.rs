@@ -12,6 +12,7 @@
 //!   writer (group commit, exact dedupe) and the in-memory catalog of entities.
 //! - [`http`]: the only module that names hyper: accept loop, routing, handlers,
 //!   errors as problem+json.
+//! - [`outbound`]: partner postbacks; today where they may be sent (SSRF vetting).
 //! - [`limits`]: rate limits (governor), bounded.
 //! - [`metrics`], [`telemetry`], [`config`], [`seed`], [`backup`]: operations and configuration.
 //! - [`app`]: wiring; [`cli`]: subcommands. `main.rs` only calls [`cli::run`].
@@ -34,6 +35,8 @@ pub mod http;
 pub mod limits;
 #[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "server")]
+pub mod outbound;
 #[cfg(feature = "server")]
 pub mod seed;
 pub mod signing;

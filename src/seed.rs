@@ -163,6 +163,22 @@ fn check_refs(seeds: &Seeds, problems: &mut Vec<Problem>) {
     }
 }
 
+/// SPEC 10's configuration-time check of every seeded partner's `outbound` destination
+/// (it resolves names, so it runs at start and in `check-config`, not in `parse`).
+///
+/// # Errors
+/// The first refused destination, with its key.
+pub async fn vet_outbound(seeds: &Seeds, allow_private: bool) -> Result<(), Problem> {
+    for (i, p) in seeds.partners.iter().enumerate() {
+        if let Some(o) = &p.outbound {
+            crate::outbound::ssrf::vet_outbound(o, allow_private, &crate::outbound::ssrf::SystemResolver)
+                .await
+                .map_err(|problem| Problem { key: format!("partners[{i}].outbound.url"), problem })?;
+        }
+    }
+    Ok(())
+}
+
 /// Where a seeded merchant's generated secret is written when no `secret_file` is set.
 pub fn default_secret_path(data_dir: &Path, merchant: &MerchantId) -> PathBuf {
     data_dir.join("secrets").join(format!("{merchant}.whsec"))
@@ -187,7 +203,14 @@ pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 ///
 /// # Errors
 /// A message naming the seed that could not be applied.
-pub async fn apply(store: &Store, seeds: Seeds, data_dir: &Path, now: UnixMillis) -> Result<(), String> {
+pub async fn apply(
+    store: &Store,
+    seeds: Seeds,
+    data_dir: &Path,
+    now: UnixMillis,
+    allow_private: bool,
+) -> Result<(), String> {
+    vet_outbound(&seeds, allow_private).await.map_err(|p| p.to_string())?;
     let ctx = |what: String| move |e: WriteError| format!("seeding {what}: {e}");
     for MerchantSeed { mut merchant, secret_file } in seeds.merchants {
         merchant.created_ms = now;

@@ -130,21 +130,7 @@ pub enum PartnerKind {
     Agency,
 }
 
-/// How an outbound postback is sent (SPEC 10).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum OutboundMethod {
-    #[serde(rename = "GET")]
-    Get,
-    #[serde(rename = "POST")]
-    Post,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Outbound {
-    pub url: String,
-    pub method: OutboundMethod,
-}
+pub use super::outbound::{Outbound, OutboundMethod};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Partner {
@@ -195,10 +181,7 @@ impl PartnerBody {
             }
         }
         if let Some(outbound) = &self.outbound {
-            match url::Url::parse(&outbound.url) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                _ => return Err(FieldError::new("outbound.url", "must be an absolute http or https URL")),
-            }
+            outbound.check()?;
         }
         Ok(Partner {
             id,

@@ -13,6 +13,7 @@ pub mod json;
 pub mod ledger;
 pub mod link;
 pub mod money;
+pub mod outbound;
 pub mod plan;
 
 use std::fmt;

@@ -265,6 +265,12 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             let pid = id(pid, PartnerId::parse)?;
             let partner: Partner =
                 body::<PartnerBody>(ctx, req).await?.into_partner(merchant.clone(), pid.clone(), now)?;
+            if let Some(outbound) = &partner.outbound {
+                let allow_private = ctx.settings.outbound.allow_private;
+                crate::outbound::ssrf::vet_outbound(outbound, allow_private, &crate::outbound::ssrf::SystemResolver)
+                    .await
+                    .map_err(|detail| FieldError::new("outbound.url", detail))?;
+            }
             let secret = WebhookSecret::generate();
             let saved = ctx.store.put_partner(partner, secret.clone()).await?;
             let stored = ctx.store.catalog().partner_of(&merchant, &pid).cloned().ok_or(ApiError::NotFound)?;

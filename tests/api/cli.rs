@@ -100,6 +100,25 @@ destination = "https://shop.example.com/?c={click_id}"
 }
 
 #[test]
+fn check_config_vets_seeded_outbound_destinations() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbound.toml");
+    let config = |url: &str| {
+        format!(
+            "[[merchants]]\nid = \"m\"\nname = \"M\"\n[[partners]]\nmerchant_id = \"m\"\nid = \"p\"\nname = \"P\"\nkind = \"affiliate\"\noutbound = {{ url = \"{url}\", method = \"GET\" }}\n"
+        )
+    };
+    std::fs::write(&path, config("http://10.0.0.1/pb?c={click_id}")).unwrap();
+    let out = tally(&["check-config", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("partners[0].outbound.url") && err.contains("private"), "{err}");
+    let out =
+        tally(&["check-config", "--config", path.to_str().unwrap()], &[("TALLY_OUTBOUND__ALLOW_PRIVATE", "true")]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
 fn check_config_warns_about_stray_variables_and_accepts_them() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("empty.toml");

@@ -310,3 +310,37 @@ async fn metadata_stored_by_an_earlier_version_never_crashes_a_view() {
     }
     assert_eq!(metric(&app, "tally_http_handler_panics_total").await, 0.0);
 }
+
+#[tokio::test]
+async fn outbound_destinations_are_vetted_when_configured() {
+    let app = TestApp::spawn().await;
+    app.demo().await;
+    let put = |url: &str| json!({"name": "Ann's Blog", "kind": "affiliate", "outbound": {"url": url, "method": "GET"}});
+    for (url, why) in [
+        ("http://127.0.0.1/pb?cid={click_id}", "loopback"),
+        ("http://localhost:9/pb", "loopback"),
+        ("http://169.254.169.254/latest", "metadata"),
+        ("http://[::ffff:10.0.0.1]/pb", "IPv4-mapped"),
+        ("http://0x7f000001/pb", "loopback"),
+        ("https://tracker.example/pb?c={clickid}", "unknown macro"),
+    ] {
+        let r = app.admin(Method::PUT, "/admin/v1/merchants/shop/partners/ann", Some(put(url))).await;
+        assert_eq!(r.status, 422, "{url}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["field"], "outbound.url", "{url}");
+        assert!(r.json()["detail"].as_str().unwrap().contains(why), "{url}: {}", r.json()["detail"]);
+    }
+    let stored = app.admin(Method::GET, "/admin/v1/merchants/shop/partners/ann", None).await;
+    assert!(stored.json()["outbound"].is_null(), "a refused destination is not stored");
+
+    // allow_private lets a local receiver through (tests, private networks), never metadata.
+    let private =
+        TestApp::spawn_with(|s| s.outbound.allow_private = true, Arc::new(tally::domain::clock::SystemClock)).await;
+    private.demo().await;
+    let r = private
+        .admin(Method::PUT, "/admin/v1/merchants/shop/partners/ann", Some(put("http://127.0.0.1:9/pb?cid={click_id}")))
+        .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let r =
+        private.admin(Method::PUT, "/admin/v1/merchants/shop/partners/ann", Some(put("http://169.254.169.254/"))).await;
+    assert_eq!(r.status, 422);
+}

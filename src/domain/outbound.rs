@@ -1,0 +1,182 @@
+//! A partner's outbound postback (SPEC 10) as configured: the URL template and its
+//! macros, the method and the events that fire it. Pure: whether the URL's host may be
+//! reached (SSRF) needs name resolution and lives in `outbound::ssrf`.
+
+use serde::{Deserialize, Serialize};
+
+use super::FieldError;
+
+/// The macros a GET template may use; each is replaced percent-encoded at send time.
+pub const MACROS: [&str; 17] = [
+    "click_id",
+    "txn_id",
+    "event",
+    "amount",
+    "currency",
+    "commission",
+    "status",
+    "sub1",
+    "sub2",
+    "sub3",
+    "sub4",
+    "sub5",
+    "conversion_id",
+    "partner_id",
+    "link_id",
+    "occurred_at",
+    "webhook_id",
+];
+
+/// Longest URL template accepted.
+pub const MAX_URL_LEN: usize = 2048;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboundEvent {
+    Created,
+    Approved,
+    Rejected,
+    Reversed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutboundMethod {
+    #[serde(rename = "GET")]
+    Get,
+    #[serde(rename = "POST")]
+    Post,
+}
+
+/// `outbound` on a partner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outbound {
+    pub url: String,
+    pub method: OutboundMethod,
+    /// Events that fire it; absent: `["created"]` for GET, all four for POST.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<Vec<OutboundEvent>>,
+}
+
+impl Outbound {
+    /// The events that fire this postback.
+    pub fn events(&self) -> Vec<OutboundEvent> {
+        match (&self.on, self.method) {
+            (Some(on), _) => on.clone(),
+            (None, OutboundMethod::Get) => vec![OutboundEvent::Created],
+            (None, OutboundMethod::Post) => {
+                vec![OutboundEvent::Created, OutboundEvent::Approved, OutboundEvent::Rejected, OutboundEvent::Reversed]
+            }
+        }
+    }
+
+    /// Checks the template: an absolute `http`/`https` URL, every `{macro}` known, no macro
+    /// in the scheme, host or port (where it points must be known when it is configured),
+    /// no macro at all in a POST URL, and a non-empty `on` without repeats.
+    ///
+    /// # Errors
+    /// A [`FieldError`] naming `outbound.url` or `outbound.on`.
+    pub fn check(&self) -> Result<url::Url, FieldError> {
+        let bad = |detail: String| FieldError::new("outbound.url", detail);
+        if self.url.len() > MAX_URL_LEN {
+            return Err(bad(format!("must be at most {MAX_URL_LEN} characters")));
+        }
+        let mut plain = String::with_capacity(self.url.len());
+        let mut rest = self.url.as_str();
+        while let Some(open) = rest.find(['{', '}']) {
+            plain.push_str(&rest[..open]);
+            let after = &rest[open..];
+            if after.starts_with('}') {
+                return Err(bad("has a `}` without its `{`".into()));
+            }
+            let Some(close) = after.find('}') else { return Err(bad("has a `{` without its `}`".into())) };
+            let name = &after[1..close];
+            if !MACROS.contains(&name) {
+                return Err(bad(format!("uses the unknown macro {{{name}}}; known: {}", MACROS.join(", "))));
+            }
+            if self.method == OutboundMethod::Post {
+                return Err(bad("a POST webhook URL takes no macros: the values are in the signed JSON body".into()));
+            }
+            plain.push('x');
+            rest = &after[close + 1..];
+        }
+        plain.push_str(rest);
+        let parsed = url::Url::parse(&plain).map_err(|e| bad(format!("is not an absolute URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+            return Err(bad("must be an absolute http or https URL".into()));
+        }
+        let authority_end = self
+            .url
+            .find("://")
+            .map(|i| i + 3)
+            .and_then(|start| self.url[start..].find(['/', '?', '#']).map(|e| start + e).or(Some(self.url.len())));
+        if authority_end.is_some_and(|end| self.url[..end].contains('{')) {
+            return Err(bad("must not have a macro in its scheme, host or port".into()));
+        }
+        if let Some(on) = &self.on {
+            if on.is_empty() {
+                return Err(FieldError::new(
+                    "outbound.on",
+                    "must name at least one event (created, approved, rejected, reversed)",
+                ));
+            }
+            let mut sorted = on.clone();
+            sorted.sort();
+            sorted.dedup();
+            if sorted.len() != on.len() {
+                return Err(FieldError::new("outbound.on", "names an event twice"));
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(url: &str) -> Outbound {
+        Outbound { url: url.into(), method: OutboundMethod::Get, on: None }
+    }
+
+    #[test]
+    fn templates_are_checked() {
+        let ok = [
+            "https://ann.example/pb?cid={click_id}&amt={commission}&s={sub1}",
+            "http://tracker.example:8443/p/{partner_id}/{txn_id}",
+            "https://t.example/pb",
+        ];
+        for url in ok {
+            assert!(get(url).check().is_ok(), "{url}");
+        }
+        let bad = [
+            ("ftp://ann.example/x", "http or https"),
+            ("/relative/{click_id}", "absolute"),
+            ("https://{partner_id}.example/pb", "host"),
+            ("https://ann.example:{sub1}/pb", "not an absolute URL"),
+            ("https://ann.example/pb?c={clickid}", "unknown macro"),
+            ("https://ann.example/pb?c={click_id", "without its `}`"),
+            ("https://ann.example/pb?c=}", "without its `{`"),
+        ];
+        for (url, why) in bad {
+            let e = get(url).check().unwrap_err();
+            assert_eq!(e.field, "outbound.url");
+            assert!(e.detail.contains(why), "{url}: {}", e.detail);
+        }
+        let post =
+            Outbound { url: "https://ann.example/hook?c={click_id}".into(), method: OutboundMethod::Post, on: None };
+        assert!(post.check().unwrap_err().detail.contains("POST"));
+    }
+
+    #[test]
+    fn events_default_by_method_and_are_checked() {
+        assert_eq!(get("https://a.example/").events(), [OutboundEvent::Created]);
+        let post = Outbound { url: "https://a.example/".into(), method: OutboundMethod::Post, on: None };
+        assert_eq!(post.events().len(), 4);
+        let empty = Outbound { on: Some(vec![]), ..get("https://a.example/") };
+        assert_eq!(empty.check().unwrap_err().field, "outbound.on");
+        let twice =
+            Outbound { on: Some(vec![OutboundEvent::Created, OutboundEvent::Created]), ..get("https://a.example/") };
+        assert_eq!(twice.check().unwrap_err().field, "outbound.on");
+    }
+}
