@@ -126,3 +126,20 @@ class TallySigner:
             _sign_postback(case, key)
         else:
             _sign_webhook(case, key)
+
+
+@schemathesis.hook
+def map_body(context, body):
+    """Keeps name resolution out of the run: tally vets a partner's `outbound.url` by
+    resolving its host (SPEC 10), and generated host names would each become a DNS query.
+    A name is replaced by a public IP literal (accepted without a lookup); literals stay."""
+    outbound = body.get("outbound") if isinstance(body, dict) else None
+    url = outbound.get("url") if isinstance(outbound, dict) else None
+    if isinstance(url, str):
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        literal = host.startswith("[") or host.replace(".", "").isdigit() or ":" in host
+        if host and not literal:
+            netloc = parts.netloc.replace(host, "8.8.8.8", 1) if host in parts.netloc else parts.netloc
+            outbound["url"] = parts._replace(netloc=netloc).geturl()
+    return body
