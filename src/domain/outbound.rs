@@ -131,9 +131,57 @@ impl Outbound {
     }
 }
 
+/// The values of one delivery, frozen when its event happened. A macro whose value is
+/// absent (a conversion without a click has no `{sub1}`) expands to nothing.
+pub type MacroValues<'a> = [(&'a str, Option<&'a str>)];
+
+/// Characters kept as they are in an expanded macro: RFC 3986's unreserved set.
+const ENCODE: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// Expands a GET template (checked by [`Outbound::check`]): each `{macro}` becomes its
+/// value, percent-encoded, so a value can never add a parameter or change the path.
+pub fn expand(template: &str, values: &MacroValues<'_>) -> String {
+    let mut out = String::with_capacity(template.len() + 64);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            out.push_str(&rest[open..]);
+            return out;
+        };
+        let name = &after[..close];
+        if let Some(value) = values.iter().find(|(n, _)| *n == name).and_then(|(_, v)| *v) {
+            out.extend(percent_encoding::utf8_percent_encode(value, ENCODE));
+        }
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn macros_expand_percent_encoded() {
+        let values: &MacroValues<'_> = &[
+            ("click_id", Some("01JD0")),
+            ("commission", Some("7.50")),
+            ("sub1", Some("a b&c=d/é")),
+            ("txn_id", Some("order#1?x")),
+            ("sub2", None),
+        ];
+        let url = expand("https://t.example/pb?cid={click_id}&amt={commission}&s1={sub1}&s2={sub2}&t={txn_id}", values);
+        assert_eq!(url, "https://t.example/pb?cid=01JD0&amt=7.50&s1=a%20b%26c%3Dd%2F%C3%A9&s2=&t=order%231%3Fx");
+        assert_eq!(
+            expand("https://t.example/{partner_id}", values),
+            "https://t.example/",
+            "unknown values expand to nothing"
+        );
+    }
 
     fn get(url: &str) -> Outbound {
         Outbound { url: url.into(), method: OutboundMethod::Get, on: None }

@@ -8,7 +8,7 @@ pub mod webhooks;
 
 pub use replay::ReplayGuard;
 pub use secret::{SecretSet, WebhookSecret};
-pub use webhooks::{sign, verify, SignatureFailure, WebhookHeaders};
+pub use webhooks::{sign, sign_all, verify, SignatureFailure, WebhookHeaders};
 
 /// `Ok` when any expected MAC equals any given one, comparing every pair in constant time
 /// (no early exit that would reveal which key or entry matched).

@@ -89,6 +89,14 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     format!("v1,{}", STANDARD.encode(mac(key, id, &timestamp.to_string(), body)))
 }
 
+/// The `webhook-signature` value a sender puts on a message: one `v1,<base64>` entry per
+/// key, space-separated. During a secret rotation the sender signs with every active key
+/// (SPEC 10), so a receiver that knows either secret verifies it.
+pub fn sign_all<'k>(keys: impl IntoIterator<Item = &'k [u8]>, id: &str, timestamp: i64, body: &[u8]) -> String {
+    let ts = timestamp.to_string();
+    keys.into_iter().map(|key| format!("v1,{}", STANDARD.encode(mac(key, id, &ts, body)))).collect::<Vec<_>>().join(" ")
+}
+
 /// Verifies a request against every key in `keys` (current and rotated-out secrets).
 ///
 /// Checks, in order: all three headers present; id and timestamp well formed; the
@@ -188,5 +196,19 @@ mod tests {
         assert_eq!(run(Some(ID), Some("+1649367553")), Err(SignatureFailure::Malformed));
         assert_eq!(run(Some(ID), Some("1649367553.0")), Err(SignatureFailure::Malformed));
         assert_eq!(run(Some(ID), Some("16493675530")), Err(SignatureFailure::Malformed));
+    }
+
+    #[test]
+    fn a_sender_signs_with_every_active_key() {
+        let old = WebhookSecret::parse(SECRET).unwrap();
+        let new = WebhookSecret::generate();
+        let body = br#"{"event":"created"}"#;
+        let header = sign_all([old.key(), new.key()], ID, 1_700_000_000, body);
+        assert_eq!(header.split(' ').count(), 2);
+        assert!(header.starts_with(&sign(old.key(), ID, 1_700_000_000, body)));
+        for key in [old.key(), new.key()] {
+            let h = WebhookHeaders { id: Some(ID), timestamp: Some("1700000000"), signature: Some(&header) };
+            assert_eq!(verify([key], h, body, 1_700_000_000, 300), Ok(()), "either secret verifies it");
+        }
     }
 }

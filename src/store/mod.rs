@@ -743,6 +743,11 @@ impl Store {
         if let Err(e) = self.shared.db().and_then(|db| Ok(db.flush_wal(true)?)) {
             tracing::error!(error = %e, "final WAL sync failed");
         }
+        // Close the database once the last reader lets go of it: RocksDB then stops its
+        // background work (flushes, compactions) before the process exits, instead of
+        // having it cut short by the exit (which can abort in RocksDB's thread pool).
+        self.shared.set_ready(false);
+        let _ = self.shared.db.write().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     }
 }
 

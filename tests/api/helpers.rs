@@ -59,6 +59,16 @@ pub fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).pool_max_idle_per_host(128).build_http()
 }
 
+/// A test that ends without [`TestApp::stop`] still closes its store: RocksDB's
+/// background work must not outlive the test binary's exit.
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(app) = self.app.take() {
+            app.store().shutdown_blocking_in_place();
+        }
+    }
+}
+
 impl TestApp {
     pub async fn spawn() -> TestApp {
         Self::spawn_with(|_| {}, Arc::new(SystemClock)).await
