@@ -4,5 +4,6 @@
 //! the sender's signature `signing::sign_all`. The outbox and the delivery worker come
 //! with the engine (issues 13 and 14).
 
+pub mod client;
 pub mod schedule;
 pub mod ssrf;

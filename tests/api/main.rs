@@ -19,5 +19,6 @@ mod limits;
 mod observability;
 mod openapi;
 mod operations;
+mod outbound_client;
 mod postbacks;
 mod signatures;
