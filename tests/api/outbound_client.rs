@@ -147,3 +147,40 @@ async fn tls_is_verified_against_the_roots() {
     let failure = mozilla.send(&get(&url)).await.result.unwrap_err();
     assert_eq!(failure.kind(), "tls", "an unknown issuer is refused: {failure}");
 }
+
+/// What a partner's receiver runs: the Python `standardwebhooks` library verifies tally's
+/// sender signature, with the old secret and with the new one during a rotation.
+#[test]
+fn a_partner_verifies_tally_signatures_with_the_standardwebhooks_library() {
+    use tally::signing::WebhookSecret;
+    let (old, new) = (WebhookSecret::generate(), WebhookSecret::generate());
+    let body =
+        r#"{"type":"conversion.created","data":{"txn_id":"o-1","commission":{"amount":"7.50","currency":"USD"}}}"#;
+    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let signature = tally::signing::sign_all([old.key(), new.key()], "msg_out_1", ts, body.as_bytes());
+    let script = r#"
+import sys
+from standardwebhooks.webhooks import Webhook
+secret, sig, ts, body = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+headers = {"webhook-id": "msg_out_1", "webhook-timestamp": ts, "webhook-signature": sig}
+Webhook(secret).verify(body, headers)
+try:
+    Webhook(secret).verify(body + " ", headers)
+    print("tampered body accepted")
+    sys.exit(3)
+except Exception:
+    print("ok")
+"#;
+    for secret in [old.expose_text(), new.expose_text()] {
+        let out = std::process::Command::new("python3")
+            .args(["-c", script, &secret, &signature, &ts.to_string(), body])
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "standardwebhooks refused tally's signature (pip install standardwebhooks): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
