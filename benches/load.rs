@@ -339,7 +339,10 @@ fn main() {
 }
 
 async fn client() {
-    let asked = arg("--workload").is_some() || arg("--scale").is_some() || std::env::var("TALLY_LOAD").is_ok();
+    let asked = arg("--workload").is_some()
+        || arg("--scale").is_some()
+        || arg("--soak").is_some()
+        || std::env::var("TALLY_LOAD").is_ok();
     if flag("--bench") && !asked {
         // `cargo bench` without arguments runs every bench target; keep this one opt-in.
         eprintln!("load: skipped (run `cargo bench --bench load -- --workload all`, or set TALLY_LOAD=1)");
@@ -355,6 +358,10 @@ async fn client() {
         _ => vec![Workload::Clicks, Workload::Conversions, Workload::Duplicates, Workload::Mixed],
     };
     let dir = tempfile::tempdir().unwrap();
+    if let Some(secs) = arg("--soak").and_then(|n| n.parse::<u64>().ok()) {
+        soak(dir.path(), Duration::from_secs(secs), connections).await;
+        return;
+    }
     if let Some(n) = arg("--scale").and_then(|n| n.parse::<u64>().ok()) {
         scale(n, duration, connections).await;
         return;
@@ -435,6 +442,47 @@ async fn client() {
     }
 }
 
+/// SPEC 13's memory row: the mixed workload (90 % clicks, 10 % conversions), closed loop,
+/// against tally with the default config for `total`, its RSS sampled every 10 s.
+async fn soak(dir: &std::path::Path, total: Duration, connections: usize) {
+    let (child, addr, secret) = start_tally(dir).await;
+    let pid = child.id().expect("tally's pid");
+    let tally = Target { name: "tally", addr, secret: Some(secret), clicks: Arc::default() };
+    let slice = Duration::from_secs(10).min(total);
+    let started = std::time::Instant::now();
+    let (mut requests, mut errors, mut peak_rss) = (0u64, 0u64, 0u64);
+    let mut samples = Vec::new();
+    println!("soak: mixed workload, {connections} connections, {}s, RSS every {}s", total.as_secs(), slice.as_secs());
+    while started.elapsed() < total {
+        let (ok, errs, _, secs) = run(&tally, Workload::Mixed, connections, slice, None).await;
+        requests += ok;
+        errors += errs;
+        let (rss, hwm) = rss_mib(pid).unwrap_or((0, 0));
+        peak_rss = peak_rss.max(hwm);
+        samples
+            .push(serde_json::json!({"at_s": started.elapsed().as_secs(), "rss_mib": rss, "req_s": ok as f64 / secs}));
+        println!(
+            "  {:>4}s  {:>8.0} req/s  RSS {rss} MiB (peak {hwm} MiB)",
+            started.elapsed().as_secs(),
+            ok as f64 / secs
+        );
+    }
+    let rss: Vec<u64> = samples.iter().filter_map(|s| s["rss_mib"].as_u64()).collect();
+    let (first, last) = (rss.first().copied().unwrap_or(0), rss.last().copied().unwrap_or(0));
+    println!(
+        "soak: {requests} requests ({errors} errors) in {}s; RSS {first} MiB after the first slice, {last} MiB at the end, peak {peak_rss} MiB (SPEC: <= 256 MiB)",
+        started.elapsed().as_secs()
+    );
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("target"));
+    let out = target.join("bench");
+    let _ = std::fs::create_dir_all(&out);
+    let path = out.join(format!("soak-{}.json", now_secs()));
+    let body =
+        serde_json::json!({"requests": requests, "errors": errors, "peak_rss_mib": peak_rss, "samples": samples});
+    let _ = std::fs::write(&path, serde_json::to_vec_pretty(&body).unwrap());
+    println!("written to {}", path.display());
+}
+
 /// Writes `n` clicks on `bench-link` into a new store at `data_dir` through tally's own
 /// store (the writer thread, batched, WAL without fsync, as the click handler does), with a
 /// distinct visitor each. Returns every 1000th click id (at least 100) for conversions.
@@ -450,6 +498,7 @@ async fn load_clicks(data_dir: &std::path::Path, n: u64) -> Vec<String> {
         unique_window_ms: 86_400_000,
         block_cache_bytes: 64 << 20,
         write_buffer_bytes: 32 << 20,
+        recent_conversions: tally::store::DEFAULT_RECENT_CONVERSIONS,
     };
     let store = tally::store::Store::open(&opts, Arc::new(tally::metrics::Metrics::new())).expect("open the store");
     let tasks = 1024u64;

@@ -127,6 +127,8 @@ pub struct StorageSettings {
     pub max_batch: usize,
     pub block_cache_mb: usize,
     pub write_buffer_mb: usize,
+    /// Conversion records kept decoded (about 2 KiB each) to answer retries from memory.
+    pub recent_conversions: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,6 +209,7 @@ impl Default for StorageSettings {
             max_batch: DEFAULT_MAX_BATCH,
             block_cache_mb: DEFAULT_BLOCK_CACHE_MB,
             write_buffer_mb: DEFAULT_WRITE_BUFFER_MB,
+            recent_conversions: crate::store::DEFAULT_RECENT_CONVERSIONS,
         }
     }
 }
@@ -561,6 +564,7 @@ impl Settings {
         need((1..=100_000).contains(&self.storage.max_batch), "storage.max_batch", "must be 1..100000");
         need(self.storage.block_cache_mb > 0, "storage.block_cache_mb", "must be at least 1");
         need(self.storage.write_buffer_mb > 0, "storage.write_buffer_mb", "must be at least 1");
+        need(self.storage.recent_conversions <= 1_000_000, "storage.recent_conversions", "must be 0..1000000");
         need((1..=3600).contains(&self.signing.tolerance_seconds), "signing.tolerance_seconds", "must be 1..3600");
         need(self.signing.rotation_grace_seconds >= 0, "signing.rotation_grace_seconds", "must not be negative");
         need(self.signing.replay_window_seconds > 0, "signing.replay_window_seconds", "must be at least 1");

@@ -119,6 +119,8 @@ pub struct StoreOptions {
     pub unique_window_ms: i64,
     pub block_cache_bytes: usize,
     pub write_buffer_bytes: usize,
+    /// Conversion records kept decoded to answer retries ([`DEFAULT_RECENT_CONVERSIONS`]).
+    pub recent_conversions: usize,
 }
 
 /// State shared by the store handle, the writer and the WAL syncer.
@@ -233,9 +235,9 @@ impl Shared {
     }
 }
 
-/// Most conversion records kept decoded by [`RecentConversions`] (about 2 KiB each with
-/// their rendered answer).
-const RECENT_CONVERSIONS: usize = 4096;
+/// Conversion records kept decoded by [`RecentConversions`] unless
+/// `storage.recent_conversions` says otherwise (about 2 KiB each with their rendered answer).
+pub const DEFAULT_RECENT_CONVERSIONS: usize = 4096;
 
 /// A conversion record the writer wrote or read lately, and from when it is durable.
 #[derive(Debug)]
@@ -257,13 +259,17 @@ pub struct RecentConversion {
 /// without the writer at all ([`Store::settled_conversion`]). Only the writer writes
 /// conversion records, so it keeps this exact: a staged put or delete of a key drops it,
 /// and a failed write or a reopen drops everything. The oldest entries go first.
-#[derive(Default)]
 struct RecentConversions {
     records: std::collections::HashMap<Vec<u8>, Arc<RecentConversion>>,
     order: std::collections::VecDeque<Vec<u8>>,
+    capacity: usize,
 }
 
 impl RecentConversions {
+    fn new(capacity: usize) -> Self {
+        RecentConversions { records: Default::default(), order: Default::default(), capacity }
+    }
+
     fn get(&self, key: &[u8]) -> Option<&Arc<RecentConversion>> {
         self.records.get(key)
     }
@@ -274,7 +280,7 @@ impl RecentConversions {
             self.order.push_back(key);
         }
         // `order` may hold keys dropped since; bounding it bounds both.
-        while self.order.len() > RECENT_CONVERSIONS {
+        while self.order.len() > self.capacity {
             if let Some(old) = self.order.pop_front() {
                 self.records.remove(&old);
             }
@@ -357,7 +363,7 @@ impl Store {
             unsynced: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             synced: AtomicU64::new(0),
-            recent: std::sync::Mutex::new(RecentConversions::default()),
+            recent: std::sync::Mutex::new(RecentConversions::new(opts.recent_conversions)),
             #[cfg(test)]
             sync_hold: std::sync::Mutex::new(()),
             metrics,

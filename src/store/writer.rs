@@ -886,6 +886,7 @@ mod tests {
             unique_window_ms: 86_400_000,
             block_cache_bytes: 8 << 20,
             write_buffer_bytes: 4 << 20,
+            recent_conversions: crate::store::DEFAULT_RECENT_CONVERSIONS,
         };
         Store::open(&opts, Arc::new(crate::metrics::Metrics::new())).unwrap()
     }

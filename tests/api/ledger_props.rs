@@ -72,6 +72,7 @@ async fn open(dir: &std::path::Path) -> Store {
         unique_window_ms: 86_400_000,
         block_cache_bytes: 8 << 20,
         write_buffer_bytes: 4 << 20,
+        recent_conversions: tally::store::DEFAULT_RECENT_CONVERSIONS,
     };
     let store = Store::open(&opts, Arc::new(tally::metrics::Metrics::new())).unwrap();
     let merchant = Merchant {
