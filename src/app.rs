@@ -225,6 +225,7 @@ pub fn store_options(settings: &crate::config::Settings) -> StoreOptions {
         block_cache_bytes: s.block_cache_mb << 20,
         write_buffer_bytes: s.write_buffer_mb << 20,
         recent_conversions: s.recent_conversions,
+        memtable_budget_bytes: s.memtable_budget_mb << 20,
     }
 }
 

@@ -34,6 +34,7 @@ pub const DEFAULT_WRITER_QUEUE: usize = 8192;
 pub const DEFAULT_MAX_BATCH: usize = 1024;
 pub const DEFAULT_BLOCK_CACHE_MB: usize = 64;
 pub const DEFAULT_WRITE_BUFFER_MB: usize = 32;
+pub const DEFAULT_MEMTABLE_BUDGET_MB: usize = 64;
 pub const DEFAULT_TOLERANCE_SECONDS: i64 = 300;
 pub const DEFAULT_ROTATION_GRACE_SECONDS: i64 = 86_400;
 pub const DEFAULT_UNIQUE_WINDOW_HOURS: i64 = 24;
@@ -129,6 +130,9 @@ pub struct StorageSettings {
     pub write_buffer_mb: usize,
     /// Conversion records kept decoded (about 2 KiB each) to answer retries from memory.
     pub recent_conversions: usize,
+    /// Memory for the memtables of all column families together; 0: each is bounded by
+    /// `write_buffer_mb` alone.
+    pub memtable_budget_mb: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,6 +214,7 @@ impl Default for StorageSettings {
             block_cache_mb: DEFAULT_BLOCK_CACHE_MB,
             write_buffer_mb: DEFAULT_WRITE_BUFFER_MB,
             recent_conversions: crate::store::DEFAULT_RECENT_CONVERSIONS,
+            memtable_budget_mb: DEFAULT_MEMTABLE_BUDGET_MB,
         }
     }
 }

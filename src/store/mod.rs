@@ -121,6 +121,8 @@ pub struct StoreOptions {
     pub write_buffer_bytes: usize,
     /// Conversion records kept decoded to answer retries ([`DEFAULT_RECENT_CONVERSIONS`]).
     pub recent_conversions: usize,
+    /// All memtables together (a RocksDB write buffer manager); 0: no shared bound.
+    pub memtable_budget_bytes: usize,
 }
 
 /// State shared by the store handle, the writer and the WAL syncer.
@@ -313,6 +315,17 @@ fn db_options(opts: &StoreOptions) -> Options {
     o.set_max_background_jobs(2);
     o.set_bytes_per_sync(1 << 20);
     o.set_write_buffer_size(opts.write_buffer_bytes);
+    // One budget for the memtables of every column family together: each may grow to
+    // `write_buffer_bytes`, and with half a dozen busy ones (clicks, visitors, conversions,
+    // ledger, holds, partner months) plus those being flushed, a 10-minute soak reached
+    // 322 MiB of RSS without it (BENCHMARKS.md). Past the budget RocksDB flushes the
+    // largest memtable; writes never stall on it.
+    if opts.memtable_budget_bytes > 0 {
+        o.set_write_buffer_manager(&rocksdb::WriteBufferManager::new_write_buffer_manager(
+            opts.memtable_budget_bytes,
+            false,
+        ));
+    }
     // A Bloom filter over the memtable's whole keys: the writer's lookups that miss (every
     // new conversion's dedupe check, customers and accounts seen for the first time) skip
     // the skiplist walk, which was a sixth of the writer's time (BENCHMARKS.md).

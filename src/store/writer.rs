@@ -887,6 +887,7 @@ mod tests {
             block_cache_bytes: 8 << 20,
             write_buffer_bytes: 4 << 20,
             recent_conversions: crate::store::DEFAULT_RECENT_CONVERSIONS,
+            memtable_budget_bytes: 64 << 20,
         };
         Store::open(&opts, Arc::new(crate::metrics::Metrics::new())).unwrap()
     }

@@ -73,6 +73,7 @@ async fn open(dir: &std::path::Path) -> Store {
         block_cache_bytes: 8 << 20,
         write_buffer_bytes: 4 << 20,
         recent_conversions: tally::store::DEFAULT_RECENT_CONVERSIONS,
+        memtable_budget_bytes: 64 << 20,
     };
     let store = Store::open(&opts, Arc::new(tally::metrics::Metrics::new())).unwrap();
     let merchant = Merchant {
