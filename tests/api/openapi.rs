@@ -41,6 +41,20 @@ fn the_openapi_document_has_exactly_the_operations_of_the_route_table() {
     println!("openapi: {} operations documented, {} in the route table, equal", doc.len(), code.len());
 }
 
+/// A request path for a template, naming the entities of [`TestApp::demo`].
+fn concrete(template: &str) -> String {
+    [
+        ("{merchant_id}", "shop"),
+        ("{partner_id}", "ann"),
+        ("{link_id}", "spring"),
+        ("{plan_id}", "standard"),
+        ("{txn_id}", "t1"),
+        ("{account}", "acme.com"),
+    ]
+    .iter()
+    .fold(template.to_string(), |path, (name, value)| path.replace(name, value))
+}
+
 /// The sum of `tally_http_requests_total` for one listener and route.
 async fn requests(app: &TestApp, listener: &str, route: &str) -> f64 {
     let r = app.request(Method::GET, format!("http://{}/metrics", app.admin), &[], Vec::new()).await;
@@ -56,14 +70,7 @@ async fn requests(app: &TestApp, listener: &str, route: &str) -> f64 {
 async fn the_routers_file_every_operation_under_its_route() {
     let app = TestApp::spawn().await;
     for op in OPERATIONS {
-        let path = op
-            .path
-            .replace("{link_id}", "lnk")
-            .replace("{merchant_id}", "m1")
-            .replace("{partner_id}", "p1")
-            .replace("{plan_id}", "pl1")
-            .replace("{txn_id}", "t1")
-            .replace("{account}", "acme.com");
+        let path = concrete(op.path);
         let (listener, addr) = match op.listener {
             Listener::Public => ("public", app.public),
             Listener::Admin => ("admin", app.admin),
@@ -94,14 +101,7 @@ async fn every_path_answers_other_methods_405_with_allow() {
     app.demo().await;
     let auth = [("authorization", format!("Bearer {ADMIN_TOKEN}"))];
     for op in OPERATIONS {
-        let path = op
-            .path
-            .replace("{merchant_id}", "shop")
-            .replace("{partner_id}", "ann")
-            .replace("{link_id}", "spring")
-            .replace("{plan_id}", "standard")
-            .replace("{txn_id}", "t1")
-            .replace("{account}", "acme.com");
+        let path = concrete(op.path);
         let addr = match op.listener {
             Listener::Public => app.public,
             Listener::Admin => app.admin,
