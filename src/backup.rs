@@ -57,12 +57,38 @@ pub struct BackupInfo {
     pub bytes: u64,
 }
 
-fn empty_or_absent(dir: &Path) -> Result<bool, BackupError> {
+/// Whether `dir` is absent or an empty directory: where a backup or a restore may go.
+///
+/// # Errors
+/// `Io` when it cannot be read.
+pub fn empty_or_absent(dir: &Path) -> Result<bool, BackupError> {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => Ok(entries.next().is_none()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(e) => Err(io("read", dir)(e)),
     }
+}
+
+/// Syncs a file or a directory to disk.
+fn sync(path: &Path) -> Result<(), BackupError> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io("sync", path))
+}
+
+/// Moves a backup to `to` (absent or empty): a rename, or across file systems a copy
+/// (synced) and then the removal of the original.
+///
+/// # Errors
+/// `Io` when it can be neither renamed nor copied and removed.
+pub fn relocate(from: &Path, to: &Path) -> Result<(), BackupError> {
+    if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+    }
+    let _ = std::fs::remove_dir(to);
+    if std::fs::rename(from, to).is_err() {
+        copy_tree(from, to)?;
+        std::fs::remove_dir_all(from).map_err(io("remove", from))?;
+    }
+    Ok(())
 }
 
 /// Copies a file or a directory tree (regular files and directories only).
@@ -78,7 +104,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<u64, BackupError> {
         Ok(bytes)
     } else if meta.is_file() {
         let bytes = std::fs::copy(from, to).map_err(io("copy to", to))?;
-        std::fs::File::open(to).and_then(|f| f.sync_all()).map_err(io("sync", to))?;
+        sync(to)?;
         Ok(bytes)
     } else {
         Ok(0)
@@ -124,8 +150,8 @@ pub fn take(store: &Store, data_dir: &Path, to: &Path, now: UnixMillis) -> Resul
     let path = to.join(MANIFEST);
     let text = serde_json::to_vec_pretty(&manifest).map_err(|e| BackupError::Io(e.to_string()))?;
     std::fs::write(&path, text).map_err(io("write", &path))?;
-    std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io("sync", &path))?;
-    std::fs::File::open(to).and_then(|f| f.sync_all()).map_err(io("sync", to))?;
+    sync(&path)?;
+    sync(to)?;
     Ok(BackupInfo { path: to.to_path_buf(), created_at, bytes })
 }
 
@@ -201,6 +227,6 @@ pub fn restore(from: &Path, data_dir: &Path) -> Result<Manifest, BackupError> {
             copy_tree(&saved, &data_dir.join(name))?;
         }
     }
-    std::fs::File::open(data_dir).and_then(|f| f.sync_all()).map_err(io("sync", data_dir))?;
+    sync(data_dir)?;
     Ok(m)
 }

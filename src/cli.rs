@@ -251,10 +251,16 @@ async fn backup(path: Option<PathBuf>, to: PathBuf) -> i32 {
     };
     crate::app::private_files();
     let settings = &loaded.settings;
-    let to_is_free = std::fs::read_dir(&to).map_or(true, |mut d| d.next().is_none());
-    if !to_is_free {
-        eprintln!("tally backup: {} exists and is not empty: back up into a new directory", to.display());
-        return 2;
+    match crate::backup::empty_or_absent(&to) {
+        Ok(true) => {}
+        Ok(false) => {
+            eprintln!("tally backup: {}", crate::backup::BackupError::TargetNotEmpty(to.display().to_string()));
+            return 2;
+        }
+        Err(e) => {
+            eprintln!("tally backup: {e}");
+            return 2;
+        }
     }
     let token =
         loaded.admin_token.as_ref().map(|t| secrecy::ExposeSecret::expose_secret(t).to_string()).or_else(|| {
@@ -305,30 +311,8 @@ async fn backup(path: Option<PathBuf>, to: PathBuf) -> i32 {
 fn move_online_backup(answer: &[u8], to: &std::path::Path) -> Result<String, String> {
     let info: serde_json::Value = serde_json::from_slice(answer).map_err(|e| format!("unexpected answer: {e}"))?;
     let from = PathBuf::from(info["path"].as_str().ok_or("the answer names no path")?);
-    if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| format!("create {}: {e}", parent.display()))?;
-    }
-    let _ = std::fs::remove_dir(to);
-    if std::fs::rename(&from, to).is_err() {
-        // Another file system: copy, then drop the original.
-        copy_dir(&from, to)?;
-        std::fs::remove_dir_all(&from).map_err(|e| format!("remove {}: {e}", from.display()))?;
-    }
+    crate::backup::relocate(&from, to).map_err(|e| e.to_string())?;
     Ok(format!("taken online by the running tally at {}", info["created_at"].as_str().unwrap_or("?")))
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<(), String> {
-    std::fs::create_dir_all(to).map_err(|e| format!("create {}: {e}", to.display()))?;
-    for entry in std::fs::read_dir(from).map_err(|e| format!("read {}: {e}", from.display()))? {
-        let entry = entry.map_err(|e| e.to_string())?;
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target).map_err(|e| format!("copy to {}: {e}", target.display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// No tally is running on this configuration: open the store and back it up directly.

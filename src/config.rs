@@ -463,40 +463,27 @@ fn typed_settings(mut raw: serde_json::Value, file: &Path, problems: &mut Vec<Pr
     Settings::default()
 }
 
-/// Removes the value at `path` (object keys and `[i]` indexes); false when absent.
+/// An array index as serde_path_to_error spells it (`3` or `[3]`).
+fn index(segment: &str) -> Option<usize> {
+    segment.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
+/// Removes the value at `path` (object keys and array indexes); false when absent.
 fn remove_path(value: &mut serde_json::Value, path: &[String]) -> bool {
     let Some((last, parents)) = path.split_last() else { return false };
     let mut at = value;
     for segment in parents {
-        at = match at {
-            serde_json::Value::Object(map) => match map.get_mut(segment) {
-                Some(v) => v,
-                None => return false,
-            },
-            serde_json::Value::Array(items) => {
-                match segment
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<usize>()
-                    .ok()
-                    .and_then(|i| items.get_mut(i))
-                {
-                    Some(v) => v,
-                    None => return false,
-                }
-            }
-            _ => return false,
+        let next = match at {
+            serde_json::Value::Object(map) => map.get_mut(segment),
+            serde_json::Value::Array(items) => index(segment).and_then(|i| items.get_mut(i)),
+            _ => None,
         };
+        let Some(next) = next else { return false };
+        at = next;
     }
     match at {
         serde_json::Value::Object(map) => map.remove(last).is_some(),
-        serde_json::Value::Array(items) => match last.trim_start_matches('[').trim_end_matches(']').parse::<usize>() {
-            Ok(i) if i < items.len() => {
-                items.remove(i);
-                true
-            }
-            _ => false,
-        },
+        serde_json::Value::Array(items) => index(last).filter(|i| *i < items.len()).map(|i| items.remove(i)).is_some(),
         _ => false,
     }
 }
