@@ -535,7 +535,7 @@ async fn load_clicks(data_dir: &std::path::Path, n: u64) -> Vec<String> {
                     visitor,
                 };
                 let id = click.click_id.to_string();
-                store.record_click(click).await.expect("click stored");
+                tally::backend::BackendExt::record_click(&store, click, 86_400_000).await.expect("click stored");
                 if i % every == 0 {
                     sample.push(id);
                 }

@@ -95,7 +95,7 @@ impl App {
         let limits = crate::limits::Limits::new(&settings.limits, governor::clock::DefaultClock::default());
         let sweep_every = Duration::from_millis(settings.limits.sweep_interval_ms);
         let ctx = Arc::new(Ctx {
-            store: store.clone(),
+            backend: Arc::new(store.clone()),
             metrics,
             clock,
             settings,
@@ -167,7 +167,7 @@ async fn sweep_holds(store: Store, clock: Arc<dyn Clock>, interval: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match store.sweep_holds(clock.now_ms()).await {
+        match crate::backend::BackendExt::sweep_holds(&store, clock.now_ms()).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(approved = n, "hold periods ended; conversions approved"),
             Err(e) => tracing::warn!(error = %e, "hold sweep failed; retrying at the next interval"),

@@ -1,5 +1,5 @@
 //! Backups and restores (SPEC 15): an online, consistent copy of the store taken while
-//! tally serves (a RocksDB checkpoint, see [`Store::checkpoint`]), and its restore into
+//! tally serves (a RocksDB checkpoint, see [`crate::store::Store::checkpoint`]), and its restore into
 //! an empty data directory with tally stopped.
 //!
 //! A backup is a directory: `db/` (the checkpoint), `files/` (the generated admin token
@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::{Backend, StoreError};
 use crate::domain::clock::{format_rfc3339, UnixMillis};
-use crate::store::{Store, StoreError};
 
 /// The manifest's file name, inside a backup.
 pub const MANIFEST: &str = "tally-backup.json";
@@ -127,12 +127,12 @@ fn tree_bytes(path: &Path) -> u64 {
 /// # Errors
 /// A `to` that is not empty, storage and file-system errors. A failed backup leaves
 /// no manifest, so it is never taken for a complete one.
-pub fn take(store: &Store, data_dir: &Path, to: &Path, now: UnixMillis) -> Result<BackupInfo, BackupError> {
+pub fn take(store: &dyn Backend, data_dir: &Path, to: &Path, now: UnixMillis) -> Result<BackupInfo, BackupError> {
     if !empty_or_absent(to)? {
         return Err(BackupError::TargetNotEmpty(to.display().to_string()));
     }
     std::fs::create_dir_all(to).map_err(io("create", to))?;
-    store.checkpoint(&to.join("db"))?;
+    store.backup_to(&to.join("db"))?;
     for name in EXTRA_FILES {
         let from = data_dir.join(name);
         if from.exists() {
@@ -164,7 +164,7 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// # Errors
 /// As [`take`].
 pub fn take_named(
-    store: &Store,
+    store: &dyn Backend,
     data_dir: &Path,
     backup_dir: &Path,
     keep: usize,

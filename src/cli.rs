@@ -355,7 +355,7 @@ async fn restore(path: Option<PathBuf>, from: PathBuf) -> i32 {
     let opts = crate::app::store_options(&settings);
     let opened = tokio::task::spawn_blocking(move || {
         let store = crate::store::Store::open(&opts, Arc::new(crate::metrics::Metrics::new()))?;
-        let merchants = store.catalog().merchants.len();
+        let merchants = crate::backend::Backend::catalog(&store).merchants.len();
         store.shutdown();
         Ok::<_, crate::store::StoreError>(merchants)
     })

@@ -22,6 +22,8 @@
 pub mod app;
 pub mod attribution;
 #[cfg(feature = "server")]
+pub mod backend;
+#[cfg(feature = "server")]
 pub mod backup;
 #[cfg(feature = "server")]
 pub mod cli;
@@ -29,6 +31,7 @@ pub mod commission;
 #[cfg(feature = "server")]
 pub mod config;
 pub mod domain;
+pub mod engine;
 #[cfg(feature = "server")]
 pub mod http;
 #[cfg(feature = "server")]

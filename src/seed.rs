@@ -8,14 +8,16 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use crate::backend::{BackendExt, WriteError};
 use crate::config::{Problem, Settings};
 use crate::domain::clock::UnixMillis;
 use crate::domain::entities::{Merchant, MerchantBody, Partner, PartnerBody};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId};
 use crate::domain::link::{Link, LinkBody};
 use crate::domain::plan::{Plan, PlanBody};
+use crate::engine::Saved;
 use crate::signing::WebhookSecret;
-use crate::store::{Saved, Store, WriteError};
+use crate::store::Store;
 
 pub struct MerchantSeed {
     pub merchant: Merchant,

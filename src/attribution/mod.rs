@@ -5,9 +5,9 @@
 //! `customer` (lifetime binding), `click`, `coupon`. Influencers: every other partner with
 //! a registration or touch on the account inside the plan's influence window.
 
-use crate::domain::account::{AccountRecord, CustomerBinding};
+use crate::domain::account::{AccountRecord, Claim, CustomerBinding, TouchKind};
 use crate::domain::clock::{format_rfc3339, human_duration, UnixMillis};
-use crate::domain::conversion::{Attribution, AttributionKeys, Credit, RuleKind};
+use crate::domain::conversion::{Attribution, AttributionKeys, Credit, Influencer, RuleKind};
 use crate::domain::entities::{Partner, Status};
 use crate::domain::ids::{LinkId, PartnerId, Ulid};
 
@@ -80,12 +80,7 @@ pub fn decide<F: Facts>(keys: &AttributionKeys, occurred_ms: UnixMillis, facts: 
             Some(rec) => match rec.holder_at(occurred_ms) {
                 Some(claim) => match facts.partner(&claim.partner_id)? {
                     Some(p) => {
-                        let reason = format!(
-                            "account {account} was registered by partner {} on {} (deal {}); the first accepted registration is the source of record",
-                            p.id,
-                            format_rfc3339(claim.registered_ms),
-                            claim.deal_id
-                        );
+                        let reason = claim_reason(&rec, claim, account);
                         return Ok(sourced(p, RuleKind::Deal, reason, None));
                     }
                     None => misses.push(format!("account {account} is held by a partner that no longer exists")),
@@ -144,6 +139,29 @@ pub fn decide<F: Facts>(keys: &AttributionKeys, occurred_ms: UnixMillis, facts: 
     Ok(Decision::Unattributed { reason: misses.join("; ") })
 }
 
+/// Why the holder of an account's claim is its source of record: its registration, or the
+/// admin reassignment that made it the holder (who, when, why, and from whom).
+fn claim_reason(rec: &AccountRecord, claim: &Claim, account: &str) -> String {
+    let reassigned =
+        rec.reassignments.iter().rev().find(|r| r.to == claim.partner_id && r.at_ms == claim.registered_ms);
+    match reassigned {
+        Some(r) => format!(
+            "account {account} was reassigned to partner {} on {} by {} ({}){}; an admin reassignment is the source of record",
+            r.to,
+            format_rfc3339(r.at_ms),
+            r.by,
+            r.why,
+            r.from.as_ref().map(|f| format!(", taking it from partner {f}")).unwrap_or_default()
+        ),
+        None => format!(
+            "account {account} was registered by partner {} on {} (deal {}); the first accepted registration is the source of record",
+            claim.partner_id,
+            format_rfc3339(claim.registered_ms),
+            claim.deal_id
+        ),
+    }
+}
+
 /// Partners other than `sourced` with a deal registration or touch on the account inside
 /// `window_days` before the conversion, each once, in the order they first touched it.
 pub fn influencers(
@@ -152,17 +170,54 @@ pub fn influencers(
     occurred_ms: UnixMillis,
     window_days: u32,
 ) -> Vec<PartnerId> {
+    influence(account, sourced, occurred_ms, window_days).into_iter().map(|i| i.partner_id).collect()
+}
+
+/// The influencers of [`influencers`] with their credit: `influenced`, by `deal` when the
+/// partner registered a deal on the account, else by `touch`, and the reason naming the
+/// registration or touch that counts. No commission: the plan decides that.
+pub fn influence(
+    account: &AccountRecord,
+    sourced: &PartnerId,
+    occurred_ms: UnixMillis,
+    window_days: u32,
+) -> Vec<Influencer> {
     let window = i64::from(window_days) * 86_400_000;
-    let mut out: Vec<PartnerId> = Vec::new();
-    let claim = account.claim.iter().map(|c| (&c.partner_id, c.registered_ms));
-    let touches = account.touches.iter().map(|t| (&t.partner_id, t.at_ms));
-    let mut all: Vec<(&PartnerId, UnixMillis)> = claim.chain(touches).collect();
-    all.sort_by_key(|(_, at)| *at);
-    for (p, at) in all {
+    let name = &account.account;
+    let claim = account.claim.iter().map(|c| {
+        let what = format!("registered deal {} on account {name}", c.deal_id);
+        (&c.partner_id, c.registered_ms, true, what)
+    });
+    let touches = account.touches.iter().map(|t| {
+        let deal = t.kind == TouchKind::Deal;
+        let what = if deal {
+            format!("registered {} on account {name} after another partner", t.label)
+        } else {
+            format!("touched account {name} ({})", t.label)
+        };
+        (&t.partner_id, t.at_ms, deal, what)
+    });
+    let mut all: Vec<(&PartnerId, UnixMillis, bool, String)> = claim.chain(touches).collect();
+    all.sort_by_key(|(_, at, _, _)| *at);
+    let mut out: Vec<Influencer> = Vec::new();
+    for (p, at, deal, what) in &all {
         let age = occurred_ms - at;
-        if p != sourced && (0..=window).contains(&age) && !out.contains(p) {
-            out.push(p.clone());
+        if *p == sourced || !(0..=window).contains(&age) || out.iter().any(|i| i.partner_id == **p) {
+            continue;
         }
+        // A registration anywhere in the account's history makes the credit a deal's.
+        let by_deal = *deal || all.iter().any(|(q, _, d, _)| q == p && *d);
+        out.push(Influencer {
+            partner_id: (*p).clone(),
+            credit: Credit::Influenced,
+            rule: if by_deal { RuleKind::Deal } else { RuleKind::Touch },
+            reason: format!(
+                "partner {p} {what} on {}, {} before the conversion, inside the {window_days}-day influence window; partner {sourced} sourced it",
+                format_rfc3339(*at),
+                human_duration(age)
+            ),
+            commission: None,
+        });
     }
     out
 }

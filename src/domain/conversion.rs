@@ -199,6 +199,10 @@ pub enum Credit {
 }
 
 impl Credit {
+    fn influenced() -> Credit {
+        Credit::Influenced
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Credit::Sourced => "sourced",
@@ -211,7 +215,13 @@ impl Credit {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Influencer {
     pub partner_id: PartnerId,
+    /// Always `influenced`; stored so that every credit reads the same way.
+    #[serde(default = "Credit::influenced")]
+    pub credit: Credit,
     pub rule: RuleKind,
+    /// Why this partner is credited with influence (empty for records of earlier versions).
+    #[serde(default)]
+    pub reason: String,
     pub commission: Option<Money>,
 }
 

@@ -85,7 +85,7 @@ slug_id!(
 );
 
 /// The merchant's own unique id for a conversion: the dedupe key within the merchant.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct TxnId(String);
 
@@ -146,6 +146,16 @@ impl Ulid {
         let ms = u64::try_from(now).unwrap_or(0) & 0xFFFF_FFFF_FFFF;
         bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
         rand::thread_rng().fill_bytes(&mut bytes[6..]);
+        Ulid(bytes)
+    }
+
+    /// The id at `now` whose 80 random bits are given: the engine derives them from a
+    /// command's entropy, so replaying the command gives the same id.
+    pub fn from_parts(now: UnixMillis, random: [u8; 10]) -> Self {
+        let mut bytes = [0u8; 16];
+        let ms = u64::try_from(now).unwrap_or(0) & 0xFFFF_FFFF_FFFF;
+        bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        bytes[6..].copy_from_slice(&random);
         Ulid(bytes)
     }
 

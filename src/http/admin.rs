@@ -10,7 +10,8 @@ use subtle::ConstantTimeEq;
 use super::problem::ApiError;
 use super::views::{ConversionView, LedgerEntryView, PlanView};
 use super::{json, parse_json, read_body, require_json, Body, Ctx, Route};
-use crate::domain::account::{check_text_id, normalize_account, AccountRecord, Reassignment};
+use crate::backend::BackendExt;
+use crate::domain::account::{check_text_id, normalize_account, AccountRecord};
 use crate::domain::clock::format_rfc3339;
 use crate::domain::entities::{MerchantBody, Partner, PartnerBody};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId, TxnId};
@@ -18,8 +19,8 @@ use crate::domain::link::{Link, LinkBody};
 use crate::domain::money::Money;
 use crate::domain::plan::PlanBody;
 use crate::domain::FieldError;
+use crate::engine::{EntityOp, Saved};
 use crate::signing::WebhookSecret;
-use crate::store::{EntityOp, Saved};
 
 type Answer = (Route, Result<Response<Body>, ApiError>);
 
@@ -94,11 +95,11 @@ async fn backup(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Api
     if !bytes.iter().all(u8::is_ascii_whitespace) {
         let BackupBody {} = parse_json(&bytes)?;
     }
-    let store = ctx.store.clone();
+    let store = ctx.backend.clone();
     let (data_dir, dir, keep) =
         (ctx.settings.data_dir.clone(), ctx.settings.backup.dir.clone(), ctx.settings.backup.keep);
     let now = ctx.clock.now_ms();
-    let taken = tokio::task::spawn_blocking(move || crate::backup::take_named(&store, &data_dir, &dir, keep, now))
+    let taken = tokio::task::spawn_blocking(move || crate::backup::take_named(&*store, &data_dir, &dir, keep, now))
         .await
         .map_err(|_| ApiError::Internal)?;
     match taken {
@@ -128,7 +129,7 @@ fn authorize(ctx: &Ctx, req: &Request<Incoming>) -> Result<(), ApiError> {
 }
 
 fn metrics(ctx: &Ctx) -> Response<Body> {
-    ctx.metrics.set_storage(ctx.store.stats());
+    ctx.metrics.set_storage(ctx.backend.stats());
     let mut resp = Response::new(Body::from(ctx.metrics.render()));
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
@@ -136,7 +137,7 @@ fn metrics(ctx: &Ctx) -> Response<Body> {
 }
 
 fn ready(ctx: &Ctx) -> Response<Body> {
-    if ctx.store.is_ready() {
+    if ctx.backend.is_ready() {
         json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
     } else {
         let mut resp = json(StatusCode::SERVICE_UNAVAILABLE, &serde_json::json!({"status": "storage refuses writes"}));
@@ -217,7 +218,7 @@ fn new_postback_token() -> (String, [u8; 32]) {
 async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let now = ctx.clock.now_ms();
     let merchant = id(rest.first().copied().unwrap_or(""), MerchantId::parse)?;
-    let catalog = ctx.store.catalog();
+    let catalog = ctx.backend.catalog();
     let known = catalog.merchants.contains_key(&merchant);
     match (&method, rest) {
         (&Method::PUT, [_]) => {
@@ -226,8 +227,8 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             let (token, token_hash) = new_postback_token();
             let op =
                 EntityOp::Merchant { merchant: merchant.clone(), secret: secret.clone(), token_hash: Some(token_hash) };
-            let saved = ctx.store.apply(op).await?;
-            let catalog = ctx.store.catalog();
+            let saved = ctx.backend.apply(op).await?;
+            let catalog = ctx.backend.catalog();
             let stored = catalog.merchants.get(&merchant.id).cloned().unwrap_or(merchant);
             let secret = (saved == Saved::Created).then(|| secret.expose_text());
             // The token is shown only by the call that set it.
@@ -240,7 +241,7 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
         (&Method::POST, [_, "secrets:rotate"]) => {
             let secret = WebhookSecret::generate();
             let grace_ms = ctx.settings.signing.rotation_grace_seconds.saturating_mul(1000);
-            ctx.store
+            ctx.backend
                 .apply(EntityOp::RotateMerchantSecret {
                     merchant: merchant.clone(),
                     secret: secret.clone(),
@@ -257,7 +258,7 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
         }
         (&Method::POST, [_, "postback-token:rotate"]) => {
             let (token, token_hash) = new_postback_token();
-            ctx.store.apply(EntityOp::RotatePostbackToken { merchant: merchant.clone(), token_hash }).await?;
+            ctx.backend.apply(EntityOp::RotatePostbackToken { merchant: merchant.clone(), token_hash }).await?;
             Ok(json(StatusCode::OK, &serde_json::json!({ "id": merchant.as_str(), "token": token })))
         }
         _ if !known => Err(ApiError::NotFound),
@@ -272,8 +273,8 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
                     .map_err(|detail| FieldError::new("outbound.url", detail))?;
             }
             let secret = WebhookSecret::generate();
-            let saved = ctx.store.put_partner(partner, secret.clone()).await?;
-            let stored = ctx.store.catalog().partner_of(&merchant, &pid).cloned().ok_or(ApiError::NotFound)?;
+            let saved = ctx.backend.put_partner(partner, secret.clone()).await?;
+            let stored = ctx.backend.catalog().partner_of(&merchant, &pid).cloned().ok_or(ApiError::NotFound)?;
             let secret = (saved == Saved::Created).then(|| secret.expose_text());
             Ok(json(saved_status(saved), &WithSecret { entity: &stored, secret, token: None }))
         }
@@ -283,15 +284,15 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
         }
         (&Method::DELETE, [_, "partners", pid]) => {
             let pid = id(pid, PartnerId::parse)?;
-            ctx.store.apply(EntityOp::PausePartner { merchant: merchant.clone(), partner: pid.clone() }).await?;
-            let stored = ctx.store.catalog().partner_of(&merchant, &pid).cloned().ok_or(ApiError::NotFound)?;
+            ctx.backend.apply(EntityOp::PausePartner { merchant: merchant.clone(), partner: pid.clone() }).await?;
+            let stored = ctx.backend.catalog().partner_of(&merchant, &pid).cloned().ok_or(ApiError::NotFound)?;
             Ok(json(StatusCode::OK, &stored))
         }
         (&Method::PUT, [_, "links", lid]) => {
             let lid = id(lid, LinkId::parse)?;
             let link: Link = body::<LinkBody>(ctx, req).await?.into_link(merchant.clone(), lid.clone(), now)?;
-            let saved = ctx.store.put_link(link).await?;
-            let stored = ctx.store.catalog().link_of(&merchant, &lid).cloned().ok_or(ApiError::NotFound)?;
+            let saved = ctx.backend.put_link(link).await?;
+            let stored = ctx.backend.catalog().link_of(&merchant, &lid).cloned().ok_or(ApiError::NotFound)?;
             Ok(json(saved_status(saved), &stored))
         }
         (&Method::GET, [_, "links", lid]) => {
@@ -301,8 +302,8 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
         (&Method::PUT, [_, "plans", pid]) => {
             let pid = id(pid, PlanId::parse)?;
             let plan = body::<PlanBody>(ctx, req).await?.into_plan(merchant.clone(), pid.clone(), now)?;
-            let saved = ctx.store.put_plan(plan).await?;
-            let catalog = ctx.store.catalog();
+            let saved = ctx.backend.put_plan(plan).await?;
+            let catalog = ctx.backend.catalog();
             let stored = catalog.current_plan(&merchant, &pid).ok_or(ApiError::NotFound)?;
             Ok(json(saved_status(saved), &PlanView::from(stored)))
         }
@@ -316,8 +317,8 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
         (&Method::GET, [_, "conversions", txn]) => {
             let decoded = percent_encoding::percent_decode_str(txn).decode_utf8().map_err(|_| ApiError::NotFound)?;
             let txn = id(&decoded, TxnId::parse)?;
-            let rec = ctx.store.conversion(&merchant, &txn).await?.ok_or(ApiError::NotFound)?;
-            let ledger = ctx.store.ledger_for_conversion(&rec).await?;
+            let rec = ctx.backend.conversion(&merchant, &txn).await?.ok_or(ApiError::NotFound)?;
+            let ledger = ctx.backend.ledger_for_conversion(&rec).await?;
             let history: Vec<_> = rec
                 .history
                 .iter()
@@ -349,16 +350,13 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             check_text_id("why", &b.why)?;
             let by = b.by.unwrap_or_else(|| "admin".into());
             check_text_id("by", &by)?;
-            let current = ctx.store.account(&merchant, &account).await?;
-            let from = current.as_ref().and_then(|a| a.holder_at(now)).map(|c| c.partner_id.clone());
-            let change = Reassignment { at_ms: now, from, to: b.partner_id, by, why: b.why };
-            let acc = ctx.store.reassign(merchant.clone(), account, change).await?;
+            let acc = ctx.backend.reassign(merchant.clone(), account, b.partner_id, by, b.why, now).await?;
             Ok(json(StatusCode::OK, &account_view(&acc, now)))
         }
         (&Method::GET, [_, "accounts", raw]) => {
             let raw = percent_encoding::percent_decode_str(raw).decode_utf8().map_err(|_| ApiError::NotFound)?;
             let account = normalize_account(&raw).map_err(|_| ApiError::NotFound)?;
-            let acc = ctx.store.account(&merchant, &account).await?.ok_or(ApiError::NotFound)?;
+            let acc = ctx.backend.account(&merchant, &account).await?.ok_or(ApiError::NotFound)?;
             Ok(json(StatusCode::OK, &account_view(&acc, now)))
         }
         (

@@ -11,12 +11,13 @@ use super::problem::ApiError;
 use super::public::{signed_json, Sender};
 use super::views::{ConversionView, LedgerEntryView, MoneyView};
 use super::{json, Body, Ctx};
+use crate::backend::BackendExt;
 use crate::domain::account::{check_text_id, normalize_account, DealBody, Touch, TouchBody, TouchKind};
 use crate::domain::clock::{format_rfc3339, parse_rfc3339};
 use crate::domain::conversion::{AdjustmentBody, MAX_AGE_DAYS, MAX_AHEAD_SECONDS};
 use crate::domain::plan::DEFAULT_DEAL_TTL_DAYS;
 use crate::domain::FieldError;
-use crate::store::{AdjustOutcome, DealDraft, Refusal};
+use crate::engine::{AdjustOutcome, DealDraft, DealOutcome, Refusal};
 
 fn replayed(mut resp: Response<Body>) -> Response<Body> {
     resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -58,7 +59,7 @@ pub(super) async fn register_deal(
         Ok(t) => t,
         Err(e) => return s.refuse(ctx, e),
     };
-    let catalog = ctx.store.catalog();
+    let catalog = ctx.backend.catalog();
     let plan_id = catalog
         .partner_of(&s.merchant, &partner)
         .and_then(|p| p.plan_id.clone())
@@ -75,8 +76,8 @@ pub(super) async fn register_deal(
         registered_ms,
         ttl_days,
     };
-    let (answer, replay) = ctx.store.register_deal(draft).await?;
-    let resp = if answer.status == 409 {
+    let (answer, replay) = ctx.backend.register_deal(draft).await?;
+    let resp = if answer.outcome == DealOutcome::Taken {
         // Never says who holds the account.
         let e = ApiError::Refused(Refusal {
             conflict: true,
@@ -90,7 +91,7 @@ pub(super) async fn register_deal(
         });
         e.into_response()
     } else {
-        let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+        let status = if answer.outcome == DealOutcome::Registered { StatusCode::CREATED } else { StatusCode::OK };
         json(
             status,
             &json!({
@@ -129,7 +130,7 @@ pub(super) async fn touch(
         Ok(a) => a,
         Err(e) => return s.refuse(ctx, FieldError::new("account", e)),
     };
-    if ctx.store.catalog().partner_of(&s.merchant, &body.partner_id).is_none() {
+    if ctx.backend.catalog().partner_of(&s.merchant, &body.partner_id).is_none() {
         return s.refuse(ctx, FieldError::new("partner_id", "is not a partner of this merchant"));
     }
     let label = body.kind.unwrap_or_else(|| "crm".into());
@@ -141,7 +142,7 @@ pub(super) async fn touch(
         Err(e) => return s.refuse(ctx, e),
     };
     let touch = Touch { partner_id: body.partner_id.clone(), kind: TouchKind::Crm, label: label.clone(), at_ms };
-    ctx.store.touch(s.merchant.clone(), account.clone(), touch).await?;
+    ctx.backend.touch(s.merchant.clone(), account.clone(), touch).await?;
     let answer =
         json!({"account": account, "partner_id": body.partner_id, "kind": label, "occurred_at": format_rfc3339(at_ms)});
     Ok(json(StatusCode::CREATED, &answer))
@@ -159,24 +160,17 @@ pub(super) async fn adjust(
         Ok(i) => i,
         Err(e) => return s.refuse(ctx, e),
     };
-    let (stored, rec, replay) = match ctx.store.adjust(s.merchant.clone(), input, s.now).await? {
+    let (stored, rec, replay) = match ctx.backend.adjust(s.merchant.clone(), input, s.now).await? {
         AdjustOutcome::Applied(a, r) => (a, r, false),
         AdjustOutcome::Replay(a, r) => (a, r, true),
-        AdjustOutcome::Refused { status, code, field, detail, current } => {
+        AdjustOutcome::Refused(refusal) => {
             s.release(ctx);
-            let e = ApiError::Refused(Refusal {
-                conflict: status == 409,
-                code,
-                field,
-                detail,
-                current_status: current.map(|c| c.as_str()),
-            });
-            return Err(e);
+            return Err(ApiError::Refused(refusal));
         }
     };
     let ledger = match &rec.attribution {
         Some(_) => {
-            let all = ctx.store.ledger_for_conversion(&rec).await?;
+            let all = ctx.backend.ledger_for_conversion(&rec).await?;
             all.into_iter().filter(|e| stored.ledger_entries.contains(&e.entry_id)).collect()
         }
         None => Vec::new(),

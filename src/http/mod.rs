@@ -31,18 +31,19 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tracing::Instrument;
 
+use crate::backend::Backend;
 use crate::config::Settings;
 use crate::domain::clock::Clock;
 use crate::metrics::Metrics;
 use crate::signing::ReplayGuard;
-use crate::store::Store;
 use problem::ApiError;
 
 pub type Body = Full<Bytes>;
 
 /// Everything a handler needs, shared by both listeners.
 pub struct Ctx {
-    pub store: Store,
+    /// Storage and the engine behind it.
+    pub backend: Arc<dyn Backend>,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
     pub settings: Settings,

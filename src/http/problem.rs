@@ -7,9 +7,10 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
+use crate::backend::{StoreError, WriteError};
 use crate::domain::FieldError;
+use crate::engine::Refusal;
 use crate::signing::SignatureFailure;
-use crate::store::{Refusal, StoreError, WriteError};
 
 /// Seconds a client should wait before retrying after a `503`.
 pub const RETRY_AFTER_SECONDS: u32 = 1;

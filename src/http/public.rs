@@ -14,16 +14,17 @@ use subtle::ConstantTimeEq;
 use super::problem::ApiError;
 use super::views::ConversionView;
 use super::{json, json_bytes, parse_json, read_body, require_json, single_header, Body, Ctx, Route};
+use crate::backend::BackendExt;
 use crate::domain::click::{is_bot, reduce_ip, truncate, visitor_hash, ClickRecord, MAX_SUB_LEN, MAX_USER_AGENT_LEN};
 use crate::domain::conversion::{ConversionBody, ConversionInput, ConversionRecord};
 use crate::domain::entities::{ip_allowed, Status};
 use crate::domain::ids::{LinkId, MerchantId, Ulid};
 use crate::domain::link::{Link, MacroValues};
 use crate::domain::FieldError;
+use crate::engine::Catalog;
+use crate::engine::ConversionOutcome;
 use crate::signing::postback::Query;
 use crate::signing::{self, ReplayGuard, SignatureFailure, WebhookHeaders};
-use crate::store::catalog::Catalog;
-use crate::store::ConversionOutcome;
 
 type Answer = (Route, Result<Response<Body>, ApiError>);
 
@@ -121,12 +122,13 @@ async fn record_click(
         at_ms: now,
         subs: input.subs,
         ip: reduce_ip(input.ip, s.ipv4_prefix, s.ipv6_prefix),
-        visitor: visitor_hash(ctx.store.visitor_salt(), &link.id, input.ip, &ua),
+        visitor: visitor_hash(ctx.backend.visitor_salt(), &link.id, input.ip, &ua),
         user_agent: ua,
         bot,
         unique: false,
     };
-    let stored = ctx.store.record_click(record).await?;
+    let unique_window_ms = ctx.settings.clicks.unique_window_hours * 3_600_000;
+    let stored = ctx.backend.record_click(record, unique_window_ms).await?;
     ctx.metrics.clicks.with_label_values(&[if bot { "bot" } else { "recorded" }]).inc();
     Ok(stored)
 }
@@ -150,7 +152,7 @@ async fn click(
             return Err(ApiError::RateLimited(wait));
         }
     }
-    let catalog = ctx.store.catalog();
+    let catalog = ctx.backend.catalog();
     let link = LinkId::parse(link_raw).ok().and_then(|id| active_link(&catalog, &id)).ok_or_else(|| {
         ctx.metrics.clicks.with_label_values(&["not_found"]).inc();
         ApiError::NotFound
@@ -223,7 +225,7 @@ fn verify_sender(
         timestamp: get("webhook-timestamp")?,
         signature: get("webhook-signature")?,
     };
-    let catalog = ctx.store.catalog();
+    let catalog = ctx.backend.catalog();
     let (secrets, acting) = match sender {
         Sender::Merchant(raw) => {
             let m = MerchantId::parse(raw).ok();
@@ -381,15 +383,15 @@ async fn convert_one(
     now: i64,
     created: StatusCode,
 ) -> Result<Response<Body>, ApiError> {
-    if let Some(settled) = ctx.store.settled_conversion(&merchant, &input.txn_id) {
+    if let Some(settled) = ctx.backend.settled_conversion(&merchant, &input.txn_id) {
         let rec = &settled.record;
         if !rec.same_content(&input) {
             return Err(conflict(rec));
         }
-        let body = settled.answer.get_or_init(|| duplicate_body(rec));
+        let body = settled.rendered.get_or_init(|| duplicate_body(rec));
         return Ok(replayed(json_bytes(StatusCode::OK, body.clone())));
     }
-    let outcome = ctx.store.convert(merchant, input, now).await?;
+    let outcome = ctx.backend.convert(merchant, input, now).await?;
     answer(ctx, outcome, created)
 }
 
@@ -441,7 +443,7 @@ async fn postback(
         ctx.limits.record_failure(peer.ip());
         ApiError::Signature(reason)
     };
-    let catalog = ctx.store.catalog();
+    let catalog = ctx.backend.catalog();
     let merchant_rec = merchant.as_ref().and_then(|m| catalog.merchants.get(m));
     if let Some(token) = query.get("token") {
         let m = merchant_rec.filter(|m| m.postback_token).ok_or_else(|| fail(SignatureFailure::Mismatch))?;
@@ -536,8 +538,11 @@ async fn batch(
         }
     }
     let (indexes, inputs): (Vec<usize>, Vec<ConversionInput>) = valid.into_iter().unzip();
-    let outcomes =
-        if inputs.is_empty() { Vec::new() } else { ctx.store.convert_batch(s.merchant.clone(), inputs, s.now).await? };
+    let outcomes = if inputs.is_empty() {
+        Vec::new()
+    } else {
+        ctx.backend.convert_batch(s.merchant.clone(), inputs, s.now).await?
+    };
 
     let mut items: Vec<(usize, u16, Option<ConversionOutcome>, Option<ApiError>)> =
         Vec::with_capacity(body.conversions.len());
@@ -618,7 +623,7 @@ async fn server_click(
         s.release(ctx);
         ApiError::Invalid(FieldError::new(field, detail))
     };
-    let catalog = ctx.store.catalog();
+    let catalog = ctx.backend.catalog();
     let link = LinkId::parse(&body.link_id)
         .ok()
         .and_then(|id| active_link(&catalog, &id))

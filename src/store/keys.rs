@@ -21,6 +21,8 @@ fn join(parts: &[&[u8]]) -> Vec<u8> {
 
 pub const META_VISITOR_SALT: &[u8] = b"visitor_salt";
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
+/// The newest ledger entry id (16 bytes): the engine mints later ids above it.
+pub const META_LEDGER_HEAD: &[u8] = b"ledger_head";
 
 pub fn merchant(id: &MerchantId) -> Vec<u8> {
     id.as_str().as_bytes().to_vec()

@@ -5,17 +5,21 @@
 //! - Every write goes through one writer thread ([`writer`]) that batches concurrent
 //!   operations into one RocksDB write: conversions share one fsync (group commit), and
 //!   dedupe is exact because one thread decides it.
+//! - The writer decides nothing itself: it runs each command through the engine
+//!   ([`crate::engine::execute`]) against a view of the database plus the batch being
+//!   built ([`view`]), then applies the effects to the batch ([`apply`]).
 //! - Configuration entities are mirrored in memory ([`catalog`]) so the hot paths
 //!   (click redirect, signature check) never read disk.
 //!
-//! The rest of tally sees the narrow API of [`Store`]; a clustered backend would
-//! implement the same calls.
+//! The rest of tally sees [`Store`] through [`crate::backend::Backend`].
 
+mod apply;
+mod backend;
 pub mod catalog;
 pub mod codec;
 pub mod keys;
-mod money;
 pub mod schema;
+mod view;
 mod writer;
 
 use std::path::PathBuf;
@@ -25,34 +29,18 @@ use std::time::Duration;
 
 use rand::RngCore;
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use crate::domain::account::{AccountRecord, Reassignment, Touch};
-use crate::domain::click::ClickRecord;
-use crate::domain::clock::UnixMillis;
-use crate::domain::conversion::{AdjustmentInput, ConversionInput, ConversionRecord};
+pub use crate::backend::{Settled, StoreError, WriteError};
+use crate::domain::conversion::ConversionRecord;
 use crate::domain::entities::{Merchant, Partner};
-use crate::domain::ids::{MerchantId, PartnerId, TxnId};
-use crate::domain::ledger::LedgerEntry;
+use crate::domain::ids::MerchantId;
 use crate::domain::link::Link;
 use crate::domain::plan::Plan;
+use crate::engine::Catalog;
 use crate::metrics::{Metrics, StorageStats};
-use crate::signing::WebhookSecret;
-pub use catalog::{Catalog, CatalogCell};
-pub use money::{AdjustOutcome, DealAnswer, DealDraft};
+pub use catalog::CatalogCell;
 use schema::Cf;
-pub use writer::{ConversionOutcome, EntityOp, Saved};
-
-/// Failures of the storage engine. Every one of them answers `503` upstream.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    #[error("storage I/O failed: {0}")]
-    Io(String),
-    #[error("stored data is corrupt: {0}")]
-    Corrupt(String),
-    #[error("the storage writer has stopped")]
-    Closed,
-}
 
 impl StoreError {
     /// Reads and writes while the writer reopens the database after a failed write.
@@ -65,26 +53,6 @@ impl From<rocksdb::Error> for StoreError {
     fn from(e: rocksdb::Error) -> Self {
         StoreError::Io(e.into_string())
     }
-}
-
-/// An entity write refused on its merits (an id taken, a reference to nothing).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    /// `true` for a clash with existing data (409), `false` for an invalid reference (422).
-    pub conflict: bool,
-    pub code: &'static str,
-    pub field: Option<&'static str>,
-    pub detail: String,
-    /// The conversion's status, for a refused status change.
-    pub current_status: Option<&'static str>,
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum WriteError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("{}", .0.detail)]
-    Refused(Refusal),
 }
 
 /// When a conversion's write is acknowledged (SPEC 7).
@@ -149,9 +117,6 @@ struct Shared {
     #[cfg(test)]
     sync_hold: std::sync::Mutex<()>,
     metrics: Arc<Metrics>,
-    /// The last ledger entry id minted: ids are strictly increasing, so a partner's
-    /// entries read back in the order they were appended, even within one millisecond.
-    last_entry: std::sync::Mutex<u128>,
 }
 
 /// A column family's handle.
@@ -214,15 +179,6 @@ impl Shared {
         self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A ledger entry id after every earlier one: time-ordered, unguessable, never equal.
-    fn next_entry_id(&self, at: UnixMillis) -> crate::domain::ids::Ulid {
-        let mut last = self.last_entry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let minted = u128::from_be_bytes(crate::domain::ids::Ulid::mint(at).0);
-        let next = if minted > *last { minted } else { last.saturating_add(1) };
-        *last = next;
-        crate::domain::ids::Ulid(next.to_be_bytes())
-    }
-
     fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
         self.metrics.storage_ready.set(i64::from(ready));
@@ -243,16 +199,14 @@ pub const DEFAULT_RECENT_CONVERSIONS: usize = 4096;
 
 /// A conversion record the writer wrote or read lately, and from when it is durable.
 #[derive(Debug)]
-pub struct RecentConversion {
-    pub record: ConversionRecord,
+struct RecentConversion {
+    settled: Arc<Settled>,
     /// The writer's batch sequence after which it is durable: the batch that stores it, or
     /// for a record read back from the database, the next batch (whose WAL sync covers
     /// everything written before). 0 with `buffered` durability, which promises no fsync.
     durable_after: u64,
     /// The database generation it was written to or read from.
     generation: u64,
-    /// The HTTP layer's rendering of this record as a duplicate's answer, made once.
-    pub answer: std::sync::OnceLock<bytes::Bytes>,
 }
 
 /// Conversion records the writer wrote or decoded lately, by key, so that a retried
@@ -262,7 +216,7 @@ pub struct RecentConversion {
 /// conversion records, so it keeps this exact: a staged put or delete of a key drops it,
 /// and a failed write or a reopen drops everything. The oldest entries go first.
 struct RecentConversions {
-    records: std::collections::HashMap<Vec<u8>, Arc<RecentConversion>>,
+    records: std::collections::HashMap<Vec<u8>, RecentConversion>,
     order: std::collections::VecDeque<Vec<u8>>,
     capacity: usize,
 }
@@ -272,12 +226,13 @@ impl RecentConversions {
         RecentConversions { records: Default::default(), order: Default::default(), capacity }
     }
 
-    fn get(&self, key: &[u8]) -> Option<&Arc<RecentConversion>> {
+    fn get(&self, key: &[u8]) -> Option<&RecentConversion> {
         self.records.get(key)
     }
 
     fn insert(&mut self, key: Vec<u8>, record: ConversionRecord, durable_after: u64, generation: u64) {
-        let entry = Arc::new(RecentConversion { record, durable_after, generation, answer: Default::default() });
+        let settled = Arc::new(Settled { record, rendered: Default::default() });
+        let entry = RecentConversion { settled, durable_after, generation };
         if self.records.insert(key.clone(), entry).is_none() {
             self.order.push_back(key);
         }
@@ -306,6 +261,7 @@ pub struct Store {
     tx: mpsc::Sender<writer::Op>,
     salt: Arc<[u8; 32]>,
     threads: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
+    unique_window_ms: i64,
 }
 
 fn db_options(opts: &StoreOptions) -> Options {
@@ -380,7 +336,6 @@ impl Store {
             #[cfg(test)]
             sync_hold: std::sync::Mutex::new(()),
             metrics,
-            last_entry: std::sync::Mutex::new(0),
         });
         let salt = load_or_create_salt(&shared)?;
         shared.catalog.replace(load_catalog(&shared)?);
@@ -394,283 +349,23 @@ impl Store {
             .name("tally-wal-sync".into())
             .spawn(move || writer::wal_syncer(&syncer_shared, &written_rx, interval))
             .map_err(|e| StoreError::Io(format!("spawn WAL syncer: {e}")))?;
-        let w = writer::Writer::new(
-            Arc::clone(&shared),
-            written_tx,
-            opts.durability,
-            opts.max_batch,
-            opts.unique_window_ms,
-        );
+        let w = writer::Writer::new(Arc::clone(&shared), written_tx, opts.durability, opts.max_batch);
         let writer = std::thread::Builder::new()
             .name("tally-writer".into())
             .spawn(move || w.run(rx))
             .map_err(|e| StoreError::Io(format!("spawn writer: {e}")))?;
-        Ok(Store { shared, tx, salt: Arc::new(salt), threads: Arc::new(std::sync::Mutex::new(vec![writer, syncer])) })
-    }
-
-    /// The stored conversion of `txn` when the writer wrote or read it lately and its WAL
-    /// sync is done: a duplicate is then answered on the request's own thread, without a
-    /// round trip through the writer. `None` sends the request to the writer, which
-    /// decides exactly. A record changed since (an adjustment, a status move) is not here:
-    /// the writer drops it when it stages the change.
-    pub fn settled_conversion(&self, merchant: &MerchantId, txn: &TxnId) -> Option<Arc<RecentConversion>> {
-        let s = &*self.shared;
-        let entry = s.recent().get(&keys::conversion(merchant, txn)).cloned()?;
-        let durable = entry.durable_after <= s.synced.load(Ordering::SeqCst)
-            && entry.generation == s.generation.load(Ordering::SeqCst)
-            && !s.needs_reopen.load(Ordering::SeqCst);
-        durable.then_some(entry)
-    }
-
-    /// The configuration entities as of the last committed write.
-    pub fn catalog(&self) -> Arc<Catalog> {
-        self.shared.catalog.snapshot()
-    }
-
-    /// The per-installation salt of visitor fingerprints.
-    pub fn visitor_salt(&self) -> &[u8] {
-        self.salt.as_slice()
-    }
-
-    /// False after a write failed, until a write succeeds again.
-    pub fn is_ready(&self) -> bool {
-        self.shared.ready.load(Ordering::SeqCst)
-    }
-
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> writer::Op) -> Result<T, StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)
-    }
-
-    /// Records a click; answers once it is in the WAL (not fsynced: the syncer does that
-    /// within the sync interval). The answer carries the `unique` flag.
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn record_click(&self, click: ClickRecord) -> Result<ClickRecord, StoreError> {
-        self.call(|tx| writer::Op::Click(Box::new(click), tx)).await?
-    }
-
-    /// Dedupes, attributes and stores a conversion. `Created` is answered only after its
-    /// batch is durable; `Duplicate` and `Conflict` store nothing.
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn convert(
-        &self,
-        merchant: MerchantId,
-        input: ConversionInput,
-        received_ms: UnixMillis,
-    ) -> Result<ConversionOutcome, StoreError> {
-        let draft = writer::Draft { merchant, input, received_ms };
-        self.call(|tx| writer::Op::Conversion(Box::new(draft), tx)).await?
-    }
-
-    /// Dedupes, attributes and stores many conversions in one write (one fsync), in
-    /// order: a `txn_id` repeated inside the batch is a duplicate of its first occurrence.
-    /// Answers after the write.
-    ///
-    /// # Errors
-    /// Storage failures; then nothing of the batch is stored.
-    pub async fn convert_batch(
-        &self,
-        merchant: MerchantId,
-        inputs: Vec<ConversionInput>,
-        received_ms: UnixMillis,
-    ) -> Result<Vec<ConversionOutcome>, StoreError> {
-        let drafts =
-            inputs.into_iter().map(|input| writer::Draft { merchant: merchant.clone(), input, received_ms }).collect();
-        self.call(|tx| writer::Op::Batch(drafts, tx)).await?
-    }
-
-    /// Applies a refund, chargeback, approval or rejection, idempotent by its id.
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn adjust(
-        &self,
-        merchant: MerchantId,
-        input: AdjustmentInput,
-        now: UnixMillis,
-    ) -> Result<AdjustOutcome, StoreError> {
-        self.call(|tx| writer::Op::Adjust(Box::new((merchant, input, now)), tx)).await?
-    }
-
-    /// Registers a deal; `true` with the answer when it replays an earlier registration.
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn register_deal(&self, draft: DealDraft) -> Result<(DealAnswer, bool), StoreError> {
-        self.call(|tx| writer::Op::Deal(Box::new(draft), tx)).await?
-    }
-
-    /// Records a CRM touch on an account (normalized).
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn touch(&self, merchant: MerchantId, account: String, touch: Touch) -> Result<(), StoreError> {
-        self.call(|tx| writer::Op::Touch(Box::new((merchant, account, touch)), tx)).await?
-    }
-
-    /// Changes the source of record of an account, audited.
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn reassign(
-        &self,
-        merchant: MerchantId,
-        account: String,
-        change: Reassignment,
-    ) -> Result<AccountRecord, StoreError> {
-        self.call(|tx| writer::Op::Reassign(Box::new((merchant, account, change)), tx)).await?
-    }
-
-    /// Approves the conversions whose hold ended by `now`; returns how many.
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn sweep_holds(&self, now: UnixMillis) -> Result<u64, StoreError> {
-        self.call(|tx| writer::Op::Sweep(now, tx)).await?
-    }
-
-    /// The stored account record (admin).
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn account(&self, merchant: &MerchantId, account: &str) -> Result<Option<AccountRecord>, StoreError> {
-        let key = keys::account(merchant, account);
-        let shared = Arc::clone(&self.shared);
-        blocking(move || shared.get(Cf::Accounts, &key)?.map(|b| codec::decode(&b)).transpose()).await
-    }
-
-    /// Creates or updates an entity, checking references and uniqueness in the writer
-    /// so concurrent admin calls cannot race.
-    ///
-    /// # Errors
-    /// `Refused` for a clash or a dangling reference; `Store` for storage failures.
-    pub async fn apply(&self, op: EntityOp) -> Result<Saved, WriteError> {
-        self.call(|tx| writer::Op::Entity(Box::new(op), tx)).await.map_err(WriteError::Store)?
-    }
-
-    /// Convenience for `apply(EntityOp::Merchant ..)`.
-    ///
-    /// # Errors
-    /// As [`Store::apply`].
-    pub async fn put_merchant(&self, merchant: Merchant, secret: WebhookSecret) -> Result<Saved, WriteError> {
-        self.apply(EntityOp::Merchant { merchant, secret, token_hash: None }).await
-    }
-
-    /// # Errors
-    /// As [`Store::apply`].
-    pub async fn put_partner(&self, partner: Partner, secret: WebhookSecret) -> Result<Saved, WriteError> {
-        self.apply(EntityOp::Partner { partner, secret }).await
-    }
-
-    /// # Errors
-    /// As [`Store::apply`].
-    pub async fn put_link(&self, link: Link) -> Result<Saved, WriteError> {
-        self.apply(EntityOp::Link(link)).await
-    }
-
-    /// # Errors
-    /// As [`Store::apply`].
-    pub async fn put_plan(&self, plan: Plan) -> Result<Saved, WriteError> {
-        self.apply(EntityOp::Plan(plan)).await
-    }
-
-    /// A stored conversion of this merchant.
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn conversion(&self, merchant: &MerchantId, txn: &TxnId) -> Result<Option<ConversionRecord>, StoreError> {
-        let key = keys::conversion(merchant, txn);
-        let shared = Arc::clone(&self.shared);
-        blocking(move || shared.get(Cf::Conversions, &key)?.map(|b| codec::decode(&b)).transpose()).await
-    }
-
-    /// The ledger entries of one partner that belong to one transaction, oldest first.
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn ledger_for(
-        &self,
-        merchant: &MerchantId,
-        partner: &PartnerId,
-        txn: &TxnId,
-    ) -> Result<Vec<LedgerEntry>, StoreError> {
-        let prefix = keys::ledger_prefix(merchant, partner);
-        let shared = Arc::clone(&self.shared);
-        let txn = txn.clone();
-        blocking(move || {
-            let mut out = Vec::new();
-            let db = shared.db()?;
-            let iter = db.prefix_iterator_cf(cf_of(&db, Cf::Ledger)?, &prefix);
-            for item in iter {
-                let (k, v) = item?;
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                let e: LedgerEntry = codec::decode(&v)?;
-                if e.txn_id == txn {
-                    out.push(e);
-                }
-            }
-            Ok(out)
+        Ok(Store {
+            shared,
+            tx,
+            salt: Arc::new(salt),
+            threads: Arc::new(std::sync::Mutex::new(vec![writer, syncer])),
+            unique_window_ms: opts.unique_window_ms,
         })
-        .await
     }
 
-    /// Every ledger entry of one partner, oldest first.
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn ledger_entries(
-        &self,
-        merchant: &MerchantId,
-        partner: &PartnerId,
-    ) -> Result<Vec<LedgerEntry>, StoreError> {
-        let prefix = keys::ledger_prefix(merchant, partner);
-        let shared = Arc::clone(&self.shared);
-        blocking(move || {
-            let mut out = Vec::new();
-            let db = shared.db()?;
-            for item in db.prefix_iterator_cf(cf_of(&db, Cf::Ledger)?, &prefix) {
-                let (k, v) = item?;
-                if !k.starts_with(&prefix) {
-                    break;
-                }
-                out.push(codec::decode(&v)?);
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    /// Every ledger entry of a conversion: its sourced partner's and its influencers'.
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn ledger_for_conversion(&self, rec: &ConversionRecord) -> Result<Vec<LedgerEntry>, StoreError> {
-        let Some(a) = &rec.attribution else { return Ok(Vec::new()) };
-        let mut partners = vec![a.partner_id.clone()];
-        partners.extend(a.influencers.iter().map(|i| i.partner_id.clone()));
-        let mut out = Vec::new();
-        for p in partners {
-            out.extend(self.ledger_for(&rec.merchant_id, &p, &rec.txn_id).await?);
-        }
-        out.sort_by_key(|e| e.entry_id);
-        Ok(out)
-    }
-
-    /// A stored click, for tests and admin views.
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn click(&self, id: &crate::domain::ids::Ulid) -> Result<Option<ClickRecord>, StoreError> {
-        let key = keys::click(id);
-        let shared = Arc::clone(&self.shared);
-        blocking(move || shared.get(Cf::Clicks, &key)?.map(|b| codec::decode_click(&b)).transpose()).await
+    /// The unique-click window this store was opened with (`clicks.unique_window_hours`).
+    pub fn unique_window_ms(&self) -> i64 {
+        self.unique_window_ms
     }
 
     /// Counts the stored conversions of a merchant (admin and tests; a full scan of its range).

@@ -23,112 +23,21 @@ use std::time::{Duration, Instant};
 use rocksdb::{WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
-use super::money::{self, AdjustOutcome, DealAnswer, DealDraft};
 use super::schema::Cf;
-use super::{codec, keys, Durability, Refusal, Shared, StoreError, WriteError};
-use crate::attribution::{self, ClickFacts, Decision, Facts};
-use crate::domain::account::{AccountRecord, CustomerBinding, Reassignment, Touch};
-use crate::domain::click::ClickRecord;
-use crate::domain::clock::UnixMillis;
-use crate::domain::conversion::{AdjustmentInput, ConversionInput, ConversionRecord, ConversionStatus};
-use crate::domain::entities::{Merchant, Partner, Status};
-use crate::domain::ids::{MerchantId, PartnerId, PlanId, Ulid};
+use super::view::View;
+use super::{codec, Durability, Shared, StoreError};
+use crate::domain::conversion::ConversionRecord;
 use crate::domain::ledger::LedgerKind;
-use crate::domain::link::{Link, DEFAULT_WINDOW_DAYS};
-use crate::domain::plan::Plan;
-use crate::signing::{SecretSet, WebhookSecret};
-use crate::store::catalog::Catalog;
+use crate::engine::{self, Answer, Catalog, Command, ConversionOutcome};
 
 type Reply<T> = oneshot::Sender<T>;
 
 pub(super) enum Op {
-    Click(Box<ClickRecord>, Reply<Result<ClickRecord, StoreError>>),
-    Conversion(Box<Draft>, Reply<Result<ConversionOutcome, StoreError>>),
-    Batch(Vec<Draft>, Reply<Result<Vec<ConversionOutcome>, StoreError>>),
-    Adjust(Box<(MerchantId, AdjustmentInput, UnixMillis)>, Reply<Result<AdjustOutcome, StoreError>>),
-    Deal(Box<DealDraft>, Reply<Result<(DealAnswer, bool), StoreError>>),
-    Touch(Box<(MerchantId, String, Touch)>, Reply<Result<(), StoreError>>),
-    Reassign(Box<(MerchantId, String, Reassignment)>, Reply<Result<AccountRecord, StoreError>>),
-    Sweep(UnixMillis, Reply<Result<u64, StoreError>>),
-    Entity(Box<EntityOp>, Reply<Result<Saved, WriteError>>),
+    Command(Box<Command>, Reply<Result<Answer, StoreError>>),
     Stop,
 }
 
-pub(super) struct Draft {
-    pub merchant: MerchantId,
-    pub input: ConversionInput,
-    pub received_ms: UnixMillis,
-}
-
-/// What became of a conversion.
-#[derive(Debug, Clone)]
-pub enum ConversionOutcome {
-    Created(ConversionRecord),
-    Duplicate(ConversionRecord),
-    Conflict(ConversionRecord),
-}
-
-/// Entity writes, checked against the catalog inside the writer.
-pub enum EntityOp {
-    /// Create or update; `secret` is used only when the merchant is new, `token_hash`
-    /// only when the merchant is in token mode and has no token yet.
-    Merchant {
-        merchant: Merchant,
-        secret: WebhookSecret,
-        token_hash: Option<[u8; 32]>,
-    },
-    /// Replace the postback token of a merchant in token mode.
-    RotatePostbackToken {
-        merchant: MerchantId,
-        token_hash: [u8; 32],
-    },
-    /// Make `secret` current; the previous one stays valid for `grace_ms`.
-    RotateMerchantSecret {
-        merchant: MerchantId,
-        secret: WebhookSecret,
-        now: UnixMillis,
-        grace_ms: i64,
-    },
-    /// Create or update; `secret` (the partner API secret) is used only when the partner is new.
-    Partner {
-        partner: Partner,
-        secret: WebhookSecret,
-    },
-    PausePartner {
-        merchant: MerchantId,
-        partner: PartnerId,
-    },
-    Link(Link),
-    Plan(Plan),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Saved {
-    Created,
-    Updated,
-}
-
 type Done = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
-
-/// Most holds approved by one sweep; the next sweep continues.
-const SWEEP_LIMIT: usize = 10_000;
-
-/// Runs `f` on the batch; its answer is sent once the batch is durable (or at once when
-/// `f` fails, having staged nothing that matters: the caller retries).
-fn defer<T: Send + 'static>(
-    pending: &mut Pending<'_>,
-    reply: Reply<Result<T, StoreError>>,
-    f: impl FnOnce(&mut Pending<'_>) -> Result<T, StoreError>,
-) {
-    match f(pending) {
-        Ok(value) => pending.done.push(Box::new(move |r| {
-            let _ = reply.send(r.clone().map(|()| value));
-        })),
-        Err(e) => {
-            let _ = reply.send(Err(e));
-        }
-    }
-}
 
 /// One batch being built: the RocksDB batch, a view of its puts for reads inside the
 /// batch, and the answers to send once it is written or once it is durable.
@@ -171,7 +80,7 @@ impl<'a> Pending<'a> {
     }
 
     /// A value staged by this batch, not yet written.
-    fn staged(&self, cf: Cf, key: &[u8]) -> Option<&Vec<u8>> {
+    pub(super) fn staged(&self, cf: Cf, key: &[u8]) -> Option<&Vec<u8>> {
         self.puts.get(&(cf, key.to_vec()))
     }
 
@@ -205,10 +114,6 @@ impl<'a> Pending<'a> {
     }
 
     /// Decodes the value at `key`, reading through the batch.
-    pub(super) fn read<T: serde::de::DeserializeOwned>(&self, cf: Cf, key: &[u8]) -> Result<Option<T>, StoreError> {
-        self.get(cf, key)?.map(|(v, _)| codec::decode(&v)).transpose()
-    }
-
     pub(super) fn write<T: serde::Serialize>(&mut self, cf: Cf, key: Vec<u8>, value: &T) -> Result<(), StoreError> {
         self.put(cf, key, codec::encode(value))
     }
@@ -233,7 +138,6 @@ pub(super) struct Writer {
     sent: Cell<u64>,
     durability: Durability,
     max_batch: usize,
-    unique_window_ms: i64,
     last_reopen: Cell<Option<Instant>>,
 }
 
@@ -241,20 +145,13 @@ pub(super) struct Writer {
 const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Writer {
-    pub(super) fn new(
-        shared: Arc<Shared>,
-        syncer: Sender<Unsynced>,
-        durability: Durability,
-        max_batch: usize,
-        unique_window_ms: i64,
-    ) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, syncer: Sender<Unsynced>, durability: Durability, max_batch: usize) -> Self {
         Writer {
             shared,
             syncer,
             sent: Cell::new(0),
             durability,
             max_batch: max_batch.max(1),
-            unique_window_ms,
             last_reopen: Default::default(),
         }
     }
@@ -296,77 +193,87 @@ impl Writer {
         let mut pending = Pending::new(shared);
         let mut stop = false;
         for op in ops {
-            match op {
-                Op::Click(click, reply) => match self.click(&mut pending, *click) {
-                    Ok(rec) => pending.written.push(Box::new(move |r| {
-                        let _ = reply.send(r.clone().map(|()| rec));
-                    })),
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                },
-                Op::Conversion(draft, reply) => match self.conversion(&mut pending, *draft) {
-                    Ok((outcome, false)) if !self.syncing() => {
-                        let _ = reply.send(Ok(outcome));
-                    }
-                    Ok((outcome, _)) => {
-                        // Created, or read from a batch that is not durable yet.
-                        pending.sync = true;
-                        pending.done.push(Box::new(move |r| {
-                            let _ = reply.send(r.clone().map(|()| outcome));
-                        }));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
-                },
-                Op::Batch(drafts, reply) => {
-                    // A batch is written on its own so that a failure part-way stores none of it.
+            let (command, reply) = match op {
+                Op::Command(command, reply) => (*command, reply),
+                Op::Stop => {
+                    stop = true;
+                    continue;
+                }
+            };
+            match command {
+                // Entity writes change the catalog every later command reads: each is
+                // written on its own, synced, and the catalog published after it.
+                Command::Entity(_) => {
                     self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
-                    let mut own = Pending::new(shared);
-                    let outcomes: Result<Vec<_>, _> =
-                        drafts.into_iter().map(|d| self.conversion(&mut own, d).map(|(o, _)| o)).collect();
-                    match outcomes {
-                        Ok(outcomes) => {
-                            own.done.push(Box::new(move |r| {
-                                let _ = reply.send(r.clone().map(|()| outcomes));
-                            }));
-                            self.commit(own);
-                        }
-                        Err(e) => {
-                            // Its records may be among the recent ones; it is not stored.
-                            shared.recent().clear();
-                            let _ = reply.send(Err(e));
-                        }
-                    }
+                    let _ = reply.send(self.entity(command));
                 }
-                Op::Adjust(a, reply) => {
-                    let (merchant, input, now) = *a;
-                    defer(&mut pending, reply, |p| money::adjust(p, &merchant, input, now));
-                }
-                Op::Deal(d, reply) => defer(&mut pending, reply, |p| money::register_deal(p, *d)),
-                Op::Touch(t, reply) => {
-                    let (merchant, account, touch) = *t;
-                    defer(&mut pending, reply, |p| money::touch(p, &merchant, &account, touch));
-                }
-                Op::Reassign(r, reply) => {
-                    let (merchant, account, change) = *r;
-                    defer(&mut pending, reply, |p| money::reassign(p, &merchant, &account, change));
-                }
-                Op::Sweep(now, reply) => {
+                // A sweep reads the hold index from the database: nothing may be staged.
+                Command::SweepHolds { .. } => {
                     self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
-                    defer(&mut pending, reply, |p| money::sweep(p, now, SWEEP_LIMIT));
+                    self.execute(&mut pending, command, reply);
                     self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
                 }
-                Op::Entity(op, reply) => {
-                    self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
-                    let _ = reply.send(self.entity(*op));
-                }
-                Op::Stop => stop = true,
+                _ => self.execute(&mut pending, command, reply),
             }
         }
         self.commit(pending);
         stop
+    }
+
+    /// Runs one command through the engine against the database plus the batch, stages
+    /// its effects and queues its answer: clicks once the batch is written; answers that
+    /// changed nothing and read only durable data at once; everything else once the batch
+    /// is durable.
+    fn execute(&self, pending: &mut Pending<'_>, command: Command, reply: Reply<Result<Answer, StoreError>>) {
+        let is_click = matches!(command, Command::Click { .. });
+        let catalog = self.shared.catalog.snapshot();
+        let view = View::new(pending, &catalog, self);
+        let outcome = engine::execute(&view, command);
+        let read_staged = view.read_staged();
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let wrote = !outcome.effects.is_empty();
+        if let Err(e) = super::apply::apply(pending, outcome.effects) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let answer = outcome.answer;
+        if wrote {
+            pending.ops += 1;
+            self.remember_created(&answer);
+        }
+        let send = move |r: &Result<(), StoreError>| {
+            let _ = reply.send(r.clone().map(|()| answer));
+        };
+        if is_click {
+            pending.written.push(Box::new(send));
+        } else if !wrote && !read_staged && !self.syncing() {
+            send(&Ok(()));
+        } else {
+            pending.sync |= wrote;
+            pending.done.push(Box::new(send));
+        }
+    }
+
+    /// Keeps the conversions a command created among the recent ones.
+    fn remember_created(&self, answer: &Answer) {
+        let created = |o: &ConversionOutcome| match o {
+            ConversionOutcome::Created(rec) => Some(rec.clone()),
+            _ => None,
+        };
+        let records: Vec<ConversionRecord> = match answer {
+            Answer::Conversion(o) => created(o).into_iter().collect(),
+            Answer::Batch(all) => all.iter().filter_map(created).collect(),
+            _ => return,
+        };
+        for rec in records {
+            self.remember(super::keys::conversion(&rec.merchant_id, &rec.txn_id), rec);
+        }
     }
 
     /// Reopens the database after a failed write, at most every [`REOPEN_EVERY`]; until
@@ -440,19 +347,6 @@ impl Writer {
         result
     }
 
-    fn click(&self, pending: &mut Pending<'_>, mut click: ClickRecord) -> Result<ClickRecord, StoreError> {
-        let vkey = keys::visitor(&click.link_id, &click.visitor);
-        let last = pending.get(Cf::Visitors, &vkey)?.and_then(|(v, _)| <[u8; 8]>::try_from(v.as_slice()).ok());
-        let last = last.map(i64::from_be_bytes);
-        click.unique = !click.bot && last.is_none_or(|t| click.at_ms - t >= self.unique_window_ms);
-        if click.unique {
-            pending.put(Cf::Visitors, vkey, click.at_ms.to_be_bytes().to_vec())?;
-        }
-        pending.put(Cf::Clicks, keys::click(&click.click_id), codec::encode_click(&click))?;
-        pending.ops += 1;
-        Ok(click)
-    }
-
     /// Keeps a record among the recent ones, durable once the next batch handed to the
     /// syncer is synced: the one being built, which stores it or comes after its read.
     fn remember(&self, key: Vec<u8>, rec: ConversionRecord) {
@@ -463,9 +357,13 @@ impl Writer {
 
     /// A conversion record written by an earlier batch: from the recent ones, else read
     /// from the database and kept as recent.
-    fn stored_conversion(&self, pending: &Pending<'_>, key: &[u8]) -> Result<Option<ConversionRecord>, StoreError> {
+    pub(super) fn stored_conversion(
+        &self,
+        pending: &Pending<'_>,
+        key: &[u8],
+    ) -> Result<Option<ConversionRecord>, StoreError> {
         let db = pending.db()?;
-        let recent = self.shared.recent().get(key).map(|e| e.record.clone());
+        let recent = self.shared.recent().get(key).map(|e| e.settled.record.clone());
         if recent.is_some() {
             return Ok(recent);
         }
@@ -475,315 +373,32 @@ impl Writer {
         Ok(Some(rec))
     }
 
-    /// Returns the outcome and whether it must wait for this batch's write.
-    fn conversion(&self, pending: &mut Pending<'_>, d: Draft) -> Result<(ConversionOutcome, bool), StoreError> {
-        let key = keys::conversion(&d.merchant, &d.input.txn_id);
-        let found = match pending.staged(Cf::Conversions, &key) {
-            Some(bytes) => Some((codec::decode::<ConversionRecord>(bytes)?, true)),
-            None => self.stored_conversion(pending, &key)?.map(|rec| (rec, false)),
-        };
-        if let Some((rec, in_batch)) = found {
-            let outcome = if rec.same_content(&d.input) {
-                ConversionOutcome::Duplicate(rec)
-            } else {
-                ConversionOutcome::Conflict(rec)
-            };
-            return Ok((outcome, in_batch));
-        }
-        let catalog = self.shared.catalog.snapshot();
-        let facts = BatchFacts { pending: &*pending, catalog: &catalog, merchant: &d.merchant };
-        let decision = attribution::decide(&d.input.keys, d.input.occurred_ms, &facts)?;
-        let mut rec = ConversionRecord {
-            conversion_id: Ulid::mint(d.received_ms),
-            merchant_id: d.merchant.clone(),
-            txn_id: d.input.txn_id,
-            event: d.input.event,
-            amount: d.input.amount,
-            occurred_ms: d.input.occurred_ms,
-            received_ms: d.received_ms,
-            keys: d.input.keys,
-            metadata: d.input.metadata,
-            status: ConversionStatus::Pending,
-            attribution: None,
-            unattributed_reason: None,
-            commission: None,
-            commission_note: None,
-            refunded_minor: 0,
-            approve_at_ms: None,
-            history: Vec::new(),
-        };
-        match decision {
-            Decision::Unattributed { reason } => rec.unattributed_reason = Some(reason),
-            Decision::Attributed { attribution, partner, link_id } => {
-                let link = link_id.as_ref().and_then(|l| catalog.links.get(l));
-                let plan = plan_for(&catalog, &d.merchant, link, &partner, rec.occurred_ms);
-                rec.attribution = Some(attribution);
-                super::money::credit(pending, &mut rec, &partner, plan, d.received_ms)?;
-            }
-        }
-        pending.put(Cf::Conversions, key.clone(), codec::encode(&rec))?;
-        self.remember(key, rec.clone());
-        pending.sync = true;
-        pending.ops += 1;
-        Ok((ConversionOutcome::Created(rec), true))
-    }
-
-    /// Writes one entity on its own synced batch, then swaps the catalog.
-    fn entity(&self, op: EntityOp) -> Result<Saved, WriteError> {
+    /// Executes an entity command on a batch of its own, written synced; publishes the
+    /// catalog its effects make.
+    fn entity(&self, command: Command) -> Result<Answer, StoreError> {
         let shared = &*self.shared;
-        let mut catalog: Catalog = (*shared.catalog.snapshot()).clone();
-        let mut batch = WriteBatch::default();
-        let saved = stage_entity(shared, &mut catalog, &mut batch, op)?;
+        let catalog = shared.catalog.snapshot();
+        let mut pending = Pending::new(shared);
+        let outcome = engine::execute(&View::new(&pending, &catalog, self), command)?;
+        if outcome.effects.is_empty() {
+            return Ok(outcome.answer);
+        }
+        let mut next: Catalog = (*catalog).clone();
+        for e in &outcome.effects {
+            next.apply(e);
+        }
+        super::apply::apply(&mut pending, outcome.effects)?;
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        if let Err(e) = shared.db().and_then(|db| Ok(db.write_opt(batch, &opts)?)) {
+        let Pending { db, batch, .. } = pending;
+        let written = db.as_deref().ok_or_else(StoreError::reopening).and_then(|db| Ok(db.write_opt(batch, &opts)?));
+        if let Err(e) = written {
             tracing::error!(error = %e, "entity write failed");
             shared.failed();
-            return Err(WriteError::Store(e));
+            return Err(e);
         }
-        shared.catalog.replace(catalog);
-        Ok(saved)
-    }
-}
-
-fn refused(conflict: bool, code: &'static str, field: Option<&'static str>, detail: String) -> WriteError {
-    WriteError::Refused(Refusal { conflict, code, field, detail, current_status: None })
-}
-
-/// Checks an entity write against the catalog, puts it in `batch` and applies it to
-/// `catalog` (which is only published if the batch is written).
-fn stage_entity(
-    shared: &Shared,
-    catalog: &mut Catalog,
-    batch: &mut WriteBatch,
-    op: EntityOp,
-) -> Result<Saved, WriteError> {
-    let db = shared.db()?;
-    let put = |batch: &mut WriteBatch, cf: Cf, key: Vec<u8>, value: Vec<u8>| -> Result<(), WriteError> {
-        batch.put_cf(super::cf_of(&db, cf)?, key, value);
-        Ok(())
-    };
-    let no_merchant =
-        |id: &MerchantId| refused(false, "merchant_not_found", None, format!("merchant {id} does not exist"));
-    match op {
-        EntityOp::Merchant { mut merchant, secret, token_hash } => {
-            if let Some(hash) = token_hash.filter(|_| merchant.postback_token) {
-                if !catalog.postback_tokens.contains_key(&merchant.id) {
-                    put(batch, Cf::Secrets, keys::postback_token(&merchant.id), codec::encode(&hash))?;
-                    catalog.postback_tokens.insert(merchant.id.clone(), hash);
-                }
-            }
-            let saved = match catalog.merchants.get(&merchant.id) {
-                Some(existing) => {
-                    merchant.created_ms = existing.created_ms;
-                    Saved::Updated
-                }
-                None => {
-                    let secrets = SecretSet::new(secret);
-                    put(batch, Cf::Secrets, keys::merchant_secrets(&merchant.id), codec::encode(&secrets))?;
-                    catalog.secrets.insert(merchant.id.clone(), secrets);
-                    Saved::Created
-                }
-            };
-            put(batch, Cf::Merchants, keys::merchant(&merchant.id), codec::encode(&merchant))?;
-            catalog.merchants.insert(merchant.id.clone(), merchant);
-            Ok(saved)
-        }
-        EntityOp::RotateMerchantSecret { merchant, secret, now, grace_ms } => {
-            let set = catalog.secrets.get_mut(&merchant).ok_or_else(|| no_merchant(&merchant))?;
-            set.rotate(secret, now, grace_ms);
-            let encoded = codec::encode(&*set);
-            put(batch, Cf::Secrets, keys::merchant_secrets(&merchant), encoded)?;
-            Ok(Saved::Updated)
-        }
-        EntityOp::RotatePostbackToken { merchant, token_hash } => {
-            let m = catalog.merchants.get(&merchant).ok_or_else(|| no_merchant(&merchant))?;
-            if !m.postback_token {
-                return Err(refused(
-                    true,
-                    "token_mode_off",
-                    None,
-                    format!("merchant {merchant} does not use postback tokens; set postback_token: true first"),
-                ));
-            }
-            put(batch, Cf::Secrets, keys::postback_token(&merchant), codec::encode(&token_hash))?;
-            catalog.postback_tokens.insert(merchant, token_hash);
-            Ok(Saved::Updated)
-        }
-        EntityOp::Partner { mut partner, secret } => {
-            if !catalog.merchants.contains_key(&partner.merchant_id) {
-                return Err(no_merchant(&partner.merchant_id));
-            }
-            let saved = match catalog.partners.get(&partner.id) {
-                Some(p) if p.merchant_id != partner.merchant_id => {
-                    return Err(refused(
-                        true,
-                        "partner_id_taken",
-                        None,
-                        format!("partner id {} is taken; partner ids are unique across merchants", partner.id),
-                    ));
-                }
-                Some(p) => {
-                    partner.created_ms = p.created_ms;
-                    Saved::Updated
-                }
-                None => {
-                    let secrets = SecretSet::new(secret);
-                    put(batch, Cf::Secrets, keys::partner_secrets(&partner.id), codec::encode(&secrets))?;
-                    catalog.partner_secrets.insert(partner.id.clone(), secrets);
-                    Saved::Created
-                }
-            };
-            for c in &partner.coupons {
-                if catalog.coupon_owner(&partner.merchant_id, c).is_some_and(|o| o.id != partner.id) {
-                    return Err(refused(
-                        true,
-                        "coupon_taken",
-                        Some("coupons"),
-                        format!("coupon {c} belongs to another partner"),
-                    ));
-                }
-            }
-            check_plan_ref(catalog, &partner.merchant_id, partner.plan_id.as_ref())?;
-            put(batch, Cf::Partners, keys::partner(&partner.id), codec::encode(&partner))?;
-            catalog.insert_partner(partner);
-            Ok(saved)
-        }
-        EntityOp::PausePartner { merchant, partner } => {
-            let mut p = catalog
-                .partner_of(&merchant, &partner)
-                .cloned()
-                .ok_or_else(|| refused(false, "not_found", None, format!("partner {partner} does not exist")))?;
-            p.status = Status::Paused;
-            put(batch, Cf::Partners, keys::partner(&p.id), codec::encode(&p))?;
-            catalog.insert_partner(p);
-            Ok(Saved::Updated)
-        }
-        EntityOp::Link(mut link) => {
-            if !catalog.merchants.contains_key(&link.merchant_id) {
-                return Err(no_merchant(&link.merchant_id));
-            }
-            if catalog.partner_of(&link.merchant_id, &link.partner_id).is_none() {
-                return Err(refused(
-                    false,
-                    "invalid_field",
-                    Some("partner_id"),
-                    format!("partner {} is not a partner of this merchant", link.partner_id),
-                ));
-            }
-            check_plan_ref(catalog, &link.merchant_id, link.plan_id.as_ref())?;
-            let saved = match catalog.links.get(&link.id) {
-                Some(l) if l.merchant_id != link.merchant_id => {
-                    return Err(refused(
-                        true,
-                        "link_id_taken",
-                        None,
-                        format!("link id {} is taken; link ids are unique across merchants", link.id),
-                    ));
-                }
-                Some(l) => {
-                    link.created_ms = l.created_ms;
-                    Saved::Updated
-                }
-                None => Saved::Created,
-            };
-            put(batch, Cf::Links, keys::link(&link.id), codec::encode(&link))?;
-            catalog.links.insert(link.id.clone(), link);
-            Ok(saved)
-        }
-        EntityOp::Plan(plan) => {
-            if !catalog.merchants.contains_key(&plan.merchant_id) {
-                return Err(no_merchant(&plan.merchant_id));
-            }
-            let saved = match catalog.current_plan(&plan.merchant_id, &plan.id) {
-                Some(current) if same_terms(current, &plan) => return Ok(Saved::Updated),
-                Some(_) => Saved::Updated,
-                None => Saved::Created,
-            };
-            put(batch, Cf::Plans, keys::plan(&plan.merchant_id, &plan.id, plan.version_from_ms), codec::encode(&plan))?;
-            catalog.insert_plan(plan);
-            Ok(saved)
-        }
-    }
-}
-
-/// Two versions with the same terms: a re-applied config adds no version.
-fn same_terms(a: &Plan, b: &Plan) -> bool {
-    Plan { version_from_ms: 0, ..a.clone() } == Plan { version_from_ms: 0, ..b.clone() }
-}
-
-fn check_plan_ref(catalog: &Catalog, merchant: &MerchantId, plan: Option<&PlanId>) -> Result<(), WriteError> {
-    match plan {
-        Some(p) if catalog.current_plan(merchant, p).is_none() => {
-            Err(refused(false, "invalid_field", Some("plan_id"), format!("plan {p} does not exist for this merchant")))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// The plan that pays a credited partner: the link's, else the partner's, else the
-/// merchant's default; the version in force when the conversion occurred.
-fn plan_for<'c>(
-    catalog: &'c Catalog,
-    merchant: &MerchantId,
-    link: Option<&Link>,
-    partner: &Partner,
-    at: UnixMillis,
-) -> Result<&'c Plan, String> {
-    let id = link
-        .and_then(|l| l.plan_id.as_ref())
-        .or(partner.plan_id.as_ref())
-        .or_else(|| catalog.merchants.get(merchant).and_then(|m| m.default_plan_id.as_ref()))
-        .ok_or_else(|| {
-            "no commission plan applies: set plan_id on the link or the partner, or default_plan_id on the merchant"
-                .to_string()
-        })?;
-    catalog.plan_at(merchant, id, at).ok_or_else(|| format!("plan {id} does not exist"))
-}
-
-/// Attribution's view of the store inside one batch, limited to one merchant.
-struct BatchFacts<'p, 'a> {
-    pending: &'p Pending<'a>,
-    catalog: &'p Catalog,
-    merchant: &'p MerchantId,
-}
-
-impl Facts for BatchFacts<'_, '_> {
-    type Error = StoreError;
-
-    fn partner(&self, id: &PartnerId) -> Result<Option<Partner>, StoreError> {
-        Ok(self.catalog.partner_of(self.merchant, id).cloned())
-    }
-
-    fn click(&self, id: &Ulid) -> Result<Option<ClickFacts>, StoreError> {
-        let Some((bytes, _)) = self.pending.get(Cf::Clicks, &keys::click(id))? else {
-            return Ok(None);
-        };
-        let click = codec::decode_click(&bytes)?;
-        if click.merchant_id != *self.merchant {
-            return Ok(None);
-        }
-        let link = self.catalog.links.get(&click.link_id);
-        Ok(Some(ClickFacts {
-            click_id: click.click_id,
-            window_days: link.map_or(DEFAULT_WINDOW_DAYS, |l| l.window_days),
-            min_ctit_seconds: link.map_or(0, |l| l.min_ctit_seconds),
-            link_id: click.link_id,
-            partner_id: click.partner_id,
-            at_ms: click.at_ms,
-        }))
-    }
-
-    fn coupon_owner(&self, coupon: &str) -> Result<Option<Partner>, StoreError> {
-        Ok(self.catalog.coupon_owner(self.merchant, coupon).cloned())
-    }
-
-    fn account(&self, account: &str) -> Result<Option<AccountRecord>, StoreError> {
-        self.pending.read(Cf::Accounts, &keys::account(self.merchant, account))
-    }
-
-    fn customer(&self, customer_id: &str) -> Result<Option<CustomerBinding>, StoreError> {
-        self.pending.read(Cf::Customers, &keys::customer(self.merchant, customer_id))
+        shared.catalog.replace(next);
+        Ok(outcome.answer)
     }
 }
 
@@ -865,9 +480,10 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::ConversionOutcome;
+    use crate::backend::{Backend, BackendExt};
     use crate::domain::conversion::ConversionBody;
     use crate::domain::ids::MerchantId;
+    use crate::engine::ConversionOutcome;
     use crate::store::{Durability, Store, StoreOptions};
 
     async fn convert(store: &Store, txn: &str) -> ConversionOutcome {

@@ -1,6 +1,7 @@
 //! Click redirects (SPEC 5.1, 11).
 
 use http::Method;
+use tally::backend::Backend;
 
 use crate::helpers::{click_id_of, TestApp, BROWSER};
 

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use tally::backend::{Backend, BackendExt};
 use tally::domain::account::{Touch, TouchKind};
 use tally::domain::conversion::{
     AdjustmentInput, AdjustmentKind, AttributionKeys, ConversionInput, ConversionRecord, ConversionStatus,
@@ -15,8 +16,9 @@ use tally::domain::ids::{MerchantId, PartnerId, PlanId, TxnId};
 use tally::domain::ledger::LedgerEntry;
 use tally::domain::money::{Currency, Money};
 use tally::domain::plan::PlanBody;
+use tally::engine::{DealDraft, EntityOp};
 use tally::signing::WebhookSecret;
-use tally::store::{DealDraft, Durability, EntityOp, Store, StoreOptions};
+use tally::store::{Durability, Store, StoreOptions};
 
 #[derive(Debug, Clone)]
 enum Step {

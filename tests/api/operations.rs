@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
+use tally::backend::BackendExt;
 
 use http::Method;
 use serde_json::json;

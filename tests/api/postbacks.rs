@@ -3,6 +3,7 @@
 
 use http::Method;
 use serde_json::json;
+use tally::backend::Backend;
 
 use crate::helpers::{client, send, start_binary, TestApp, ADMIN_TOKEN, BROWSER};
 

@@ -1,0 +1,282 @@
+//! The one interface between tally and its storage: submit a command to the engine and
+//! get its answer once its effects are kept, read the few queries the API needs, and
+//! read the catalog. `http` holds an `Arc<dyn Backend>`; the RocksDB [`Store`] implements
+//! it today, and a clustered backend (SPEC 14) implements the same trait.
+//!
+//! [`BackendExt`] adds typed calls (`convert`, `adjust`, ...) that build the command and
+//! unpack the answer, for every backend alike.
+//!
+//! [`Store`]: crate::store::Store
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+
+use crate::domain::account::{AccountRecord, Touch};
+use crate::domain::click::ClickRecord;
+use crate::domain::clock::UnixMillis;
+use crate::domain::conversion::{AdjustmentInput, ConversionInput, ConversionRecord};
+use crate::domain::entities::{Merchant, Partner};
+use crate::domain::ids::{MerchantId, PartnerId, TxnId, Ulid};
+use crate::domain::ledger::LedgerEntry;
+use crate::domain::link::Link;
+use crate::domain::plan::Plan;
+use crate::engine::{
+    AdjustOutcome, Answer, Catalog, Command, ConversionDraft, ConversionOutcome, DealAnswer, DealDraft, EntityOp,
+    Entropy, Refusal, Saved,
+};
+use crate::metrics::StorageStats;
+use crate::signing::WebhookSecret;
+
+/// A boxed future, so that the trait can be used as `dyn Backend`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Failures of the storage behind a backend. Every one of them answers `503` upstream.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the storage writer has stopped")]
+    Closed,
+}
+
+/// An entity write that failed: storage, or a refusal on its merits.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{}", .0.detail)]
+    Refused(Refusal),
+}
+
+/// A stored conversion that is durable, kept by the backend to answer retries without
+/// asking the engine; `rendered` is a slot the caller may fill with its rendering of it.
+#[derive(Debug)]
+pub struct Settled {
+    pub record: ConversionRecord,
+    pub rendered: OnceLock<Bytes>,
+}
+
+/// Storage as the rest of tally sees it.
+pub trait Backend: Send + Sync + 'static {
+    /// Executes a command in the engine and keeps its effects; answers once they are as
+    /// durable as the command promises (conversions and money: fsynced; clicks: written).
+    fn submit(&self, command: Command) -> BoxFuture<'_, Result<Answer, StoreError>>;
+
+    /// The conversion `(merchant, txn)` when the backend holds it durable and unchanged
+    /// in memory; `None` means "ask the engine".
+    fn settled_conversion(&self, merchant: &MerchantId, txn: &TxnId) -> Option<Arc<Settled>>;
+
+    /// The configuration entities as of the last committed entity write.
+    fn catalog(&self) -> Arc<Catalog>;
+
+    /// The per-installation salt of visitor fingerprints.
+    fn visitor_salt(&self) -> &[u8];
+
+    /// False while writes fail.
+    fn is_ready(&self) -> bool;
+
+    fn conversion<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        txn: &'a TxnId,
+    ) -> BoxFuture<'a, Result<Option<ConversionRecord>, StoreError>>;
+
+    /// Every ledger entry of one partner, oldest first.
+    fn ledger_entries<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        partner: &'a PartnerId,
+    ) -> BoxFuture<'a, Result<Vec<LedgerEntry>, StoreError>>;
+
+    /// Every ledger entry of a conversion: its sourced partner's and its influencers'.
+    fn ledger_for_conversion<'a>(
+        &'a self,
+        rec: &'a ConversionRecord,
+    ) -> BoxFuture<'a, Result<Vec<LedgerEntry>, StoreError>>;
+
+    fn account<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        account: &'a str,
+    ) -> BoxFuture<'a, Result<Option<AccountRecord>, StoreError>>;
+
+    fn click<'a>(&'a self, id: &'a Ulid) -> BoxFuture<'a, Result<Option<ClickRecord>, StoreError>>;
+
+    /// Figures for `/metrics`.
+    fn stats(&self) -> StorageStats;
+
+    /// A consistent online copy of the data in `dir` (which must not exist). Blocks.
+    ///
+    /// # Errors
+    /// When the copy cannot be made.
+    fn backup_to(&self, dir: &Path) -> Result<(), StoreError>;
+}
+
+fn unexpected(answer: &Answer) -> StoreError {
+    StoreError::Corrupt(format!("the engine answered {answer:?} to another command"))
+}
+
+/// Typed calls over [`Backend::submit`].
+pub trait BackendExt: Backend {
+    /// Records a click; the answer carries its `unique` flag.
+    fn record_click(
+        &self,
+        click: ClickRecord,
+        unique_window_ms: i64,
+    ) -> impl Future<Output = Result<ClickRecord, StoreError>> + Send {
+        let command = Command::Click { click: Box::new(click), unique_window_ms };
+        async move {
+            match self.submit(command).await? {
+                Answer::Click(c) => Ok(*c),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Dedupes, attributes and stores a conversion; `Created` once durable.
+    fn convert(
+        &self,
+        merchant: MerchantId,
+        input: ConversionInput,
+        received_ms: UnixMillis,
+    ) -> impl Future<Output = Result<ConversionOutcome, StoreError>> + Send {
+        let draft = ConversionDraft { merchant, input, received_ms, entropy: Entropy::random() };
+        async move {
+            match self.submit(Command::Conversion(Box::new(draft))).await? {
+                Answer::Conversion(o) => Ok(o),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Many conversions in one all-or-nothing command; a `txn_id` repeated inside the
+    /// batch is a duplicate of its first occurrence.
+    fn convert_batch(
+        &self,
+        merchant: MerchantId,
+        inputs: Vec<ConversionInput>,
+        received_ms: UnixMillis,
+    ) -> impl Future<Output = Result<Vec<ConversionOutcome>, StoreError>> + Send {
+        let drafts = inputs
+            .into_iter()
+            .map(|input| ConversionDraft { merchant: merchant.clone(), input, received_ms, entropy: Entropy::random() })
+            .collect();
+        async move {
+            match self.submit(Command::Batch(drafts)).await? {
+                Answer::Batch(o) => Ok(o),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// A refund, chargeback, approval or rejection, idempotent by its id.
+    fn adjust(
+        &self,
+        merchant: MerchantId,
+        input: AdjustmentInput,
+        at: UnixMillis,
+    ) -> impl Future<Output = Result<AdjustOutcome, StoreError>> + Send {
+        let command = Command::Adjust { merchant, input: Box::new(input), at, entropy: Entropy::random() };
+        async move {
+            match self.submit(command).await? {
+                Answer::Adjust(o) => Ok(o),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Registers a deal; `true` with the answer when it replays an earlier registration.
+    fn register_deal(&self, draft: DealDraft) -> impl Future<Output = Result<(DealAnswer, bool), StoreError>> + Send {
+        async move {
+            match self.submit(Command::Deal(Box::new(draft))).await? {
+                Answer::Deal(a, replay) => Ok((a, replay)),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Records a CRM touch on a normalized account.
+    fn touch(
+        &self,
+        merchant: MerchantId,
+        account: String,
+        touch: Touch,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async move {
+            match self.submit(Command::Touch { merchant, account, touch }).await? {
+                Answer::Touched => Ok(()),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Makes `to` the account's source of record, audited with who, why and when.
+    fn reassign(
+        &self,
+        merchant: MerchantId,
+        account: String,
+        to: PartnerId,
+        by: String,
+        why: String,
+        at: UnixMillis,
+    ) -> impl Future<Output = Result<AccountRecord, StoreError>> + Send {
+        async move {
+            match self.submit(Command::Reassign { merchant, account, to, by, why, at }).await? {
+                Answer::Reassigned(a) => Ok(*a),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Approves the conversions whose hold ended by `now`; returns how many.
+    fn sweep_holds(&self, now: UnixMillis) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        async move {
+            match self.submit(Command::SweepHolds { now, limit: crate::engine::SWEEP_LIMIT }).await? {
+                Answer::Swept(n) => Ok(n),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// Creates or updates an entity.
+    fn apply(&self, op: EntityOp) -> impl Future<Output = Result<Saved, WriteError>> + Send {
+        async move {
+            match self.submit(Command::Entity(Box::new(op))).await? {
+                Answer::Entity(r) => r.map_err(WriteError::Refused),
+                other => Err(WriteError::Store(unexpected(&other))),
+            }
+        }
+    }
+
+    fn put_merchant(
+        &self,
+        merchant: Merchant,
+        secret: WebhookSecret,
+    ) -> impl Future<Output = Result<Saved, WriteError>> + Send {
+        self.apply(EntityOp::Merchant { merchant, secret, token_hash: None })
+    }
+
+    fn put_partner(
+        &self,
+        partner: Partner,
+        secret: WebhookSecret,
+    ) -> impl Future<Output = Result<Saved, WriteError>> + Send {
+        self.apply(EntityOp::Partner { partner, secret })
+    }
+
+    fn put_link(&self, link: Link) -> impl Future<Output = Result<Saved, WriteError>> + Send {
+        self.apply(EntityOp::Link(link))
+    }
+
+    fn put_plan(&self, plan: Plan) -> impl Future<Output = Result<Saved, WriteError>> + Send {
+        self.apply(EntityOp::Plan(plan))
+    }
+}
+
+impl<B: Backend + ?Sized> BackendExt for B {}

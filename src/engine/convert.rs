@@ -1,0 +1,280 @@
+//! Clicks and conversions: the unique-click flag, the exact dedupe decision, attribution,
+//! plan selection and crediting (commission, influence fees, tiers and caps, customer
+//! binding, the deal's `converted` mark and the hold).
+
+use super::tx::Tx;
+use super::{Catalog, Effect, Entropy, Hold, State};
+use crate::attribution::{self, ClickFacts, Decision, Facts};
+use crate::commission::{self, History};
+use crate::domain::account::{AccountRecord, CustomerBinding};
+use crate::domain::click::ClickRecord;
+use crate::domain::clock::{month_of, UnixMillis};
+use crate::domain::conversion::{ConversionInput, ConversionRecord, ConversionStatus, Credit};
+use crate::domain::entities::Partner;
+use crate::domain::ids::{MerchantId, PartnerId, Ulid};
+use crate::domain::ledger::{LedgerEntry, LedgerKind};
+use crate::domain::link::{Link, DEFAULT_WINDOW_DAYS};
+use crate::domain::money::Money;
+use crate::domain::plan::Plan;
+
+pub(super) const DAY_MS: i64 = 86_400_000;
+
+/// A conversion as received, with its receipt time and the entropy its ids come from.
+#[derive(Debug, Clone)]
+pub struct ConversionDraft {
+    pub merchant: MerchantId,
+    pub input: ConversionInput,
+    pub received_ms: UnixMillis,
+    pub entropy: Entropy,
+}
+
+/// What became of a conversion.
+#[derive(Debug, Clone)]
+pub enum ConversionOutcome {
+    Created(ConversionRecord),
+    /// Stored before with the same content.
+    Duplicate(ConversionRecord),
+    /// Stored before with other content.
+    Conflict(ConversionRecord),
+}
+
+/// A click is unique unless it is a bot's or its visitor clicked the link within the window.
+pub(super) fn click<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    mut click: ClickRecord,
+    unique_window_ms: i64,
+) -> Result<ClickRecord, S::Error> {
+    let last = tx.visitor(&click.link_id, &click.visitor)?;
+    click.unique = !click.bot && last.is_none_or(|t| click.at_ms - t >= unique_window_ms);
+    if click.unique {
+        tx.put_visitor(click.link_id.clone(), click.visitor, click.at_ms);
+    }
+    tx.push(Effect::Click(Box::new(click.clone())));
+    Ok(click)
+}
+
+/// Dedupes by `(merchant, txn_id)`, then attributes and credits a new conversion.
+pub(super) fn conversion<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    d: ConversionDraft,
+) -> Result<ConversionOutcome, S::Error> {
+    if let Some(rec) = tx.conversion(&d.merchant, &d.input.txn_id)? {
+        return Ok(if rec.same_content(&d.input) {
+            ConversionOutcome::Duplicate(rec)
+        } else {
+            ConversionOutcome::Conflict(rec)
+        });
+    }
+    let catalog = tx.catalog();
+    let decision = attribution::decide(&d.input.keys, d.input.occurred_ms, &TxFacts { tx, merchant: &d.merchant })?;
+    let mut rec = ConversionRecord {
+        conversion_id: tx.conversion_id(d.received_ms, &d.entropy),
+        merchant_id: d.merchant.clone(),
+        txn_id: d.input.txn_id,
+        event: d.input.event,
+        amount: d.input.amount,
+        occurred_ms: d.input.occurred_ms,
+        received_ms: d.received_ms,
+        keys: d.input.keys,
+        metadata: d.input.metadata,
+        status: ConversionStatus::Pending,
+        attribution: None,
+        unattributed_reason: None,
+        commission: None,
+        commission_note: None,
+        refunded_minor: 0,
+        approve_at_ms: None,
+        history: Vec::new(),
+    };
+    match decision {
+        Decision::Unattributed { reason } => rec.unattributed_reason = Some(reason),
+        Decision::Attributed { attribution, partner, link_id } => {
+            let link = link_id.as_ref().and_then(|l| catalog.links.get(l));
+            let plan = plan_for(catalog, &d.merchant, link, &partner, rec.occurred_ms);
+            rec.attribution = Some(attribution);
+            credit(tx, &mut rec, &partner, plan, d.received_ms, &d.entropy)?;
+        }
+    }
+    tx.put_conversion(rec.clone());
+    Ok(ConversionOutcome::Created(rec))
+}
+
+/// The plan that pays a credited partner: the link's, else the partner's, else the
+/// merchant's default; the version in force when the conversion occurred.
+fn plan_for<'c>(
+    catalog: &'c Catalog,
+    merchant: &MerchantId,
+    link: Option<&Link>,
+    partner: &Partner,
+    at: UnixMillis,
+) -> Result<&'c Plan, String> {
+    let id = link
+        .and_then(|l| l.plan_id.as_ref())
+        .or(partner.plan_id.as_ref())
+        .or_else(|| catalog.merchants.get(merchant).and_then(|m| m.default_plan_id.as_ref()))
+        .ok_or_else(|| {
+            "no commission plan applies: set plan_id on the link or the partner, or default_plan_id on the merchant"
+                .to_string()
+        })?;
+    catalog.plan_at(merchant, id, at).ok_or_else(|| format!("plan {id} does not exist"))
+}
+
+/// Appends one ledger entry for `partner` on this conversion.
+pub(super) fn append<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    rec: &ConversionRecord,
+    partner: &PartnerId,
+    kind: LedgerKind,
+    amount: Money,
+    at: UnixMillis,
+    entropy: &Entropy,
+) -> Result<Ulid, S::Error> {
+    let entry = LedgerEntry {
+        entry_id: Ulid([0; 16]),
+        merchant_id: rec.merchant_id.clone(),
+        partner_id: partner.clone(),
+        kind,
+        txn_id: rec.txn_id.clone(),
+        conversion_id: rec.conversion_id,
+        amount,
+        at_ms: at,
+    };
+    tx.append_ledger(entry, entropy)
+}
+
+/// Credits a newly attributed conversion: the sourced partner's commission under `plan`
+/// (tiers, caps, recurring limits from the partner's and customer's history), influence
+/// fees, ledger entries, the customer's lifetime binding, the deal's `converted` mark and
+/// the hold that approves it later.
+fn credit<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    rec: &mut ConversionRecord,
+    partner: &Partner,
+    plan: Result<&Plan, String>,
+    now: UnixMillis,
+    entropy: &Entropy,
+) -> Result<(), S::Error> {
+    let merchant = rec.merchant_id.clone();
+    let Some(attribution) = rec.attribution.clone() else { return Ok(()) };
+    let month = month_of(rec.occurred_ms);
+    let mut stats = tx.partner_month(&merchant, &partner.id, month)?;
+    let binding: Option<CustomerBinding> = match &rec.keys.customer_id {
+        Some(c) => tx.customer(&merchant, c)?,
+        None => None,
+    };
+    let account: Option<AccountRecord> = match &rec.keys.account {
+        Some(a) => tx.account(&merchant, a)?,
+        None => None,
+    };
+
+    let plan = match plan {
+        Ok(p) => Some(p),
+        Err(note) => {
+            rec.commission_note = Some(note);
+            None
+        }
+    };
+    if let Some(plan) = plan {
+        let history = History {
+            approved_sales_this_month: stats.approved_sales,
+            commission_this_month: stats.commission_minor,
+            customer_first_sale_ms: binding.as_ref().map(|b| b.first_sale_ms),
+            occurred_ms: rec.occurred_ms,
+        };
+        match commission::quote(plan, &rec.event, rec.amount, partner.kind, &history) {
+            Ok(q) => {
+                rec.commission_note = q.note;
+                rec.commission = Some(q.commission);
+            }
+            Err(note) => rec.commission_note = Some(note),
+        }
+        rec.approve_at_ms = Some(now + i64::from(plan.hold_days) * DAY_MS);
+    } else {
+        rec.approve_at_ms = Some(now);
+    }
+
+    let mut influencers = Vec::new();
+    if let Some(acc) = &account {
+        let window = plan.map_or(crate::domain::plan::DEFAULT_INFLUENCE_WINDOW_DAYS, |p| p.influence_window_days);
+        for mut i in attribution::influence(acc, &attribution.partner_id, rec.occurred_ms, window) {
+            i.commission = plan.and_then(|pl| commission::influence_fee(pl, rec.amount));
+            debug_assert_eq!(i.credit, Credit::Influenced);
+            influencers.push(i);
+        }
+    }
+
+    if let Some(c) = rec.commission.clone().filter(|c| c.amount.minor != 0) {
+        append(tx, rec, &attribution.partner_id, LedgerKind::Commission, c.amount, now, entropy)?;
+        stats.commission_minor += c.amount.minor;
+    }
+    for i in &influencers {
+        if let Some(fee) = i.commission {
+            append(tx, rec, &i.partner_id, LedgerKind::InfluenceFee, fee, now, entropy)?;
+        }
+    }
+    if let Some(a) = rec.attribution.as_mut() {
+        a.influencers = influencers;
+    }
+    tx.put_partner_month(&merchant, &partner.id, month, stats);
+
+    if let (Some(c), None) = (&rec.keys.customer_id, &binding) {
+        let b = CustomerBinding {
+            partner_id: attribution.partner_id.clone(),
+            first_sale_ms: rec.occurred_ms,
+            txn_id: rec.txn_id.clone(),
+        };
+        tx.put_customer(&merchant, c, b);
+    }
+    if let (crate::domain::conversion::RuleKind::Deal, Some(mut acc)) = (attribution.rule, account) {
+        if let Some(claim) = acc.claim.as_mut() {
+            claim.converted = true;
+        }
+        tx.put_account(&merchant, acc);
+    }
+    if let Some(at) = rec.approve_at_ms {
+        tx.push(Effect::HoldSet(Hold { at, merchant, txn: rec.txn_id.clone() }));
+    }
+    Ok(())
+}
+
+/// Attribution's view of the state within one command, limited to one merchant.
+struct TxFacts<'t, 's, S: State + ?Sized> {
+    tx: &'t Tx<'s, S>,
+    merchant: &'t MerchantId,
+}
+
+impl<S: State + ?Sized> Facts for TxFacts<'_, '_, S> {
+    type Error = S::Error;
+
+    fn partner(&self, id: &PartnerId) -> Result<Option<Partner>, S::Error> {
+        Ok(self.tx.catalog().partner_of(self.merchant, id).cloned())
+    }
+
+    fn click(&self, id: &Ulid) -> Result<Option<ClickFacts>, S::Error> {
+        let Some(click) = self.tx.click(id)? else { return Ok(None) };
+        if click.merchant_id != *self.merchant {
+            return Ok(None);
+        }
+        let link = self.tx.catalog().links.get(&click.link_id);
+        Ok(Some(ClickFacts {
+            click_id: click.click_id,
+            window_days: link.map_or(DEFAULT_WINDOW_DAYS, |l| l.window_days),
+            min_ctit_seconds: link.map_or(0, |l| l.min_ctit_seconds),
+            link_id: click.link_id,
+            partner_id: click.partner_id,
+            at_ms: click.at_ms,
+        }))
+    }
+
+    fn coupon_owner(&self, coupon: &str) -> Result<Option<Partner>, S::Error> {
+        Ok(self.tx.catalog().coupon_owner(self.merchant, coupon).cloned())
+    }
+
+    fn account(&self, account: &str) -> Result<Option<AccountRecord>, S::Error> {
+        self.tx.account(self.merchant, account)
+    }
+
+    fn customer(&self, customer_id: &str) -> Result<Option<CustomerBinding>, S::Error> {
+        self.tx.customer(self.merchant, customer_id)
+    }
+}

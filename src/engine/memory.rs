@@ -1,0 +1,133 @@
+//! A complete backend in ordered maps: the engine's [`State`] and the application of its
+//! effects, nothing else. It is the model the RocksDB store is tested against (same
+//! commands, same answers, same ledger) and the target of replay tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+
+use super::{execute, Answer, Catalog, Command, DealAnswer, Effect, Hold, State};
+use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth};
+use crate::domain::click::ClickRecord;
+use crate::domain::clock::UnixMillis;
+use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
+use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
+use crate::domain::ledger::LedgerEntry;
+
+/// Everything the engine keeps, in memory.
+#[derive(Debug, Default, Clone)]
+pub struct Memory {
+    pub catalog: Catalog,
+    pub conversions: BTreeMap<(MerchantId, TxnId), ConversionRecord>,
+    pub clicks: BTreeMap<Ulid, ClickRecord>,
+    pub visitors: BTreeMap<(LinkId, [u8; 16]), UnixMillis>,
+    pub accounts: BTreeMap<(MerchantId, String), AccountRecord>,
+    pub customers: BTreeMap<(MerchantId, String), CustomerBinding>,
+    pub months: BTreeMap<(MerchantId, PartnerId, u32), PartnerMonth>,
+    pub adjustments: BTreeMap<(MerchantId, String), AdjustmentRecord>,
+    pub deals: BTreeMap<(PartnerId, String), DealAnswer>,
+    pub holds: BTreeSet<Hold>,
+    /// `(merchant, partner, entry id)` -> entry: a partner's entries in append order.
+    pub ledger: BTreeMap<(MerchantId, PartnerId, Ulid), LedgerEntry>,
+    pub ledger_head: Option<Ulid>,
+}
+
+impl Memory {
+    /// Executes a command and applies its effects.
+    pub fn submit(&mut self, command: Command) -> Answer {
+        let Ok(outcome) = execute(&*self, command);
+        for effect in outcome.effects {
+            self.apply(effect);
+        }
+        outcome.answer
+    }
+
+    /// Keeps one effect.
+    pub fn apply(&mut self, effect: Effect) {
+        self.catalog.apply(&effect);
+        match effect {
+            Effect::Click(c) => {
+                self.clicks.insert(c.click_id, *c);
+            }
+            Effect::Visitor { link, visitor, at_ms } => {
+                self.visitors.insert((link, visitor), at_ms);
+            }
+            Effect::Conversion(rec) => {
+                self.conversions.insert((rec.merchant_id.clone(), rec.txn_id.clone()), *rec);
+            }
+            Effect::Ledger(e) => {
+                self.ledger.insert((e.merchant_id.clone(), e.partner_id.clone(), e.entry_id), *e);
+            }
+            Effect::LedgerHead(id) => self.ledger_head = Some(id),
+            Effect::Account { merchant, record } => {
+                self.accounts.insert((merchant, record.account.clone()), *record);
+            }
+            Effect::Customer { merchant, customer, binding } => {
+                self.customers.insert((merchant, customer), binding);
+            }
+            Effect::PartnerMonth { merchant, partner, month, stats } => {
+                self.months.insert((merchant, partner, month), stats);
+            }
+            Effect::Adjustment { merchant, record } => {
+                self.adjustments.insert((merchant, record.input.adjustment_id.clone()), *record);
+            }
+            Effect::Deal { partner, deal_id, answer } => {
+                self.deals.insert((partner, deal_id), *answer);
+            }
+            Effect::HoldSet(h) => {
+                self.holds.insert(h);
+            }
+            Effect::HoldDone(h) => {
+                self.holds.remove(&h);
+            }
+            Effect::Merchant(_)
+            | Effect::MerchantSecrets { .. }
+            | Effect::PostbackToken { .. }
+            | Effect::Partner(_)
+            | Effect::PartnerSecrets { .. }
+            | Effect::Link(_)
+            | Effect::Plan(_) => {}
+        }
+    }
+
+    /// A partner's ledger entries, oldest first.
+    pub fn ledger_of(&self, merchant: &MerchantId, partner: &PartnerId) -> Vec<LedgerEntry> {
+        self.ledger.iter().filter(|((m, p, _), _)| m == merchant && p == partner).map(|(_, e)| e.clone()).collect()
+    }
+}
+
+impl State for Memory {
+    type Error = Infallible;
+    fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+    fn conversion(&self, m: &MerchantId, txn: &TxnId) -> Result<Option<ConversionRecord>, Infallible> {
+        Ok(self.conversions.get(&(m.clone(), txn.clone())).cloned())
+    }
+    fn click(&self, id: &Ulid) -> Result<Option<ClickRecord>, Infallible> {
+        Ok(self.clicks.get(id).cloned())
+    }
+    fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<Option<UnixMillis>, Infallible> {
+        Ok(self.visitors.get(&(link.clone(), *visitor)).copied())
+    }
+    fn account(&self, m: &MerchantId, account: &str) -> Result<Option<AccountRecord>, Infallible> {
+        Ok(self.accounts.get(&(m.clone(), account.to_string())).cloned())
+    }
+    fn customer(&self, m: &MerchantId, customer: &str) -> Result<Option<CustomerBinding>, Infallible> {
+        Ok(self.customers.get(&(m.clone(), customer.to_string())).cloned())
+    }
+    fn partner_month(&self, m: &MerchantId, p: &PartnerId, month: u32) -> Result<Option<PartnerMonth>, Infallible> {
+        Ok(self.months.get(&(m.clone(), p.clone(), month)).copied())
+    }
+    fn adjustment(&self, m: &MerchantId, id: &str) -> Result<Option<AdjustmentRecord>, Infallible> {
+        Ok(self.adjustments.get(&(m.clone(), id.to_string())).cloned())
+    }
+    fn deal(&self, p: &PartnerId, deal_id: &str) -> Result<Option<DealAnswer>, Infallible> {
+        Ok(self.deals.get(&(p.clone(), deal_id.to_string())).cloned())
+    }
+    fn due_holds(&self, now: UnixMillis, limit: usize) -> Result<Vec<Hold>, Infallible> {
+        Ok(self.holds.iter().take_while(|h| h.at <= now).take(limit).cloned().collect())
+    }
+    fn ledger_head(&self) -> Result<Option<Ulid>, Infallible> {
+        Ok(self.ledger_head)
+    }
+}

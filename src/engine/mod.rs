@@ -1,0 +1,265 @@
+//! The engine: every rule that decides money or identity, as one deterministic state
+//! machine. `execute(state, command) -> (effects, answer)`.
+//!
+//! - A [`Command`] carries everything that could vary between two runs: its time, its
+//!   [`Entropy`] (ids are derived from it), and settings such as the unique-click window.
+//! - The engine reads through [`State`]: point reads and one range read (due holds).
+//!   A command reads its own writes through [`Tx`], so a sweep that approves two sales
+//!   of one partner counts both.
+//! - It answers with the [`Effect`]s to keep, typed records that a backend applies
+//!   atomically, and an [`Answer`] in domain terms (created, duplicate, conflict, refused
+//!   with a code). No HTTP status, no storage type, no runtime: the same state and the
+//!   same command give the same effects and the same answer, ids included, on any
+//!   backend and on any replay.
+//!
+//! [`memory::Memory`] is a complete backend in ordered maps: the model the RocksDB store
+//! is tested against, and a replay target.
+
+mod b2b;
+mod catalog;
+mod convert;
+mod entity;
+pub mod memory;
+mod money;
+mod tx;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use b2b::{DealAnswer, DealDraft, DealOutcome};
+pub use catalog::Catalog;
+pub use convert::{ConversionDraft, ConversionOutcome};
+pub use entity::{EntityOp, Saved};
+pub use money::{AdjustOutcome, SWEEP_LIMIT};
+pub use tx::Tx;
+
+use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth, Touch};
+use crate::domain::click::ClickRecord;
+use crate::domain::clock::UnixMillis;
+use crate::domain::conversion::{AdjustmentInput, AdjustmentRecord, ConversionRecord};
+use crate::domain::entities::{Merchant, Partner};
+use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
+use crate::domain::ledger::LedgerEntry;
+use crate::domain::link::Link;
+use crate::domain::plan::Plan;
+use crate::signing::SecretSet;
+
+/// Randomness a command brings with it: ids minted while executing it are derived from
+/// it, so a replayed command mints the same ids. Drivers fill it from the OS CSPRNG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Entropy(pub [u8; 16]);
+
+impl Entropy {
+    /// Fresh randomness from the OS-seeded CSPRNG.
+    pub fn random() -> Self {
+        use rand::RngCore;
+        let mut bytes = [0u8; 16];
+        rand::thread_rng().fill_bytes(&mut bytes);
+        Entropy(bytes)
+    }
+
+    /// The `n`th 80 random bits of this command: SHA-256 of the entropy and `n`, so one id
+    /// does not reveal another.
+    pub fn bits(&self, n: u32) -> [u8; 10] {
+        let digest = Sha256::new().chain_update(self.0).chain_update(n.to_be_bytes()).finalize();
+        let mut out = [0u8; 10];
+        out.copy_from_slice(&digest[..10]);
+        out
+    }
+}
+
+/// An input to the state machine.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Records a click; the engine decides its `unique` flag.
+    Click { click: Box<ClickRecord>, unique_window_ms: i64 },
+    /// Dedupes, attributes, credits and stores a conversion.
+    Conversion(Box<ConversionDraft>),
+    /// Many conversions, in order, all or nothing.
+    Batch(Vec<ConversionDraft>),
+    /// A refund, chargeback, approval or rejection, idempotent by its id.
+    Adjust { merchant: MerchantId, input: Box<AdjustmentInput>, at: UnixMillis, entropy: Entropy },
+    /// A deal registration by a partner.
+    Deal(Box<DealDraft>),
+    /// A CRM touch on an account.
+    Touch { merchant: MerchantId, account: String, touch: Touch },
+    /// An admin change of an account's source of record, audited.
+    Reassign { merchant: MerchantId, account: String, to: PartnerId, by: String, why: String, at: UnixMillis },
+    /// Approves the conversions whose hold ended by `now`, at most `limit` of them.
+    SweepHolds { now: UnixMillis, limit: usize },
+    /// Creates or updates a configuration entity.
+    Entity(Box<EntityOp>),
+}
+
+/// A refusal on the merits: what the caller sent clashes with what is stored
+/// (`conflict`) or is invalid against it. The HTTP layer picks the status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `true` for a clash with existing data, `false` for an invalid reference or value.
+    pub conflict: bool,
+    pub code: &'static str,
+    pub field: Option<&'static str>,
+    pub detail: String,
+    /// The conversion's status, for a refused status change.
+    pub current_status: Option<&'static str>,
+}
+
+impl Refusal {
+    pub fn new(conflict: bool, code: &'static str, field: Option<&'static str>, detail: String) -> Self {
+        Refusal { conflict, code, field, detail, current_status: None }
+    }
+}
+
+/// The engine's answer to a command, in domain terms.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Click(Box<ClickRecord>),
+    Conversion(ConversionOutcome),
+    Batch(Vec<ConversionOutcome>),
+    Adjust(AdjustOutcome),
+    /// The answer, and whether it replays an earlier registration.
+    Deal(DealAnswer, bool),
+    Touched,
+    Reassigned(Box<AccountRecord>),
+    /// How many conversions the sweep approved.
+    Swept(u64),
+    Entity(Result<Saved, Refusal>),
+}
+
+/// A conversion's place in the hold index: approved at `at` unless adjusted first.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hold {
+    pub at: UnixMillis,
+    pub merchant: MerchantId,
+    pub txn: TxnId,
+}
+
+/// A record to keep. Applying the effects of one command is atomic; later effects of the
+/// same kind and key replace earlier ones.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    Click(Box<ClickRecord>),
+    /// The last unique click of a visitor on a link.
+    Visitor {
+        link: LinkId,
+        visitor: [u8; 16],
+        at_ms: UnixMillis,
+    },
+    Conversion(Box<ConversionRecord>),
+    /// Appended; never changed or removed.
+    Ledger(Box<LedgerEntry>),
+    /// The newest ledger entry id: later entries get larger ids.
+    LedgerHead(Ulid),
+    Account {
+        merchant: MerchantId,
+        record: Box<AccountRecord>,
+    },
+    Customer {
+        merchant: MerchantId,
+        customer: String,
+        binding: CustomerBinding,
+    },
+    PartnerMonth {
+        merchant: MerchantId,
+        partner: PartnerId,
+        month: u32,
+        stats: PartnerMonth,
+    },
+    Adjustment {
+        merchant: MerchantId,
+        record: Box<AdjustmentRecord>,
+    },
+    Deal {
+        partner: PartnerId,
+        deal_id: String,
+        answer: Box<DealAnswer>,
+    },
+    HoldSet(Hold),
+    HoldDone(Hold),
+    Merchant(Box<Merchant>),
+    MerchantSecrets {
+        merchant: MerchantId,
+        secrets: Box<SecretSet>,
+    },
+    PostbackToken {
+        merchant: MerchantId,
+        hash: [u8; 32],
+    },
+    Partner(Box<Partner>),
+    PartnerSecrets {
+        partner: PartnerId,
+        secrets: Box<SecretSet>,
+    },
+    Link(Box<Link>),
+    Plan(Box<Plan>),
+}
+
+/// What the engine may read. Every read is within what the command names; no read
+/// depends on a clock, a counter or the order of a hash map.
+pub trait State {
+    /// A storage failure; the engine passes it on and the command has no effect.
+    type Error;
+    fn catalog(&self) -> &Catalog;
+    fn conversion(&self, merchant: &MerchantId, txn: &TxnId) -> Result<Option<ConversionRecord>, Self::Error>;
+    fn click(&self, id: &Ulid) -> Result<Option<ClickRecord>, Self::Error>;
+    /// The time of the last unique click of `visitor` on `link`.
+    fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<Option<UnixMillis>, Self::Error>;
+    fn account(&self, merchant: &MerchantId, account: &str) -> Result<Option<AccountRecord>, Self::Error>;
+    fn customer(&self, merchant: &MerchantId, customer: &str) -> Result<Option<CustomerBinding>, Self::Error>;
+    fn partner_month(
+        &self,
+        merchant: &MerchantId,
+        partner: &PartnerId,
+        month: u32,
+    ) -> Result<Option<PartnerMonth>, Self::Error>;
+    fn adjustment(&self, merchant: &MerchantId, id: &str) -> Result<Option<AdjustmentRecord>, Self::Error>;
+    fn deal(&self, partner: &PartnerId, deal_id: &str) -> Result<Option<DealAnswer>, Self::Error>;
+    /// The holds that end at or before `now`, soonest first, at most `limit`.
+    fn due_holds(&self, now: UnixMillis, limit: usize) -> Result<Vec<Hold>, Self::Error>;
+    fn ledger_head(&self) -> Result<Option<Ulid>, Self::Error>;
+}
+
+/// The effects of a command and its answer.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub effects: Vec<Effect>,
+    pub answer: Answer,
+}
+
+/// Executes one command against `state`.
+///
+/// # Errors
+/// Only a failed read of `state`; then nothing is to be applied.
+pub fn execute<S: State + ?Sized>(state: &S, command: Command) -> Result<Outcome, S::Error> {
+    let mut tx = Tx::new(state);
+    let answer = match command {
+        Command::Click { click, unique_window_ms } => {
+            Answer::Click(Box::new(convert::click(&mut tx, *click, unique_window_ms)?))
+        }
+        Command::Conversion(draft) => Answer::Conversion(convert::conversion(&mut tx, *draft)?),
+        Command::Batch(drafts) => {
+            let mut out = Vec::with_capacity(drafts.len());
+            for d in drafts {
+                out.push(convert::conversion(&mut tx, d)?);
+            }
+            Answer::Batch(out)
+        }
+        Command::Adjust { merchant, input, at, entropy } => {
+            Answer::Adjust(money::adjust(&mut tx, &merchant, *input, at, &entropy)?)
+        }
+        Command::Deal(d) => {
+            let (answer, replay) = b2b::register_deal(&mut tx, *d)?;
+            Answer::Deal(answer, replay)
+        }
+        Command::Touch { merchant, account, touch } => {
+            b2b::touch(&mut tx, &merchant, &account, touch)?;
+            Answer::Touched
+        }
+        Command::Reassign { merchant, account, to, by, why, at } => {
+            Answer::Reassigned(Box::new(b2b::reassign(&mut tx, &merchant, &account, to, by, why, at)?))
+        }
+        Command::SweepHolds { now, limit } => Answer::Swept(money::sweep(&mut tx, now, limit)?),
+        Command::Entity(op) => Answer::Entity(entity::stage(&mut tx, *op)),
+    };
+    Ok(Outcome { effects: tx.into_effects(), answer })
+}

@@ -1,0 +1,233 @@
+//! The money rules after a conversion is stored: adjustments (refund, chargeback,
+//! approve, reject) with proportional reversals, and the hold sweep.
+
+use super::convert::append;
+use super::tx::Tx;
+use super::{Entropy, Refusal, State};
+use crate::commission;
+use crate::domain::clock::{month_of, UnixMillis};
+use crate::domain::conversion::{
+    AdjustmentInput, AdjustmentKind, AdjustmentRecord, ConversionRecord, ConversionStatus, StatusChange,
+};
+use crate::domain::ids::{MerchantId, PartnerId, Ulid};
+use crate::domain::ledger::LedgerKind;
+use crate::domain::money::Money;
+
+/// What became of an adjustment.
+#[derive(Debug, Clone)]
+pub enum AdjustOutcome {
+    Applied(AdjustmentRecord, ConversionRecord),
+    Replay(AdjustmentRecord, ConversionRecord),
+    Refused(Refusal),
+}
+
+/// `conflict`: the adjustment clashes with what is stored; else it is invalid.
+fn refuse(
+    conflict: bool,
+    code: &'static str,
+    field: Option<&'static str>,
+    detail: String,
+    current: Option<ConversionStatus>,
+) -> AdjustOutcome {
+    AdjustOutcome::Refused(Refusal { conflict, code, field, detail, current_status: current.map(|c| c.as_str()) })
+}
+
+fn move_status(rec: &mut ConversionRecord, to: ConversionStatus, at: UnixMillis, cause: String) {
+    rec.history.push(StatusChange { from: rec.status, to, at_ms: at, cause });
+    rec.status = to;
+}
+
+/// Counts an approved sale for the partner's tiers.
+fn count_approval<S: State + ?Sized>(tx: &mut Tx<'_, S>, rec: &ConversionRecord) -> Result<(), S::Error> {
+    let Some(a) = &rec.attribution else { return Ok(()) };
+    if rec.event != "sale" {
+        return Ok(());
+    }
+    let month = month_of(rec.occurred_ms);
+    let mut stats = tx.partner_month(&rec.merchant_id, &a.partner_id, month)?;
+    stats.approved_sales += 1;
+    tx.put_partner_month(&rec.merchant_id, &a.partner_id, month, stats);
+    Ok(())
+}
+
+/// The reversal entries that bring every credited partner's net for this conversion to
+/// `share(commission)`: proportional to what is refunded, computed on the cumulative
+/// refund so rounding never drifts and a full refund reverses exactly everything.
+#[allow(clippy::too_many_arguments)] // the refund's before and after, its kind and its ids' entropy
+fn reverse_to<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    rec: &ConversionRecord,
+    kind: LedgerKind,
+    refunded_before: i64,
+    refunded_after: i64,
+    full: bool,
+    at: UnixMillis,
+    entropy: &Entropy,
+) -> Result<Vec<Ulid>, S::Error> {
+    let total = rec.amount.map_or(0, |a| a.minor);
+    let Some(a) = &rec.attribution else { return Ok(Vec::new()) };
+    let mut credited: Vec<(PartnerId, Money)> = Vec::new();
+    if let Some(c) = rec.commission.as_ref().filter(|c| c.amount.minor != 0) {
+        credited.push((a.partner_id.clone(), c.amount));
+    }
+    for i in &a.influencers {
+        if let Some(fee) = i.commission {
+            credited.push((i.partner_id.clone(), fee));
+        }
+    }
+    let mut ids = Vec::new();
+    for (partner, amount) in credited {
+        // `before` is always the proportional share: `full` only decides the last step, so a
+        // rejection after a partial refund takes back exactly what is left.
+        let before =
+            if refunded_before == 0 { 0 } else { commission::proportional(amount.minor, refunded_before, total) };
+        let after = if full { amount.minor } else { commission::proportional(amount.minor, refunded_after, total) };
+        let delta = after - before;
+        if delta != 0 {
+            ids.push(append(tx, rec, &partner, kind, Money { minor: -delta, currency: amount.currency }, at, entropy)?);
+        }
+    }
+    Ok(ids)
+}
+
+/// Applies an adjustment, idempotent by `adjustment_id`.
+pub(super) fn adjust<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    merchant: &MerchantId,
+    input: AdjustmentInput,
+    now: UnixMillis,
+    entropy: &Entropy,
+) -> Result<AdjustOutcome, S::Error> {
+    if let Some(stored) = tx.adjustment(merchant, &input.adjustment_id)? {
+        let rec = tx.conversion(merchant, &stored.input.txn_id)?;
+        return Ok(match rec {
+            Some(rec) if stored.input == input => AdjustOutcome::Replay(stored, rec),
+            _ => refuse(
+                true,
+                "adjustment_conflict",
+                Some("adjustment_id"),
+                format!("adjustment {} was already used for another adjustment", input.adjustment_id),
+                None,
+            ),
+        });
+    }
+    let Some(mut rec) = tx.conversion(merchant, &input.txn_id)? else {
+        return Ok(refuse(
+            false,
+            "invalid_field",
+            Some("txn_id"),
+            format!("no conversion with txn_id {}", input.txn_id),
+            None,
+        ));
+    };
+    let current = rec.status;
+    let illegal = |to: ConversionStatus| {
+        refuse(
+            true,
+            "illegal_status_change",
+            None,
+            format!("the conversion is {}; it cannot become {}", current.as_str(), to.as_str()),
+            Some(current),
+        )
+    };
+    let cause = format!("{} {}", input.kind.as_str(), input.adjustment_id);
+    let mut amount = None;
+    let entries = match input.kind {
+        AdjustmentKind::Approve => {
+            if !current.can_move_to(ConversionStatus::Approved) {
+                return Ok(illegal(ConversionStatus::Approved));
+            }
+            move_status(&mut rec, ConversionStatus::Approved, now, cause);
+            count_approval(tx, &rec)?;
+            Vec::new()
+        }
+        AdjustmentKind::Reject => {
+            if !current.can_move_to(ConversionStatus::Rejected) {
+                return Ok(illegal(ConversionStatus::Rejected));
+            }
+            let ids = reverse_to(
+                tx,
+                &rec,
+                LedgerKind::Reversal,
+                rec.refunded_minor,
+                rec.amount.map_or(0, |a| a.minor),
+                true,
+                now,
+                entropy,
+            )?;
+            move_status(&mut rec, ConversionStatus::Rejected, now, cause);
+            ids
+        }
+        AdjustmentKind::Refund | AdjustmentKind::Chargeback => {
+            let target = if current == ConversionStatus::Approved {
+                ConversionStatus::Reversed
+            } else {
+                ConversionStatus::Rejected
+            };
+            if !matches!(current, ConversionStatus::Pending | ConversionStatus::Approved) {
+                return Ok(illegal(target));
+            }
+            let Some(total) = rec.amount else {
+                return Ok(refuse(
+                    false,
+                    "invalid_field",
+                    Some("amount"),
+                    "the conversion has no amount to refund; use reject".into(),
+                    None,
+                ));
+            };
+            let remaining = total.minor - rec.refunded_minor;
+            let refund = match &input.amount_text {
+                None => Money { minor: remaining, currency: total.currency },
+                Some(text) => match Money::parse(text, total.currency) {
+                    Ok(m) => m,
+                    Err(e) => return Ok(refuse(false, "invalid_field", Some("amount"), format!("amount: {e}"), None)),
+                },
+            };
+            if refund.minor == 0 || refund.minor > remaining {
+                let left = Money { minor: remaining, currency: total.currency };
+                return Ok(refuse(
+                    false,
+                    "invalid_field",
+                    Some("amount"),
+                    format!("must be more than 0 and at most the remaining {} {}", left.amount_text(), total.currency),
+                    None,
+                ));
+            }
+            let kind = if current == ConversionStatus::Approved { LedgerKind::Clawback } else { LedgerKind::Reversal };
+            let after = rec.refunded_minor + refund.minor;
+            let ids = reverse_to(tx, &rec, kind, rec.refunded_minor, after, after == total.minor, now, entropy)?;
+            rec.refunded_minor = after;
+            if after == total.minor {
+                move_status(&mut rec, target, now, cause);
+            }
+            amount = Some(refund);
+            ids
+        }
+    };
+    let stored = AdjustmentRecord { input, amount, at_ms: now, status_after: rec.status, ledger_entries: entries };
+    tx.put_adjustment(merchant, stored.clone());
+    tx.put_conversion(rec.clone());
+    Ok(AdjustOutcome::Applied(stored, rec))
+}
+
+/// Most holds approved by one sweep; the next sweep continues.
+pub const SWEEP_LIMIT: usize = 10_000;
+
+/// Approves pending conversions whose hold ended at or before `now`; at most `limit`
+/// per call. Returns how many were approved.
+pub(super) fn sweep<S: State + ?Sized>(tx: &mut Tx<'_, S>, now: UnixMillis, limit: usize) -> Result<u64, S::Error> {
+    let mut approved = 0;
+    for hold in tx.due_holds(now, limit)? {
+        if let Some(mut rec) = tx.conversion(&hold.merchant, &hold.txn)? {
+            if rec.status == ConversionStatus::Pending {
+                move_status(&mut rec, ConversionStatus::Approved, now, "hold period ended".into());
+                count_approval(tx, &rec)?;
+                tx.put_conversion(rec);
+                approved += 1;
+            }
+        }
+        tx.hold_done(hold);
+    }
+    Ok(approved)
+}

@@ -1,0 +1,141 @@
+//! [`Store`] as a [`Backend`]: commands go to the writer thread, queries are point reads
+//! and prefix scans on a blocking thread, the catalog and the settled conversions are
+//! in memory.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use super::schema::Cf;
+use super::{blocking, cf_of, codec, keys, writer, Shared, Store, StoreError};
+use crate::backend::{Backend, BoxFuture, Settled};
+use crate::domain::account::AccountRecord;
+use crate::domain::click::ClickRecord;
+use crate::domain::conversion::ConversionRecord;
+use crate::domain::ids::{MerchantId, PartnerId, TxnId, Ulid};
+use crate::domain::ledger::LedgerEntry;
+use crate::engine::{Answer, Catalog, Command};
+use crate::metrics::StorageStats;
+
+/// Every ledger entry under `prefix` (one partner of one merchant) that `keep` keeps,
+/// oldest first.
+fn ledger_scan(
+    shared: &Shared,
+    prefix: &[u8],
+    keep: impl Fn(&LedgerEntry) -> bool,
+) -> Result<Vec<LedgerEntry>, StoreError> {
+    let mut out = Vec::new();
+    let db = shared.db()?;
+    for item in db.prefix_iterator_cf(cf_of(&db, Cf::Ledger)?, prefix) {
+        let (k, v) = item?;
+        if !k.starts_with(prefix) {
+            break;
+        }
+        let e: LedgerEntry = codec::decode(&v)?;
+        if keep(&e) {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+impl Backend for Store {
+    fn submit(&self, command: Command) -> BoxFuture<'_, Result<Answer, StoreError>> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            self.tx.send(writer::Op::Command(Box::new(command), tx)).await.map_err(|_| StoreError::Closed)?;
+            rx.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    /// The stored conversion of `txn` when the writer wrote or read it lately and its WAL
+    /// sync is done: a duplicate is then answered on the request's own thread, without a
+    /// round trip through the writer. A record changed since (an adjustment, a status
+    /// move) is not here: the writer drops it when it stages the change.
+    fn settled_conversion(&self, merchant: &MerchantId, txn: &TxnId) -> Option<Arc<Settled>> {
+        let s = &*self.shared;
+        let recent = s.recent();
+        let entry = recent.get(&keys::conversion(merchant, txn))?;
+        let durable = entry.durable_after <= s.synced.load(Ordering::SeqCst)
+            && entry.generation == s.generation.load(Ordering::SeqCst)
+            && !s.needs_reopen.load(Ordering::SeqCst);
+        durable.then(|| Arc::clone(&entry.settled))
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        self.shared.catalog.snapshot()
+    }
+
+    fn visitor_salt(&self) -> &[u8] {
+        self.salt.as_slice()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::SeqCst)
+    }
+
+    fn conversion<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        txn: &'a TxnId,
+    ) -> BoxFuture<'a, Result<Option<ConversionRecord>, StoreError>> {
+        let key = keys::conversion(merchant, txn);
+        let shared = Arc::clone(&self.shared);
+        Box::pin(blocking(move || shared.get(Cf::Conversions, &key)?.map(|b| codec::decode(&b)).transpose()))
+    }
+
+    fn ledger_entries<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        partner: &'a PartnerId,
+    ) -> BoxFuture<'a, Result<Vec<LedgerEntry>, StoreError>> {
+        let prefix = keys::ledger_prefix(merchant, partner);
+        let shared = Arc::clone(&self.shared);
+        Box::pin(blocking(move || ledger_scan(&shared, &prefix, |_| true)))
+    }
+
+    fn ledger_for_conversion<'a>(
+        &'a self,
+        rec: &'a ConversionRecord,
+    ) -> BoxFuture<'a, Result<Vec<LedgerEntry>, StoreError>> {
+        let Some(a) = &rec.attribution else { return Box::pin(async { Ok(Vec::new()) }) };
+        let mut prefixes = vec![keys::ledger_prefix(&rec.merchant_id, &a.partner_id)];
+        prefixes.extend(a.influencers.iter().map(|i| keys::ledger_prefix(&rec.merchant_id, &i.partner_id)));
+        let shared = Arc::clone(&self.shared);
+        let txn = rec.txn_id.clone();
+        Box::pin(blocking(move || {
+            let mut out = Vec::new();
+            for prefix in prefixes {
+                out.extend(ledger_scan(&shared, &prefix, |e| e.txn_id == txn)?);
+            }
+            out.sort_by_key(|e| e.entry_id);
+            Ok(out)
+        }))
+    }
+
+    fn account<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        account: &'a str,
+    ) -> BoxFuture<'a, Result<Option<AccountRecord>, StoreError>> {
+        let key = keys::account(merchant, account);
+        let shared = Arc::clone(&self.shared);
+        Box::pin(blocking(move || shared.get(Cf::Accounts, &key)?.map(|b| codec::decode(&b)).transpose()))
+    }
+
+    fn click<'a>(&'a self, id: &'a Ulid) -> BoxFuture<'a, Result<Option<ClickRecord>, StoreError>> {
+        let key = keys::click(id);
+        let shared = Arc::clone(&self.shared);
+        Box::pin(blocking(move || shared.get(Cf::Clicks, &key)?.map(|b| codec::decode_click(&b)).transpose()))
+    }
+
+    fn stats(&self) -> StorageStats {
+        Store::stats(self)
+    }
+
+    fn backup_to(&self, dir: &Path) -> Result<(), StoreError> {
+        self.checkpoint(dir)
+    }
+}

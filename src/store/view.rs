@@ -1,0 +1,117 @@
+//! The engine's [`State`] over the database plus the batch being built: a command sees
+//! what earlier commands of the same batch staged. The view also tells the writer whether
+//! a command read anything staged (then its answer waits for the batch to be durable).
+
+use std::cell::Cell;
+
+use super::schema::Cf;
+use super::writer::{Pending, Writer};
+use super::{cf_of, codec, keys, StoreError};
+use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth};
+use crate::domain::click::ClickRecord;
+use crate::domain::clock::UnixMillis;
+use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
+use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
+use crate::engine::{Catalog, DealAnswer, Hold, State};
+
+pub(super) struct View<'v, 'a> {
+    pending: &'v Pending<'a>,
+    catalog: &'v Catalog,
+    writer: &'v Writer,
+    /// Set when a read was answered from the batch, not from the database.
+    read_staged: Cell<bool>,
+}
+
+impl<'v, 'a> View<'v, 'a> {
+    pub(super) fn new(pending: &'v Pending<'a>, catalog: &'v Catalog, writer: &'v Writer) -> Self {
+        View { pending, catalog, writer, read_staged: Cell::new(false) }
+    }
+
+    /// Whether some read was answered from the batch being built.
+    pub(super) fn read_staged(&self) -> bool {
+        self.read_staged.get()
+    }
+
+    fn bytes(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.pending.get(cf, key)?.map(|(v, staged)| {
+            if staged {
+                self.read_staged.set(true);
+            }
+            v
+        }))
+    }
+
+    fn read<T: serde::de::DeserializeOwned>(&self, cf: Cf, key: &[u8]) -> Result<Option<T>, StoreError> {
+        self.bytes(cf, key)?.map(|v| codec::decode(&v)).transpose()
+    }
+}
+
+impl State for View<'_, '_> {
+    type Error = StoreError;
+
+    fn catalog(&self) -> &Catalog {
+        self.catalog
+    }
+
+    fn conversion(&self, m: &MerchantId, txn: &TxnId) -> Result<Option<ConversionRecord>, StoreError> {
+        let key = keys::conversion(m, txn);
+        if let Some(bytes) = self.pending.staged(Cf::Conversions, &key) {
+            self.read_staged.set(true);
+            return codec::decode(bytes).map(Some);
+        }
+        self.writer.stored_conversion(self.pending, &key)
+    }
+
+    fn click(&self, id: &Ulid) -> Result<Option<ClickRecord>, StoreError> {
+        self.bytes(Cf::Clicks, &keys::click(id))?.map(|b| codec::decode_click(&b)).transpose()
+    }
+
+    fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<Option<UnixMillis>, StoreError> {
+        let last = self.bytes(Cf::Visitors, &keys::visitor(link, visitor))?;
+        Ok(last.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map(i64::from_be_bytes))
+    }
+
+    fn account(&self, m: &MerchantId, account: &str) -> Result<Option<AccountRecord>, StoreError> {
+        self.read(Cf::Accounts, &keys::account(m, account))
+    }
+
+    fn customer(&self, m: &MerchantId, customer: &str) -> Result<Option<CustomerBinding>, StoreError> {
+        self.read(Cf::Customers, &keys::customer(m, customer))
+    }
+
+    fn partner_month(&self, m: &MerchantId, p: &PartnerId, month: u32) -> Result<Option<PartnerMonth>, StoreError> {
+        self.read(Cf::PartnerMonths, &keys::partner_month(m, p, month))
+    }
+
+    fn adjustment(&self, m: &MerchantId, id: &str) -> Result<Option<AdjustmentRecord>, StoreError> {
+        self.read(Cf::Adjustments, &keys::adjustment(m, id))
+    }
+
+    fn deal(&self, p: &PartnerId, deal_id: &str) -> Result<Option<DealAnswer>, StoreError> {
+        self.read(Cf::Deals, &keys::deal(p, deal_id))
+    }
+
+    /// Reads the database only: the writer runs a sweep on a batch of its own, so nothing
+    /// about holds is staged. A key that does not parse is skipped (and logged).
+    fn due_holds(&self, now: UnixMillis, limit: usize) -> Result<Vec<Hold>, StoreError> {
+        let db = self.pending.db()?;
+        let mut due = Vec::new();
+        for item in db.iterator_cf(cf_of(db, Cf::Holds)?, rocksdb::IteratorMode::Start) {
+            let (k, _) = item?;
+            match keys::parse_hold(&k) {
+                Some((at, _, _)) if at > now => break,
+                Some((at, merchant, txn)) => due.push(Hold { at, merchant, txn }),
+                None => tracing::warn!(key = ?k, "a hold key that does not parse is skipped"),
+            }
+            if due.len() >= limit {
+                break;
+            }
+        }
+        Ok(due)
+    }
+
+    fn ledger_head(&self) -> Result<Option<Ulid>, StoreError> {
+        let head = self.bytes(Cf::Meta, keys::META_LEDGER_HEAD)?;
+        Ok(head.and_then(|v| <[u8; 16]>::try_from(v.as_slice()).ok()).map(Ulid))
+    }
+}
