@@ -2,16 +2,23 @@
 //!
 //! # Layout
 //!
-//! Read in this order; dependencies point down the list only.
+//! Read in this order; dependencies point down the list only. How a request flows
+//! through them, and where each rule lives: `docs/architecture.md`.
 //!
 //! - [`domain`]: validated types (ids, money, clicks, conversions, links, plans). No I/O.
 //! - [`signing`]: Standard Webhooks verify/sign, secrets with rotation, the replay guard.
 //! - [`attribution`]: SPEC 8's rules as a pure function over [`attribution::Facts`].
 //! - [`commission`]: plans to money, pure.
-//! - [`store`]: the only module that names RocksDB: schema, keys, codecs, the batching
-//!   writer (group commit, exact dedupe) and the in-memory catalog of entities.
+//! - [`engine`]: the state machine, `command + state view -> effects + answer`, where
+//!   every money and identity decision is taken. Deterministic (time and entropy come in
+//!   the command); no I/O, no HTTP status. [`engine::memory`] is an in-memory backend.
+//! - [`backend`]: the [`backend::Backend`] trait (submit a command, a few queries) that
+//!   `http` talks to; the store implements it, cluster mode will too.
+//! - [`store`]: the only module that names RocksDB, and it decides nothing: schema, keys,
+//!   codecs, the batching writer (group commit), the engine's state view over the
+//!   database, effects to write batches, the published catalog.
 //! - [`http`]: the only module that names hyper: accept loop, routing, handlers,
-//!   errors as problem+json.
+//!   statuses and errors as problem+json.
 //! - [`outbound`]: partner postbacks; today where they may be sent (SSRF vetting).
 //! - [`limits`]: rate limits (governor), bounded.
 //! - [`metrics`], [`telemetry`], [`config`], [`seed`], [`backup`]: operations and configuration.

@@ -229,6 +229,19 @@ impl Metrics {
     }
 
     /// Counts the ledger entries of a batch once it is durable.
+    /// Counts a new conversion's credits: the sourced partner's (or `none`), and each
+    /// influencer's with `credit="influenced"` and its own rule.
+    pub fn count_attribution(&self, attribution: Option<&crate::domain::conversion::Attribution>) {
+        let Some(a) = attribution else {
+            self.attributions.with_label_values(&["none", "none"]).inc();
+            return;
+        };
+        self.attributions.with_label_values(&[a.rule.as_str(), a.credit.as_str()]).inc();
+        for i in &a.influencers {
+            self.attributions.with_label_values(&[i.rule.as_str(), i.credit.as_str()]).inc();
+        }
+    }
+
     pub fn count_ledger(&self, kinds: &[LedgerKind]) {
         for kind in kinds {
             self.ledger_entries.with_label_values(&[kind.as_str()]).inc();

@@ -417,9 +417,7 @@ fn conflict(rec: &ConversionRecord) -> ApiError {
 fn answer(ctx: &Ctx, outcome: ConversionOutcome, created: StatusCode) -> Result<Response<Body>, ApiError> {
     match outcome {
         ConversionOutcome::Created(rec) => {
-            let (rule, credit) =
-                rec.attribution.as_ref().map_or(("none", "none"), |a| (a.rule.as_str(), a.credit.as_str()));
-            ctx.metrics.attributions.with_label_values(&[rule, credit]).inc();
+            ctx.metrics.count_attribution(rec.attribution.as_ref());
             Ok(json(created, &ConversionView::new(&rec, false)))
         }
         ConversionOutcome::Duplicate(rec) => Ok(replayed(json_bytes(StatusCode::OK, duplicate_body(&rec)))),
@@ -551,9 +549,7 @@ async fn batch(
         match outcome {
             ConversionOutcome::Created(rec) => {
                 count("created");
-                let (rule, credit) =
-                    rec.attribution.as_ref().map_or(("none", "none"), |a| (a.rule.as_str(), a.credit.as_str()));
-                ctx.metrics.attributions.with_label_values(&[rule, credit]).inc();
+                ctx.metrics.count_attribution(rec.attribution.as_ref());
                 items.push((i, 201, Some(ConversionOutcome::Created(rec)), None));
             }
             ConversionOutcome::Duplicate(rec) => {

@@ -26,7 +26,9 @@ impl From<&Money> for MoneyView {
 #[derive(Serialize)]
 pub struct InfluencerView {
     pub partner_id: String,
+    pub credit: &'static str,
     pub rule: &'static str,
+    pub reason: String,
     pub commission: Option<MoneyView>,
 }
 
@@ -51,7 +53,9 @@ impl From<&Attribution> for AttributionView {
                 .iter()
                 .map(|i| InfluencerView {
                     partner_id: i.partner_id.to_string(),
+                    credit: i.credit.as_str(),
                     rule: i.rule.as_str(),
+                    reason: i.reason.clone(),
                     commission: i.commission.as_ref().map(MoneyView::from),
                 })
                 .collect(),

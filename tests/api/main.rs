@@ -16,6 +16,7 @@ mod helpers;
 mod hostile;
 mod ledger_props;
 mod limits;
+mod model;
 mod observability;
 mod openapi;
 mod operations;
