@@ -190,7 +190,9 @@ pub fn influence(
     });
     let touches = account.touches.iter().map(|t| {
         let deal = t.kind == TouchKind::Deal;
-        let what = if deal {
+        let what = if let Some(deal_id) = t.label.strip_prefix("expired deal ") {
+            format!("registered deal {deal_id} on account {name} (the registration expired)")
+        } else if deal {
             format!("registered {} on account {name} after another partner", t.label)
         } else {
             format!("touched account {name} ({})", t.label)

@@ -5,10 +5,11 @@ use serde::{Deserialize, Serialize};
 
 use super::convert::DAY_MS;
 use super::tx::Tx;
-use super::State;
+use super::{Catalog, State};
 use crate::domain::account::{AccountRecord, Claim, Reassignment, Touch, TouchKind};
 use crate::domain::clock::{format_rfc3339, UnixMillis};
 use crate::domain::ids::{MerchantId, PartnerId};
+use crate::domain::plan::DEFAULT_DEAL_TTL_DAYS;
 
 /// A deal registration as received, the account normalized.
 #[derive(Debug, Clone)]
@@ -19,7 +20,6 @@ pub struct DealDraft {
     pub account: String,
     pub opportunity_id: Option<String>,
     pub registered_ms: UnixMillis,
-    pub ttl_days: u32,
 }
 
 /// What a registration achieved.
@@ -58,6 +58,7 @@ pub(super) fn register_deal<S: State + ?Sized>(
     let mut acc: AccountRecord = tx
         .account(&d.merchant, &d.account)?
         .unwrap_or_else(|| AccountRecord { account: d.account.clone(), ..Default::default() });
+    let ttl_days = deal_ttl_days(tx.catalog(), &d);
     let holder = acc.holder_at(d.registered_ms).cloned();
     let answer = match holder {
         Some(c) if c.partner_id != d.partner => {
@@ -91,7 +92,7 @@ pub(super) fn register_deal<S: State + ?Sized>(
                     at_ms: old.registered_ms,
                 });
             }
-            let expires_ms = d.registered_ms + i64::from(d.ttl_days) * DAY_MS;
+            let expires_ms = d.registered_ms + i64::from(ttl_days) * DAY_MS;
             acc.claim = Some(Claim {
                 partner_id: d.partner.clone(),
                 deal_id: d.deal_id.clone(),
@@ -112,6 +113,19 @@ pub(super) fn register_deal<S: State + ?Sized>(
     tx.put_account(&d.merchant, acc);
     tx.put_deal(&d.partner, &d.deal_id, answer.clone());
     Ok((answer, false))
+}
+
+/// How long a registration holds the account: `deal_ttl_days` of the plan that would pay
+/// the partner (its own, else the merchant's default), in the version in force when the
+/// deal was registered; [`DEFAULT_DEAL_TTL_DAYS`] without a plan.
+fn deal_ttl_days(catalog: &Catalog, d: &DealDraft) -> u32 {
+    let plan_id = catalog
+        .partner_of(&d.merchant, &d.partner)
+        .and_then(|p| p.plan_id.as_ref())
+        .or_else(|| catalog.merchants.get(&d.merchant).and_then(|m| m.default_plan_id.as_ref()));
+    plan_id
+        .and_then(|id| catalog.plan_at(&d.merchant, id, d.registered_ms))
+        .map_or(DEFAULT_DEAL_TTL_DAYS, |p| p.deal_ttl_days)
 }
 
 /// Records a touch from the merchant's CRM.

@@ -21,6 +21,8 @@ mod convert;
 mod entity;
 pub mod memory;
 mod money;
+#[cfg(test)]
+mod tests;
 mod tx;
 
 use serde::{Deserialize, Serialize};

@@ -15,7 +15,6 @@ use crate::backend::BackendExt;
 use crate::domain::account::{check_text_id, normalize_account, DealBody, Touch, TouchBody, TouchKind};
 use crate::domain::clock::{format_rfc3339, parse_rfc3339};
 use crate::domain::conversion::{AdjustmentBody, MAX_AGE_DAYS, MAX_AHEAD_SECONDS};
-use crate::domain::plan::DEFAULT_DEAL_TTL_DAYS;
 use crate::domain::FieldError;
 use crate::engine::{AdjustOutcome, DealDraft, DealOutcome, Refusal};
 
@@ -59,14 +58,6 @@ pub(super) async fn register_deal(
         Ok(t) => t,
         Err(e) => return s.refuse(ctx, e),
     };
-    let catalog = ctx.backend.catalog();
-    let plan_id = catalog
-        .partner_of(&s.merchant, &partner)
-        .and_then(|p| p.plan_id.clone())
-        .or_else(|| catalog.merchants.get(&s.merchant).and_then(|m| m.default_plan_id.clone()));
-    let ttl_days = plan_id
-        .and_then(|id| catalog.plan_at(&s.merchant, &id, registered_ms).map(|p| p.deal_ttl_days))
-        .unwrap_or(DEFAULT_DEAL_TTL_DAYS);
     let draft = DealDraft {
         merchant: s.merchant.clone(),
         partner,
@@ -74,7 +65,6 @@ pub(super) async fn register_deal(
         account,
         opportunity_id: body.opportunity_id,
         registered_ms,
-        ttl_days,
     };
     let (answer, replay) = ctx.backend.register_deal(draft).await?;
     let resp = if answer.outcome == DealOutcome::Taken {

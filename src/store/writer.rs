@@ -1,13 +1,15 @@
 //! The single writer thread and the WAL syncer behind it.
 //!
-//! The writer drains the queue into one batch, decides dedupe, uniqueness and
-//! attribution against the database plus the batch's own pending puts, and writes the
-//! batch once to the WAL and memtables, without fsync. Clicks are answered at once. The
-//! answers that promise durability (conversions, adjustments, deals, touches) go to the
-//! syncer thread with the batch; it fsyncs the WAL once for every batch written since its
-//! last sync, then answers them. So the writer prepares batch N+1 while batch N is being
-//! fsynced, concurrent conversions share one fsync, and two identical conversions can
-//! never both be created: one thread sees them in order.
+//! The writer drains the queue into one batch and runs each command through the engine
+//! against the database plus what the batch has staged ([`super::view`]), then stages the
+//! command's effects ([`super::apply`]). It decides nothing itself: dedupe, uniqueness,
+//! attribution and money are the engine's. It writes the batch once to the WAL and
+//! memtables, without fsync. Clicks are answered at once. The answers that promise
+//! durability (conversions, adjustments, deals, touches) go to the syncer thread with the
+//! batch; it fsyncs the WAL once for every batch written since its last sync, then answers
+//! them. So the writer prepares batch N+1 while batch N is being fsynced, concurrent
+//! conversions share one fsync, and two identical conversions can never both be created:
+//! one thread applies them in order.
 //!
 //! A batch read by the writer may be written but not yet synced. An answer that read
 //! such data (a duplicate of a conversion whose batch is still syncing) waits for the

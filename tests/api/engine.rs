@@ -112,10 +112,18 @@ async fn b2b_story_first_registration_sources_later_one_influences() {
         .unwrap()
         .starts_with("account acme.com was registered by partner alpha"));
     assert_eq!(j["commission"]["amount"], "30.00");
+    // Issue 13 added `credit` and `reason` to each influencer: the old fields are checked
+    // as before, the new ones beside them.
+    let influencers = j["attribution"]["influencers"].as_array().unwrap();
+    assert_eq!(influencers.len(), 1);
+    let i = &influencers[0];
     assert_eq!(
-        j["attribution"]["influencers"],
-        json!([{"partner_id": "beta", "rule": "deal", "commission": {"amount": "7.50", "currency": "USD"}}])
+        (&i["partner_id"], &i["rule"], &i["commission"]),
+        (&json!("beta"), &json!("deal"), &json!({"amount": "7.50", "currency": "USD"}))
     );
+    assert_eq!(i["credit"], "influenced");
+    let reason = i["reason"].as_str().unwrap();
+    assert!(reason.starts_with("partner beta registered") && reason.contains("partner alpha sourced it"), "{reason}");
 
     let v = view(&app, "shop", "acme-1").await;
     assert_eq!(ledger_sum(&v, "alpha"), 3000);
@@ -352,4 +360,33 @@ async fn merchants_never_see_each_others_deals_touches_or_conversions() {
     let adj = json!({"adjustment_id": "steal", "txn_id": "x-1", "kind": "reject"}).to_string();
     let r = app.post_signed("/v1/merchants/shop/adjustments", &adj, &other, "msg_steal", app.now_secs()).await;
     assert_eq!(r.status, 401, "merchant other cannot sign for shop");
+}
+
+/// Influencers are counted with `credit="influenced"`, and after an admin reassignment the
+/// next conversion's reason names it: who, when, why and from whom.
+#[tokio::test]
+async fn influence_is_counted_and_a_reassignment_explains_later_credit() {
+    let app = TestApp::spawn().await;
+    let secret = merchant_with_plan(&app, "shop", serde_json::from_str(B2B_PLAN).unwrap()).await;
+    let a = partner(&app, "shop", "alpha").await;
+    let b = partner(&app, "shop", "beta").await;
+    assert_eq!(register(&app, "alpha", &a, "D-1", "acme.com").await.status, 201);
+    assert_eq!(register(&app, "beta", &b, "D-2", "acme.com").await.status, 409);
+    let sale = |txn: &str| format!(r#"{{"txn_id":"{txn}","amount":"10.00","currency":"USD","account":"acme.com"}}"#);
+    let j = app.convert("shop", &secret, &sale("s1")).await.json();
+    assert_eq!(j["attribution"]["influencers"][0]["credit"], "influenced");
+    let influenced =
+        crate::helpers::metric(&app, "tally_attributions_total{credit=\"influenced\",rule=\"deal\"}").await;
+    assert_eq!(influenced, 1.0, "the influencer is counted");
+
+    let body = json!({"partner_id": "beta", "why": "territory moved to beta", "by": "pm@shop.example"});
+    let r = app.admin(Method::POST, "/admin/v1/merchants/shop/accounts/acme.com:reassign", Some(body)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["reassignments"][0]["from"], "alpha", "the engine read the holder it replaced");
+    let j = app.convert("shop", &secret, &sale("s2")).await.json();
+    assert_eq!(j["attribution"]["partner_id"], "beta");
+    let reason = j["attribution"]["reason"].as_str().unwrap();
+    for part in ["reassigned to partner beta", "by pm@shop.example", "territory moved to beta", "from partner alpha"] {
+        assert!(reason.contains(part), "{part:?} missing from {reason}");
+    }
 }

@@ -102,7 +102,6 @@ async fn open(dir: &std::path::Path) -> Store {
         account: "acme.com".into(),
         opportunity_id: None,
         registered_ms: T0,
-        ttl_days: 180,
     };
     store.register_deal(draft).await.unwrap();
     let touch =

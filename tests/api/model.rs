@@ -122,8 +122,8 @@ fn step() -> impl Strategy<Value = Step> {
 fn plan_command(percent: u8, from: i64) -> Command {
     let body: PlanBody = serde_json::from_str(&format!(
         r#"{{"currency":"USD","influence_percent":"5","hold_days":3,"deal_ttl_days":30,
-            "tiers":[{{"min_sales":2,"percent":"{}"}}],
-            "caps":{{"monthly_commission":"400.00"}},
+            "tiers":[{{"min_sales":1,"percent":"{}"}}],
+            "caps":{{"monthly_commission":"2500.00"}},
             "rules":[{{"event":"sale","percent":"{percent}","flat":"0.99"}},{{"event":"lead","flat":"2.50"}},
                      {{"event":"renewal","percent":"10","recurring_months":2}}]}}"#,
         u32::from(percent) + 5
@@ -229,7 +229,8 @@ fn commands(steps: &[Step]) -> Vec<Vec<Command>> {
         };
     for s in steps {
         seed += 1;
-        now += 1000;
+        // Every third command shares the previous one's millisecond, as concurrent requests do.
+        now += if seed % 3 == 0 { 0 } else { 1000 };
         let command = match s {
             Step::Wait { hours } => {
                 now += i64::from(*hours) * 3_600_000;
@@ -296,7 +297,6 @@ fn commands(steps: &[Step]) -> Vec<Vec<Command>> {
                 account: ACCOUNTS[usize::from(*account)].into(),
                 opportunity_id: None,
                 registered_ms: now,
-                ttl_days: 30,
             })),
             Step::Touch { partner, account } => Command::Touch {
                 merchant: m(),

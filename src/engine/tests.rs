@@ -1,0 +1,337 @@
+//! The engine's rules, table-driven, on the in-memory state: no RocksDB, no runtime.
+
+use super::memory::Memory;
+use super::*;
+use crate::domain::account::TouchKind;
+use crate::domain::conversion::{AdjustmentKind, AttributionKeys, ConversionInput, Credit, RuleKind};
+use crate::domain::entities::{PartnerKind, Status};
+use crate::domain::ids::PlanId;
+use crate::domain::money::{Currency, Money};
+use crate::domain::plan::PlanBody;
+use crate::signing::WebhookSecret;
+
+const T0: i64 = 1_790_000_000_000;
+const DAY: i64 = 86_400_000;
+
+fn m() -> MerchantId {
+    MerchantId::parse("m").unwrap()
+}
+
+fn p(id: &str) -> PartnerId {
+    PartnerId::parse(id).unwrap()
+}
+
+fn usd(cents: i64) -> Money {
+    Money { minor: cents, currency: Currency::parse("USD").unwrap() }
+}
+
+fn entity(op: EntityOp) -> Command {
+    Command::Entity(Box::new(op))
+}
+
+/// A merchant with a 20 % plan (5 % influence, 3-day hold) and partners alpha and beta.
+fn program() -> Memory {
+    let mut s = Memory::default();
+    let secret = WebhookSecret::generate();
+    let merchant = Merchant {
+        id: m(),
+        name: "M".into(),
+        postback_token: false,
+        allowed_ips: vec![],
+        default_plan_id: Some(PlanId::parse("p").unwrap()),
+        created_ms: T0,
+    };
+    let body: PlanBody = serde_json::from_str(
+        r#"{"currency":"USD","influence_percent":"5","hold_days":3,"deal_ttl_days":30,"rules":[{"event":"sale","percent":"20"}]}"#,
+    )
+    .unwrap();
+    let plan = body.into_plan(m(), PlanId::parse("p").unwrap(), 0).unwrap();
+    let merchant_op = EntityOp::Merchant { merchant, secret: secret.clone(), token_hash: None };
+    assert!(matches!(s.submit(entity(merchant_op)), Answer::Entity(Ok(Saved::Created))));
+    assert!(matches!(s.submit(entity(EntityOp::Plan(plan))), Answer::Entity(Ok(Saved::Created))));
+    for id in ["alpha", "beta"] {
+        let partner = Partner {
+            id: p(id),
+            merchant_id: m(),
+            name: id.into(),
+            kind: PartnerKind::Reseller,
+            tier: None,
+            status: Status::Active,
+            coupons: vec![],
+            outbound: None,
+            plan_id: None,
+            created_ms: T0,
+        };
+        let op = EntityOp::Partner { partner, secret: secret.clone() };
+        assert!(matches!(s.submit(entity(op)), Answer::Entity(Ok(Saved::Created))));
+    }
+    s
+}
+
+fn sale(txn: &str, cents: i64, keys: AttributionKeys) -> Command {
+    let input = ConversionInput {
+        txn_id: TxnId::parse(txn).unwrap(),
+        event: "sale".into(),
+        amount: Some(usd(cents)),
+        occurred_ms: T0,
+        keys,
+        metadata: None,
+    };
+    Command::Conversion(Box::new(ConversionDraft {
+        merchant: m(),
+        input,
+        received_ms: T0 + 1000,
+        entropy: Entropy([7; 16]),
+    }))
+}
+
+fn explicit(partner: &str) -> AttributionKeys {
+    AttributionKeys { partner_id: Some(p(partner)), ..Default::default() }
+}
+
+fn outcome(a: Answer) -> ConversionOutcome {
+    match a {
+        Answer::Conversion(o) => o,
+        other => panic!("not a conversion answer: {other:?}"),
+    }
+}
+
+#[test]
+fn dedupe_is_exact_by_merchant_and_txn() {
+    let mut s = program();
+    assert!(matches!(outcome(s.submit(sale("t1", 10_000, explicit("alpha")))), ConversionOutcome::Created(_)));
+    let cases = [
+        ("the same content again", sale("t1", 10_000, explicit("alpha")), "duplicate"),
+        ("another amount", sale("t1", 10_001, explicit("alpha")), "conflict"),
+        ("another partner", sale("t1", 10_000, explicit("beta")), "conflict"),
+        ("another txn", sale("t2", 10_000, explicit("alpha")), "created"),
+    ];
+    for (what, command, want) in cases {
+        let got = match outcome(s.submit(command)) {
+            ConversionOutcome::Created(_) => "created",
+            ConversionOutcome::Duplicate(_) => "duplicate",
+            ConversionOutcome::Conflict(_) => "conflict",
+        };
+        assert_eq!(got, want, "{what}");
+    }
+    assert_eq!(s.conversions.len(), 2);
+    assert_eq!(s.ledger_of(&m(), &p("alpha")).len(), 2, "a duplicate or conflict credits nothing");
+}
+
+#[test]
+fn the_same_state_and_command_give_the_same_effects_and_answer() {
+    let mut s = program();
+    s.submit(sale("t0", 5_000, explicit("beta")));
+    for command in [
+        sale("t1", 12_345, explicit("alpha")),
+        Command::Adjust {
+            merchant: m(),
+            input: Box::new(AdjustmentInput {
+                adjustment_id: "a".into(),
+                txn_id: TxnId::parse("t0").unwrap(),
+                kind: AdjustmentKind::Refund,
+                amount_text: Some("10.00".into()),
+            }),
+            at: T0 + 5000,
+            entropy: Entropy([3; 16]),
+        },
+        Command::SweepHolds { now: T0 + 10 * DAY, limit: 10 },
+    ] {
+        let a = execute(&s, command.clone()).unwrap();
+        let b = execute(&s.clone(), command).unwrap();
+        assert_eq!(format!("{:?}", a.effects), format!("{:?}", b.effects));
+        assert_eq!(format!("{:?}", a.answer), format!("{:?}", b.answer));
+        assert!(!a.effects.is_empty());
+    }
+}
+
+#[test]
+fn adjustments_are_refused_with_a_code_and_no_status() {
+    let mut s = program();
+    s.submit(sale("t1", 10_000, explicit("alpha")));
+    let adjust = |s: &mut Memory, id: &str, txn: &str, kind: AdjustmentKind, amount: Option<&str>| {
+        let input = AdjustmentInput {
+            adjustment_id: id.into(),
+            txn_id: TxnId::parse(txn).unwrap(),
+            kind,
+            amount_text: amount.map(str::to_string),
+        };
+        match s.submit(Command::Adjust {
+            merchant: m(),
+            input: Box::new(input),
+            at: T0 + 2000,
+            entropy: Entropy([1; 16]),
+        }) {
+            Answer::Adjust(AdjustOutcome::Refused(r)) => Some((r.conflict, r.code, r.field)),
+            Answer::Adjust(_) => None,
+            other => panic!("{other:?}"),
+        }
+    };
+    let cases: [(&str, &str, &str, AdjustmentKind, Option<&str>, Option<(bool, &str, Option<&str>)>); 6] = [
+        ("unknown txn", "a1", "nope", AdjustmentKind::Reject, None, Some((false, "invalid_field", Some("txn_id")))),
+        (
+            "refund beyond the amount",
+            "a2",
+            "t1",
+            AdjustmentKind::Refund,
+            Some("100.01"),
+            Some((false, "invalid_field", Some("amount"))),
+        ),
+        ("a partial refund", "a3", "t1", AdjustmentKind::Refund, Some("10.00"), None),
+        ("the same id, the same adjustment", "a3", "t1", AdjustmentKind::Refund, Some("10.00"), None),
+        (
+            "the same id, another adjustment",
+            "a3",
+            "t1",
+            AdjustmentKind::Reject,
+            None,
+            Some((true, "adjustment_conflict", Some("adjustment_id"))),
+        ),
+        ("reject, then approve", "a4", "t1", AdjustmentKind::Reject, None, None),
+    ];
+    for (what, id, txn, kind, amount, want) in cases {
+        assert_eq!(adjust(&mut s, id, txn, kind, amount), want, "{what}");
+    }
+    assert_eq!(
+        adjust(&mut s, "a5", "t1", AdjustmentKind::Approve, None),
+        Some((true, "illegal_status_change", None)),
+        "a rejected conversion cannot be approved"
+    );
+    let net: i64 = s.ledger_of(&m(), &p("alpha")).iter().map(|e| e.amount.minor).sum();
+    assert_eq!(net, 0, "the rejection took back what the refund left");
+}
+
+#[test]
+fn deal_registrations_answer_in_domain_terms() {
+    let mut s = program();
+    let deal = |partner: &str, id: &str, at: i64| {
+        Command::Deal(Box::new(DealDraft {
+            merchant: m(),
+            partner: p(partner),
+            deal_id: id.into(),
+            account: "acme.com".into(),
+            opportunity_id: None,
+            registered_ms: at,
+        }))
+    };
+    let cases = [
+        ("first registration", deal("alpha", "D1", T0), DealOutcome::Registered, false),
+        ("the same deal again", deal("alpha", "D1", T0 + 5), DealOutcome::Registered, true),
+        ("the holder, another deal", deal("alpha", "D2", T0 + 10), DealOutcome::AlreadyHeld, false),
+        ("another partner", deal("beta", "D3", T0 + 20), DealOutcome::Taken, false),
+        ("another partner after expiry", deal("beta", "D4", T0 + 31 * DAY), DealOutcome::Registered, false),
+    ];
+    for (what, command, want, replay) in cases {
+        match s.submit(command) {
+            Answer::Deal(a, r) => assert_eq!((a.outcome, r), (want, replay), "{what}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let acc = &s.accounts[&(m(), "acme.com".to_string())];
+    assert_eq!(acc.claim.as_ref().unwrap().partner_id, p("beta"));
+    assert!(acc.touches.iter().any(|t| t.partner_id == p("beta") && t.kind == TouchKind::Deal), "the refused one");
+    assert!(acc.touches.iter().any(|t| t.partner_id == p("alpha") && t.label.contains("expired")), "the expired one");
+}
+
+#[test]
+fn influencers_are_credited_as_influenced_with_a_reason() {
+    let mut s = program();
+    s.submit(Command::Touch {
+        merchant: m(),
+        account: "acme.com".into(),
+        touch: Touch { partner_id: p("beta"), kind: TouchKind::Crm, label: "webinar".into(), at_ms: T0 - DAY },
+    });
+    let keys = AttributionKeys { account: Some("acme.com".into()), partner_id: Some(p("alpha")), ..Default::default() };
+    let ConversionOutcome::Created(rec) = outcome(s.submit(sale("t1", 10_000, keys))) else { panic!() };
+    let a = rec.attribution.unwrap();
+    assert_eq!((a.partner_id, a.credit), (p("alpha"), Credit::Sourced));
+    let [i] = a.influencers.as_slice() else { panic!("one influencer: {:?}", a.influencers) };
+    assert_eq!((&i.partner_id, i.credit, i.rule), (&p("beta"), Credit::Influenced, RuleKind::Touch));
+    assert!(
+        i.reason.contains("touched account acme.com (webinar)") && i.reason.contains("partner alpha sourced it"),
+        "{}",
+        i.reason
+    );
+    assert_eq!(i.commission, Some(usd(500)), "5 % influence fee");
+}
+
+#[test]
+fn a_reassignment_reads_the_holder_it_replaces_and_explains_later_credit() {
+    let mut s = program();
+    s.submit(Command::Deal(Box::new(DealDraft {
+        merchant: m(),
+        partner: p("alpha"),
+        deal_id: "D1".into(),
+        account: "acme.com".into(),
+        opportunity_id: None,
+        registered_ms: T0 - DAY,
+    })));
+    let Answer::Reassigned(acc) = s.submit(Command::Reassign {
+        merchant: m(),
+        account: "acme.com".into(),
+        to: p("beta"),
+        by: "pm@m.example".into(),
+        why: "alpha left".into(),
+        at: T0 - 1000,
+    }) else {
+        panic!()
+    };
+    assert_eq!(acc.reassignments[0].from, Some(p("alpha")), "`from` is read by the engine");
+    let keys = AttributionKeys { account: Some("acme.com".into()), ..Default::default() };
+    let ConversionOutcome::Created(rec) = outcome(s.submit(sale("t1", 10_000, keys))) else { panic!() };
+    let a = rec.attribution.unwrap();
+    assert_eq!((a.partner_id.as_str(), a.rule), ("beta", RuleKind::Deal));
+    for part in ["reassigned to partner beta", "by pm@m.example", "(alpha left)", "from partner alpha"] {
+        assert!(a.reason.contains(part), "{part:?} in {}", a.reason);
+    }
+}
+
+#[test]
+fn unique_clicks_follow_bots_and_the_window() {
+    let mut s = program();
+    let click = |at: i64, bot: bool, visitor: u8| {
+        let click = ClickRecord {
+            click_id: Ulid::from_parts(at, [visitor; 10]),
+            link_id: LinkId::parse("l").unwrap(),
+            partner_id: p("alpha"),
+            merchant_id: m(),
+            at_ms: at,
+            subs: Default::default(),
+            ip: "203.0.113.0/24".into(),
+            user_agent: "UA".into(),
+            bot,
+            unique: false,
+            visitor: [visitor; 16],
+        };
+        Command::Click { click: Box::new(click), unique_window_ms: DAY }
+    };
+    let cases = [
+        ("a first click", click(T0, false, 1), true),
+        ("the same visitor within the window", click(T0 + DAY - 1, false, 1), false),
+        ("the same visitor after the window", click(T0 + DAY, false, 1), true),
+        ("a bot", click(T0, true, 2), false),
+        ("a human after the bot", click(T0 + 1, false, 2), true),
+    ];
+    for (what, command, want) in cases {
+        let Answer::Click(c) = s.submit(command) else { panic!() };
+        assert_eq!(c.unique, want, "{what}");
+    }
+}
+
+#[test]
+fn ledger_ids_increase_even_within_one_millisecond() {
+    let mut s = program();
+    for i in 0..20 {
+        // Entropy that would mint smaller ids each time: the ledger head keeps them rising.
+        let mut command = sale(&format!("t{i}"), 1000, explicit("alpha"));
+        if let Command::Conversion(d) = &mut command {
+            d.entropy = Entropy([255 - i as u8; 16]);
+        }
+        s.submit(command);
+    }
+    let ids: Vec<Ulid> = s.ledger_of(&m(), &p("alpha")).iter().map(|e| e.entry_id).collect();
+    assert_eq!(ids.len(), 20);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    let txns: Vec<String> = s.ledger_of(&m(), &p("alpha")).iter().map(|e| e.txn_id.to_string()).collect();
+    assert_eq!(txns, (0..20).map(|i| format!("t{i}")).collect::<Vec<_>>(), "read back in append order");
+}
