@@ -167,7 +167,7 @@ fn adjustments_are_refused_with_a_code_and_no_status() {
             other => panic!("{other:?}"),
         }
     };
-    let cases: [(&str, &str, &str, AdjustmentKind, Option<&str>, Option<(bool, &str, Option<&str>)>); 6] = [
+    let cases = [
         ("unknown txn", "a1", "nope", AdjustmentKind::Reject, None, Some((false, "invalid_field", Some("txn_id")))),
         (
             "refund beyond the amount",

@@ -442,3 +442,19 @@ proptest! {
         });
     }
 }
+
+/// The engine is the state machine only: it names no storage, no runtime, no HTTP.
+#[test]
+fn the_engine_names_no_storage_runtime_or_http() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/engine");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for word in ["rocksdb", "tokio", "hyper", "StatusCode", "status: u16"] {
+            assert!(!text.contains(word), "{} names {word}", path.display());
+        }
+        files += 1;
+    }
+    assert!(files >= 8, "the engine's files were read");
+}
