@@ -60,9 +60,15 @@ impl Entropy {
         Entropy(bytes)
     }
 
-    /// The `n`th 80 random bits of this command: SHA-256 of the entropy and `n`, so one id
-    /// does not reveal another.
+    /// The `n`th 80 random bits of this command: the entropy's first bits for `n = 0`, then
+    /// SHA-256 of the entropy and `n`, so one id does not reveal another.
     pub fn bits(&self, n: u32) -> [u8; 10] {
+        if n == 0 {
+            // The first id is the entropy itself: it reveals nothing the id does not.
+            let mut out = [0u8; 10];
+            out.copy_from_slice(&self.0[..10]);
+            return out;
+        }
         let digest = Sha256::new().chain_update(self.0).chain_update(n.to_be_bytes()).finalize();
         let mut out = [0u8; 10];
         out.copy_from_slice(&digest[..10]);

@@ -14,7 +14,8 @@ use crate::domain::ledger::LedgerEntry;
 /// Reads through a command's own writes; collects its effects.
 pub struct Tx<'s, S: State + ?Sized> {
     base: &'s S,
-    conversions: HashMap<(MerchantId, TxnId), ConversionRecord>,
+    /// Where in `effects` the latest record of each conversion written is.
+    conversions: HashMap<(MerchantId, TxnId), usize>,
     accounts: HashMap<(MerchantId, String), AccountRecord>,
     customers: HashMap<(MerchantId, String), CustomerBinding>,
     months: HashMap<(MerchantId, PartnerId, u32), PartnerMonth>,
@@ -46,7 +47,21 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
         }
     }
 
-    pub fn into_effects(self) -> Vec<Effect> {
+    /// What this command wrote under a key; the key is built only when it wrote any of
+    /// that kind (most commands write none, and building it allocates).
+    fn staged<'m, K: std::hash::Hash + Eq, V>(&self, map: &'m HashMap<K, V>, key: impl FnOnce() -> K) -> Option<&'m V> {
+        if map.is_empty() {
+            None
+        } else {
+            map.get(&key())
+        }
+    }
+
+    /// The effects, with the ledger head once at the end when entries were appended.
+    pub fn into_effects(mut self) -> Vec<Effect> {
+        if let Some(Some(head)) = self.head {
+            self.effects.push(Effect::LedgerHead(head));
+        }
         self.effects
     }
 
@@ -59,14 +74,19 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
     }
 
     pub fn conversion(&self, m: &MerchantId, txn: &TxnId) -> Result<Option<ConversionRecord>, S::Error> {
-        match self.conversions.get(&(m.clone(), txn.clone())) {
-            Some(rec) => Ok(Some(rec.clone())),
+        let staged =
+            self.staged(&self.conversions, || (m.clone(), txn.clone())).and_then(|i| match &self.effects[*i] {
+                Effect::Conversion(rec) => Some((**rec).clone()),
+                _ => None,
+            });
+        match staged {
+            Some(rec) => Ok(Some(rec)),
             None => self.base.conversion(m, txn),
         }
     }
 
     pub fn put_conversion(&mut self, rec: ConversionRecord) {
-        self.conversions.insert((rec.merchant_id.clone(), rec.txn_id.clone()), rec.clone());
+        self.conversions.insert((rec.merchant_id.clone(), rec.txn_id.clone()), self.effects.len());
         self.effects.push(Effect::Conversion(Box::new(rec)));
     }
 
@@ -75,7 +95,7 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
     }
 
     pub fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<Option<UnixMillis>, S::Error> {
-        match self.visitors.get(&(link.clone(), *visitor)) {
+        match self.staged(&self.visitors, || (link.clone(), *visitor)) {
             Some(at) => Ok(Some(*at)),
             None => self.base.visitor(link, visitor),
         }
@@ -87,7 +107,7 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
     }
 
     pub fn account(&self, m: &MerchantId, account: &str) -> Result<Option<AccountRecord>, S::Error> {
-        match self.accounts.get(&(m.clone(), account.to_string())) {
+        match self.staged(&self.accounts, || (m.clone(), account.to_string())) {
             Some(a) => Ok(Some(a.clone())),
             None => self.base.account(m, account),
         }
@@ -99,7 +119,7 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
     }
 
     pub fn customer(&self, m: &MerchantId, customer: &str) -> Result<Option<CustomerBinding>, S::Error> {
-        match self.customers.get(&(m.clone(), customer.to_string())) {
+        match self.staged(&self.customers, || (m.clone(), customer.to_string())) {
             Some(b) => Ok(Some(b.clone())),
             None => self.base.customer(m, customer),
         }
@@ -112,7 +132,7 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
 
     /// The partner's figures for a month; zero when none are stored.
     pub fn partner_month(&self, m: &MerchantId, p: &PartnerId, month: u32) -> Result<PartnerMonth, S::Error> {
-        match self.months.get(&(m.clone(), p.clone(), month)) {
+        match self.staged(&self.months, || (m.clone(), p.clone(), month)) {
             Some(s) => Ok(*s),
             None => Ok(self.base.partner_month(m, p, month)?.unwrap_or_default()),
         }
@@ -124,7 +144,7 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
     }
 
     pub fn adjustment(&self, m: &MerchantId, id: &str) -> Result<Option<AdjustmentRecord>, S::Error> {
-        match self.adjustments.get(&(m.clone(), id.to_string())) {
+        match self.staged(&self.adjustments, || (m.clone(), id.to_string())) {
             Some(a) => Ok(Some(a.clone())),
             None => self.base.adjustment(m, id),
         }
@@ -136,7 +156,7 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
     }
 
     pub fn deal(&self, p: &PartnerId, deal_id: &str) -> Result<Option<DealAnswer>, S::Error> {
-        match self.deals.get(&(p.clone(), deal_id.to_string())) {
+        match self.staged(&self.deals, || (p.clone(), deal_id.to_string())) {
             Some(d) => Ok(Some(d.clone())),
             None => self.base.deal(p, deal_id),
         }
@@ -178,7 +198,6 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
         self.head = Some(Some(id));
         entry.entry_id = id;
         self.effects.push(Effect::Ledger(Box::new(entry)));
-        self.effects.push(Effect::LedgerHead(id));
         Ok(id)
     }
 }
