@@ -26,7 +26,6 @@ mod tests;
 mod tx;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 pub use b2b::{DealAnswer, DealDraft, DealOutcome};
 pub use catalog::Catalog;
@@ -60,8 +59,8 @@ impl Entropy {
         Entropy(bytes)
     }
 
-    /// The `n`th 80 random bits of this command: the entropy's first bits for `n = 0`, then
-    /// SHA-256 of the entropy and `n`, so one id does not reveal another.
+    /// The `n`th 80 random bits of this command: the entropy's first 80 bits for `n = 0`,
+    /// then a mix of all of it with `n`.
     pub fn bits(&self, n: u32) -> [u8; 10] {
         if n == 0 {
             // The first id is the entropy itself: it reveals nothing the id does not.
@@ -69,11 +68,26 @@ impl Entropy {
             out.copy_from_slice(&self.0[..10]);
             return out;
         }
-        let digest = Sha256::new().chain_update(self.0).chain_update(n.to_be_bytes()).finalize();
+        // Later ids mix all 128 bits with `n` (SplitMix64's finalizer): an id shows 80 of
+        // them, so it does not give away the others. Ids are unguessable, not secret.
+        let (hi, lo) = self.0.split_at(8);
+        let hi = u64::from_be_bytes(hi.try_into().unwrap_or_default());
+        let lo = u64::from_be_bytes(lo.try_into().unwrap_or_default());
+        let a = mix(hi ^ mix(lo ^ u64::from(n)));
+        let b = mix(lo ^ a);
         let mut out = [0u8; 10];
-        out.copy_from_slice(&digest[..10]);
+        out[..8].copy_from_slice(&a.to_be_bytes());
+        out[8..].copy_from_slice(&b.to_be_bytes()[..2]);
         out
     }
+}
+
+/// SplitMix64's output function.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// An input to the state machine.

@@ -11,17 +11,54 @@ use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
 
+/// What an effect is stored under, for reading a command's own writes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key<'a> {
+    Conversion(&'a MerchantId, &'a TxnId),
+    Visitor(&'a LinkId, &'a [u8; 16]),
+    Account(&'a MerchantId, &'a str),
+    Customer(&'a MerchantId, &'a str),
+    Month(&'a MerchantId, &'a PartnerId, u32),
+    Adjustment(&'a MerchantId, &'a str),
+    Deal(&'a PartnerId, &'a str),
+}
+
+impl Key<'_> {
+    fn of(effect: &Effect) -> Option<Key<'_>> {
+        Some(match effect {
+            Effect::Conversion(r) => Key::Conversion(&r.merchant_id, &r.txn_id),
+            Effect::Visitor { link, visitor, .. } => Key::Visitor(link, visitor),
+            Effect::Account { merchant, record } => Key::Account(merchant, &record.account),
+            Effect::Customer { merchant, customer, .. } => Key::Customer(merchant, customer),
+            Effect::PartnerMonth { merchant, partner, month, .. } => Key::Month(merchant, partner, *month),
+            Effect::Adjustment { merchant, record } => Key::Adjustment(merchant, &record.input.adjustment_id),
+            Effect::Deal { partner, deal_id, .. } => Key::Deal(partner, deal_id),
+            _ => return None,
+        })
+    }
+
+    /// A fixed hash (not seeded per process: the index must not make runs differ).
+    fn digest(self) -> u64 {
+        use std::hash::Hasher;
+        #[allow(deprecated)] // SipHash with fixed keys: deterministic, and this is no hash-flooding surface
+        let mut h = std::hash::SipHasher::new();
+        std::hash::Hash::hash(&self, &mut h);
+        h.finish()
+    }
+}
+
+/// Commands with more effects than this index them by key hash; smaller ones are scanned.
+const SCAN_LIMIT: usize = 16;
+
 /// Reads through a command's own writes; collects its effects.
+///
+/// A read of something the command wrote is answered from its effects: a backwards scan
+/// while there are few (most commands write under ten), an index by key hash for large
+/// batches. No key is copied for it: a conversion pays nothing for the overlay.
 pub struct Tx<'s, S: State + ?Sized> {
     base: &'s S,
-    /// Where in `effects` the latest record of each conversion written is.
-    conversions: HashMap<(MerchantId, TxnId), usize>,
-    accounts: HashMap<(MerchantId, String), AccountRecord>,
-    customers: HashMap<(MerchantId, String), CustomerBinding>,
-    months: HashMap<(MerchantId, PartnerId, u32), PartnerMonth>,
-    adjustments: HashMap<(MerchantId, String), AdjustmentRecord>,
-    deals: HashMap<(PartnerId, String), DealAnswer>,
-    visitors: HashMap<(LinkId, [u8; 16]), UnixMillis>,
+    /// Key hash -> positions in `effects`, built once the command has many effects.
+    index: HashMap<u64, Vec<usize>>,
     holds_done: HashSet<Hold>,
     head: Option<Option<Ulid>>,
     /// Ids derived from entropy so far: 0 is the conversion's own, ledger entries count on.
@@ -31,29 +68,34 @@ pub struct Tx<'s, S: State + ?Sized> {
 
 impl<'s, S: State + ?Sized> Tx<'s, S> {
     pub fn new(base: &'s S) -> Self {
-        Tx {
-            base,
-            conversions: HashMap::new(),
-            accounts: HashMap::new(),
-            customers: HashMap::new(),
-            months: HashMap::new(),
-            adjustments: HashMap::new(),
-            deals: HashMap::new(),
-            visitors: HashMap::new(),
-            holds_done: HashSet::new(),
-            head: None,
-            minted: 0,
-            effects: Vec::new(),
-        }
+        // A credited conversion makes five or six effects: one allocation for them all.
+        let effects = Vec::with_capacity(8);
+        Tx { base, index: HashMap::new(), holds_done: HashSet::new(), head: None, minted: 0, effects }
     }
 
-    /// What this command wrote under a key; the key is built only when it wrote any of
-    /// that kind (most commands write none, and building it allocates).
-    fn staged<'m, K: std::hash::Hash + Eq, V>(&self, map: &'m HashMap<K, V>, key: impl FnOnce() -> K) -> Option<&'m V> {
-        if map.is_empty() {
-            None
-        } else {
-            map.get(&key())
+    /// The latest effect this command wrote under `key`.
+    fn staged(&self, key: Key<'_>) -> Option<&Effect> {
+        if self.effects.len() <= SCAN_LIMIT {
+            return self.effects.iter().rev().find(|e| Key::of(e) == Some(key));
+        }
+        let positions = self.index.get(&key.digest())?;
+        positions.iter().rev().map(|&i| &self.effects[i]).find(|e| Key::of(e) == Some(key))
+    }
+
+    /// Keeps an effect, indexing it once the command has many.
+    fn keep(&mut self, effect: Effect) {
+        self.effects.push(effect);
+        let n = self.effects.len();
+        if n == SCAN_LIMIT + 1 {
+            for i in 0..n {
+                if let Some(k) = Key::of(&self.effects[i]) {
+                    self.index.entry(k.digest()).or_default().push(i);
+                }
+            }
+        } else if n > SCAN_LIMIT + 1 {
+            if let Some(k) = Key::of(&self.effects[n - 1]) {
+                self.index.entry(k.digest()).or_default().push(n - 1);
+            }
         }
     }
 
@@ -70,24 +112,18 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
     }
 
     pub fn push(&mut self, effect: Effect) {
-        self.effects.push(effect);
+        self.keep(effect);
     }
 
     pub fn conversion(&self, m: &MerchantId, txn: &TxnId) -> Result<Option<ConversionRecord>, S::Error> {
-        let staged =
-            self.staged(&self.conversions, || (m.clone(), txn.clone())).and_then(|i| match &self.effects[*i] {
-                Effect::Conversion(rec) => Some((**rec).clone()),
-                _ => None,
-            });
-        match staged {
-            Some(rec) => Ok(Some(rec)),
-            None => self.base.conversion(m, txn),
+        match self.staged(Key::Conversion(m, txn)) {
+            Some(Effect::Conversion(rec)) => Ok(Some((**rec).clone())),
+            _ => self.base.conversion(m, txn),
         }
     }
 
     pub fn put_conversion(&mut self, rec: ConversionRecord) {
-        self.conversions.insert((rec.merchant_id.clone(), rec.txn_id.clone()), self.effects.len());
-        self.effects.push(Effect::Conversion(Box::new(rec)));
+        self.keep(Effect::Conversion(Box::new(rec)));
     }
 
     pub fn click(&self, id: &Ulid) -> Result<Option<ClickRecord>, S::Error> {
@@ -95,76 +131,70 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
     }
 
     pub fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<Option<UnixMillis>, S::Error> {
-        match self.staged(&self.visitors, || (link.clone(), *visitor)) {
-            Some(at) => Ok(Some(*at)),
-            None => self.base.visitor(link, visitor),
+        match self.staged(Key::Visitor(link, visitor)) {
+            Some(Effect::Visitor { at_ms, .. }) => Ok(Some(*at_ms)),
+            _ => self.base.visitor(link, visitor),
         }
     }
 
     pub fn put_visitor(&mut self, link: LinkId, visitor: [u8; 16], at_ms: UnixMillis) {
-        self.visitors.insert((link.clone(), visitor), at_ms);
-        self.effects.push(Effect::Visitor { link, visitor, at_ms });
+        self.keep(Effect::Visitor { link, visitor, at_ms });
     }
 
     pub fn account(&self, m: &MerchantId, account: &str) -> Result<Option<AccountRecord>, S::Error> {
-        match self.staged(&self.accounts, || (m.clone(), account.to_string())) {
-            Some(a) => Ok(Some(a.clone())),
-            None => self.base.account(m, account),
+        match self.staged(Key::Account(m, account)) {
+            Some(Effect::Account { record, .. }) => Ok(Some((**record).clone())),
+            _ => self.base.account(m, account),
         }
     }
 
     pub fn put_account(&mut self, m: &MerchantId, record: AccountRecord) {
-        self.accounts.insert((m.clone(), record.account.clone()), record.clone());
-        self.effects.push(Effect::Account { merchant: m.clone(), record: Box::new(record) });
+        self.keep(Effect::Account { merchant: m.clone(), record: Box::new(record) });
     }
 
     pub fn customer(&self, m: &MerchantId, customer: &str) -> Result<Option<CustomerBinding>, S::Error> {
-        match self.staged(&self.customers, || (m.clone(), customer.to_string())) {
-            Some(b) => Ok(Some(b.clone())),
-            None => self.base.customer(m, customer),
+        match self.staged(Key::Customer(m, customer)) {
+            Some(Effect::Customer { binding, .. }) => Ok(Some(binding.clone())),
+            _ => self.base.customer(m, customer),
         }
     }
 
     pub fn put_customer(&mut self, m: &MerchantId, customer: &str, binding: CustomerBinding) {
-        self.customers.insert((m.clone(), customer.to_string()), binding.clone());
-        self.effects.push(Effect::Customer { merchant: m.clone(), customer: customer.to_string(), binding });
+        self.keep(Effect::Customer { merchant: m.clone(), customer: customer.to_string(), binding });
     }
 
     /// The partner's figures for a month; zero when none are stored.
     pub fn partner_month(&self, m: &MerchantId, p: &PartnerId, month: u32) -> Result<PartnerMonth, S::Error> {
-        match self.staged(&self.months, || (m.clone(), p.clone(), month)) {
-            Some(s) => Ok(*s),
-            None => Ok(self.base.partner_month(m, p, month)?.unwrap_or_default()),
+        match self.staged(Key::Month(m, p, month)) {
+            Some(Effect::PartnerMonth { stats, .. }) => Ok(*stats),
+            _ => Ok(self.base.partner_month(m, p, month)?.unwrap_or_default()),
         }
     }
 
     pub fn put_partner_month(&mut self, m: &MerchantId, p: &PartnerId, month: u32, stats: PartnerMonth) {
-        self.months.insert((m.clone(), p.clone(), month), stats);
-        self.effects.push(Effect::PartnerMonth { merchant: m.clone(), partner: p.clone(), month, stats });
+        self.keep(Effect::PartnerMonth { merchant: m.clone(), partner: p.clone(), month, stats });
     }
 
     pub fn adjustment(&self, m: &MerchantId, id: &str) -> Result<Option<AdjustmentRecord>, S::Error> {
-        match self.staged(&self.adjustments, || (m.clone(), id.to_string())) {
-            Some(a) => Ok(Some(a.clone())),
-            None => self.base.adjustment(m, id),
+        match self.staged(Key::Adjustment(m, id)) {
+            Some(Effect::Adjustment { record, .. }) => Ok(Some((**record).clone())),
+            _ => self.base.adjustment(m, id),
         }
     }
 
     pub fn put_adjustment(&mut self, m: &MerchantId, record: AdjustmentRecord) {
-        self.adjustments.insert((m.clone(), record.input.adjustment_id.clone()), record.clone());
-        self.effects.push(Effect::Adjustment { merchant: m.clone(), record: Box::new(record) });
+        self.keep(Effect::Adjustment { merchant: m.clone(), record: Box::new(record) });
     }
 
     pub fn deal(&self, p: &PartnerId, deal_id: &str) -> Result<Option<DealAnswer>, S::Error> {
-        match self.staged(&self.deals, || (p.clone(), deal_id.to_string())) {
-            Some(d) => Ok(Some(d.clone())),
-            None => self.base.deal(p, deal_id),
+        match self.staged(Key::Deal(p, deal_id)) {
+            Some(Effect::Deal { answer, .. }) => Ok(Some((**answer).clone())),
+            _ => self.base.deal(p, deal_id),
         }
     }
 
     pub fn put_deal(&mut self, p: &PartnerId, deal_id: &str, answer: DealAnswer) {
-        self.deals.insert((p.clone(), deal_id.to_string()), answer.clone());
-        self.effects.push(Effect::Deal { partner: p.clone(), deal_id: deal_id.to_string(), answer: Box::new(answer) });
+        self.keep(Effect::Deal { partner: p.clone(), deal_id: deal_id.to_string(), answer: Box::new(answer) });
     }
 
     /// Due holds not yet done by this command.
@@ -176,7 +206,7 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
 
     pub fn hold_done(&mut self, hold: Hold) {
         self.holds_done.insert(hold.clone());
-        self.effects.push(Effect::HoldDone(hold));
+        self.keep(Effect::HoldDone(hold));
     }
 
     /// The id of this command's conversion: its receipt time and the first bits of its entropy.
@@ -197,7 +227,7 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
         let id = Ulid(if minted > last { minted } else { last.saturating_add(1) }.to_be_bytes());
         self.head = Some(Some(id));
         entry.entry_id = id;
-        self.effects.push(Effect::Ledger(Box::new(entry)));
+        self.keep(Effect::Ledger(Box::new(entry)));
         Ok(id)
     }
 }

@@ -12,48 +12,53 @@ use crate::engine::Effect;
 /// # Errors
 /// Only when the database cannot be written (it is being reopened); the whole batch is
 /// then answered with that error.
-pub(super) fn apply(pending: &mut Pending<'_>, effects: Vec<Effect>) -> Result<(), StoreError> {
+pub(super) fn apply(pending: &mut Pending<'_>, effects: &[Effect]) -> Result<(), StoreError> {
     for effect in effects {
         apply_one(pending, effect)?;
     }
     Ok(())
 }
 
-fn apply_one(p: &mut Pending<'_>, effect: Effect) -> Result<(), StoreError> {
+fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
     match effect {
         Effect::Click(c) => p.put(Cf::Clicks, keys::click(&c.click_id), codec::encode_click(&c)),
         Effect::Visitor { link, visitor, at_ms } => {
-            p.put(Cf::Visitors, keys::visitor(&link, &visitor), at_ms.to_be_bytes().to_vec())
+            p.put(Cf::Visitors, keys::visitor(link, visitor), at_ms.to_be_bytes().to_vec())
         }
-        Effect::Conversion(rec) => p.write(Cf::Conversions, keys::conversion(&rec.merchant_id, &rec.txn_id), &*rec),
+        Effect::Conversion(rec) => p.write(Cf::Conversions, keys::conversion(&rec.merchant_id, &rec.txn_id), &**rec),
         Effect::Ledger(e) => {
             p.ledger.push(e.kind);
-            p.write(Cf::Ledger, keys::ledger(&e.merchant_id, &e.partner_id, &e.entry_id), &*e)
+            p.write(Cf::Ledger, keys::ledger(&e.merchant_id, &e.partner_id, &e.entry_id), &**e)
         }
-        Effect::LedgerHead(id) => p.put(Cf::Meta, keys::META_LEDGER_HEAD.to_vec(), id.0.to_vec()),
+        Effect::LedgerHead(id) => {
+            p.ledger_head = Some(id.0);
+            Ok(())
+        }
         Effect::Account { merchant, record } => {
-            p.write(Cf::Accounts, keys::account(&merchant, &record.account), &*record)
+            p.write(Cf::Accounts, keys::account(merchant, &record.account), &**record)
         }
         Effect::Customer { merchant, customer, binding } => {
-            p.write(Cf::Customers, keys::customer(&merchant, &customer), &binding)
+            p.write(Cf::Customers, keys::customer(merchant, customer), binding)
         }
         Effect::PartnerMonth { merchant, partner, month, stats } => {
-            p.write(Cf::PartnerMonths, keys::partner_month(&merchant, &partner, month), &stats)
+            p.write(Cf::PartnerMonths, keys::partner_month(merchant, partner, *month), stats)
         }
         Effect::Adjustment { merchant, record } => {
-            p.write(Cf::Adjustments, keys::adjustment(&merchant, &record.input.adjustment_id), &*record)
+            p.write(Cf::Adjustments, keys::adjustment(merchant, &record.input.adjustment_id), &**record)
         }
-        Effect::Deal { partner, deal_id, answer } => p.write(Cf::Deals, keys::deal(&partner, &deal_id), &*answer),
+        Effect::Deal { partner, deal_id, answer } => p.write(Cf::Deals, keys::deal(partner, deal_id), &**answer),
         Effect::HoldSet(h) => p.put(Cf::Holds, keys::hold(h.at, &h.merchant, &h.txn), Vec::new()),
         Effect::HoldDone(h) => p.delete(Cf::Holds, keys::hold(h.at, &h.merchant, &h.txn)),
-        Effect::Merchant(m) => p.write(Cf::Merchants, keys::merchant(&m.id), &*m),
+        Effect::Merchant(m) => p.write(Cf::Merchants, keys::merchant(&m.id), &**m),
         Effect::MerchantSecrets { merchant, secrets } => {
-            p.write(Cf::Secrets, keys::merchant_secrets(&merchant), &*secrets)
+            p.write(Cf::Secrets, keys::merchant_secrets(merchant), &**secrets)
         }
-        Effect::PostbackToken { merchant, hash } => p.write(Cf::Secrets, keys::postback_token(&merchant), &hash),
-        Effect::Partner(partner) => p.write(Cf::Partners, keys::partner(&partner.id), &*partner),
-        Effect::PartnerSecrets { partner, secrets } => p.write(Cf::Secrets, keys::partner_secrets(&partner), &*secrets),
-        Effect::Link(l) => p.write(Cf::Links, keys::link(&l.id), &*l),
-        Effect::Plan(plan) => p.write(Cf::Plans, keys::plan(&plan.merchant_id, &plan.id, plan.version_from_ms), &*plan),
+        Effect::PostbackToken { merchant, hash } => p.write(Cf::Secrets, keys::postback_token(merchant), hash),
+        Effect::Partner(partner) => p.write(Cf::Partners, keys::partner(&partner.id), &**partner),
+        Effect::PartnerSecrets { partner, secrets } => p.write(Cf::Secrets, keys::partner_secrets(partner), &**secrets),
+        Effect::Link(l) => p.write(Cf::Links, keys::link(&l.id), &**l),
+        Effect::Plan(plan) => {
+            p.write(Cf::Plans, keys::plan(&plan.merchant_id, &plan.id, plan.version_from_ms), &**plan)
+        }
     }
 }

@@ -111,6 +111,10 @@ impl State for View<'_, '_> {
     }
 
     fn ledger_head(&self) -> Result<Option<Ulid>, StoreError> {
+        if let Some(head) = self.pending.ledger_head {
+            self.read_staged.set(true);
+            return Ok(Some(Ulid(head)));
+        }
         let head = self.bytes(Cf::Meta, keys::META_LEDGER_HEAD)?;
         Ok(head.and_then(|v| <[u8; 16]>::try_from(v.as_slice()).ok()).map(Ulid))
     }

@@ -30,7 +30,7 @@ use super::view::View;
 use super::{codec, Durability, Shared, StoreError};
 use crate::domain::conversion::ConversionRecord;
 use crate::domain::ledger::LedgerKind;
-use crate::engine::{self, Answer, Catalog, Command, ConversionOutcome};
+use crate::engine::{self, Answer, Catalog, Command, ConversionOutcome, Effect};
 
 type Reply<T> = oneshot::Sender<T>;
 
@@ -58,6 +58,9 @@ pub(super) struct Pending<'a> {
     written: Vec<Done>,
     pub(super) ops: usize,
     pub(super) ledger: Vec<LedgerKind>,
+    /// The newest ledger head staged by this batch: written once, when the batch is, since
+    /// each command's head supersedes the one before (one key less per conversion).
+    pub(super) ledger_head: Option<[u8; 16]>,
 }
 
 impl<'a> Pending<'a> {
@@ -73,6 +76,7 @@ impl<'a> Pending<'a> {
             written: Vec::new(),
             ops: 0,
             ledger: Vec::new(),
+            ledger_head: None,
         }
     }
 
@@ -240,14 +244,14 @@ impl Writer {
             }
         };
         let wrote = !outcome.effects.is_empty();
-        if let Err(e) = super::apply::apply(pending, outcome.effects) {
+        if let Err(e) = super::apply::apply(pending, &outcome.effects) {
             let _ = reply.send(Err(e));
             return;
         }
         let answer = outcome.answer;
         if wrote {
             pending.ops += 1;
-            self.remember_created(&answer);
+            self.remember_created(&answer, outcome.effects);
         }
         let send = move |r: &Result<(), StoreError>| {
             let _ = reply.send(r.clone().map(|()| answer));
@@ -262,19 +266,22 @@ impl Writer {
         }
     }
 
-    /// Keeps the conversions a command created among the recent ones.
-    fn remember_created(&self, answer: &Answer) {
-        let created = |o: &ConversionOutcome| match o {
-            ConversionOutcome::Created(rec) => Some(rec.clone()),
-            _ => None,
+    /// Keeps the conversions a command created among the recent ones, moved out of its
+    /// applied effects (a conversion command writes no other conversion record).
+    fn remember_created(&self, answer: &Answer, effects: Vec<Effect>) {
+        let created = |o: &ConversionOutcome| matches!(o, ConversionOutcome::Created(_));
+        let any = match answer {
+            Answer::Conversion(o) => created(o),
+            Answer::Batch(all) => all.iter().any(created),
+            _ => false,
         };
-        let records: Vec<ConversionRecord> = match answer {
-            Answer::Conversion(o) => created(o).into_iter().collect(),
-            Answer::Batch(all) => all.iter().filter_map(created).collect(),
-            _ => return,
-        };
-        for rec in records {
-            self.remember(super::keys::conversion(&rec.merchant_id, &rec.txn_id), rec);
+        if !any {
+            return;
+        }
+        for effect in effects {
+            if let Effect::Conversion(rec) = effect {
+                self.remember(super::keys::conversion(&rec.merchant_id, &rec.txn_id), *rec);
+            }
         }
     }
 
@@ -293,7 +300,13 @@ impl Writer {
     /// Writes the batch without fsync and answers what needs only the write; hands the
     /// answers that promise durability to the syncer (with `fsync` durability).
     fn commit(&self, pending: Pending<'_>) {
-        let Pending { db, batch, sync, done, written, ops, ledger, .. } = pending;
+        let Pending { db, mut batch, sync, done, written, ops, ledger, ledger_head, .. } = pending;
+        if let (Some(head), Some(db)) = (ledger_head, db.as_deref()) {
+            match super::cf_of(db, Cf::Meta) {
+                Ok(cf) => batch.put_cf(cf, super::keys::META_LEDGER_HEAD, head),
+                Err(e) => tracing::error!(error = %e, "ledger head not written"),
+            }
+        }
         let result = if ops == 0 { Ok(()) } else { self.write(db.as_deref(), batch, ops) };
         if result.is_err() {
             // It may hold records of this batch, which is not stored.
@@ -389,7 +402,7 @@ impl Writer {
         for e in &outcome.effects {
             next.apply(e);
         }
-        super::apply::apply(&mut pending, outcome.effects)?;
+        super::apply::apply(&mut pending, &outcome.effects)?;
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         let Pending { db, batch, .. } = pending;
