@@ -21,7 +21,7 @@ pub(super) fn apply(pending: &mut Pending<'_>, effects: &[Effect]) -> Result<(),
 
 fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
     match effect {
-        Effect::Click(c) => p.put(Cf::Clicks, keys::click(&c.click_id), codec::encode_click(&c)),
+        Effect::Click(c) => p.put(Cf::Clicks, keys::click(&c.click_id), codec::encode_click(c)),
         Effect::Visitor { link, visitor, at_ms } => {
             p.put(Cf::Visitors, keys::visitor(link, visitor), at_ms.to_be_bytes().to_vec())
         }
