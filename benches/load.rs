@@ -495,7 +495,6 @@ async fn load_clicks(data_dir: &std::path::Path, n: u64) -> Vec<String> {
         wal_sync_interval: Duration::from_millis(100),
         queue_capacity: 8192,
         max_batch: 1024,
-        unique_window_ms: 86_400_000,
         block_cache_bytes: 64 << 20,
         write_buffer_bytes: 32 << 20,
         recent_conversions: tally::store::DEFAULT_RECENT_CONVERSIONS,

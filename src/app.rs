@@ -221,7 +221,6 @@ pub fn store_options(settings: &crate::config::Settings) -> StoreOptions {
         wal_sync_interval: Duration::from_millis(s.wal_sync_interval_ms),
         queue_capacity: s.writer_queue,
         max_batch: s.max_batch,
-        unique_window_ms: settings.clicks.unique_window_hours * 3_600_000,
         block_cache_bytes: s.block_cache_mb << 20,
         write_buffer_bytes: s.write_buffer_mb << 20,
         recent_conversions: s.recent_conversions,

@@ -84,7 +84,6 @@ pub struct StoreOptions {
     pub wal_sync_interval: Duration,
     pub queue_capacity: usize,
     pub max_batch: usize,
-    pub unique_window_ms: i64,
     pub block_cache_bytes: usize,
     pub write_buffer_bytes: usize,
     /// Conversion records kept decoded to answer retries ([`DEFAULT_RECENT_CONVERSIONS`]).
@@ -261,7 +260,6 @@ pub struct Store {
     tx: mpsc::Sender<writer::Op>,
     salt: Arc<[u8; 32]>,
     threads: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
-    unique_window_ms: i64,
 }
 
 fn db_options(opts: &StoreOptions) -> Options {
@@ -354,18 +352,7 @@ impl Store {
             .name("tally-writer".into())
             .spawn(move || w.run(rx))
             .map_err(|e| StoreError::Io(format!("spawn writer: {e}")))?;
-        Ok(Store {
-            shared,
-            tx,
-            salt: Arc::new(salt),
-            threads: Arc::new(std::sync::Mutex::new(vec![writer, syncer])),
-            unique_window_ms: opts.unique_window_ms,
-        })
-    }
-
-    /// The unique-click window this store was opened with (`clicks.unique_window_hours`).
-    pub fn unique_window_ms(&self) -> i64 {
-        self.unique_window_ms
+        Ok(Store { shared, tx, salt: Arc::new(salt), threads: Arc::new(std::sync::Mutex::new(vec![writer, syncer])) })
     }
 
     /// Counts the stored conversions of a merchant (admin and tests; a full scan of its range).

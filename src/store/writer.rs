@@ -514,7 +514,6 @@ mod tests {
             wal_sync_interval: Duration::from_secs(60),
             queue_capacity: 64,
             max_batch: 64,
-            unique_window_ms: 86_400_000,
             block_cache_bytes: 8 << 20,
             write_buffer_bytes: 4 << 20,
             recent_conversions: crate::store::DEFAULT_RECENT_CONVERSIONS,

@@ -71,7 +71,6 @@ async fn open(dir: &std::path::Path) -> Store {
         wal_sync_interval: std::time::Duration::from_millis(100),
         queue_capacity: 64,
         max_batch: 64,
-        unique_window_ms: 86_400_000,
         block_cache_bytes: 8 << 20,
         write_buffer_bytes: 4 << 20,
         recent_conversions: tally::store::DEFAULT_RECENT_CONVERSIONS,

@@ -333,7 +333,6 @@ fn open(dir: &std::path::Path) -> Store {
         wal_sync_interval: std::time::Duration::from_millis(100),
         queue_capacity: 256,
         max_batch: 256,
-        unique_window_ms: DAY,
         block_cache_bytes: 8 << 20,
         write_buffer_bytes: 4 << 20,
         recent_conversions: 64,
