@@ -1,7 +1,7 @@
 //! A command's transaction: the state it reads, overlaid with what it has written so far,
 //! and the effects in the order they were made.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use super::{Catalog, DealAnswer, Effect, Entropy, Hold, State};
 use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth};
@@ -59,7 +59,6 @@ pub struct Tx<'s, S: State + ?Sized> {
     base: &'s S,
     /// Key hash -> positions in `effects`, built once the command has many effects.
     index: HashMap<u64, Vec<usize>>,
-    holds_done: HashSet<Hold>,
     head: Option<Option<Ulid>>,
     /// Ids derived from entropy so far: 0 is the conversion's own, ledger entries count on.
     minted: u32,
@@ -70,7 +69,7 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
     pub fn new(base: &'s S) -> Self {
         // A credited conversion makes five or six effects: one allocation for them all.
         let effects = Vec::with_capacity(8);
-        Tx { base, index: HashMap::new(), holds_done: HashSet::new(), head: None, minted: 0, effects }
+        Tx { base, index: HashMap::new(), head: None, minted: 0, effects }
     }
 
     /// The latest effect this command wrote under `key`.
@@ -200,12 +199,11 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
     /// Due holds not yet done by this command.
     pub fn due_holds(&self, now: UnixMillis, limit: usize) -> Result<Vec<Hold>, S::Error> {
         let mut due = self.base.due_holds(now, limit)?;
-        due.retain(|h| !self.holds_done.contains(h));
+        due.retain(|h| !self.effects.iter().any(|e| matches!(e, Effect::HoldDone(done) if done == h)));
         Ok(due)
     }
 
     pub fn hold_done(&mut self, hold: Hold) {
-        self.holds_done.insert(hold.clone());
         self.keep(Effect::HoldDone(hold));
     }
 
@@ -229,45 +227,5 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
         entry.entry_id = id;
         self.keep(Effect::Ledger(Box::new(entry)));
         Ok(id)
-    }
-}
-
-impl<S: State + ?Sized> State for Tx<'_, S> {
-    type Error = S::Error;
-    fn catalog(&self) -> &Catalog {
-        self.base.catalog()
-    }
-    fn conversion(&self, m: &MerchantId, txn: &TxnId) -> Result<Option<ConversionRecord>, S::Error> {
-        Tx::conversion(self, m, txn)
-    }
-    fn click(&self, id: &Ulid) -> Result<Option<ClickRecord>, S::Error> {
-        self.base.click(id)
-    }
-    fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<Option<UnixMillis>, S::Error> {
-        Tx::visitor(self, link, visitor)
-    }
-    fn account(&self, m: &MerchantId, account: &str) -> Result<Option<AccountRecord>, S::Error> {
-        Tx::account(self, m, account)
-    }
-    fn customer(&self, m: &MerchantId, customer: &str) -> Result<Option<CustomerBinding>, S::Error> {
-        Tx::customer(self, m, customer)
-    }
-    fn partner_month(&self, m: &MerchantId, p: &PartnerId, month: u32) -> Result<Option<PartnerMonth>, S::Error> {
-        Tx::partner_month(self, m, p, month).map(Some)
-    }
-    fn adjustment(&self, m: &MerchantId, id: &str) -> Result<Option<AdjustmentRecord>, S::Error> {
-        Tx::adjustment(self, m, id)
-    }
-    fn deal(&self, p: &PartnerId, deal_id: &str) -> Result<Option<DealAnswer>, S::Error> {
-        Tx::deal(self, p, deal_id)
-    }
-    fn due_holds(&self, now: UnixMillis, limit: usize) -> Result<Vec<Hold>, S::Error> {
-        Tx::due_holds(self, now, limit)
-    }
-    fn ledger_head(&self) -> Result<Option<Ulid>, S::Error> {
-        match self.head {
-            Some(h) => Ok(h),
-            None => self.base.ledger_head(),
-        }
     }
 }
