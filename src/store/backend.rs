@@ -41,6 +41,19 @@ fn ledger_scan(
     Ok(out)
 }
 
+impl Store {
+    /// One value read off the reactor and decoded.
+    fn point<T: Send + 'static>(
+        &self,
+        cf: Cf,
+        key: Vec<u8>,
+        decode: fn(&[u8]) -> Result<T, StoreError>,
+    ) -> BoxFuture<'static, Result<Option<T>, StoreError>> {
+        let shared = Arc::clone(&self.shared);
+        Box::pin(blocking(move || shared.get(cf, &key)?.map(|b| decode(&b)).transpose()))
+    }
+}
+
 impl Backend for Store {
     fn submit(&self, command: Command) -> BoxFuture<'_, Result<Answer, StoreError>> {
         Box::pin(async move {
@@ -81,9 +94,7 @@ impl Backend for Store {
         merchant: &'a MerchantId,
         txn: &'a TxnId,
     ) -> BoxFuture<'a, Result<Option<ConversionRecord>, StoreError>> {
-        let key = keys::conversion(merchant, txn);
-        let shared = Arc::clone(&self.shared);
-        Box::pin(blocking(move || shared.get(Cf::Conversions, &key)?.map(|b| codec::decode(&b)).transpose()))
+        self.point(Cf::Conversions, keys::conversion(merchant, txn), codec::decode)
     }
 
     fn ledger_entries<'a>(
@@ -120,15 +131,11 @@ impl Backend for Store {
         merchant: &'a MerchantId,
         account: &'a str,
     ) -> BoxFuture<'a, Result<Option<AccountRecord>, StoreError>> {
-        let key = keys::account(merchant, account);
-        let shared = Arc::clone(&self.shared);
-        Box::pin(blocking(move || shared.get(Cf::Accounts, &key)?.map(|b| codec::decode(&b)).transpose()))
+        self.point(Cf::Accounts, keys::account(merchant, account), codec::decode)
     }
 
     fn click<'a>(&'a self, id: &'a Ulid) -> BoxFuture<'a, Result<Option<ClickRecord>, StoreError>> {
-        let key = keys::click(id);
-        let shared = Arc::clone(&self.shared);
-        Box::pin(blocking(move || shared.get(Cf::Clicks, &key)?.map(|b| codec::decode_click(&b)).transpose()))
+        self.point(Cf::Clicks, keys::click(id), codec::decode_click)
     }
 
     fn stats(&self) -> StorageStats {
