@@ -105,11 +105,35 @@ impl App {
         });
         let limiter_sweeper = tokio::spawn(sweep_limiters(Arc::clone(&ctx), sweep_every));
         let (shutdown, rx) = watch::channel(false);
+        let outbound = &ctx.settings.outbound;
+        let client = crate::outbound::client::Client::new(
+            crate::outbound::client::default_roots(),
+            Arc::new(crate::outbound::ssrf::SystemResolver),
+            outbound.allow_private,
+            Duration::from_secs(outbound.connect_timeout_seconds),
+            Duration::from_secs(outbound.attempt_timeout_seconds),
+        )
+        .map_err(|e| StartError::Seed(format!("the outbound HTTP client cannot be built: {e}")))?;
+        let worker = crate::outbound::worker::Worker {
+            backend: Arc::clone(&ctx.backend),
+            client,
+            clock: Arc::clone(&ctx.clock),
+            metrics: Arc::clone(&ctx.metrics),
+            settings: outbound.clone(),
+        };
+        let deliveries = tokio::spawn(worker.run(rx.clone()));
         let servers = vec![
             tokio::spawn(http::serve(public, Arc::clone(&ctx), Listener::Public, rx.clone())),
             tokio::spawn(http::serve(admin, ctx, Listener::Admin, rx)),
         ];
-        Ok(App { public_addr, admin_addr, store, shutdown, servers, sweepers: vec![sweeper, limiter_sweeper] })
+        Ok(App {
+            public_addr,
+            admin_addr,
+            store,
+            shutdown,
+            servers,
+            sweepers: vec![sweeper, limiter_sweeper, deliveries],
+        })
     }
 
     pub fn public_addr(&self) -> SocketAddr {

@@ -23,10 +23,11 @@ use crate::domain::entities::{Merchant, Partner};
 use crate::domain::ids::{MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
 use crate::domain::link::Link;
+use crate::domain::outbound::{Delivery, DeliveryState, EndpointOff};
 use crate::domain::plan::Plan;
 use crate::engine::{
     AdjustOutcome, Answer, Catalog, Command, ConversionDraft, ConversionOutcome, DealAnswer, DealDraft, EntityOp,
-    Entropy, Refusal, Saved,
+    Entropy, OutboxAnswer, OutboxOp, Refusal, Saved,
 };
 use crate::metrics::StorageStats;
 use crate::signing::WebhookSecret;
@@ -111,11 +112,63 @@ pub trait Backend: Send + Sync + 'static {
     /// Figures for `/metrics`.
     fn stats(&self) -> StorageStats;
 
+    /// A delivery of a merchant.
+    fn delivery<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        id: &'a Ulid,
+    ) -> BoxFuture<'a, Result<Option<Delivery>, StoreError>>;
+
+    /// A merchant's deliveries matching `filter`, oldest first, and the id to continue
+    /// after when there may be more.
+    fn deliveries<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        filter: DeliveryFilter,
+    ) -> BoxFuture<'a, Result<(Vec<Delivery>, Option<Ulid>), StoreError>>;
+
+    /// Due deliveries (`due_at <= now`), soonest first, at most `limit`: `(due, merchant, id)`.
+    fn due_deliveries(
+        &self,
+        now: UnixMillis,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<(UnixMillis, MerchantId, Ulid)>, StoreError>>;
+
+    /// Whether a partner's endpoint is disabled by a `410`.
+    fn endpoint<'a>(&'a self, partner: &'a PartnerId) -> BoxFuture<'a, Result<Option<EndpointOff>, StoreError>>;
+
+    /// The outbox backlog, for `/metrics`.
+    fn outbox_gauges(&self) -> BoxFuture<'_, Result<OutboxGauges, StoreError>>;
+
+    /// Resolves when deliveries may have become due (a write staged one); the worker
+    /// also polls, so a missed wake-up only delays.
+    fn outbox_woken(&self) -> BoxFuture<'_, ()>;
+
     /// A consistent online copy of the data in `dir` (which must not exist). Blocks.
     ///
     /// # Errors
     /// When the copy cannot be made.
     fn backup_to(&self, dir: &Path) -> Result<(), StoreError>;
+}
+
+/// Which deliveries a listing wants.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub partner: Option<PartnerId>,
+    pub state: Option<DeliveryState>,
+    pub after: Option<Ulid>,
+    pub limit: usize,
+}
+
+/// The outbox backlog.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxGauges {
+    /// Deliveries in the due index (sent now or retried later).
+    pub pending: u64,
+    /// When the oldest of them was created.
+    pub oldest_created_ms: Option<UnixMillis>,
+    /// Deliveries parked behind a `410`.
+    pub parked: u64,
 }
 
 fn unexpected(answer: &Answer) -> StoreError {
@@ -237,8 +290,19 @@ pub trait BackendExt: Backend {
     /// Approves the conversions whose hold ended by `now`; returns how many.
     fn sweep_holds(&self, now: UnixMillis) -> impl Future<Output = Result<u64, StoreError>> + Send {
         async move {
-            match self.submit(Command::SweepHolds { now, limit: crate::engine::SWEEP_LIMIT }).await? {
+            let command = Command::SweepHolds { now, limit: crate::engine::SWEEP_LIMIT, entropy: Entropy::random() };
+            match self.submit(command).await? {
                 Answer::Swept(n) => Ok(n),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// An outbox command (attempt, park, retry, enable, prune).
+    fn outbox(&self, op: OutboxOp) -> impl Future<Output = Result<OutboxAnswer, StoreError>> + Send {
+        async move {
+            match self.submit(Command::Outbox(Box::new(op))).await? {
+                Answer::Outbox(a) => Ok(a),
                 other => Err(unexpected(&other)),
             }
         }

@@ -266,13 +266,44 @@ impl Default for ClickSettings {
 }
 
 /// Partner postbacks (SPEC 10).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboundSettings {
     /// Let partner postbacks go to loopback, private (RFC 1918), CGNAT and unique-local
     /// addresses: for tests and private networks only. Link-local, metadata, multicast and
     /// IPv6 forms that embed an IPv4 address stay refused.
     pub allow_private: bool,
+    /// Attempts in flight at once, all partners together.
+    pub concurrency: usize,
+    /// Attempts in flight at once to one partner.
+    pub per_partner: usize,
+    /// The retry window: the last attempt of a round comes this many hours after its first.
+    pub retry_window_hours: u64,
+    /// Days a delivered or dead delivery stays visible before it is deleted.
+    pub retention_days: u64,
+    /// How often the worker looks for due deliveries when nothing woke it (retries).
+    pub poll_interval_ms: u64,
+    /// Seconds to wait for a connection, and for a whole attempt.
+    pub connect_timeout_seconds: u64,
+    pub attempt_timeout_seconds: u64,
+}
+
+pub const DEFAULT_OUTBOUND_CONCURRENCY: usize = 64;
+pub const DEFAULT_OUTBOUND_PER_PARTNER: usize = 8;
+
+impl Default for OutboundSettings {
+    fn default() -> Self {
+        OutboundSettings {
+            allow_private: false,
+            concurrency: DEFAULT_OUTBOUND_CONCURRENCY,
+            per_partner: DEFAULT_OUTBOUND_PER_PARTNER,
+            retry_window_hours: 72,
+            retention_days: 30,
+            poll_interval_ms: 250,
+            connect_timeout_seconds: 5,
+            attempt_timeout_seconds: 10,
+        }
+    }
 }
 
 /// Online backups (`POST /admin/v1/backups`, `tally backup`).
@@ -553,6 +584,14 @@ impl Settings {
             "must be 1..10000",
         );
         need(self.storage.writer_queue > 0, "storage.writer_queue", "must be at least 1");
+        let o = &self.outbound;
+        need((1..=10_000).contains(&o.concurrency), "outbound.concurrency", "must be 1..10000");
+        need((1..=1_000).contains(&o.per_partner), "outbound.per_partner", "must be 1..1000");
+        need((1..=720).contains(&o.retry_window_hours), "outbound.retry_window_hours", "must be 1..720");
+        need((1..=3_650).contains(&o.retention_days), "outbound.retention_days", "must be 1..3650");
+        need((10..=60_000).contains(&o.poll_interval_ms), "outbound.poll_interval_ms", "must be 10..60000");
+        need((1..=60).contains(&o.connect_timeout_seconds), "outbound.connect_timeout_seconds", "must be 1..60");
+        need((1..=120).contains(&o.attempt_timeout_seconds), "outbound.attempt_timeout_seconds", "must be 1..120");
         need((1..=100_000).contains(&self.storage.max_batch), "storage.max_batch", "must be 1..100000");
         need(self.storage.block_cache_mb > 0, "storage.block_cache_mb", "must be at least 1");
         need(self.storage.write_buffer_mb > 0, "storage.write_buffer_mb", "must be at least 1");

@@ -12,6 +12,9 @@ use crate::signing::SignatureFailure;
 /// `outcome` values of `tally_clicks_total`.
 pub const CLICK_OUTCOMES: [&str; 4] = ["recorded", "bot", "not_found", "rate_limited"];
 /// `outcome` values of `tally_conversions_total`.
+/// What an outbound attempt led to.
+pub const OUTBOUND_OUTCOMES: [&str; 4] = ["delivered", "failed", "dead", "parked"];
+
 pub const CONVERSION_OUTCOMES: [&str; 7] =
     ["created", "duplicate", "conflict", "invalid", "unauthorized", "rate_limited", "error"];
 
@@ -49,6 +52,11 @@ pub struct Metrics {
     pub handler_panics: IntCounter,
     pub ratelimit_keys_max: IntGauge,
     pub ratelimit_fullest: IntGauge,
+    pub outbound_deliveries: IntCounterVec,
+    pub outbound_pending: IntGauge,
+    pub outbound_parked: IntGauge,
+    pub outbound_oldest_age: IntGauge,
+    pub outbound_attempt_duration: Histogram,
     write_stalls: IntCounterVec,
     sst_bytes: IntGauge,
     memtable_bytes: IntGauge,
@@ -195,8 +203,34 @@ impl Metrics {
                 "tally_storage_pending_compaction_bytes",
                 "Bytes RocksDB estimates compaction must rewrite.",
             ),
+            outbound_deliveries: counter_vec(
+                &r,
+                "tally_outbound_deliveries_total",
+                "Outbound delivery attempts by outcome (delivered, failed, dead, parked).",
+                &["outcome"],
+            ),
+            outbound_pending: gauge(&r, "tally_outbound_pending", "Outbound deliveries waiting to be sent or retried."),
+            outbound_parked: gauge(
+                &r,
+                "tally_outbound_parked",
+                "Outbound deliveries parked behind an endpoint that answered 410 (outbound:enable resumes them).",
+            ),
+            outbound_oldest_age: gauge(
+                &r,
+                "tally_outbound_oldest_pending_age_seconds",
+                "Age of the oldest outbound delivery waiting to be sent or retried; 0 when none waits.",
+            ),
+            outbound_attempt_duration: histogram(
+                &r,
+                "tally_outbound_attempt_duration_seconds",
+                "Duration of outbound delivery attempts, answered or not.",
+                vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            ),
             registry: r,
         };
+        for o in OUTBOUND_OUTCOMES {
+            m.outbound_deliveries.with_label_values(&[o]);
+        }
         m.storage_ready.set(1);
         for kind in ["delay", "stop"] {
             m.write_stalls.with_label_values(&[kind]);

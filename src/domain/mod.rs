@@ -15,6 +15,7 @@ pub mod link;
 pub mod money;
 pub mod outbound;
 pub mod plan;
+pub mod retry;
 
 use std::fmt;
 

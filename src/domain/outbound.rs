@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::clock::UnixMillis;
+use super::ids::{MerchantId, PartnerId, Ulid};
 use super::FieldError;
 
 /// The macros a GET template may use; each is replaced percent-encoded at send time.
@@ -159,6 +161,142 @@ pub fn expand(template: &str, values: &MacroValues<'_>) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// To be sent: due at `due_ms`, or waiting behind an earlier delivery of the same
+    /// conversion to the same partner (`due_ms` is then `None`).
+    Pending,
+    /// The partner's endpoint answered `410 Gone`: kept until `outbound:enable`.
+    Parked,
+    /// A `2xx` was received.
+    Delivered,
+    /// Every attempt of the retry window failed; an admin's `:retry` sends it again.
+    Dead,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Parked => "parked",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
+        }
+    }
+
+    /// Delivered or dead: nothing more is sent unless an admin asks.
+    pub fn finished(self) -> bool {
+        matches!(self, DeliveryState::Delivered | DeliveryState::Dead)
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [DeliveryState::Pending, DeliveryState::Parked, DeliveryState::Delivered, DeliveryState::Dead]
+            .into_iter()
+            .find(|s| s.as_str() == text)
+    }
+}
+
+impl OutboundEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboundEvent::Created => "created",
+            OutboundEvent::Approved => "approved",
+            OutboundEvent::Rejected => "rejected",
+            OutboundEvent::Reversed => "reversed",
+        }
+    }
+}
+
+/// The values a delivery sends, frozen when its event happened: a later change to the
+/// conversion sends a delivery of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryValues {
+    pub conversion_id: Ulid,
+    pub txn_id: String,
+    /// The conversion's event (`sale`, `lead`, ...).
+    pub event: String,
+    /// The conversion's amount, as a decimal string.
+    pub amount: Option<String>,
+    pub currency: Option<String>,
+    /// The partner's commission: on `created` and `approved` the commission; on `rejected`
+    /// and `reversed` the change to it (negative).
+    pub commission: Option<String>,
+    pub commission_currency: Option<String>,
+    /// The conversion's status after the event.
+    pub status: String,
+    pub click_id: Option<String>,
+    pub link_id: Option<String>,
+    pub partner_id: String,
+    /// The attributing click's `sub1`..`sub5`.
+    pub subs: [Option<String>; 5],
+    pub occurred_ms: UnixMillis,
+}
+
+/// Most attempts kept with a delivery; older ones are counted, not kept.
+pub const KEPT_ATTEMPTS: usize = 20;
+
+/// One attempt to send a delivery, as the worker saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptLog {
+    pub at_ms: UnixMillis,
+    pub duration_ms: u64,
+    /// The HTTP status, when an answer came.
+    pub status: Option<u16>,
+    /// Why no answer came (`timeout`, `connect`, `ssrf_blocked`, ...), with the detail.
+    pub error: Option<String>,
+    /// The first KiB of the answer's body (lossy UTF-8).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub response: String,
+    /// The answer's `Retry-After`, in milliseconds from `at_ms`, on `429` and `503`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+/// A durable notification to a partner about one event of one conversion (SPEC 10).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Time-ordered; the `webhook-id` is `msg_` and this id, the same on every attempt.
+    pub id: Ulid,
+    pub merchant_id: MerchantId,
+    pub partner_id: PartnerId,
+    /// What happened: `created`, `approved`, `rejected`, `reversed`.
+    pub trigger: OutboundEvent,
+    pub values: DeliveryValues,
+    pub created_ms: UnixMillis,
+    pub state: DeliveryState,
+    /// When it is tried next; `None` while it waits behind an earlier delivery, is parked
+    /// or is finished.
+    pub due_ms: Option<UnixMillis>,
+    /// The first attempt of the current round: the retry window counts from it. An admin's
+    /// `:retry` starts a new round.
+    pub round_start_ms: Option<UnixMillis>,
+    /// Failed attempts in the current round.
+    pub failed: u32,
+    /// Attempts ever made.
+    pub attempt_count: u32,
+    /// The last [`KEPT_ATTEMPTS`] attempts, oldest first.
+    pub attempts: Vec<AttemptLog>,
+    pub finished_ms: Option<UnixMillis>,
+}
+
+impl Delivery {
+    /// The `webhook-id` of every attempt.
+    pub fn webhook_id(&self) -> String {
+        format!("msg_{}", self.id)
+    }
+}
+
+/// A partner endpoint that answered `410 Gone`: its deliveries are parked until
+/// `outbound:enable`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointOff {
+    pub since_ms: UnixMillis,
+    /// The delivery whose attempt got the `410`.
+    pub delivery_id: Ulid,
 }
 
 #[cfg(test)]

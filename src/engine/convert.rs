@@ -15,6 +15,7 @@ use crate::domain::ids::{MerchantId, PartnerId, Ulid};
 use crate::domain::ledger::{LedgerEntry, LedgerKind};
 use crate::domain::link::{Link, DEFAULT_WINDOW_DAYS};
 use crate::domain::money::Money;
+use crate::domain::outbound::OutboundEvent;
 use crate::domain::plan::Plan;
 
 pub(super) const DAY_MS: i64 = 86_400_000;
@@ -93,6 +94,8 @@ pub(super) fn conversion<S: State + ?Sized>(
             let plan = plan_for(catalog, &d.merchant, link, &partner, rec.occurred_ms);
             rec.attribution = Some(attribution);
             credit(tx, &mut rec, &partner, plan, d.received_ms, &d.entropy)?;
+            let commission = rec.commission.as_ref().map(|c| c.amount);
+            super::outbox::notify(tx, &rec, OutboundEvent::Created, commission, d.received_ms, &d.entropy)?;
         }
     }
     tx.put_conversion(rec.clone());

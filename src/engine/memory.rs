@@ -5,13 +5,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 
-use super::{execute, Answer, Catalog, Command, DealAnswer, Effect, Hold, State};
+use super::{execute, Answer, Catalog, Command, DealAnswer, Effect, Hold, OutboxIndex, State};
 use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth};
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
+use crate::domain::outbound::{Delivery, EndpointOff};
 
 /// Everything the engine keeps, in memory.
 #[derive(Debug, Default, Clone)]
@@ -29,6 +30,10 @@ pub struct Memory {
     /// `(merchant, partner, entry id)` -> entry: a partner's entries in append order.
     pub ledger: BTreeMap<(MerchantId, PartnerId, Ulid), LedgerEntry>,
     pub ledger_head: Option<Ulid>,
+    pub deliveries: BTreeMap<(MerchantId, Ulid), Delivery>,
+    pub outbox: BTreeSet<OutboxIndex>,
+    pub lanes: BTreeMap<(MerchantId, PartnerId, Ulid), Vec<Ulid>>,
+    pub endpoints: BTreeMap<PartnerId, EndpointOff>,
 }
 
 impl Memory {
@@ -78,6 +83,31 @@ impl Memory {
             }
             Effect::HoldDone(h) => {
                 self.holds.remove(&h);
+            }
+            Effect::Delivery(d) => {
+                self.deliveries.insert((d.merchant_id.clone(), d.id), *d);
+            }
+            Effect::DeliveryGone { merchant, id } => {
+                self.deliveries.remove(&(merchant, id));
+            }
+            Effect::OutboxIndex(entry, true) => {
+                self.outbox.insert(entry);
+            }
+            Effect::OutboxIndex(entry, false) => {
+                self.outbox.remove(&entry);
+            }
+            Effect::Lane { merchant, partner, conversion, ids } => {
+                if ids.is_empty() {
+                    self.lanes.remove(&(merchant, partner, conversion));
+                } else {
+                    self.lanes.insert((merchant, partner, conversion), ids);
+                }
+            }
+            Effect::Endpoint { partner, off: Some(off) } => {
+                self.endpoints.insert(partner, off);
+            }
+            Effect::Endpoint { partner, off: None } => {
+                self.endpoints.remove(&partner);
             }
             Effect::Merchant(_)
             | Effect::MerchantSecrets { .. }
@@ -129,5 +159,43 @@ impl State for Memory {
     }
     fn ledger_head(&self) -> Result<Option<Ulid>, Infallible> {
         Ok(self.ledger_head)
+    }
+    fn delivery(&self, m: &MerchantId, id: &Ulid) -> Result<Option<Delivery>, Infallible> {
+        Ok(self.deliveries.get(&(m.clone(), *id)).cloned())
+    }
+    fn lane(&self, m: &MerchantId, p: &PartnerId, conversion: &Ulid) -> Result<Vec<Ulid>, Infallible> {
+        Ok(self.lanes.get(&(m.clone(), p.clone(), *conversion)).cloned().unwrap_or_default())
+    }
+    fn endpoint(&self, p: &PartnerId) -> Result<Option<EndpointOff>, Infallible> {
+        Ok(self.endpoints.get(p).cloned())
+    }
+    fn parked(&self, p: &PartnerId, limit: usize) -> Result<Vec<(MerchantId, Ulid)>, Infallible> {
+        let mut out: Vec<(MerchantId, Ulid)> = self
+            .outbox
+            .iter()
+            .filter_map(|e| match e {
+                OutboxIndex::Parked { partner, merchant, id } if partner == p => Some((merchant.clone(), *id)),
+                _ => None,
+            })
+            .collect();
+        // The store keeps them by (partner, id): oldest first.
+        out.sort_by_key(|(_, id)| *id);
+        out.truncate(limit);
+        Ok(out)
+    }
+    fn finished_before(
+        &self,
+        before: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<(UnixMillis, MerchantId, Ulid)>, Infallible> {
+        Ok(self
+            .outbox
+            .iter()
+            .filter_map(|e| match e {
+                OutboxIndex::Finished { at, merchant, id } if *at < before => Some((*at, merchant.clone(), *id)),
+                _ => None,
+            })
+            .take(limit)
+            .collect())
     }
 }

@@ -21,6 +21,7 @@ mod convert;
 mod entity;
 pub mod memory;
 mod money;
+mod outbox;
 #[cfg(test)]
 mod tests;
 mod tx;
@@ -32,6 +33,7 @@ pub use catalog::Catalog;
 pub use convert::{ConversionDraft, ConversionOutcome};
 pub use entity::{EntityOp, Saved};
 pub use money::{AdjustOutcome, SWEEP_LIMIT};
+pub use outbox::{OutboxAnswer, OutboxIndex, OutboxOp};
 pub use tx::Tx;
 
 use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth, Touch};
@@ -42,6 +44,7 @@ use crate::domain::entities::{Merchant, Partner};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
 use crate::domain::link::Link;
+use crate::domain::outbound::{Delivery, EndpointOff};
 use crate::domain::plan::Plan;
 use crate::signing::SecretSet;
 
@@ -108,9 +111,11 @@ pub enum Command {
     /// An admin change of an account's source of record, audited.
     Reassign { merchant: MerchantId, account: String, to: PartnerId, by: String, why: String, at: UnixMillis },
     /// Approves the conversions whose hold ended by `now`, at most `limit` of them.
-    SweepHolds { now: UnixMillis, limit: usize },
+    SweepHolds { now: UnixMillis, limit: usize, entropy: Entropy },
     /// Creates or updates a configuration entity.
     Entity(Box<EntityOp>),
+    /// An outbound delivery's attempt, park, retry, an endpoint's enable, or retention.
+    Outbox(Box<OutboxOp>),
 }
 
 /// A refusal on the merits: what the caller sent clashes with what is stored
@@ -146,6 +151,7 @@ pub enum Answer {
     /// How many conversions the sweep approved.
     Swept(u64),
     Entity(Result<Saved, Refusal>),
+    Outbox(OutboxAnswer),
 }
 
 /// A conversion's place in the hold index: approved at `at` unless adjusted first.
@@ -214,6 +220,27 @@ pub enum Effect {
     },
     Link(Box<Link>),
     Plan(Box<Plan>),
+    /// An outbound delivery, new or changed.
+    Delivery(Box<Delivery>),
+    /// A finished delivery past its retention.
+    DeliveryGone {
+        merchant: MerchantId,
+        id: Ulid,
+    },
+    /// An outbox index entry, put (`true`) or removed.
+    OutboxIndex(OutboxIndex, bool),
+    /// The unfinished deliveries of one conversion to one partner, in order; empty: none.
+    Lane {
+        merchant: MerchantId,
+        partner: PartnerId,
+        conversion: Ulid,
+        ids: Vec<Ulid>,
+    },
+    /// A partner's endpoint disabled by a `410`, or enabled again (`None`).
+    Endpoint {
+        partner: PartnerId,
+        off: Option<EndpointOff>,
+    },
 }
 
 /// What the engine may read. Every read is within what the command names; no read
@@ -239,6 +266,19 @@ pub trait State {
     /// The holds that end at or before `now`, soonest first, at most `limit`.
     fn due_holds(&self, now: UnixMillis, limit: usize) -> Result<Vec<Hold>, Self::Error>;
     fn ledger_head(&self) -> Result<Option<Ulid>, Self::Error>;
+    fn delivery(&self, merchant: &MerchantId, id: &Ulid) -> Result<Option<Delivery>, Self::Error>;
+    /// The unfinished deliveries of a conversion to a partner, in order.
+    fn lane(&self, merchant: &MerchantId, partner: &PartnerId, conversion: &Ulid) -> Result<Vec<Ulid>, Self::Error>;
+    /// Whether a partner's endpoint is disabled, and since when.
+    fn endpoint(&self, partner: &PartnerId) -> Result<Option<EndpointOff>, Self::Error>;
+    /// A partner's parked deliveries, oldest first, at most `limit`.
+    fn parked(&self, partner: &PartnerId, limit: usize) -> Result<Vec<(MerchantId, Ulid)>, Self::Error>;
+    /// Deliveries that finished before `before`, soonest first, at most `limit`.
+    fn finished_before(
+        &self,
+        before: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<(UnixMillis, MerchantId, Ulid)>, Self::Error>;
 }
 
 /// The effects of a command and its answer.
@@ -280,8 +320,9 @@ pub fn execute<S: State + ?Sized>(state: &S, command: Command) -> Result<Outcome
         Command::Reassign { merchant, account, to, by, why, at } => {
             Answer::Reassigned(Box::new(b2b::reassign(&mut tx, &merchant, &account, to, by, why, at)?))
         }
-        Command::SweepHolds { now, limit } => Answer::Swept(money::sweep(&mut tx, now, limit)?),
+        Command::SweepHolds { now, limit, entropy } => Answer::Swept(money::sweep(&mut tx, now, limit, &entropy)?),
         Command::Entity(op) => Answer::Entity(entity::stage(&mut tx, *op)),
+        Command::Outbox(op) => Answer::Outbox(outbox::execute(&mut tx, *op)?),
     };
     Ok(Outcome { effects: tx.into_effects(), answer })
 }

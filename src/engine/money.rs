@@ -2,6 +2,7 @@
 //! approve, reject) with proportional reversals, and the hold sweep.
 
 use super::convert::append;
+use super::outbox;
 use super::tx::Tx;
 use super::{Entropy, Refusal, State};
 use crate::commission;
@@ -12,6 +13,7 @@ use crate::domain::conversion::{
 use crate::domain::ids::{MerchantId, PartnerId, Ulid};
 use crate::domain::ledger::LedgerKind;
 use crate::domain::money::Money;
+use crate::domain::outbound::OutboundEvent;
 
 /// What became of an adjustment.
 #[derive(Debug, Clone)]
@@ -63,9 +65,9 @@ fn reverse_to<S: State + ?Sized>(
     full: bool,
     at: UnixMillis,
     entropy: &Entropy,
-) -> Result<Vec<Ulid>, S::Error> {
+) -> Result<Reversed, S::Error> {
     let total = rec.amount.map_or(0, |a| a.minor);
-    let Some(a) = &rec.attribution else { return Ok(Vec::new()) };
+    let Some(a) = &rec.attribution else { return Ok(Reversed::default()) };
     let mut credited: Vec<(PartnerId, Money)> = Vec::new();
     if let Some(c) = rec.commission.as_ref().filter(|c| c.amount.minor != 0) {
         credited.push((a.partner_id.clone(), c.amount));
@@ -75,7 +77,7 @@ fn reverse_to<S: State + ?Sized>(
             credited.push((i.partner_id.clone(), fee));
         }
     }
-    let mut ids = Vec::new();
+    let mut out = Reversed::default();
     for (partner, amount) in credited {
         // `before` is always the proportional share: `full` only decides the last step, so a
         // rejection after a partial refund takes back exactly what is left.
@@ -83,11 +85,22 @@ fn reverse_to<S: State + ?Sized>(
             if refunded_before == 0 { 0 } else { commission::proportional(amount.minor, refunded_before, total) };
         let after = if full { amount.minor } else { commission::proportional(amount.minor, refunded_after, total) };
         let delta = after - before;
+        let change = Money { minor: -delta, currency: amount.currency };
+        if partner == a.partner_id {
+            out.sourced = Some(change);
+        }
         if delta != 0 {
-            ids.push(append(tx, rec, &partner, kind, Money { minor: -delta, currency: amount.currency }, at, entropy)?);
+            out.ids.push(append(tx, rec, &partner, kind, change, at, entropy)?);
         }
     }
-    Ok(ids)
+    Ok(out)
+}
+
+/// The entries a reversal appended, and the change to the sourced partner's commission.
+#[derive(Default)]
+struct Reversed {
+    ids: Vec<Ulid>,
+    sourced: Option<Money>,
 }
 
 /// Applies an adjustment, idempotent by `adjustment_id`.
@@ -132,20 +145,20 @@ pub(super) fn adjust<S: State + ?Sized>(
     };
     let cause = format!("{} {}", input.kind.as_str(), input.adjustment_id);
     let mut amount = None;
-    let entries = match input.kind {
+    let (entries, trigger, change) = match input.kind {
         AdjustmentKind::Approve => {
             if !current.can_move_to(ConversionStatus::Approved) {
                 return Ok(illegal(ConversionStatus::Approved));
             }
             move_status(&mut rec, ConversionStatus::Approved, now, cause);
             count_approval(tx, &rec)?;
-            Vec::new()
+            (Vec::new(), OutboundEvent::Approved, rec.commission.as_ref().map(|c| c.amount))
         }
         AdjustmentKind::Reject => {
             if !current.can_move_to(ConversionStatus::Rejected) {
                 return Ok(illegal(ConversionStatus::Rejected));
             }
-            let ids = reverse_to(
+            let r = reverse_to(
                 tx,
                 &rec,
                 LedgerKind::Reversal,
@@ -156,7 +169,7 @@ pub(super) fn adjust<S: State + ?Sized>(
                 entropy,
             )?;
             move_status(&mut rec, ConversionStatus::Rejected, now, cause);
-            ids
+            (r.ids, OutboundEvent::Rejected, r.sourced)
         }
         AdjustmentKind::Refund | AdjustmentKind::Chargeback => {
             let target = if current == ConversionStatus::Approved {
@@ -196,15 +209,16 @@ pub(super) fn adjust<S: State + ?Sized>(
             }
             let kind = if current == ConversionStatus::Approved { LedgerKind::Clawback } else { LedgerKind::Reversal };
             let after = rec.refunded_minor + refund.minor;
-            let ids = reverse_to(tx, &rec, kind, rec.refunded_minor, after, after == total.minor, now, entropy)?;
+            let r = reverse_to(tx, &rec, kind, rec.refunded_minor, after, after == total.minor, now, entropy)?;
             rec.refunded_minor = after;
             if after == total.minor {
                 move_status(&mut rec, target, now, cause);
             }
             amount = Some(refund);
-            ids
+            (r.ids, OutboundEvent::Reversed, r.sourced)
         }
     };
+    outbox::notify(tx, &rec, trigger, change, now, entropy)?;
     let stored = AdjustmentRecord { input, amount, at_ms: now, status_after: rec.status, ledger_entries: entries };
     tx.put_adjustment(merchant, stored.clone());
     tx.put_conversion(rec.clone());
@@ -216,13 +230,26 @@ pub const SWEEP_LIMIT: usize = 10_000;
 
 /// Approves pending conversions whose hold ended at or before `now`; at most `limit`
 /// per call. Returns how many were approved.
-pub(super) fn sweep<S: State + ?Sized>(tx: &mut Tx<'_, S>, now: UnixMillis, limit: usize) -> Result<u64, S::Error> {
+pub(super) fn sweep<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    now: UnixMillis,
+    limit: usize,
+    entropy: &Entropy,
+) -> Result<u64, S::Error> {
     let mut approved = 0;
     for hold in tx.due_holds(now, limit)? {
         if let Some(mut rec) = tx.conversion(&hold.merchant, &hold.txn)? {
             if rec.status == ConversionStatus::Pending {
                 move_status(&mut rec, ConversionStatus::Approved, now, "hold period ended".into());
                 count_approval(tx, &rec)?;
+                outbox::notify(
+                    tx,
+                    &rec,
+                    OutboundEvent::Approved,
+                    rec.commission.as_ref().map(|c| c.amount),
+                    now,
+                    entropy,
+                )?;
                 tx.put_conversion(rec);
                 approved += 1;
             }

@@ -135,7 +135,7 @@ fn the_same_state_and_command_give_the_same_effects_and_answer() {
             at: T0 + 5000,
             entropy: Entropy([3; 16]),
         },
-        Command::SweepHolds { now: T0 + 10 * DAY, limit: 10 },
+        Command::SweepHolds { now: T0 + 10 * DAY, limit: 10, entropy: Entropy([9; 16]) },
     ] {
         let a = execute(&s, command.clone()).unwrap();
         let b = execute(&s.clone(), command).unwrap();

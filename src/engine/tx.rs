@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 
-use super::{Catalog, DealAnswer, Effect, Entropy, Hold, State};
+use super::{Catalog, DealAnswer, Effect, Entropy, Hold, OutboxIndex, State};
 use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth};
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
+use crate::domain::outbound::{Delivery, EndpointOff};
 
 /// What an effect is stored under, for reading a command's own writes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -21,6 +22,9 @@ enum Key<'a> {
     Month(&'a MerchantId, &'a PartnerId, u32),
     Adjustment(&'a MerchantId, &'a str),
     Deal(&'a PartnerId, &'a str),
+    Delivery(&'a MerchantId, &'a Ulid),
+    Lane(&'a MerchantId, &'a PartnerId, &'a Ulid),
+    Endpoint(&'a PartnerId),
 }
 
 impl Key<'_> {
@@ -33,6 +37,10 @@ impl Key<'_> {
             Effect::PartnerMonth { merchant, partner, month, .. } => Key::Month(merchant, partner, *month),
             Effect::Adjustment { merchant, record } => Key::Adjustment(merchant, &record.input.adjustment_id),
             Effect::Deal { partner, deal_id, .. } => Key::Deal(partner, deal_id),
+            Effect::Delivery(d) => Key::Delivery(&d.merchant_id, &d.id),
+            Effect::DeliveryGone { merchant, id } => Key::Delivery(merchant, id),
+            Effect::Lane { merchant, partner, conversion, .. } => Key::Lane(merchant, partner, conversion),
+            Effect::Endpoint { partner, .. } => Key::Endpoint(partner),
             _ => return None,
         })
     }
@@ -205,6 +213,62 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
 
     pub fn hold_done(&mut self, hold: Hold) {
         self.keep(Effect::HoldDone(hold));
+    }
+
+    /// A fresh id at `at`, unguessable, from this command's entropy.
+    pub fn mint(&mut self, at: UnixMillis, entropy: &Entropy) -> Ulid {
+        self.minted += 1;
+        Ulid::from_parts(at, entropy.bits(self.minted))
+    }
+
+    pub fn delivery(&self, m: &MerchantId, id: &Ulid) -> Result<Option<Delivery>, S::Error> {
+        match self.staged(Key::Delivery(m, id)) {
+            Some(Effect::Delivery(d)) => Ok(Some((**d).clone())),
+            Some(_) => Ok(None),
+            None => self.base.delivery(m, id),
+        }
+    }
+
+    pub fn put_delivery(&mut self, d: Delivery) {
+        self.keep(Effect::Delivery(Box::new(d)));
+    }
+
+    pub fn lane(&self, m: &MerchantId, p: &PartnerId, conversion: &Ulid) -> Result<Vec<Ulid>, S::Error> {
+        match self.staged(Key::Lane(m, p, conversion)) {
+            Some(Effect::Lane { ids, .. }) => Ok(ids.clone()),
+            _ => self.base.lane(m, p, conversion),
+        }
+    }
+
+    pub fn put_lane(&mut self, m: &MerchantId, p: &PartnerId, conversion: Ulid, ids: Vec<Ulid>) {
+        self.keep(Effect::Lane { merchant: m.clone(), partner: p.clone(), conversion, ids });
+    }
+
+    pub fn endpoint(&self, p: &PartnerId) -> Result<Option<EndpointOff>, S::Error> {
+        match self.staged(Key::Endpoint(p)) {
+            Some(Effect::Endpoint { off, .. }) => Ok(off.clone()),
+            _ => self.base.endpoint(p),
+        }
+    }
+
+    /// Parked deliveries not yet resumed by this command.
+    pub fn parked(&self, p: &PartnerId, limit: usize) -> Result<Vec<(MerchantId, Ulid)>, S::Error> {
+        let mut parked = self.base.parked(p, limit)?;
+        parked.retain(|(m, id)| {
+            !self.effects.iter().any(|e| {
+                matches!(e, Effect::OutboxIndex(OutboxIndex::Parked { partner, merchant, id: i }, false)
+                    if partner == p && merchant == m && i == id)
+            })
+        });
+        Ok(parked)
+    }
+
+    pub fn finished_before(
+        &self,
+        before: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<(UnixMillis, MerchantId, Ulid)>, S::Error> {
+        self.base.finished_before(before, limit)
     }
 
     /// The id of this command's conversion: its receipt time and the first bits of its entropy.

@@ -10,16 +10,17 @@ use subtle::ConstantTimeEq;
 use super::problem::ApiError;
 use super::views::{ConversionView, LedgerEntryView, PlanView};
 use super::{json, parse_json, read_body, require_json, Body, Ctx, Route};
-use crate::backend::BackendExt;
+use crate::backend::{BackendExt, DeliveryFilter};
 use crate::domain::account::{check_text_id, normalize_account, AccountRecord};
 use crate::domain::clock::format_rfc3339;
 use crate::domain::entities::{MerchantBody, Partner, PartnerBody};
-use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId, TxnId};
+use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId, TxnId, Ulid};
 use crate::domain::link::{Link, LinkBody};
 use crate::domain::money::Money;
+use crate::domain::outbound::{Delivery, DeliveryState};
 use crate::domain::plan::PlanBody;
 use crate::domain::FieldError;
-use crate::engine::{EntityOp, Saved};
+use crate::engine::{Catalog, EntityOp, OutboxAnswer, OutboxOp, Saved};
 use crate::signing::WebhookSecret;
 
 type Answer = (Route, Result<Response<Body>, ApiError>);
@@ -78,6 +79,10 @@ fn route_of(rest: &[&str]) -> Route {
         [_, "conversions", _] => Route::AdminConversion,
         [_, "accounts", a] if a.ends_with(":reassign") => Route::AdminReassign,
         [_, "accounts", _] => Route::AdminAccount,
+        [_, "deliveries"] => Route::AdminDeliveries,
+        [_, "deliveries", d] if d.ends_with(":retry") => Route::AdminDeliveryRetry,
+        [_, "deliveries", _] => Route::AdminDelivery,
+        [_, "partners", _, "outbound:enable"] => Route::AdminOutboundEnable,
         _ => Route::NotFound,
     }
 }
@@ -201,6 +206,89 @@ fn account_view(acc: &AccountRecord, now: i64) -> serde_json::Value {
             "at": format_rfc3339(r.at_ms), "from": r.from, "to": r.to, "by": r.by, "why": r.why
         })).collect::<Vec<_>>(),
     })
+}
+
+/// A delivery as the admin API shows it.
+fn delivery_view(d: &Delivery) -> serde_json::Value {
+    let v = &d.values;
+    serde_json::json!({
+        "id": d.id.to_string(),
+        "webhook_id": d.webhook_id(),
+        "partner_id": d.partner_id.as_str(),
+        "event": d.trigger.as_str(),
+        "state": d.state.as_str(),
+        "created_at": format_rfc3339(d.created_ms),
+        "next_attempt_at": d.due_ms.map(format_rfc3339),
+        "finished_at": d.finished_ms.map(format_rfc3339),
+        "attempt_count": d.attempt_count,
+        "attempts": d.attempts.iter().map(|a| serde_json::json!({
+            "at": format_rfc3339(a.at_ms),
+            "duration_ms": a.duration_ms,
+            "status": a.status,
+            "error": a.error,
+            "response": a.response,
+        })).collect::<Vec<_>>(),
+        "values": {
+            "conversion_id": v.conversion_id.to_string(),
+            "txn_id": v.txn_id,
+            "event": v.event,
+            "amount": v.amount,
+            "currency": v.currency,
+            "commission": v.commission,
+            "commission_currency": v.commission_currency,
+            "status": v.status,
+            "click_id": v.click_id,
+            "link_id": v.link_id,
+            "subs": v.subs,
+            "occurred_at": format_rfc3339(v.occurred_ms),
+        },
+    })
+}
+
+/// Most deliveries one listing page holds.
+const MAX_DELIVERY_PAGE: usize = 500;
+
+/// `?partner_id=&state=&after=&limit=` of a delivery listing.
+fn delivery_filter(query: &str, catalog: &Catalog, merchant: &MerchantId) -> Result<DeliveryFilter, ApiError> {
+    let mut f = DeliveryFilter { limit: 100, ..DeliveryFilter::default() };
+    let bad = |d: String| ApiError::InvalidQuery(d);
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*name {
+            "partner_id" => {
+                let p = PartnerId::parse(&value).map_err(|e| bad(format!("partner_id: {e}")))?;
+                if catalog.partner_of(merchant, &p).is_none() {
+                    return Err(FieldError::new("partner_id", "is not a partner of this merchant").into());
+                }
+                f.partner = Some(p);
+            }
+            "state" => {
+                f.state =
+                    Some(DeliveryState::parse(&value).ok_or_else(|| {
+                        bad(format!("state must be pending, parked, delivered or dead, not {value:?}"))
+                    })?);
+            }
+            "after" => f.after = Some(Ulid::parse(&value).map_err(|e| bad(format!("after: {e}")))?),
+            "limit" => {
+                f.limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_DELIVERY_PAGE).contains(n))
+                    .ok_or_else(|| bad(format!("limit must be 1..{MAX_DELIVERY_PAGE}")))?;
+            }
+            other => return Err(bad(format!("unknown parameter {other:?}; known: partner_id, state, after, limit"))),
+        }
+    }
+    Ok(f)
+}
+
+/// The answer to a retry or an enable.
+fn outbox_answer(answer: OutboxAnswer) -> Result<Response<Body>, ApiError> {
+    match answer {
+        OutboxAnswer::Delivery(d) => Ok(json(StatusCode::OK, &delivery_view(&d))),
+        OutboxAnswer::Refused(r) if r.code == "not_found" => Err(ApiError::NotFound),
+        OutboxAnswer::Refused(r) => Err(ApiError::Refused(r)),
+        OutboxAnswer::Stale | OutboxAnswer::Resumed(_) | OutboxAnswer::Pruned(_) => Err(ApiError::Internal),
+    }
 }
 
 /// A postback token (`pbt_` + 32 random bytes, base64url) and its SHA-256, which is all
@@ -359,11 +447,54 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             let acc = ctx.backend.account(&merchant, &account).await?.ok_or(ApiError::NotFound)?;
             Ok(json(StatusCode::OK, &account_view(&acc, now)))
         }
+        (&Method::GET, [_, "deliveries"]) => {
+            let filter = delivery_filter(req.uri().query().unwrap_or(""), &catalog, &merchant)?;
+            let (page, next) = ctx.backend.deliveries(&merchant, filter).await?;
+            let body = serde_json::json!({
+                "deliveries": page.iter().map(delivery_view).collect::<Vec<_>>(),
+                "next_after": next.map(|n| n.to_string()),
+            });
+            Ok(json(StatusCode::OK, &body))
+        }
+        (&Method::POST, [_, "deliveries", target]) if target.ends_with(":retry") => {
+            let did = id(target.strip_suffix(":retry").unwrap_or(target), Ulid::parse)?;
+            let op = OutboxOp::Retry { merchant: merchant.clone(), id: did, at: now };
+            outbox_answer(ctx.backend.outbox(op).await?)
+        }
+        (&Method::GET, [_, "deliveries", did]) => {
+            let did = id(did, Ulid::parse)?;
+            let d = ctx.backend.delivery(&merchant, &did).await?.ok_or(ApiError::NotFound)?;
+            Ok(json(StatusCode::OK, &delivery_view(&d)))
+        }
+        (&Method::POST, [_, "partners", pid, "outbound:enable"]) => {
+            let pid = id(pid, PartnerId::parse)?;
+            if catalog.partner_of(&merchant, &pid).is_none() {
+                return Err(ApiError::NotFound);
+            }
+            let was_off = ctx.backend.endpoint(&pid).await?;
+            let mut resumed = 0;
+            // Every parked delivery, a bounded number per command.
+            loop {
+                let op = OutboxOp::Enable { merchant: merchant.clone(), partner: pid.clone(), at: now, limit: 10_000 };
+                match ctx.backend.outbox(op).await? {
+                    OutboxAnswer::Resumed(0) => break,
+                    OutboxAnswer::Resumed(n) => resumed += n,
+                    other => return outbox_answer(other),
+                }
+            }
+            let body = serde_json::json!({
+                "partner_id": pid.as_str(),
+                "was_disabled_since": was_off.map(|o| format_rfc3339(o.since_ms)),
+                "resumed": resumed,
+            });
+            Ok(json(StatusCode::OK, &body))
+        }
         (
             _,
             [_]
-            | [_, "secrets:rotate" | "postback-token:rotate"]
-            | [_, "partners" | "links" | "plans" | "conversions" | "accounts", _],
+            | [_, "secrets:rotate" | "postback-token:rotate" | "deliveries"]
+            | [_, "partners" | "links" | "plans" | "conversions" | "accounts" | "deliveries", _]
+            | [_, "partners", _, "outbound:enable"],
         ) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     }

@@ -57,6 +57,14 @@ pub const OPERATIONS: &[Operation] = &[
     admin("GET", "/admin/v1/merchants/{merchant_id}/conversions/{txn_id}", Route::AdminConversion),
     admin("POST", "/admin/v1/merchants/{merchant_id}/accounts/{account}:reassign", Route::AdminReassign),
     admin("GET", "/admin/v1/merchants/{merchant_id}/accounts/{account}", Route::AdminAccount),
+    admin("GET", "/admin/v1/merchants/{merchant_id}/deliveries", Route::AdminDeliveries),
+    admin("GET", "/admin/v1/merchants/{merchant_id}/deliveries/{delivery_id}", Route::AdminDelivery),
+    admin("POST", "/admin/v1/merchants/{merchant_id}/deliveries/{delivery_id}:retry", Route::AdminDeliveryRetry),
+    admin(
+        "POST",
+        "/admin/v1/merchants/{merchant_id}/partners/{partner_id}/outbound:enable",
+        Route::AdminOutboundEnable,
+    ),
 ];
 
 /// Whether a request path matches a template: `{name}` takes one segment, and a

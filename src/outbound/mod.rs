@@ -1,9 +1,10 @@
-//! Outbound partner postbacks (SPEC 10). Built so far: where a postback may be sent
-//! ([`ssrf`], checked when a partner's `outbound` is configured), when a failed one is
-//! tried again ([`schedule`]); the template expansion is `domain::outbound::expand` and
-//! the sender's signature `signing::sign_all`. The outbox and the delivery worker come
-//! with the engine (issues 13 and 14).
+//! Outbound partner postbacks (SPEC 10): where a postback may be sent ([`ssrf`], checked
+//! when a partner's `outbound` is configured and at every send), the client that sends
+//! it ([`client`]) and the worker that sends due deliveries and tells the engine what
+//! each attempt got ([`worker`]). The rules (which events notify whom, the order, the
+//! retry schedule, parking) are the engine's (`engine::outbox`); the template expansion
+//! is `domain::outbound::expand` and the sender's signature `signing::sign_all`.
 
 pub mod client;
-pub mod schedule;
 pub mod ssrf;
+pub mod worker;

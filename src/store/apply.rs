@@ -5,7 +5,7 @@
 use super::schema::Cf;
 use super::writer::Pending;
 use super::{codec, keys, StoreError};
-use crate::engine::Effect;
+use crate::engine::{Effect, OutboxIndex};
 
 /// Stages one command's effects in the batch, in order.
 ///
@@ -60,5 +60,38 @@ fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
         Effect::Plan(plan) => {
             p.write(Cf::Plans, keys::plan(&plan.merchant_id, &plan.id, plan.version_from_ms), &**plan)
         }
+        Effect::Delivery(d) => p.write(Cf::Deliveries, keys::delivery(&d.merchant_id, &d.id), &**d),
+        Effect::DeliveryGone { merchant, id } => p.delete(Cf::Deliveries, keys::delivery(merchant, id)),
+        Effect::OutboxIndex(entry, put) => {
+            let (key, value) = match entry {
+                OutboxIndex::Due { at, merchant, id } => {
+                    p.outbox_due |= *put;
+                    (keys::outbox_timed(keys::OUTBOX_DUE, *at, merchant, id), Vec::new())
+                }
+                OutboxIndex::Finished { at, merchant, id } => {
+                    (keys::outbox_timed(keys::OUTBOX_FINISHED, *at, merchant, id), Vec::new())
+                }
+                OutboxIndex::Parked { partner, merchant, id } => {
+                    (keys::outbox_parked(partner, id), merchant.as_str().as_bytes().to_vec())
+                }
+            };
+            if *put {
+                p.put(Cf::Outbox, key, value)
+            } else {
+                p.delete(Cf::Outbox, key)
+            }
+        }
+        Effect::Lane { merchant, partner, conversion, ids } => {
+            let key = keys::outbox_lane(merchant, partner, conversion);
+            if ids.is_empty() {
+                p.delete(Cf::Outbox, key)
+            } else {
+                p.put(Cf::Outbox, key, ids.iter().flat_map(|i| i.0).collect())
+            }
+        }
+        Effect::Endpoint { partner, off } => match off {
+            Some(off) => p.write(Cf::Outbox, keys::outbox_endpoint(partner), off),
+            None => p.delete(Cf::Outbox, keys::outbox_endpoint(partner)),
+        },
     }
 }

@@ -10,12 +10,14 @@ use tokio::sync::oneshot;
 
 use super::schema::Cf;
 use super::{blocking, cf_of, codec, keys, writer, Shared, Store, StoreError};
-use crate::backend::{Backend, BoxFuture, Settled};
+use crate::backend::{Backend, BoxFuture, DeliveryFilter, OutboxGauges, Settled};
 use crate::domain::account::AccountRecord;
 use crate::domain::click::ClickRecord;
+use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::ConversionRecord;
 use crate::domain::ids::{MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
+use crate::domain::outbound::{Delivery, EndpointOff};
 use crate::engine::{Answer, Catalog, Command};
 use crate::metrics::StorageStats;
 
@@ -40,6 +42,11 @@ fn ledger_scan(
     }
     Ok(out)
 }
+
+/// Most delivery records one listing reads, whatever its filter keeps.
+const LIST_SCAN_LIMIT: usize = 10_000;
+/// Most keys counted for each outbox gauge; beyond it the gauge says "at least".
+const GAUGE_CAP: usize = 1_000_000;
 
 impl Store {
     /// One value read off the reactor and decoded.
@@ -136,6 +143,55 @@ impl Backend for Store {
 
     fn click<'a>(&'a self, id: &'a Ulid) -> BoxFuture<'a, Result<Option<ClickRecord>, StoreError>> {
         self.point(Cf::Clicks, keys::click(id), codec::decode_click)
+    }
+
+    fn delivery<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        id: &'a Ulid,
+    ) -> BoxFuture<'a, Result<Option<Delivery>, StoreError>> {
+        self.point(Cf::Deliveries, keys::delivery(merchant, id), |b| codec::decode(b))
+    }
+
+    fn deliveries<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        filter: DeliveryFilter,
+    ) -> BoxFuture<'a, Result<(Vec<Delivery>, Option<Ulid>), StoreError>> {
+        let shared = Arc::clone(&self.shared);
+        let merchant = merchant.clone();
+        Box::pin(blocking(move || {
+            let db = shared.db()?;
+            super::outbox::list(&db, &merchant, &filter, LIST_SCAN_LIMIT)
+        }))
+    }
+
+    fn due_deliveries(
+        &self,
+        now: UnixMillis,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<(UnixMillis, MerchantId, Ulid)>, StoreError>> {
+        let shared = Arc::clone(&self.shared);
+        Box::pin(blocking(move || {
+            let db = shared.db()?;
+            super::outbox::outbox_range(&db, keys::OUTBOX_DUE, now, limit)
+        }))
+    }
+
+    fn endpoint<'a>(&'a self, partner: &'a PartnerId) -> BoxFuture<'a, Result<Option<EndpointOff>, StoreError>> {
+        self.point(Cf::Outbox, keys::outbox_endpoint(partner), |b| codec::decode(b))
+    }
+
+    fn outbox_gauges(&self) -> BoxFuture<'_, Result<OutboxGauges, StoreError>> {
+        let shared = Arc::clone(&self.shared);
+        Box::pin(blocking(move || {
+            let db = shared.db()?;
+            super::outbox::gauges(&db, GAUGE_CAP)
+        }))
+    }
+
+    fn outbox_woken(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.shared.outbox_wake.notified())
     }
 
     fn stats(&self) -> StorageStats {

@@ -103,6 +103,65 @@ pub fn adjustment(merchant: &MerchantId, adjustment_id: &str) -> Vec<u8> {
     join(&[merchant.as_str().as_bytes(), adjustment_id.as_bytes()])
 }
 
+pub fn delivery(merchant: &MerchantId, id: &Ulid) -> Vec<u8> {
+    join(&[merchant.as_str().as_bytes(), &id.0])
+}
+
+/// The prefix of every delivery of one merchant, in id (creation) order.
+pub fn delivery_prefix(merchant: &MerchantId) -> Vec<u8> {
+    let mut p = merchant.as_str().as_bytes().to_vec();
+    p.push(SEP);
+    p
+}
+
+/// Tags of the outbox family's key kinds.
+pub const OUTBOX_DUE: &[u8] = b"d";
+pub const OUTBOX_FINISHED: &[u8] = b"f";
+pub const OUTBOX_PARKED: &[u8] = b"p";
+const OUTBOX_LANE: &[u8] = b"l";
+const OUTBOX_ENDPOINT: &[u8] = b"e";
+
+/// Due and finished deliveries sort by time under their tag: `tag, at, merchant, id`.
+pub fn outbox_timed(tag: &[u8], at: i64, merchant: &MerchantId, id: &Ulid) -> Vec<u8> {
+    let at = u64::try_from(at).unwrap_or(0).to_be_bytes();
+    join(&[tag, &at, merchant.as_str().as_bytes(), &id.0])
+}
+
+/// `(at, merchant, id)` of a key made by [`outbox_timed`].
+pub fn parse_outbox_timed(key: &[u8]) -> Option<(i64, MerchantId, Ulid)> {
+    let at = i64::try_from(u64::from_be_bytes(key.get(2..10)?.try_into().ok()?)).ok()?;
+    let id_at = key.len().checked_sub(16)?;
+    let merchant = std::str::from_utf8(key.get(11..id_at.checked_sub(1)?)?).ok()?;
+    Some((at, MerchantId::parse(merchant).ok()?, Ulid(key.get(id_at..)?.try_into().ok()?)))
+}
+
+/// The first key of a tag's kind: every key of it is at or after this one.
+pub fn outbox_tag(tag: &[u8]) -> Vec<u8> {
+    let mut p = tag.to_vec();
+    p.push(SEP);
+    p
+}
+
+/// A parked delivery, under its partner (partner ids are unique across merchants):
+/// `p, partner, id` -> merchant.
+pub fn outbox_parked(partner: &PartnerId, id: &Ulid) -> Vec<u8> {
+    join(&[OUTBOX_PARKED, partner.as_str().as_bytes(), &id.0])
+}
+
+pub fn outbox_parked_prefix(partner: &PartnerId) -> Vec<u8> {
+    let mut p = join(&[OUTBOX_PARKED, partner.as_str().as_bytes()]);
+    p.push(SEP);
+    p
+}
+
+pub fn outbox_lane(merchant: &MerchantId, partner: &PartnerId, conversion: &Ulid) -> Vec<u8> {
+    join(&[OUTBOX_LANE, merchant.as_str().as_bytes(), partner.as_str().as_bytes(), &conversion.0])
+}
+
+pub fn outbox_endpoint(partner: &PartnerId) -> Vec<u8> {
+    join(&[OUTBOX_ENDPOINT, partner.as_str().as_bytes()])
+}
+
 /// The prefix shared by every ledger entry of one partner.
 pub fn ledger_prefix(merchant: &MerchantId, partner: &PartnerId) -> Vec<u8> {
     let mut p = join(&[merchant.as_str().as_bytes(), partner.as_str().as_bytes()]);
@@ -155,6 +214,19 @@ mod tests {
         let (mm, t1) = (m("shop"), t("o-1"));
         assert!(hold(255, &mm, &t1) < hold(256, &mm, &t("a")));
         assert_eq!(parse_hold(&hold(1_790_000_000_000, &mm, &t1)), Some((1_790_000_000_000, mm, t1)));
+    }
+
+    #[test]
+    fn outbox_keys_sort_by_time_and_parse_back() {
+        let (mm, id) = (m("shop"), Ulid::mint(7));
+        let due = outbox_timed(OUTBOX_DUE, 1_790_000_000_000, &mm, &id);
+        assert_eq!(parse_outbox_timed(&due), Some((1_790_000_000_000, mm.clone(), id)));
+        assert!(outbox_timed(OUTBOX_DUE, 255, &mm, &id) < outbox_timed(OUTBOX_DUE, 256, &m("a"), &Ulid::mint(0)));
+        assert!(due.starts_with(&outbox_tag(OUTBOX_DUE)));
+        assert!(!outbox_timed(OUTBOX_FINISHED, 0, &mm, &id).starts_with(&outbox_tag(OUTBOX_DUE)));
+        let p = PartnerId::parse("ann").unwrap();
+        assert!(outbox_parked(&p, &id).starts_with(&outbox_parked_prefix(&p)));
+        assert!(!outbox_parked(&PartnerId::parse("ann2").unwrap(), &id).starts_with(&outbox_parked_prefix(&p)));
     }
 
     #[test]

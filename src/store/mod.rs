@@ -18,6 +18,7 @@ mod backend;
 pub mod catalog;
 pub mod codec;
 pub mod keys;
+mod outbox;
 pub mod schema;
 mod view;
 mod writer;
@@ -116,6 +117,8 @@ struct Shared {
     #[cfg(test)]
     sync_hold: std::sync::Mutex<()>,
     metrics: Arc<Metrics>,
+    /// Woken after a write that made a delivery due.
+    outbox_wake: tokio::sync::Notify,
 }
 
 /// A column family's handle.
@@ -334,6 +337,7 @@ impl Store {
             #[cfg(test)]
             sync_hold: std::sync::Mutex::new(()),
             metrics,
+            outbox_wake: tokio::sync::Notify::new(),
         });
         let salt = load_or_create_salt(&shared)?;
         shared.catalog.replace(load_catalog(&shared)?);

@@ -35,10 +35,17 @@ pub enum Cf {
     Holds,
     /// `merchant, adjustment_id` -> `AdjustmentRecord`.
     Adjustments,
+    /// `merchant, delivery_id` -> `Delivery` (outbound postbacks, SPEC 10).
+    Deliveries,
+    /// The outbox's indexes, by a leading tag: `d, due_at, merchant, id` (due), `f,
+    /// finished_at, merchant, id` (retention), `p, partner, id` -> merchant (parked), `l,
+    /// merchant, partner, conversion` -> ids (a conversion's unfinished deliveries in
+    /// order), `e, partner` -> `EndpointOff`.
+    Outbox,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 16] = [
+    pub const ALL: [Cf; 18] = [
         Cf::Meta,
         Cf::Merchants,
         Cf::Secrets,
@@ -55,6 +62,8 @@ impl Cf {
         Cf::PartnerMonths,
         Cf::Holds,
         Cf::Adjustments,
+        Cf::Deliveries,
+        Cf::Outbox,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +84,8 @@ impl Cf {
             Cf::PartnerMonths => "partner_months",
             Cf::Holds => "holds",
             Cf::Adjustments => "adjustments",
+            Cf::Deliveries => "deliveries",
+            Cf::Outbox => "outbox",
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
+use crate::domain::outbound::{Delivery, EndpointOff};
 use crate::engine::{Catalog, DealAnswer, Hold, State};
 
 pub(super) struct View<'v, 'a> {
@@ -55,9 +56,9 @@ impl State for View<'_, '_> {
 
     fn conversion(&self, m: &MerchantId, txn: &TxnId) -> Result<Option<ConversionRecord>, StoreError> {
         let key = keys::conversion(m, txn);
-        if let Some(bytes) = self.pending.staged(Cf::Conversions, &key) {
+        if let Some(staged) = self.pending.staged(Cf::Conversions, &key) {
             self.read_staged.set(true);
-            return codec::decode(bytes).map(Some);
+            return staged.map(|bytes| codec::decode(bytes)).transpose();
         }
         self.writer.stored_conversion(self.pending, &key)
     }
@@ -117,5 +118,48 @@ impl State for View<'_, '_> {
         }
         let head = self.bytes(Cf::Meta, keys::META_LEDGER_HEAD)?;
         Ok(head.and_then(|v| <[u8; 16]>::try_from(v.as_slice()).ok()).map(Ulid))
+    }
+
+    fn delivery(&self, m: &MerchantId, id: &Ulid) -> Result<Option<Delivery>, StoreError> {
+        self.read(Cf::Deliveries, &keys::delivery(m, id))
+    }
+
+    fn lane(&self, m: &MerchantId, p: &PartnerId, conversion: &Ulid) -> Result<Vec<Ulid>, StoreError> {
+        let ids = self.bytes(Cf::Outbox, &keys::outbox_lane(m, p, conversion))?.unwrap_or_default();
+        Ok(ids.chunks_exact(16).filter_map(|c| c.try_into().ok()).map(Ulid).collect())
+    }
+
+    fn endpoint(&self, p: &PartnerId) -> Result<Option<EndpointOff>, StoreError> {
+        self.read(Cf::Outbox, &keys::outbox_endpoint(p))
+    }
+
+    /// Reads the database only: the writer runs an enable on a batch of its own.
+    fn parked(&self, p: &PartnerId, limit: usize) -> Result<Vec<(MerchantId, Ulid)>, StoreError> {
+        let db = self.pending.db()?;
+        let prefix = keys::outbox_parked_prefix(p);
+        let mut out = Vec::new();
+        for item in db.prefix_iterator_cf(cf_of(db, Cf::Outbox)?, &prefix) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            let id = k.get(prefix.len()..).and_then(|b| <[u8; 16]>::try_from(b).ok()).map(Ulid);
+            let merchant = std::str::from_utf8(&v).ok().and_then(|m| MerchantId::parse(m).ok());
+            match (merchant, id) {
+                (Some(m), Some(id)) => out.push((m, id)),
+                _ => tracing::warn!(key = ?k, "a parked-delivery key that does not parse is skipped"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads the database only: the writer runs a prune on a batch of its own.
+    fn finished_before(
+        &self,
+        before: UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<(UnixMillis, MerchantId, Ulid)>, StoreError> {
+        let db = self.pending.db()?;
+        super::outbox::outbox_range(db, keys::OUTBOX_FINISHED, before, limit)
     }
 }

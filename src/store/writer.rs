@@ -30,7 +30,7 @@ use super::view::View;
 use super::{codec, Durability, Shared, StoreError};
 use crate::domain::conversion::ConversionRecord;
 use crate::domain::ledger::LedgerKind;
-use crate::engine::{self, Answer, Catalog, Command, ConversionOutcome, Effect};
+use crate::engine::{self, Answer, Catalog, Command, ConversionOutcome, Effect, OutboxOp};
 
 type Reply<T> = oneshot::Sender<T>;
 
@@ -49,7 +49,8 @@ pub(super) struct Pending<'a> {
     /// (or after a failed write or sync, until the writer has reopened it).
     db: Option<Arc<rocksdb::DB>>,
     batch: WriteBatch,
-    puts: HashMap<(Cf, Vec<u8>), Vec<u8>>,
+    /// What this batch staged by key: a value, or `None` for a delete.
+    puts: HashMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
     /// Some answer of this batch promises durability: `done` waits for the WAL sync.
     pub(super) sync: bool,
     /// Answers sent once the batch is durable.
@@ -61,6 +62,8 @@ pub(super) struct Pending<'a> {
     /// The newest ledger head staged by this batch: written once, when the batch is, since
     /// each command's head supersedes the one before (one key less per conversion).
     pub(super) ledger_head: Option<[u8; 16]>,
+    /// Some delivery became due: the delivery worker is woken once the batch is written.
+    pub(super) outbox_due: bool,
 }
 
 impl<'a> Pending<'a> {
@@ -77,6 +80,7 @@ impl<'a> Pending<'a> {
             ops: 0,
             ledger: Vec::new(),
             ledger_head: None,
+            outbox_due: false,
         }
     }
 
@@ -85,15 +89,17 @@ impl<'a> Pending<'a> {
         self.db.as_deref().ok_or_else(StoreError::reopening)
     }
 
-    /// A value staged by this batch, not yet written.
-    pub(super) fn staged(&self, cf: Cf, key: &[u8]) -> Option<&Vec<u8>> {
-        self.puts.get(&(cf, key.to_vec()))
+    /// What this batch staged at `key`, not yet written: `Some(None)` for a delete.
+    pub(super) fn staged(&self, cf: Cf, key: &[u8]) -> Option<Option<&Vec<u8>>> {
+        self.puts.get(&(cf, key.to_vec())).map(Option::as_ref)
     }
 
     /// Reads through the batch: `(value, true)` when the value is only in this batch.
     pub(super) fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<(Vec<u8>, bool)>, StoreError> {
-        if let Some(v) = self.staged(cf, key) {
-            return Ok(Some((v.clone(), true)));
+        match self.staged(cf, key) {
+            Some(Some(v)) => return Ok(Some((v.clone(), true))),
+            Some(None) => return Ok(None),
+            None => {}
         }
         let db = self.db()?;
         Ok(db.get_cf(super::cf_of(db, cf)?, key)?.map(|v| (v, false)))
@@ -105,7 +111,7 @@ impl<'a> Pending<'a> {
         if cf == Cf::Conversions {
             self.shared.recent().remove(&key);
         }
-        self.puts.insert((cf, key), value);
+        self.puts.insert((cf, key), Some(value));
         Ok(())
     }
 
@@ -115,7 +121,7 @@ impl<'a> Pending<'a> {
         if cf == Cf::Conversions {
             self.shared.recent().remove(&key);
         }
-        self.puts.remove(&(cf, key));
+        self.puts.insert((cf, key), None);
         Ok(())
     }
 
@@ -145,6 +151,15 @@ pub(super) struct Writer {
     durability: Durability,
     max_batch: usize,
     last_reopen: Cell<Option<Instant>>,
+}
+
+/// Whether a command reads a range of an index, which sees the database only.
+fn reads_ranges(command: &Command) -> bool {
+    match command {
+        Command::SweepHolds { .. } => true,
+        Command::Outbox(op) => matches!(**op, OutboxOp::Enable { .. } | OutboxOp::Prune { .. }),
+        _ => false,
+    }
 }
 
 /// How often the writer tries to reopen the database while writes fail.
@@ -213,8 +228,9 @@ impl Writer {
                     self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
                     let _ = reply.send(self.entity(command));
                 }
-                // A sweep reads the hold index from the database: nothing may be staged.
-                Command::SweepHolds { .. } => {
+                // A sweep reads the hold index, an enable the parked deliveries and a prune
+                // the finished ones, from the database: nothing may be staged.
+                Command::SweepHolds { .. } | Command::Outbox(_) if reads_ranges(&command) => {
                     self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
                     self.execute(&mut pending, command, reply);
                     self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
@@ -231,7 +247,10 @@ impl Writer {
     /// changed nothing and read only durable data at once; everything else once the batch
     /// is durable.
     fn execute(&self, pending: &mut Pending<'_>, command: Command, reply: Reply<Result<Answer, StoreError>>) {
-        let is_click = matches!(command, Command::Click { .. });
+        // Clicks are synced within an interval (SPEC 7); a delivery's attempt or park that
+        // is lost in a crash only sends the delivery once more (at-least-once).
+        let is_click = matches!(command, Command::Click { .. })
+            || matches!(&command, Command::Outbox(op) if matches!(**op, OutboxOp::Attempted { .. } | OutboxOp::Park { .. }));
         let catalog = self.shared.catalog.snapshot();
         let view = View::new(pending, &catalog, self);
         let outcome = engine::execute(&view, command);
@@ -300,7 +319,7 @@ impl Writer {
     /// Writes the batch without fsync and answers what needs only the write; hands the
     /// answers that promise durability to the syncer (with `fsync` durability).
     fn commit(&self, pending: Pending<'_>) {
-        let Pending { db, mut batch, sync, done, written, ops, ledger, ledger_head, .. } = pending;
+        let Pending { db, mut batch, sync, done, written, ops, ledger, ledger_head, outbox_due, .. } = pending;
         if let (Some(head), Some(db)) = (ledger_head, db.as_deref()) {
             match super::cf_of(db, Cf::Meta) {
                 Ok(cf) => batch.put_cf(cf, super::keys::META_LEDGER_HEAD, head),
@@ -311,6 +330,8 @@ impl Writer {
         if result.is_err() {
             // It may hold records of this batch, which is not stored.
             self.shared.recent().clear();
+        } else if outbox_due {
+            self.shared.outbox_wake.notify_one();
         }
         for d in written {
             d(&result);

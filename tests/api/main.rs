@@ -20,6 +20,7 @@ mod model;
 mod observability;
 mod openapi;
 mod operations;
+mod outbound;
 mod outbound_client;
 mod postbacks;
 mod signatures;

@@ -22,7 +22,8 @@ use tally::domain::link::Link;
 use tally::domain::money::{Currency, Money};
 use tally::domain::plan::PlanBody;
 use tally::engine::memory::Memory;
-use tally::engine::{Command, ConversionDraft, DealDraft, EntityOp, Entropy};
+use tally::domain::outbound::{AttemptLog, DeliveryState, Outbound, OutboundMethod};
+use tally::engine::{Command, ConversionDraft, DealDraft, EntityOp, Entropy, OutboxIndex, OutboxOp};
 use tally::signing::WebhookSecret;
 use tally::store::{Durability, Store, StoreOptions};
 
@@ -165,7 +166,16 @@ fn setup() -> Vec<Command> {
             tier: None,
             status: Status::Active,
             coupons: if i == 1 { vec!["SAVE10".into(), "BETA".into()] } else { vec![] },
-            outbound: None,
+            // alpha: a signed webhook on every event; beta: a GET on `created`; gamma: none.
+            outbound: match i {
+                0 => Some(Outbound { url: "https://alpha.example/hook".into(), method: OutboundMethod::Post, on: None }),
+                1 => Some(Outbound {
+                    url: "https://beta.example/pb?c={click_id}&t={txn_id}".into(),
+                    method: OutboundMethod::Get,
+                    on: None,
+                }),
+                _ => None,
+            },
             plan_id: None,
             created_ms: T0,
         };
@@ -311,7 +321,7 @@ fn commands(steps: &[Step]) -> Vec<Vec<Command>> {
                 why: "territory change".into(),
                 at: now,
             },
-            Step::Sweep => Command::SweepHolds { now, limit: 10_000 },
+            Step::Sweep => Command::SweepHolds { now, limit: 10_000, entropy: entropy(seed) },
             Step::PlanVersion { percent } => plan_command(*percent, now),
             Step::Pause { partner } => {
                 Command::Entity(Box::new(EntityOp::PausePartner { merchant: m(), partner: pid(*partner) }))
@@ -384,6 +394,66 @@ fn model_contents(model: &Memory) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String
     (conversions, ledger)
 }
 
+/// The delivery worker's part, decided from the model's state after a group: attempts
+/// on up to three due deliveries (answered `2xx`, `500`, `503` with `Retry-After`, or
+/// `410`), sometimes an admin's `:retry` of a finished one and an endpoint's enable.
+fn outbox_round(model: &Memory, g: usize, salt: u64) -> Vec<Command> {
+    let mut x = (g as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let now = model.conversions.values().map(|c| c.received_ms).max().unwrap_or(T0) + 1;
+    let mut out = Vec::new();
+    let due: Vec<_> = model
+        .outbox
+        .iter()
+        .filter_map(|e| match e {
+            OutboxIndex::Due { merchant, id, .. } => Some((merchant.clone(), *id)),
+            _ => None,
+        })
+        .collect();
+    for (merchant, id) in due.into_iter().take(3) {
+        let status = match next() % 8 {
+            0..=3 => Some(200),
+            4 => Some(500),
+            5 => Some(503),
+            6 => Some(410),
+            _ => None,
+        };
+        let attempt = AttemptLog {
+            at_ms: now,
+            duration_ms: 12,
+            status,
+            error: status.is_none().then(|| "timeout after 10s".into()),
+            response: String::new(),
+            retry_after_ms: (status == Some(503)).then_some(600_000),
+        };
+        let op = OutboxOp::Attempted { merchant, id, attempt, window_ms: 72 * 3_600_000, entropy: entropy(next()) };
+        out.push(Command::Outbox(Box::new(op)));
+    }
+    if next() % 4 == 0 {
+        let finished = model.deliveries.values().find(|d| d.state.finished() || d.state == DeliveryState::Parked);
+        if let Some(d) = finished {
+            out.push(Command::Outbox(Box::new(OutboxOp::Retry { merchant: m(), id: d.id, at: now })));
+        }
+    }
+    if next() % 5 == 0 {
+        let partner = pid((next() % 3) as u8);
+        out.push(Command::Outbox(Box::new(OutboxOp::Enable { merchant: m(), partner, at: now, limit: 2 })));
+    }
+    out
+}
+
+/// Every delivery the store holds, as JSON, by id.
+async fn store_deliveries(store: &Store) -> BTreeMap<String, Vec<u8>> {
+    let filter = tally::backend::DeliveryFilter { limit: 100_000, ..Default::default() };
+    let (all, _) = store.deliveries(&m(), filter).await.unwrap();
+    all.iter().map(|d| (d.id.to_string(), serde_json::to_vec(d).unwrap())).collect()
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
@@ -404,11 +474,25 @@ proptest! {
                 for (i, (w, g2)) in want.iter().zip(&got).enumerate() {
                     assert_eq!(g2, w, "group {g}, command {i}: the store answered differently from the model");
                 }
+                let round = outbox_round(&model, g, steps.len() as u64);
+                let want: Vec<String> = round.iter().cloned().map(|c| format!("{:?}", model.submit(c))).collect();
+                let got = submit_group(&store, round).await;
+                assert_eq!(got, want, "group {g}: the outbox round answered differently");
             }
             let (conversions, ledger) = contents(&store).await;
             let (want_conversions, want_ledger) = model_contents(&model);
             assert_eq!(conversions, want_conversions, "conversions differ");
             assert_eq!(ledger, want_ledger, "ledgers differ");
+            let want_deliveries: BTreeMap<String, Vec<u8>> =
+                model.deliveries.values().map(|d| (d.id.to_string(), serde_json::to_vec(d).unwrap())).collect();
+            assert_eq!(store_deliveries(&store).await, want_deliveries, "deliveries differ");
+            let due: Vec<_> = store.due_deliveries(i64::MAX, 100_000).await.unwrap();
+            let want_due: Vec<_> = model.outbox.iter().filter_map(|e| match e {
+                OutboxIndex::Due { at, merchant, id } => Some((*at, merchant.clone(), *id)),
+                _ => None,
+            }).collect();
+            assert_eq!(due, want_due, "due indexes differ");
+            assert!(!model.deliveries.is_empty() || steps.len() < 250, "a long run makes deliveries");
             assert!(!model.ledger.is_empty() || steps.len() < 250, "a long run credits somebody");
             store.shutdown_blocking_in_place();
         });

@@ -1,5 +1,6 @@
-//! When a failed delivery is tried again (SPEC 10): the schedule as data, with jitter and
-//! `Retry-After` passed in so the decision is a pure function that tests can pin.
+//! When a failed outbound delivery is tried again (SPEC 10): the schedule as data, with
+//! jitter and `Retry-After` passed in so the decision is a pure function that the engine
+//! applies and tests pin.
 
 use std::time::Duration;
 

@@ -1,0 +1,337 @@
+//! The outbox rules (SPEC 10): which events notify which partner, the delivery each one
+//! makes (its values frozen, written in the same command as the event), the order of a
+//! conversion's deliveries to a partner, and what an attempt's outcome does to a
+//! delivery: delivered, retried on the schedule, dead, or parked behind a `410`.
+//!
+//! A conversion's deliveries to one partner form a lane: only the lane's head is due, so
+//! a partner never hears `reversed` before `created`. When the head finishes (delivered
+//! or dead) the next one becomes due.
+
+use super::tx::Tx;
+use super::{Effect, Entropy, Refusal, State};
+use crate::domain::clock::UnixMillis;
+use crate::domain::conversion::{ConversionRecord, RuleKind};
+use crate::domain::ids::{MerchantId, PartnerId, Ulid};
+use crate::domain::money::Money;
+use crate::domain::outbound::{
+    AttemptLog, Delivery, DeliveryState, DeliveryValues, EndpointOff, OutboundEvent, KEPT_ATTEMPTS,
+};
+use crate::domain::retry;
+
+/// A command about deliveries, from the delivery worker or an admin.
+#[derive(Debug, Clone)]
+pub enum OutboxOp {
+    /// The worker made an attempt; `window_ms` is the retry window of the settings.
+    Attempted { merchant: MerchantId, id: Ulid, attempt: AttemptLog, window_ms: i64, entropy: Entropy },
+    /// The worker found the partner's endpoint disabled when the delivery came due.
+    Park { merchant: MerchantId, id: Ulid, at: UnixMillis },
+    /// An admin's `:retry`: due now, a new retry round.
+    Retry { merchant: MerchantId, id: Ulid, at: UnixMillis },
+    /// An admin's `outbound:enable`: the endpoint is on again and up to `limit` parked
+    /// deliveries are due now (the rest with the next call).
+    Enable { merchant: MerchantId, partner: PartnerId, at: UnixMillis, limit: usize },
+    /// Forgets finished deliveries that finished before `before`, at most `limit`.
+    Prune { before: UnixMillis, limit: usize },
+}
+
+/// The engine's answer to an [`OutboxOp`].
+#[derive(Debug, Clone)]
+pub enum OutboxAnswer {
+    Delivery(Box<Delivery>),
+    /// The attempt or park found the delivery no longer pending (a retry raced it, or it
+    /// was pruned): nothing changed.
+    Stale,
+    /// How many parked deliveries were made due.
+    Resumed(u64),
+    Pruned(u64),
+    Refused(Refusal),
+}
+
+/// An index entry of the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum OutboxIndex {
+    /// Pending and due at `at`: what the worker sends.
+    Due { at: UnixMillis, merchant: MerchantId, id: Ulid },
+    /// Parked behind its partner's `410`.
+    Parked { partner: PartnerId, merchant: MerchantId, id: Ulid },
+    /// Delivered or dead at `at`: what retention prunes.
+    Finished { at: UnixMillis, merchant: MerchantId, id: Ulid },
+}
+
+/// Queues the delivery an event makes for the conversion's sourced partner, when that
+/// partner's `outbound.on` names the event. `commission`: the commission (created,
+/// approved) or its change (rejected, reversed).
+pub(super) fn notify<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    rec: &ConversionRecord,
+    trigger: OutboundEvent,
+    commission: Option<Money>,
+    at: UnixMillis,
+    entropy: &Entropy,
+) -> Result<(), S::Error> {
+    let Some(attribution) = &rec.attribution else { return Ok(()) };
+    let Some(partner) = tx.catalog().partner_of(&rec.merchant_id, &attribution.partner_id) else { return Ok(()) };
+    let Some(outbound) = &partner.outbound else { return Ok(()) };
+    if !outbound.events().contains(&trigger) {
+        return Ok(());
+    }
+    let partner_id = partner.id.clone();
+    let click = match (attribution.rule, rec.keys.click_id.as_deref().and_then(|c| Ulid::parse(c).ok())) {
+        (RuleKind::Click, Some(id)) => tx.click(&id)?,
+        _ => None,
+    };
+    let values = DeliveryValues {
+        conversion_id: rec.conversion_id,
+        txn_id: rec.txn_id.to_string(),
+        event: rec.event.clone(),
+        amount: rec.amount.map(|a| a.amount_text()),
+        currency: rec.amount.map(|a| a.currency.to_string()),
+        commission: commission.map(|c| c.amount_text()),
+        commission_currency: commission.map(|c| c.currency.to_string()),
+        status: rec.status.as_str().to_string(),
+        click_id: click.as_ref().map(|c| c.click_id.to_string()),
+        link_id: click.as_ref().map(|c| c.link_id.to_string()),
+        partner_id: partner_id.to_string(),
+        subs: click.map(|c| c.subs).unwrap_or_default(),
+        occurred_ms: rec.occurred_ms,
+    };
+    let id = tx.mint(at, entropy);
+    let mut lane = tx.lane(&rec.merchant_id, &partner_id, &rec.conversion_id)?;
+    let head = lane.is_empty();
+    lane.push(id);
+    let delivery = Delivery {
+        id,
+        merchant_id: rec.merchant_id.clone(),
+        partner_id: partner_id.clone(),
+        trigger,
+        values,
+        created_ms: at,
+        state: DeliveryState::Pending,
+        due_ms: head.then_some(at),
+        round_start_ms: None,
+        failed: 0,
+        attempt_count: 0,
+        attempts: Vec::new(),
+        finished_ms: None,
+    };
+    if head {
+        tx.push(Effect::OutboxIndex(OutboxIndex::Due { at, merchant: rec.merchant_id.clone(), id }, true));
+    }
+    tx.put_lane(&rec.merchant_id, &partner_id, rec.conversion_id, lane);
+    tx.put_delivery(delivery);
+    Ok(())
+}
+
+/// Runs an outbox command.
+pub(super) fn execute<S: State + ?Sized>(tx: &mut Tx<'_, S>, op: OutboxOp) -> Result<OutboxAnswer, S::Error> {
+    match op {
+        OutboxOp::Attempted { merchant, id, attempt, window_ms, entropy } => {
+            attempted(tx, &merchant, id, attempt, window_ms, &entropy)
+        }
+        OutboxOp::Park { merchant, id, at } => {
+            let due = |d: &Delivery| d.state == DeliveryState::Pending && d.due_ms.is_some();
+            let Some(mut d) = tx.delivery(&merchant, &id)?.filter(due) else {
+                return Ok(OutboxAnswer::Stale);
+            };
+            park(tx, &mut d, at);
+            Ok(OutboxAnswer::Delivery(Box::new(d)))
+        }
+        OutboxOp::Retry { merchant, id, at } => retry_now(tx, &merchant, id, at),
+        OutboxOp::Enable { merchant, partner, at, limit } => {
+            if tx.catalog().partner_of(&merchant, &partner).is_none() {
+                return Ok(OutboxAnswer::Refused(Refusal::new(
+                    false,
+                    "not_found",
+                    None,
+                    format!("merchant {merchant} has no partner {partner}"),
+                )));
+            }
+            if tx.endpoint(&partner)?.is_some() {
+                tx.push(Effect::Endpoint { partner: partner.clone(), off: None });
+            }
+            let mut resumed = 0;
+            for (m, id) in tx.parked(&partner, limit)? {
+                tx.push(Effect::OutboxIndex(
+                    OutboxIndex::Parked { partner: partner.clone(), merchant: m.clone(), id },
+                    false,
+                ));
+                if let Some(mut d) = tx.delivery(&m, &id)?.filter(|d| d.state == DeliveryState::Parked) {
+                    d.state = DeliveryState::Pending;
+                    due_at(tx, &mut d, at);
+                    tx.put_delivery(d);
+                    resumed += 1;
+                }
+            }
+            Ok(OutboxAnswer::Resumed(resumed))
+        }
+        OutboxOp::Prune { before, limit } => {
+            let mut pruned = 0;
+            for (at, merchant, id) in tx.finished_before(before, limit)? {
+                tx.push(Effect::OutboxIndex(OutboxIndex::Finished { at, merchant: merchant.clone(), id }, false));
+                if tx.delivery(&merchant, &id)?.is_some_and(|d| d.state.finished()) {
+                    tx.push(Effect::DeliveryGone { merchant, id });
+                    pruned += 1;
+                }
+            }
+            Ok(OutboxAnswer::Pruned(pruned))
+        }
+    }
+}
+
+/// Makes a delivery due at `at` (it was not in the due index).
+fn due_at<S: State + ?Sized>(tx: &mut Tx<'_, S>, d: &mut Delivery, at: UnixMillis) {
+    d.due_ms = Some(at);
+    tx.push(Effect::OutboxIndex(OutboxIndex::Due { at, merchant: d.merchant_id.clone(), id: d.id }, true));
+}
+
+/// Takes a delivery out of the due index.
+fn undue<S: State + ?Sized>(tx: &mut Tx<'_, S>, d: &mut Delivery) {
+    if let Some(at) = d.due_ms.take() {
+        tx.push(Effect::OutboxIndex(OutboxIndex::Due { at, merchant: d.merchant_id.clone(), id: d.id }, false));
+    }
+}
+
+fn park<S: State + ?Sized>(tx: &mut Tx<'_, S>, d: &mut Delivery, _at: UnixMillis) {
+    undue(tx, d);
+    d.state = DeliveryState::Parked;
+    tx.push(Effect::OutboxIndex(
+        OutboxIndex::Parked { partner: d.partner_id.clone(), merchant: d.merchant_id.clone(), id: d.id },
+        true,
+    ));
+    tx.put_delivery(d.clone());
+}
+
+/// Delivered or dead: out of its lane, into the finished index; the lane's next is due.
+fn finish<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    d: &mut Delivery,
+    state: DeliveryState,
+    at: UnixMillis,
+) -> Result<(), S::Error> {
+    undue(tx, d);
+    d.state = state;
+    d.finished_ms = Some(at);
+    tx.push(Effect::OutboxIndex(OutboxIndex::Finished { at, merchant: d.merchant_id.clone(), id: d.id }, true));
+    let mut lane = tx.lane(&d.merchant_id, &d.partner_id, &d.values.conversion_id)?;
+    let was_head = lane.first() == Some(&d.id);
+    lane.retain(|i| *i != d.id);
+    if was_head {
+        if let Some(next) = lane.first().copied() {
+            if let Some(mut n) = tx.delivery(&d.merchant_id, &next)? {
+                if n.state == DeliveryState::Pending && n.due_ms.is_none() {
+                    due_at(tx, &mut n, at);
+                    tx.put_delivery(n);
+                }
+            }
+        }
+    }
+    tx.put_lane(&d.merchant_id, &d.partner_id, d.values.conversion_id, lane);
+    Ok(())
+}
+
+fn attempted<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    merchant: &MerchantId,
+    id: Ulid,
+    attempt: AttemptLog,
+    window_ms: i64,
+    entropy: &Entropy,
+) -> Result<OutboxAnswer, S::Error> {
+    let Some(mut d) = tx.delivery(merchant, &id)?.filter(|d| d.state == DeliveryState::Pending && d.due_ms.is_some())
+    else {
+        return Ok(OutboxAnswer::Stale);
+    };
+    let at = attempt.at_ms;
+    let status = attempt.status;
+    let retry_after = attempt.retry_after_ms.map(std::time::Duration::from_millis);
+    d.attempt_count = d.attempt_count.saturating_add(1);
+    d.attempts.push(attempt);
+    if d.attempts.len() > KEPT_ATTEMPTS {
+        let extra = d.attempts.len() - KEPT_ATTEMPTS;
+        d.attempts.drain(..extra);
+    }
+    let round_start = *d.round_start_ms.get_or_insert(at);
+    match status {
+        Some(s) if (200..300).contains(&s) => finish(tx, &mut d, DeliveryState::Delivered, at)?,
+        Some(410) => {
+            if tx.endpoint(&d.partner_id)?.is_none() {
+                tx.push(Effect::Endpoint {
+                    partner: d.partner_id.clone(),
+                    off: Some(EndpointOff { since_ms: at, delivery_id: d.id }),
+                });
+            }
+            park(tx, &mut d, at);
+            return Ok(OutboxAnswer::Delivery(Box::new(d)));
+        }
+        _ => {
+            d.failed = d.failed.saturating_add(1);
+            let jitter = f64::from(u32::from_be_bytes([entropy.0[0], entropy.0[1], entropy.0[2], entropy.0[3]]))
+                / (f64::from(u32::MAX) + 1.0);
+            let window = std::time::Duration::from_millis(u64::try_from(window_ms).unwrap_or(0));
+            let failed = usize::try_from(d.failed).unwrap_or(usize::MAX);
+            match retry::next_attempt(round_start, failed, at, retry_after, jitter, window) {
+                Some(next) => {
+                    undue(tx, &mut d);
+                    due_at(tx, &mut d, next);
+                }
+                None => finish(tx, &mut d, DeliveryState::Dead, at)?,
+            }
+        }
+    }
+    tx.put_delivery(d.clone());
+    Ok(OutboxAnswer::Delivery(Box::new(d)))
+}
+
+/// An admin's `:retry`: any delivery but one waiting behind an earlier one of its lane is
+/// due now, in a new round of the retry schedule.
+fn retry_now<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    merchant: &MerchantId,
+    id: Ulid,
+    at: UnixMillis,
+) -> Result<OutboxAnswer, S::Error> {
+    let Some(mut d) = tx.delivery(merchant, &id)? else {
+        return Ok(OutboxAnswer::Refused(Refusal::new(
+            false,
+            "not_found",
+            None,
+            format!("merchant {merchant} has no delivery {id}"),
+        )));
+    };
+    if d.state == DeliveryState::Pending && d.due_ms.is_none() {
+        return Ok(OutboxAnswer::Refused(Refusal::new(
+            true,
+            "delivery_waiting",
+            None,
+            "this delivery waits for an earlier delivery of the same conversion to the same partner; retry that one"
+                .into(),
+        )));
+    }
+    match d.state {
+        DeliveryState::Parked => tx.push(Effect::OutboxIndex(
+            OutboxIndex::Parked { partner: d.partner_id.clone(), merchant: d.merchant_id.clone(), id: d.id },
+            false,
+        )),
+        DeliveryState::Delivered | DeliveryState::Dead => {
+            if let Some(f) = d.finished_ms.take() {
+                tx.push(Effect::OutboxIndex(
+                    OutboxIndex::Finished { at: f, merchant: d.merchant_id.clone(), id },
+                    false,
+                ));
+            }
+            // Back in its lane, at the front: it is sent now, whatever came after it.
+            let mut lane = tx.lane(&d.merchant_id, &d.partner_id, &d.values.conversion_id)?;
+            lane.retain(|i| *i != id);
+            lane.insert(0, id);
+            tx.put_lane(&d.merchant_id, &d.partner_id, d.values.conversion_id, lane);
+        }
+        DeliveryState::Pending => {}
+    }
+    undue(tx, &mut d);
+    d.state = DeliveryState::Pending;
+    d.round_start_ms = None;
+    d.failed = 0;
+    due_at(tx, &mut d, at);
+    tx.put_delivery(d.clone());
+    Ok(OutboxAnswer::Delivery(Box::new(d)))
+}
