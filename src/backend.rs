@@ -125,14 +125,10 @@ pub trait Backend: Send + Sync + 'static {
         &'a self,
         merchant: &'a MerchantId,
         filter: DeliveryFilter,
-    ) -> BoxFuture<'a, Result<(Vec<Delivery>, Option<Ulid>), StoreError>>;
+    ) -> BoxFuture<'a, Result<DeliveryPage, StoreError>>;
 
     /// Due deliveries (`due_at <= now`), soonest first, at most `limit`: `(due, merchant, id)`.
-    fn due_deliveries(
-        &self,
-        now: UnixMillis,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<(UnixMillis, MerchantId, Ulid)>, StoreError>>;
+    fn due_deliveries(&self, now: UnixMillis, limit: usize) -> BoxFuture<'_, Result<Vec<DueDelivery>, StoreError>>;
 
     /// Whether a partner's endpoint is disabled by a `410`.
     fn endpoint<'a>(&'a self, partner: &'a PartnerId) -> BoxFuture<'a, Result<Option<EndpointOff>, StoreError>>;
@@ -150,6 +146,12 @@ pub trait Backend: Send + Sync + 'static {
     /// When the copy cannot be made.
     fn backup_to(&self, dir: &Path) -> Result<(), StoreError>;
 }
+
+/// A page of deliveries, and the id to continue after when there may be more.
+pub type DeliveryPage = (Vec<Delivery>, Option<Ulid>);
+
+/// A due delivery in the outbox: when it is due, its merchant and its id.
+pub type DueDelivery = (UnixMillis, MerchantId, Ulid);
 
 /// Which deliveries a listing wants.
 #[derive(Debug, Clone, Default)]

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use super::schema::Cf;
 use super::{blocking, cf_of, codec, keys, writer, Shared, Store, StoreError};
-use crate::backend::{Backend, BoxFuture, DeliveryFilter, OutboxGauges, Settled};
+use crate::backend::{Backend, BoxFuture, DeliveryFilter, DeliveryPage, DueDelivery, OutboxGauges, Settled};
 use crate::domain::account::AccountRecord;
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
@@ -150,14 +150,14 @@ impl Backend for Store {
         merchant: &'a MerchantId,
         id: &'a Ulid,
     ) -> BoxFuture<'a, Result<Option<Delivery>, StoreError>> {
-        self.point(Cf::Deliveries, keys::delivery(merchant, id), |b| codec::decode(b))
+        self.point(Cf::Deliveries, keys::delivery(merchant, id), codec::decode)
     }
 
     fn deliveries<'a>(
         &'a self,
         merchant: &'a MerchantId,
         filter: DeliveryFilter,
-    ) -> BoxFuture<'a, Result<(Vec<Delivery>, Option<Ulid>), StoreError>> {
+    ) -> BoxFuture<'a, Result<DeliveryPage, StoreError>> {
         let shared = Arc::clone(&self.shared);
         let merchant = merchant.clone();
         Box::pin(blocking(move || {
@@ -166,11 +166,7 @@ impl Backend for Store {
         }))
     }
 
-    fn due_deliveries(
-        &self,
-        now: UnixMillis,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Vec<(UnixMillis, MerchantId, Ulid)>, StoreError>> {
+    fn due_deliveries(&self, now: UnixMillis, limit: usize) -> BoxFuture<'_, Result<Vec<DueDelivery>, StoreError>> {
         let shared = Arc::clone(&self.shared);
         Box::pin(blocking(move || {
             let db = shared.db()?;
@@ -179,7 +175,7 @@ impl Backend for Store {
     }
 
     fn endpoint<'a>(&'a self, partner: &'a PartnerId) -> BoxFuture<'a, Result<Option<EndpointOff>, StoreError>> {
-        self.point(Cf::Outbox, keys::outbox_endpoint(partner), |b| codec::decode(b))
+        self.point(Cf::Outbox, keys::outbox_endpoint(partner), codec::decode)
     }
 
     fn outbox_gauges(&self) -> BoxFuture<'_, Result<OutboxGauges, StoreError>> {

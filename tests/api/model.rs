@@ -20,9 +20,9 @@ use tally::domain::entities::{Merchant, Partner, PartnerKind, Status};
 use tally::domain::ids::{LinkId, MerchantId, PartnerId, PlanId, TxnId, Ulid};
 use tally::domain::link::Link;
 use tally::domain::money::{Currency, Money};
+use tally::domain::outbound::{AttemptLog, DeliveryState, Outbound, OutboundMethod};
 use tally::domain::plan::PlanBody;
 use tally::engine::memory::Memory;
-use tally::domain::outbound::{AttemptLog, DeliveryState, Outbound, OutboundMethod};
 use tally::engine::{Command, ConversionDraft, DealDraft, EntityOp, Entropy, OutboxIndex, OutboxOp};
 use tally::signing::WebhookSecret;
 use tally::store::{Durability, Store, StoreOptions};
@@ -168,7 +168,9 @@ fn setup() -> Vec<Command> {
             coupons: if i == 1 { vec!["SAVE10".into(), "BETA".into()] } else { vec![] },
             // alpha: a signed webhook on every event; beta: a GET on `created`; gamma: none.
             outbound: match i {
-                0 => Some(Outbound { url: "https://alpha.example/hook".into(), method: OutboundMethod::Post, on: None }),
+                0 => {
+                    Some(Outbound { url: "https://alpha.example/hook".into(), method: OutboundMethod::Post, on: None })
+                }
                 1 => Some(Outbound {
                     url: "https://beta.example/pb?c={click_id}&t={txn_id}".into(),
                     method: OutboundMethod::Get,

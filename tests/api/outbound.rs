@@ -80,11 +80,8 @@ impl Receiver {
         let delay = *self.delay.lock().unwrap();
         let method = req.method().to_string();
         let target = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
-        let headers = req
-            .headers()
-            .iter()
-            .map(|(n, v)| (n.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-            .collect();
+        let headers =
+            req.headers().iter().map(|(n, v)| (n.as_str().to_string(), v.to_str().unwrap_or("").to_string())).collect();
         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         tokio::time::sleep(delay).await;
         let status = self.script.lock().unwrap().pop_front().unwrap_or(*self.default.lock().unwrap());
@@ -130,7 +127,8 @@ async fn with_outbound(app: &TestApp, outbound: Value) -> String {
 
 /// A partner `bob` with `outbound`, created now: its signing secret is in the answer.
 async fn partner_with_outbound(app: &TestApp, outbound: Value) -> String {
-    let p = json!({"name": "Bob", "kind": "affiliate", "coupons": ["bob-10"], "plan_id": "standard", "outbound": outbound});
+    let p =
+        json!({"name": "Bob", "kind": "affiliate", "coupons": ["bob-10"], "plan_id": "standard", "outbound": outbound});
     let r = app.admin(Method::PUT, "/admin/v1/merchants/shop/partners/bob", Some(p)).await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     r.json()["secret"].as_str().expect("partner secret").to_string()
@@ -197,7 +195,8 @@ async fn a_post_webhook_is_verified_by_the_standardwebhooks_library() {
     let partner_secret = partner_with_outbound(&app, json!({"url": rx.url("/hooks/tally"), "method": "POST"})).await;
     let body = json!({"txn_id": "o-1", "event": "sale", "amount": "80.00", "currency": "USD", "partner_id": "bob"});
     assert_eq!(app.convert("shop", &secret, &body.to_string()).await.status, 201);
-    let r = app.adjust("shop", &secret, r#"{"adjustment_id":"r-1","txn_id":"o-1","kind":"refund","amount":"20.00"}"#).await;
+    let r =
+        app.adjust("shop", &secret, r#"{"adjustment_id":"r-1","txn_id":"o-1","kind":"refund","amount":"20.00"}"#).await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
 
     let got = rx.wait_for(2).await;
@@ -214,7 +213,13 @@ print(json.dumps(Webhook(secret).verify(body, headers)))
         let headers: serde_json::Map<String, Value> =
             g.headers.iter().map(|(n, v)| (n.clone(), Value::String(v.clone()))).collect();
         let out = std::process::Command::new("python3")
-            .args(["-c", script, &partner_secret, &Value::Object(headers).to_string(), &String::from_utf8_lossy(&g.body)])
+            .args([
+                "-c",
+                script,
+                &partner_secret,
+                &Value::Object(headers).to_string(),
+                &String::from_utf8_lossy(&g.body),
+            ])
             .output()
             .expect("python3 runs");
         assert!(
