@@ -4,6 +4,9 @@
 //! `cargo bench --bench load -- [--duration SECS] [--connections N] [--workload NAME] [--open-loop]`
 //! `cargo bench --bench load -- --scale 10000000 [--duration SECS]`: conversions attributed
 //! by stored clicks, 10,000 against N stored clicks, RSS, and restart time after kill -9.
+//! `cargo bench --bench load -- --outbound [--duration SECS]`: SPEC 13's outbound rows:
+//! deliveries/s to a local sink answering 204 and their lag, and conversions/s with every
+//! partner endpoint dead (never answering) against the same run without outbound.
 //! Workloads: clicks, conversions (unique txn_ids, durability fsync), duplicates, mixed
 //! (90 % clicks / 10 % conversions), all (default). Needs the release binary:
 //! `cargo build --release` first (the bench target does not build it).
@@ -177,9 +180,17 @@ async fn start_tally(dir: &std::path::Path) -> (tokio::process::Child, SocketAdd
 async fn start_tally_full(
     dir: &std::path::Path,
 ) -> (tokio::process::Child, SocketAddr, SocketAddr, Arc<tally::signing::WebhookSecret>) {
+    start_tally_with(dir, CONFIG).await
+}
+
+/// [`start_tally_full`] with another config text (`SECRET_FILE` is replaced).
+async fn start_tally_with(
+    dir: &std::path::Path,
+    config_text: &str,
+) -> (tokio::process::Child, SocketAddr, SocketAddr, Arc<tally::signing::WebhookSecret>) {
     let config = dir.join("tally.toml");
     let secret_file = dir.join("bench.whsec");
-    std::fs::write(&config, CONFIG.replace("SECRET_FILE", secret_file.to_str().unwrap())).unwrap();
+    std::fs::write(&config, config_text.replace("SECRET_FILE", secret_file.to_str().unwrap())).unwrap();
     let addr_file = dir.join("addr.json");
     // `BENCH_WRAP="valgrind --tool=callgrind"` runs tally under a profiler.
     let wrap = std::env::var("BENCH_WRAP").unwrap_or_default();
@@ -364,6 +375,10 @@ async fn client() {
     }
     if let Some(n) = arg("--scale").and_then(|n| n.parse::<u64>().ok()) {
         scale(n, duration, connections).await;
+        return;
+    }
+    if flag("--outbound") {
+        outbound(duration, connections).await;
         return;
     }
     let (bare_addr, _bare_child) = bare_server().await;
@@ -627,4 +642,132 @@ async fn scale(n: u64, duration: Duration, connections: usize) {
     let path = out.join(format!("load-scale-{}.json", now_secs()));
     let _ = std::fs::write(&path, serde_json::to_vec_pretty(&rows).unwrap());
     println!("written to {}", path.display());
+}
+
+/// The bench config with partner `bp` sending a GET postback to `url` on `created`.
+fn outbound_config(url: &str) -> String {
+    let with_private = CONFIG.replace("[[merchants]]", "[outbound]\nallow_private = true\n[[merchants]]");
+    with_private.replace(
+        "kind = \"affiliate\"\n[[links]]",
+        &format!("kind = \"affiliate\"\noutbound = {{ url = \"{url}\", method = \"GET\" }}\n[[links]]"),
+    )
+}
+
+/// A local partner endpoint answering 204 to everything; records when each request came
+/// and its lag: the conversion id it carries is a ULID whose time is the conversion's
+/// receipt.
+async fn sink() -> (SocketAddr, Arc<std::sync::Mutex<Vec<(Instant, i64)>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<(Instant, i64)>>> = Arc::default();
+    let s = Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let s = Arc::clone(&s);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let at = req
+                        .uri()
+                        .query()
+                        .and_then(|q| q.strip_prefix("cid="))
+                        .and_then(|t| tally::domain::ids::Ulid::parse(t).ok())
+                        .map(|id| id.millis());
+                    let lag_ms = at.map_or(-1, |at| {
+                        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+                        now.as_millis() as i64 - at
+                    });
+                    s.lock().unwrap().push((Instant::now(), lag_ms));
+                    async {
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder().status(204).body(Empty::<Bytes>::new()).unwrap(),
+                        )
+                    }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A partner endpoint that accepts connections and never answers.
+async fn black_hole() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            if let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        }
+    });
+    addr
+}
+
+/// SPEC 13's outbound rows.
+async fn outbound(duration: Duration, connections: usize) {
+    println!("outbound: {connections} connections, {}s of conversions per run", duration.as_secs());
+    // 1. Deliveries to a sink answering 204: conversions for `duration`, then the backlog
+    // drains; deliveries/s over the whole time the sink received them.
+    let (sink_addr, seen) = sink().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr, _, secret) =
+        start_tally_with(dir.path(), &outbound_config(&format!("http://{sink_addr}/pb?cid={{conversion_id}}"))).await;
+    let target = Target { name: "tally", addr, secret: Some(secret), clicks: Arc::default() };
+    let (ok, errors, _, secs) = run(&target, Workload::Conversions, connections, duration, None).await;
+    let started = Instant::now();
+    while seen.lock().unwrap().len() < ok as usize && started.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(child);
+    let got = seen.lock().unwrap().clone();
+    let (first, last) = (got.first().map(|g| g.0), got.last().map(|g| g.0));
+    let span = match (first, last) {
+        (Some(a), Some(b)) => b.duration_since(a).as_secs_f64().max(0.001),
+        _ => f64::NAN,
+    };
+    let mut lag = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).unwrap();
+    for (_, l) in &got {
+        if *l >= 0 {
+            lag.record(*l as u64).ok();
+        }
+    }
+    println!(
+        "sink (204): {ok} conversions ({:.0}/s, {errors} errors); {} deliveries in {span:.1}s = {:.0} deliveries/s (SPEC: >= 5000); lag p50 {} ms, p99 {} ms, max {} ms",
+        ok as f64 / secs,
+        got.len(),
+        got.len() as f64 / span,
+        lag.value_at_quantile(0.5),
+        lag.value_at_quantile(0.99),
+        lag.max()
+    );
+
+    // 2. Every endpoint dead: conversions/s against the same run without outbound,
+    // interleaved twice.
+    let hole = black_hole().await;
+    let mut ratios = Vec::new();
+    for round in 0..2 {
+        let mut rps = [0.0; 2];
+        for (i, config) in
+            [CONFIG.to_string(), outbound_config(&format!("http://{hole}/pb?t={{txn_id}}"))].iter().enumerate()
+        {
+            let dir = tempfile::tempdir().unwrap();
+            let (child, addr, _, secret) = start_tally_with(dir.path(), config).await;
+            let target = Target { name: "tally", addr, secret: Some(secret), clicks: Arc::default() };
+            let (ok, _, _, secs) = run(&target, Workload::Conversions, connections, duration, None).await;
+            rps[i] = ok as f64 / secs;
+            drop(child);
+        }
+        println!(
+            "dead endpoints, round {}: without outbound {:.0}/s, with every endpoint dead {:.0}/s: {:.0}% (SPEC: >= 95%)",
+            round + 1,
+            rps[0],
+            rps[1],
+            rps[1] / rps[0] * 100.0
+        );
+        ratios.push(rps[1] / rps[0]);
+    }
+    println!("dead endpoints: mean ratio {:.0}%", ratios.iter().sum::<f64>() / ratios.len() as f64 * 100.0);
 }

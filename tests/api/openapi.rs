@@ -50,6 +50,7 @@ fn concrete(template: &str) -> String {
         ("{plan_id}", "standard"),
         ("{txn_id}", "t1"),
         ("{account}", "acme.com"),
+        ("{delivery_id}", "01JD0000000000000000000000"),
     ]
     .iter()
     .fold(template.to_string(), |path, (name, value)| path.replace(name, value))
