@@ -289,7 +289,7 @@ pub struct OutboundSettings {
 }
 
 pub const DEFAULT_OUTBOUND_CONCURRENCY: usize = 64;
-pub const DEFAULT_OUTBOUND_PER_PARTNER: usize = 8;
+pub const DEFAULT_OUTBOUND_PER_PARTNER: usize = 32;
 
 impl Default for OutboundSettings {
     fn default() -> Self {

@@ -317,6 +317,10 @@ pub struct ConversionRecord {
     pub approve_at_ms: Option<UnixMillis>,
     #[serde(default)]
     pub history: Vec<StatusChange>,
+    /// The newest outbound delivery about this conversion (SPEC 10): a later one waits
+    /// behind it while it is unfinished, so the partner hears of events in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_delivery: Option<Ulid>,
 }
 
 /// One move of a conversion's status, with what caused it.

@@ -167,8 +167,8 @@ pub fn expand(template: &str, values: &MacroValues<'_>) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryState {
-    /// To be sent: due at `due_ms`, or waiting behind an earlier delivery of the same
-    /// conversion to the same partner (`due_ms` is then `None`).
+    /// To be sent: due at `due_ms`, or waiting behind an earlier delivery about the same
+    /// conversion (`due_ms` is then `None`).
     Pending,
     /// The partner's endpoint answered `410 Gone`: kept until `outbound:enable`.
     Parked,
@@ -281,6 +281,9 @@ pub struct Delivery {
     /// The last [`KEPT_ATTEMPTS`] attempts, oldest first.
     pub attempts: Vec<AttemptLog>,
     pub finished_ms: Option<UnixMillis>,
+    /// The next delivery about the same conversion, waiting for this one to finish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<Ulid>,
 }
 
 impl Delivery {

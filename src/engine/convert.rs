@@ -86,6 +86,7 @@ pub(super) fn conversion<S: State + ?Sized>(
         refunded_minor: 0,
         approve_at_ms: None,
         history: Vec::new(),
+        last_delivery: None,
     };
     match decision {
         Decision::Unattributed { reason } => rec.unattributed_reason = Some(reason),
@@ -95,7 +96,7 @@ pub(super) fn conversion<S: State + ?Sized>(
             rec.attribution = Some(attribution);
             credit(tx, &mut rec, &partner, plan, d.received_ms, &d.entropy)?;
             let commission = rec.commission.as_ref().map(|c| c.amount);
-            super::outbox::notify(tx, &rec, OutboundEvent::Created, commission, d.received_ms, &d.entropy)?;
+            super::outbox::notify(tx, &mut rec, OutboundEvent::Created, commission, d.received_ms, &d.entropy)?;
         }
     }
     tx.put_conversion(rec.clone());

@@ -32,7 +32,6 @@ pub struct Memory {
     pub ledger_head: Option<Ulid>,
     pub deliveries: BTreeMap<(MerchantId, Ulid), Delivery>,
     pub outbox: BTreeSet<OutboxIndex>,
-    pub lanes: BTreeMap<(MerchantId, PartnerId, Ulid), Vec<Ulid>>,
     pub endpoints: BTreeMap<PartnerId, EndpointOff>,
 }
 
@@ -96,13 +95,6 @@ impl Memory {
             Effect::OutboxIndex(entry, false) => {
                 self.outbox.remove(&entry);
             }
-            Effect::Lane { merchant, partner, conversion, ids } => {
-                if ids.is_empty() {
-                    self.lanes.remove(&(merchant, partner, conversion));
-                } else {
-                    self.lanes.insert((merchant, partner, conversion), ids);
-                }
-            }
             Effect::Endpoint { partner, off: Some(off) } => {
                 self.endpoints.insert(partner, off);
             }
@@ -162,9 +154,6 @@ impl State for Memory {
     }
     fn delivery(&self, m: &MerchantId, id: &Ulid) -> Result<Option<Delivery>, Infallible> {
         Ok(self.deliveries.get(&(m.clone(), *id)).cloned())
-    }
-    fn lane(&self, m: &MerchantId, p: &PartnerId, conversion: &Ulid) -> Result<Vec<Ulid>, Infallible> {
-        Ok(self.lanes.get(&(m.clone(), p.clone(), *conversion)).cloned().unwrap_or_default())
     }
     fn endpoint(&self, p: &PartnerId) -> Result<Option<EndpointOff>, Infallible> {
         Ok(self.endpoints.get(p).cloned())

@@ -229,13 +229,6 @@ pub enum Effect {
     },
     /// An outbox index entry, put (`true`) or removed.
     OutboxIndex(OutboxIndex, bool),
-    /// The unfinished deliveries of one conversion to one partner, in order; empty: none.
-    Lane {
-        merchant: MerchantId,
-        partner: PartnerId,
-        conversion: Ulid,
-        ids: Vec<Ulid>,
-    },
     /// A partner's endpoint disabled by a `410`, or enabled again (`None`).
     Endpoint {
         partner: PartnerId,
@@ -267,8 +260,6 @@ pub trait State {
     fn due_holds(&self, now: UnixMillis, limit: usize) -> Result<Vec<Hold>, Self::Error>;
     fn ledger_head(&self) -> Result<Option<Ulid>, Self::Error>;
     fn delivery(&self, merchant: &MerchantId, id: &Ulid) -> Result<Option<Delivery>, Self::Error>;
-    /// The unfinished deliveries of a conversion to a partner, in order.
-    fn lane(&self, merchant: &MerchantId, partner: &PartnerId, conversion: &Ulid) -> Result<Vec<Ulid>, Self::Error>;
     /// Whether a partner's endpoint is disabled, and since when.
     fn endpoint(&self, partner: &PartnerId) -> Result<Option<EndpointOff>, Self::Error>;
     /// A partner's parked deliveries, oldest first, at most `limit`.

@@ -218,7 +218,7 @@ pub(super) fn adjust<S: State + ?Sized>(
             (r.ids, OutboundEvent::Reversed, r.sourced)
         }
     };
-    outbox::notify(tx, &rec, trigger, change, now, entropy)?;
+    outbox::notify(tx, &mut rec, trigger, change, now, entropy)?;
     let stored = AdjustmentRecord { input, amount, at_ms: now, status_after: rec.status, ledger_entries: entries };
     tx.put_adjustment(merchant, stored.clone());
     tx.put_conversion(rec.clone());
@@ -242,14 +242,8 @@ pub(super) fn sweep<S: State + ?Sized>(
             if rec.status == ConversionStatus::Pending {
                 move_status(&mut rec, ConversionStatus::Approved, now, "hold period ended".into());
                 count_approval(tx, &rec)?;
-                outbox::notify(
-                    tx,
-                    &rec,
-                    OutboundEvent::Approved,
-                    rec.commission.as_ref().map(|c| c.amount),
-                    now,
-                    entropy,
-                )?;
+                let commission = rec.commission.as_ref().map(|c| c.amount);
+                outbox::notify(tx, &mut rec, OutboundEvent::Approved, commission, now, entropy)?;
                 tx.put_conversion(rec);
                 approved += 1;
             }

@@ -3,9 +3,11 @@
 //! conversion's deliveries to a partner, and what an attempt's outcome does to a
 //! delivery: delivered, retried on the schedule, dead, or parked behind a `410`.
 //!
-//! A conversion's deliveries to one partner form a lane: only the lane's head is due, so
-//! a partner never hears `reversed` before `created`. When the head finishes (delivered
-//! or dead) the next one becomes due.
+//! A conversion's deliveries form a chain: the conversion names its newest delivery, and a
+//! new one made while that one is unfinished waits behind it (`next`), so a partner never
+//! hears `reversed` before `created`. When a delivery finishes (delivered or dead) the one
+//! behind it becomes due. The chain costs intake nothing: the conversion record is written
+//! with every event anyway.
 
 use super::tx::Tx;
 use super::{Effect, Entropy, Refusal, State};
@@ -60,10 +62,11 @@ pub enum OutboxIndex {
 
 /// Queues the delivery an event makes for the conversion's sourced partner, when that
 /// partner's `outbound.on` names the event. `commission`: the commission (created,
-/// approved) or its change (rejected, reversed).
+/// approved) or its change (rejected, reversed). The caller stores `rec` after it: it
+/// names its newest delivery.
 pub(super) fn notify<S: State + ?Sized>(
     tx: &mut Tx<'_, S>,
-    rec: &ConversionRecord,
+    rec: &mut ConversionRecord,
     trigger: OutboundEvent,
     commission: Option<Money>,
     at: UnixMillis,
@@ -96,28 +99,38 @@ pub(super) fn notify<S: State + ?Sized>(
         occurred_ms: rec.occurred_ms,
     };
     let id = tx.mint(at, entropy);
-    let mut lane = tx.lane(&rec.merchant_id, &partner_id, &rec.conversion_id)?;
-    let head = lane.is_empty();
-    lane.push(id);
+    // Behind the conversion's newest delivery while that one is unfinished.
+    let behind = match rec.last_delivery {
+        Some(prev) => match tx.delivery(&rec.merchant_id, &prev)? {
+            Some(mut p) if !p.state.finished() => {
+                p.next = Some(id);
+                tx.put_delivery(p);
+                true
+            }
+            _ => false,
+        },
+        None => false,
+    };
+    rec.last_delivery = Some(id);
     let delivery = Delivery {
         id,
         merchant_id: rec.merchant_id.clone(),
-        partner_id: partner_id.clone(),
+        partner_id,
         trigger,
         values,
         created_ms: at,
         state: DeliveryState::Pending,
-        due_ms: head.then_some(at),
+        due_ms: (!behind).then_some(at),
         round_start_ms: None,
         failed: 0,
         attempt_count: 0,
         attempts: Vec::new(),
         finished_ms: None,
+        next: None,
     };
-    if head {
+    if !behind {
         tx.push(Effect::OutboxIndex(OutboxIndex::Due { at, merchant: rec.merchant_id.clone(), id }, true));
     }
-    tx.put_lane(&rec.merchant_id, &partner_id, rec.conversion_id, lane);
     tx.put_delivery(delivery);
     Ok(())
 }
@@ -156,7 +169,10 @@ pub(super) fn execute<S: State + ?Sized>(tx: &mut Tx<'_, S>, op: OutboxOp) -> Re
                     false,
                 ));
                 if let Some(mut d) = tx.delivery(&m, &id)?.filter(|d| d.state == DeliveryState::Parked) {
+                    // A new round: the time it spent parked does not count against it.
                     d.state = DeliveryState::Pending;
+                    d.round_start_ms = None;
+                    d.failed = 0;
                     due_at(tx, &mut d, at);
                     tx.put_delivery(d);
                     resumed += 1;
@@ -201,7 +217,7 @@ fn park<S: State + ?Sized>(tx: &mut Tx<'_, S>, d: &mut Delivery, _at: UnixMillis
     tx.put_delivery(d.clone());
 }
 
-/// Delivered or dead: out of its lane, into the finished index; the lane's next is due.
+/// Delivered or dead: into the finished index; the delivery waiting behind it is due.
 fn finish<S: State + ?Sized>(
     tx: &mut Tx<'_, S>,
     d: &mut Delivery,
@@ -212,20 +228,14 @@ fn finish<S: State + ?Sized>(
     d.state = state;
     d.finished_ms = Some(at);
     tx.push(Effect::OutboxIndex(OutboxIndex::Finished { at, merchant: d.merchant_id.clone(), id: d.id }, true));
-    let mut lane = tx.lane(&d.merchant_id, &d.partner_id, &d.values.conversion_id)?;
-    let was_head = lane.first() == Some(&d.id);
-    lane.retain(|i| *i != d.id);
-    if was_head {
-        if let Some(next) = lane.first().copied() {
-            if let Some(mut n) = tx.delivery(&d.merchant_id, &next)? {
-                if n.state == DeliveryState::Pending && n.due_ms.is_none() {
-                    due_at(tx, &mut n, at);
-                    tx.put_delivery(n);
-                }
+    if let Some(next) = d.next {
+        if let Some(mut n) = tx.delivery(&d.merchant_id, &next)? {
+            if n.state == DeliveryState::Pending && n.due_ms.is_none() {
+                due_at(tx, &mut n, at);
+                tx.put_delivery(n);
             }
         }
     }
-    tx.put_lane(&d.merchant_id, &d.partner_id, d.values.conversion_id, lane);
     Ok(())
 }
 
@@ -241,7 +251,8 @@ fn attempted<S: State + ?Sized>(
     else {
         return Ok(OutboxAnswer::Stale);
     };
-    let at = attempt.at_ms;
+    // Retries count from when the attempt ended: a 10 s timeout is not half of a 5 s wait.
+    let at = attempt.at_ms.saturating_add(i64::try_from(attempt.duration_ms).unwrap_or(i64::MAX));
     let status = attempt.status;
     let retry_after = attempt.retry_after_ms.map(std::time::Duration::from_millis);
     d.attempt_count = d.attempt_count.saturating_add(1);
@@ -282,8 +293,8 @@ fn attempted<S: State + ?Sized>(
     Ok(OutboxAnswer::Delivery(Box::new(d)))
 }
 
-/// An admin's `:retry`: any delivery but one waiting behind an earlier one of its lane is
-/// due now, in a new round of the retry schedule.
+/// An admin's `:retry`: a delivery is due now, in a new round of the retry schedule; not
+/// one waiting behind an earlier delivery, nor one parked behind a disabled endpoint.
 fn retry_now<S: State + ?Sized>(
     tx: &mut Tx<'_, S>,
     merchant: &MerchantId,
@@ -303,8 +314,18 @@ fn retry_now<S: State + ?Sized>(
             true,
             "delivery_waiting",
             None,
-            "this delivery waits for an earlier delivery of the same conversion to the same partner; retry that one"
-                .into(),
+            "this delivery waits for an earlier delivery about the same conversion to finish; retry that one".into(),
+        )));
+    }
+    if d.state == DeliveryState::Parked && tx.endpoint(&d.partner_id)?.is_some() {
+        return Ok(OutboxAnswer::Refused(Refusal::new(
+            true,
+            "endpoint_disabled",
+            None,
+            format!(
+                "partner {}'s endpoint answered 410 Gone and is disabled; enable it (outbound:enable) to send its parked deliveries",
+                d.partner_id
+            ),
         )));
     }
     match d.state {
@@ -313,17 +334,13 @@ fn retry_now<S: State + ?Sized>(
             false,
         )),
         DeliveryState::Delivered | DeliveryState::Dead => {
+            // Sent again on its own: what came after it was released when it finished.
             if let Some(f) = d.finished_ms.take() {
                 tx.push(Effect::OutboxIndex(
                     OutboxIndex::Finished { at: f, merchant: d.merchant_id.clone(), id },
                     false,
                 ));
             }
-            // Back in its lane, at the front: it is sent now, whatever came after it.
-            let mut lane = tx.lane(&d.merchant_id, &d.partner_id, &d.values.conversion_id)?;
-            lane.retain(|i| *i != id);
-            lane.insert(0, id);
-            tx.put_lane(&d.merchant_id, &d.partner_id, d.values.conversion_id, lane);
         }
         DeliveryState::Pending => {}
     }

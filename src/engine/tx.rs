@@ -23,7 +23,6 @@ enum Key<'a> {
     Adjustment(&'a MerchantId, &'a str),
     Deal(&'a PartnerId, &'a str),
     Delivery(&'a MerchantId, &'a Ulid),
-    Lane(&'a MerchantId, &'a PartnerId, &'a Ulid),
     Endpoint(&'a PartnerId),
 }
 
@@ -39,7 +38,6 @@ impl Key<'_> {
             Effect::Deal { partner, deal_id, .. } => Key::Deal(partner, deal_id),
             Effect::Delivery(d) => Key::Delivery(&d.merchant_id, &d.id),
             Effect::DeliveryGone { merchant, id } => Key::Delivery(merchant, id),
-            Effect::Lane { merchant, partner, conversion, .. } => Key::Lane(merchant, partner, conversion),
             Effect::Endpoint { partner, .. } => Key::Endpoint(partner),
             _ => return None,
         })
@@ -231,17 +229,6 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
 
     pub fn put_delivery(&mut self, d: Delivery) {
         self.keep(Effect::Delivery(Box::new(d)));
-    }
-
-    pub fn lane(&self, m: &MerchantId, p: &PartnerId, conversion: &Ulid) -> Result<Vec<Ulid>, S::Error> {
-        match self.staged(Key::Lane(m, p, conversion)) {
-            Some(Effect::Lane { ids, .. }) => Ok(ids.clone()),
-            _ => self.base.lane(m, p, conversion),
-        }
-    }
-
-    pub fn put_lane(&mut self, m: &MerchantId, p: &PartnerId, conversion: Ulid, ids: Vec<Ulid>) {
-        self.keep(Effect::Lane { merchant: m.clone(), partner: p.clone(), conversion, ids });
     }
 
     pub fn endpoint(&self, p: &PartnerId) -> Result<Option<EndpointOff>, S::Error> {

@@ -227,6 +227,7 @@ fn delivery_view(d: &Delivery) -> serde_json::Value {
             "status": a.status,
             "error": a.error,
             "response": a.response,
+            "retry_after_ms": a.retry_after_ms,
         })).collect::<Vec<_>>(),
         "values": {
             "conversion_id": v.conversion_id.to_string(),
@@ -239,7 +240,7 @@ fn delivery_view(d: &Delivery) -> serde_json::Value {
             "status": v.status,
             "click_id": v.click_id,
             "link_id": v.link_id,
-            "subs": v.subs,
+            "subs": crate::outbound::worker::subs_object(&v.subs),
             "occurred_at": format_rfc3339(v.occurred_ms),
         },
     })

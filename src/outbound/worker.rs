@@ -7,8 +7,8 @@
 //! - Bounded: at most `concurrency` attempts in flight, at most `per_partner` to one
 //!   partner, and at most four times `concurrency` deliveries held in memory; the rest
 //!   wait on disk.
-//! - A conversion's deliveries to a partner go in order: the engine keeps only the head
-//!   of each lane due.
+//! - A conversion's deliveries go in order: the engine makes a delivery due only once the
+//!   one before it about the same conversion has finished.
 //! - At-least-once: a delivery leaves the due index only when the engine has recorded
 //!   its attempt, so after a crash every delivery in flight is sent again, with the same
 //!   `webhook-id`.
@@ -236,15 +236,21 @@ fn attempt_log(at: UnixMillis, attempt: Attempt) -> AttemptLog {
     }
 }
 
+/// The click's subs that are set, as `{"sub1": ...}`.
+pub fn subs_object(subs: &[Option<String>; 5]) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (i, s) in subs.iter().enumerate() {
+        if let Some(s) = s {
+            out.insert(format!("sub{}", i + 1), serde_json::Value::String(s.clone()));
+        }
+    }
+    serde_json::Value::Object(out)
+}
+
 /// The POST webhook's JSON body: the event and its frozen values.
 pub fn webhook_body(d: &Delivery) -> Bytes {
     let v = &d.values;
-    let mut subs = serde_json::Map::new();
-    for (i, s) in v.subs.iter().enumerate() {
-        if let Some(s) = s {
-            subs.insert(format!("sub{}", i + 1), serde_json::Value::String(s.clone()));
-        }
-    }
+    let subs = subs_object(&v.subs);
     let body = serde_json::json!({
         "type": format!("conversion.{}", d.trigger.as_str()),
         "timestamp": format_rfc3339(d.created_ms),

@@ -81,14 +81,6 @@ fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
                 p.delete(Cf::Outbox, key)
             }
         }
-        Effect::Lane { merchant, partner, conversion, ids } => {
-            let key = keys::outbox_lane(merchant, partner, conversion);
-            if ids.is_empty() {
-                p.delete(Cf::Outbox, key)
-            } else {
-                p.put(Cf::Outbox, key, ids.iter().flat_map(|i| i.0).collect())
-            }
-        }
         Effect::Endpoint { partner, off } => match off {
             Some(off) => p.write(Cf::Outbox, keys::outbox_endpoint(partner), off),
             None => p.delete(Cf::Outbox, keys::outbox_endpoint(partner)),

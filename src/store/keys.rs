@@ -118,7 +118,6 @@ pub fn delivery_prefix(merchant: &MerchantId) -> Vec<u8> {
 pub const OUTBOX_DUE: &[u8] = b"d";
 pub const OUTBOX_FINISHED: &[u8] = b"f";
 pub const OUTBOX_PARKED: &[u8] = b"p";
-const OUTBOX_LANE: &[u8] = b"l";
 const OUTBOX_ENDPOINT: &[u8] = b"e";
 
 /// Due and finished deliveries sort by time under their tag: `tag, at, merchant, id`.
@@ -152,10 +151,6 @@ pub fn outbox_parked_prefix(partner: &PartnerId) -> Vec<u8> {
     let mut p = join(&[OUTBOX_PARKED, partner.as_str().as_bytes()]);
     p.push(SEP);
     p
-}
-
-pub fn outbox_lane(merchant: &MerchantId, partner: &PartnerId, conversion: &Ulid) -> Vec<u8> {
-    join(&[OUTBOX_LANE, merchant.as_str().as_bytes(), partner.as_str().as_bytes(), &conversion.0])
 }
 
 pub fn outbox_endpoint(partner: &PartnerId) -> Vec<u8> {

@@ -38,9 +38,8 @@ pub enum Cf {
     /// `merchant, delivery_id` -> `Delivery` (outbound postbacks, SPEC 10).
     Deliveries,
     /// The outbox's indexes, by a leading tag: `d, due_at, merchant, id` (due), `f,
-    /// finished_at, merchant, id` (retention), `p, partner, id` -> merchant (parked), `l,
-    /// merchant, partner, conversion` -> ids (a conversion's unfinished deliveries in
-    /// order), `e, partner` -> `EndpointOff`.
+    /// finished_at, merchant, id` (retention), `p, partner, id` -> merchant (parked), `e,
+    /// partner` -> `EndpointOff`.
     Outbox,
 }
 

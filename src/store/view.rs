@@ -124,11 +124,6 @@ impl State for View<'_, '_> {
         self.read(Cf::Deliveries, &keys::delivery(m, id))
     }
 
-    fn lane(&self, m: &MerchantId, p: &PartnerId, conversion: &Ulid) -> Result<Vec<Ulid>, StoreError> {
-        let ids = self.bytes(Cf::Outbox, &keys::outbox_lane(m, p, conversion))?.unwrap_or_default();
-        Ok(ids.chunks_exact(16).filter_map(|c| c.try_into().ok()).map(Ulid).collect())
-    }
-
     fn endpoint(&self, p: &PartnerId) -> Result<Option<EndpointOff>, StoreError> {
         self.read(Cf::Outbox, &keys::outbox_endpoint(p))
     }
