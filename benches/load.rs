@@ -383,7 +383,15 @@ async fn client() {
     }
     let (bare_addr, _bare_child) = bare_server().await;
     let bare = Target { name: "bare-hyper", addr: bare_addr, secret: None, clicks: Arc::default() };
-    let (child, tally_addr, secret) = start_tally(dir.path()).await;
+    // `TALLY_BENCH_DEAD_OUTBOUND=1`: partner `bp` has a postback to an endpoint that never
+    // answers (to profile the dead-endpoint row of `--outbound`).
+    let (child, tally_addr, secret) = if std::env::var("TALLY_BENCH_DEAD_OUTBOUND").is_ok() {
+        let hole = black_hole().await;
+        let (c, a, _, s) = start_tally_with(dir.path(), &outbound_config(&format!("http://{hole}/pb?t={{txn_id}}"))).await;
+        (c, a, s)
+    } else {
+        start_tally(dir.path()).await
+    };
     let tally_pid = child.id();
     let tally = Target { name: "tally", addr: tally_addr, secret: Some(secret), clicks: Arc::default() };
 
@@ -739,6 +747,30 @@ async fn outbound(duration: Duration, connections: usize) {
         ok as f64 / secs,
         got.len(),
         got.len() as f64 / span,
+        lag.value_at_quantile(0.5),
+        lag.value_at_quantile(0.99),
+        lag.max()
+    );
+
+    // 1b. The lag when deliveries keep up: conversions at a steady 2,000/s (open loop).
+    let (sink_addr, seen) = sink().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (child, addr, _, secret) =
+        start_tally_with(dir.path(), &outbound_config(&format!("http://{sink_addr}/pb?cid={{conversion_id}}"))).await;
+    let target = Target { name: "tally", addr, secret: Some(secret), clicks: Arc::default() };
+    let (ok, _, _, _) = run(&target, Workload::Conversions, connections, duration, Some(2000.0)).await;
+    let started = Instant::now();
+    while seen.lock().unwrap().len() < ok as usize && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(child);
+    let mut lag = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).unwrap();
+    for (_, l) in seen.lock().unwrap().iter().filter(|(_, l)| *l >= 0) {
+        lag.record(*l as u64).ok();
+    }
+    println!(
+        "sink (204) at 2000 conversions/s: {ok} conversions, {} delivered; lag p50 {} ms, p99 {} ms, max {} ms",
+        lag.len(),
         lag.value_at_quantile(0.5),
         lag.value_at_quantile(0.99),
         lag.max()

@@ -127,8 +127,15 @@ pub trait Backend: Send + Sync + 'static {
         filter: DeliveryFilter,
     ) -> BoxFuture<'a, Result<DeliveryPage, StoreError>>;
 
-    /// Due deliveries (`due_at <= now`), soonest first, at most `limit`: `(due, merchant, id)`.
-    fn due_deliveries(&self, now: UnixMillis, limit: usize) -> BoxFuture<'_, Result<Vec<DueDelivery>, StoreError>>;
+    /// Due deliveries with `from <= due_at <= now`, soonest first, at most `limit`:
+    /// `(due, merchant, id)`. `from` lets the worker skip what it has already taken (a
+    /// queue's front is full of deleted keys that a scan would otherwise walk).
+    fn due_deliveries(
+        &self,
+        from: UnixMillis,
+        now: UnixMillis,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<DueDelivery>, StoreError>>;
 
     /// Whether a partner's endpoint is disabled by a `410`.
     fn endpoint<'a>(&'a self, partner: &'a PartnerId) -> BoxFuture<'a, Result<Option<EndpointOff>, StoreError>>;

@@ -32,6 +32,10 @@ use crate::metrics::Metrics;
 
 /// Most deliveries a retention pass deletes; the next pass goes on.
 const PRUNE_LIMIT: usize = 10_000;
+/// How far before the last scan's `now` the next scan of the due index starts.
+const SCAN_SLACK_MS: i64 = 5_000;
+/// How often the due index is scanned from its start.
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(10);
 /// How often the backlog gauges are read and retention runs.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 
@@ -61,13 +65,30 @@ impl Worker {
         let poll = Duration::from_millis(self.settings.poll_interval_ms);
         let (finished_tx, mut finished) = tokio::sync::mpsc::unbounded_channel::<()>();
         let housekeeping = tokio::spawn(self.clone().housekeeping());
+        // Where the next scan of the due index starts. Deliveries are due from when their
+        // event was received, so a scan may start a little before the last one's `now`
+        // (SCAN_SLACK covers a request received before it and committed after); a full
+        // scan every FULL_SCAN_EVERY catches anything else (a clock that went back).
+        let mut floor = i64::MIN;
+        let mut full_scan = tokio::time::Instant::now();
         loop {
             let holding = lock(&held).in_flight.len();
             let room = max_held.saturating_sub(holding);
             if room > 0 {
-                match self.backend.due_deliveries(self.clock.now_ms(), holding + room).await {
+                if full_scan.elapsed() >= FULL_SCAN_EVERY {
+                    floor = i64::MIN;
+                    full_scan = tokio::time::Instant::now();
+                }
+                let now = self.clock.now_ms();
+                match self.backend.due_deliveries(floor, now, holding + room).await {
                     Ok(due) => {
-                        for (_, merchant, id) in due {
+                        let complete = due.len() < holding + room;
+                        let mut untaken = None;
+                        for (at, merchant, id) in due {
+                            if lock(&held).in_flight.len() >= max_held {
+                                untaken.get_or_insert(at);
+                                break;
+                            }
                             if !lock(&held).in_flight.insert(id) {
                                 continue;
                             }
@@ -79,6 +100,13 @@ impl Worker {
                                 let _ = tx.send(());
                             });
                         }
+                        floor = match (untaken, complete) {
+                            (Some(at), _) => at,
+                            (None, true) => now.saturating_sub(SCAN_SLACK_MS).max(floor),
+                            // The scan stopped at its limit with every entry in flight: the
+                            // rest is after them; the next full scan starts over anyway.
+                            (None, false) => floor,
+                        };
                     }
                     Err(e) => tracing::warn!(error = %e, "reading due deliveries failed; retrying"),
                 }
@@ -86,7 +114,8 @@ impl Worker {
             tokio::select! {
                 () = self.backend.outbox_woken() => {}
                 () = tokio::time::sleep(poll) => {}
-                Some(()) = finished.recv(), if room == 0 => {}
+                // A finished attempt frees room, and may have made the next delivery due.
+                Some(()) = finished.recv() => {}
                 _ = shutdown.changed() => break,
             }
             // Several finished at once: one scan covers them all.

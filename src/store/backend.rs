@@ -166,11 +166,16 @@ impl Backend for Store {
         }))
     }
 
-    fn due_deliveries(&self, now: UnixMillis, limit: usize) -> BoxFuture<'_, Result<Vec<DueDelivery>, StoreError>> {
+    fn due_deliveries(
+        &self,
+        from: UnixMillis,
+        now: UnixMillis,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<DueDelivery>, StoreError>> {
         let shared = Arc::clone(&self.shared);
         Box::pin(blocking(move || {
             let db = shared.db()?;
-            super::outbox::outbox_range(&db, keys::OUTBOX_DUE, now, limit)
+            super::outbox::outbox_range(&db, keys::OUTBOX_DUE, from, now, limit)
         }))
     }
 

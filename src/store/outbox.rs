@@ -11,21 +11,24 @@ use crate::domain::clock::UnixMillis;
 use crate::domain::ids::{MerchantId, Ulid};
 use crate::domain::outbound::Delivery;
 
-/// The entries of a timed outbox index (`tag`: due or finished) at or before `until`
+/// The entries of a timed outbox index (`tag`: due or finished) from `from` to `until`
 /// (`< until` for `finished`, whose callers ask for "before"), soonest first, at most
 /// `limit`. A key that does not parse is skipped and logged.
 pub(super) fn outbox_range(
     db: &DB,
     tag: &[u8],
+    from: UnixMillis,
     until: UnixMillis,
     limit: usize,
 ) -> Result<Vec<(UnixMillis, MerchantId, Ulid)>, StoreError> {
-    let start = keys::outbox_tag(tag);
+    let prefix = keys::outbox_tag(tag);
+    let mut start = prefix.clone();
+    start.extend_from_slice(&u64::try_from(from).unwrap_or(0).to_be_bytes());
     let mut out = Vec::new();
     let inclusive = tag == keys::OUTBOX_DUE;
     for item in db.iterator_cf(cf_of(db, Cf::Outbox)?, IteratorMode::From(&start, Direction::Forward)) {
         let (k, _) = item?;
-        if !k.starts_with(&start) || out.len() >= limit {
+        if !k.starts_with(&prefix) || out.len() >= limit {
             break;
         }
         match keys::parse_outbox_timed(&k) {

@@ -155,6 +155,6 @@ impl State for View<'_, '_> {
         limit: usize,
     ) -> Result<Vec<(UnixMillis, MerchantId, Ulid)>, StoreError> {
         let db = self.pending.db()?;
-        super::outbox::outbox_range(db, keys::OUTBOX_FINISHED, before, limit)
+        super::outbox::outbox_range(db, keys::OUTBOX_FINISHED, i64::MIN, before, limit)
     }
 }

@@ -488,7 +488,7 @@ proptest! {
             let want_deliveries: BTreeMap<String, Vec<u8>> =
                 model.deliveries.values().map(|d| (d.id.to_string(), serde_json::to_vec(d).unwrap())).collect();
             assert_eq!(store_deliveries(&store).await, want_deliveries, "deliveries differ");
-            let due: Vec<_> = store.due_deliveries(i64::MAX, 100_000).await.unwrap();
+            let due: Vec<_> = store.due_deliveries(0, i64::MAX, 100_000).await.unwrap();
             let want_due: Vec<_> = model.outbox.iter().filter_map(|e| match e {
                 OutboxIndex::Due { at, merchant, id } => Some((*at, merchant.clone(), *id)),
                 _ => None,
