@@ -387,7 +387,8 @@ async fn client() {
     // answers (to profile the dead-endpoint row of `--outbound`).
     let (child, tally_addr, secret) = if std::env::var("TALLY_BENCH_DEAD_OUTBOUND").is_ok() {
         let hole = black_hole().await;
-        let (c, a, _, s) = start_tally_with(dir.path(), &outbound_config(&format!("http://{hole}/pb?t={{txn_id}}"))).await;
+        let (c, a, _, s) =
+            start_tally_with(dir.path(), &outbound_config(&format!("http://{hole}/pb?t={{txn_id}}"))).await;
         (c, a, s)
     } else {
         start_tally(dir.path()).await

@@ -4,8 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::click::ClickRecord;
 use super::clock::UnixMillis;
-use super::ids::{MerchantId, PartnerId, Ulid};
+use super::conversion::{ConversionRecord, ConversionStatus, RuleKind};
+use super::ids::{MerchantId, PartnerId, TxnId, Ulid};
+use super::money::Money;
 use super::FieldError;
 
 /// The macros a GET template may use; each is replaced percent-encoded at send time.
@@ -69,6 +72,15 @@ impl Outbound {
             (None, OutboundMethod::Post) => {
                 vec![OutboundEvent::Created, OutboundEvent::Approved, OutboundEvent::Rejected, OutboundEvent::Reversed]
             }
+        }
+    }
+
+    /// Whether `event` fires this postback.
+    pub fn fires(&self, event: OutboundEvent) -> bool {
+        match (&self.on, self.method) {
+            (Some(on), _) => on.contains(&event),
+            (None, OutboundMethod::Get) => event == OutboundEvent::Created,
+            (None, OutboundMethod::Post) => true,
         }
     }
 
@@ -211,9 +223,10 @@ impl OutboundEvent {
     }
 }
 
-/// The values a delivery sends, frozen when its event happened: a later change to the
-/// conversion sends a delivery of its own.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The values a delivery sends: what its event decided (the status after it, the
+/// commission or its change), frozen in the delivery, and the conversion's facts, which
+/// never change (read from the conversion and its click when it is sent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeliveryValues {
     pub conversion_id: Ulid,
     pub txn_id: String,
@@ -234,6 +247,35 @@ pub struct DeliveryValues {
     /// The attributing click's `sub1`..`sub5`.
     pub subs: [Option<String>; 5],
     pub occurred_ms: UnixMillis,
+}
+
+impl DeliveryValues {
+    /// The values of `d`, from the conversion it is about and that conversion's click
+    /// (when a click attributed it).
+    pub fn of(d: &Delivery, rec: &ConversionRecord, click: Option<&ClickRecord>) -> DeliveryValues {
+        DeliveryValues {
+            conversion_id: rec.conversion_id,
+            txn_id: rec.txn_id.to_string(),
+            event: rec.event.clone(),
+            amount: rec.amount.map(|a| a.amount_text()),
+            currency: rec.amount.map(|a| a.currency.to_string()),
+            commission: d.commission.map(|c| c.amount_text()),
+            commission_currency: d.commission.map(|c| c.currency.to_string()),
+            status: d.status.as_str().to_string(),
+            click_id: click.map(|c| c.click_id.to_string()),
+            link_id: click.map(|c| c.link_id.to_string()),
+            partner_id: d.partner_id.to_string(),
+            subs: click.map(|c| c.subs.clone()).unwrap_or_default(),
+            occurred_ms: rec.occurred_ms,
+        }
+    }
+}
+
+/// The click that attributed a conversion, when a click did: its `{click_id}`,
+/// `{link_id}` and subs are a delivery's.
+pub fn attributing_click(rec: &ConversionRecord) -> Option<Ulid> {
+    let by_click = rec.attribution.as_ref().is_some_and(|a| a.rule == RuleKind::Click);
+    rec.keys.click_id.as_deref().filter(|_| by_click).and_then(|c| Ulid::parse(c).ok())
 }
 
 /// Most attempts kept with a delivery; older ones are counted, not kept.
@@ -265,7 +307,14 @@ pub struct Delivery {
     pub partner_id: PartnerId,
     /// What happened: `created`, `approved`, `rejected`, `reversed`.
     pub trigger: OutboundEvent,
-    pub values: DeliveryValues,
+    /// The conversion it is about.
+    pub txn_id: TxnId,
+    pub conversion_id: Ulid,
+    /// The conversion's status after the event.
+    pub status: ConversionStatus,
+    /// The commission (created, approved) or its change (rejected, reversed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commission: Option<Money>,
     pub created_ms: UnixMillis,
     pub state: DeliveryState,
     /// When it is tried next; `None` while it waits behind an earlier delivery, is parked
@@ -273,17 +322,26 @@ pub struct Delivery {
     pub due_ms: Option<UnixMillis>,
     /// The first attempt of the current round: the retry window counts from it. An admin's
     /// `:retry` starts a new round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub round_start_ms: Option<UnixMillis>,
     /// Failed attempts in the current round.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub failed: u32,
     /// Attempts ever made.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub attempt_count: u32,
     /// The last [`KEPT_ATTEMPTS`] attempts, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<AttemptLog>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_ms: Option<UnixMillis>,
     /// The next delivery about the same conversion, waiting for this one to finish.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next: Option<Ulid>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Delivery {

@@ -12,12 +12,10 @@
 use super::tx::Tx;
 use super::{Effect, Entropy, Refusal, State};
 use crate::domain::clock::UnixMillis;
-use crate::domain::conversion::{ConversionRecord, RuleKind};
+use crate::domain::conversion::ConversionRecord;
 use crate::domain::ids::{MerchantId, PartnerId, Ulid};
 use crate::domain::money::Money;
-use crate::domain::outbound::{
-    AttemptLog, Delivery, DeliveryState, DeliveryValues, EndpointOff, OutboundEvent, KEPT_ATTEMPTS,
-};
+use crate::domain::outbound::{AttemptLog, Delivery, DeliveryState, EndpointOff, OutboundEvent, KEPT_ATTEMPTS};
 use crate::domain::retry;
 
 /// A command about deliveries, from the delivery worker or an admin.
@@ -75,29 +73,10 @@ pub(super) fn notify<S: State + ?Sized>(
     let Some(attribution) = &rec.attribution else { return Ok(()) };
     let Some(partner) = tx.catalog().partner_of(&rec.merchant_id, &attribution.partner_id) else { return Ok(()) };
     let Some(outbound) = &partner.outbound else { return Ok(()) };
-    if !outbound.events().contains(&trigger) {
+    if !outbound.fires(trigger) {
         return Ok(());
     }
     let partner_id = partner.id.clone();
-    let click = match (attribution.rule, rec.keys.click_id.as_deref().and_then(|c| Ulid::parse(c).ok())) {
-        (RuleKind::Click, Some(id)) => tx.click(&id)?,
-        _ => None,
-    };
-    let values = DeliveryValues {
-        conversion_id: rec.conversion_id,
-        txn_id: rec.txn_id.to_string(),
-        event: rec.event.clone(),
-        amount: rec.amount.map(|a| a.amount_text()),
-        currency: rec.amount.map(|a| a.currency.to_string()),
-        commission: commission.map(|c| c.amount_text()),
-        commission_currency: commission.map(|c| c.currency.to_string()),
-        status: rec.status.as_str().to_string(),
-        click_id: click.as_ref().map(|c| c.click_id.to_string()),
-        link_id: click.as_ref().map(|c| c.link_id.to_string()),
-        partner_id: partner_id.to_string(),
-        subs: click.map(|c| c.subs).unwrap_or_default(),
-        occurred_ms: rec.occurred_ms,
-    };
     let id = tx.mint(at, entropy);
     // Behind the conversion's newest delivery while that one is unfinished.
     let behind = match rec.last_delivery {
@@ -117,7 +96,10 @@ pub(super) fn notify<S: State + ?Sized>(
         merchant_id: rec.merchant_id.clone(),
         partner_id,
         trigger,
-        values,
+        txn_id: rec.txn_id.clone(),
+        conversion_id: rec.conversion_id,
+        status: rec.status,
+        commission,
         created_ms: at,
         state: DeliveryState::Pending,
         due_ms: (!behind).then_some(at),

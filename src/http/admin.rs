@@ -17,7 +17,7 @@ use crate::domain::entities::{MerchantBody, Partner, PartnerBody};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId, TxnId, Ulid};
 use crate::domain::link::{Link, LinkBody};
 use crate::domain::money::Money;
-use crate::domain::outbound::{Delivery, DeliveryState};
+use crate::domain::outbound::{Delivery, DeliveryState, DeliveryValues};
 use crate::domain::plan::PlanBody;
 use crate::domain::FieldError;
 use crate::engine::{Catalog, EntityOp, OutboxAnswer, OutboxOp, Saved};
@@ -208,9 +208,15 @@ fn account_view(acc: &AccountRecord, now: i64) -> serde_json::Value {
     })
 }
 
-/// A delivery as the admin API shows it.
-fn delivery_view(d: &Delivery) -> serde_json::Value {
-    let v = &d.values;
+/// A delivery as the admin API shows it, with the values it sends.
+async fn delivery_view(ctx: &Ctx, d: &Delivery) -> Result<serde_json::Value, ApiError> {
+    let v = crate::outbound::worker::values_of(ctx.backend.as_ref(), d).await?.ok_or_else(|| {
+        ApiError::Storage(crate::backend::StoreError::Corrupt(format!("delivery {} has no conversion", d.id)))
+    })?;
+    Ok(delivery_json(d, &v))
+}
+
+fn delivery_json(d: &Delivery, v: &DeliveryValues) -> serde_json::Value {
     serde_json::json!({
         "id": d.id.to_string(),
         "webhook_id": d.webhook_id(),
@@ -283,9 +289,9 @@ fn delivery_filter(query: &str, catalog: &Catalog, merchant: &MerchantId) -> Res
 }
 
 /// The answer to a retry or an enable.
-fn outbox_answer(answer: OutboxAnswer) -> Result<Response<Body>, ApiError> {
+async fn outbox_answer(ctx: &Ctx, answer: OutboxAnswer) -> Result<Response<Body>, ApiError> {
     match answer {
-        OutboxAnswer::Delivery(d) => Ok(json(StatusCode::OK, &delivery_view(&d))),
+        OutboxAnswer::Delivery(d) => Ok(json(StatusCode::OK, &delivery_view(ctx, &d).await?)),
         OutboxAnswer::Refused(r) if r.code == "not_found" => Err(ApiError::NotFound),
         OutboxAnswer::Refused(r) => Err(ApiError::Refused(r)),
         OutboxAnswer::Stale | OutboxAnswer::Resumed(_) | OutboxAnswer::Pruned(_) => Err(ApiError::Internal),
@@ -451,8 +457,12 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
         (&Method::GET, [_, "deliveries"]) => {
             let filter = delivery_filter(req.uri().query().unwrap_or(""), &catalog, &merchant)?;
             let (page, next) = ctx.backend.deliveries(&merchant, filter).await?;
+            let mut views = Vec::with_capacity(page.len());
+            for d in &page {
+                views.push(delivery_view(ctx, d).await?);
+            }
             let body = serde_json::json!({
-                "deliveries": page.iter().map(delivery_view).collect::<Vec<_>>(),
+                "deliveries": views,
                 "next_after": next.map(|n| n.to_string()),
             });
             Ok(json(StatusCode::OK, &body))
@@ -460,12 +470,12 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
         (&Method::POST, [_, "deliveries", target]) if target.ends_with(":retry") => {
             let did = id(target.strip_suffix(":retry").unwrap_or(target), Ulid::parse)?;
             let op = OutboxOp::Retry { merchant: merchant.clone(), id: did, at: now };
-            outbox_answer(ctx.backend.outbox(op).await?)
+            outbox_answer(ctx, ctx.backend.outbox(op).await?).await
         }
         (&Method::GET, [_, "deliveries", did]) => {
             let did = id(did, Ulid::parse)?;
             let d = ctx.backend.delivery(&merchant, &did).await?.ok_or(ApiError::NotFound)?;
-            Ok(json(StatusCode::OK, &delivery_view(&d)))
+            Ok(json(StatusCode::OK, &delivery_view(ctx, &d).await?))
         }
         (&Method::POST, [_, "partners", pid, "outbound:enable"]) => {
             let pid = id(pid, PartnerId::parse)?;
@@ -480,7 +490,7 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
                 match ctx.backend.outbox(op).await? {
                     OutboxAnswer::Resumed(0) => break,
                     OutboxAnswer::Resumed(n) => resumed += n,
-                    other => return outbox_answer(other),
+                    other => return outbox_answer(ctx, other).await,
                 }
             }
             let body = serde_json::json!({

@@ -22,11 +22,13 @@ use http::{header, HeaderValue, Method};
 use tokio::sync::{watch, Semaphore};
 
 use super::client::{Attempt, Client, Outgoing};
-use crate::backend::{Backend, BackendExt};
+use crate::backend::{Backend, BackendExt, StoreError};
 use crate::config::OutboundSettings;
 use crate::domain::clock::{format_rfc3339, Clock, UnixMillis};
 use crate::domain::ids::{MerchantId, PartnerId, Ulid};
-use crate::domain::outbound::{expand, AttemptLog, Delivery, DeliveryState, OutboundMethod};
+use crate::domain::outbound::{
+    attributing_click, expand, AttemptLog, Delivery, DeliveryState, DeliveryValues, OutboundMethod,
+};
 use crate::engine::{Catalog, Entropy, OutboxAnswer, OutboxOp};
 use crate::metrics::Metrics;
 
@@ -155,9 +157,20 @@ impl Worker {
         };
         let Ok(partner_slot) = Arc::clone(&partner_slots).acquire_owned().await else { return };
         let Ok(slot) = global.acquire_owned().await else { return };
+        let values = match values_of(self.backend.as_ref(), &d).await {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                tracing::error!(delivery = %id, txn = %d.txn_id, "a delivery's conversion is missing; it stays due");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, delivery = %id, "reading a delivery's conversion failed; it stays due");
+                return;
+            }
+        };
         let catalog = self.backend.catalog();
         let at = self.clock.now_ms();
-        let log = match outgoing(&catalog, &d, at) {
+        let log = match outgoing(&catalog, &d, &values, at) {
             Ok(out) => attempt_log(at, self.client.send(&out).await),
             Err(why) => AttemptLog {
                 at_ms: at,
@@ -276,9 +289,22 @@ pub fn subs_object(subs: &[Option<String>; 5]) -> serde_json::Value {
     serde_json::Value::Object(out)
 }
 
-/// The POST webhook's JSON body: the event and its frozen values.
-pub fn webhook_body(d: &Delivery) -> Bytes {
-    let v = &d.values;
+/// The values a delivery sends: its own, and its conversion's facts; `None` when the
+/// conversion is not stored (it always is: deliveries are written with it).
+///
+/// # Errors
+/// Storage failures.
+pub async fn values_of(backend: &dyn Backend, d: &Delivery) -> Result<Option<DeliveryValues>, StoreError> {
+    let Some(rec) = backend.conversion(&d.merchant_id, &d.txn_id).await? else { return Ok(None) };
+    let click = match attributing_click(&rec) {
+        Some(id) => backend.click(&id).await?,
+        None => None,
+    };
+    Ok(Some(DeliveryValues::of(d, &rec, click.as_ref())))
+}
+
+/// The POST webhook's JSON body: the event and its values.
+pub fn webhook_body(d: &Delivery, v: &DeliveryValues) -> Bytes {
     let subs = subs_object(&v.subs);
     let body = serde_json::json!({
         "type": format!("conversion.{}", d.trigger.as_str()),
@@ -304,7 +330,7 @@ pub fn webhook_body(d: &Delivery) -> Bytes {
 
 /// The request of one attempt, to the partner's current endpoint; why there is none
 /// when the partner no longer has one.
-pub fn outgoing(catalog: &Catalog, d: &Delivery, now: UnixMillis) -> Result<Outgoing, String> {
+pub fn outgoing(catalog: &Catalog, d: &Delivery, v: &DeliveryValues, now: UnixMillis) -> Result<Outgoing, String> {
     let outbound = catalog
         .partner_of(&d.merchant_id, &d.partner_id)
         .and_then(|p| p.outbound.as_ref())
@@ -312,7 +338,6 @@ pub fn outgoing(catalog: &Catalog, d: &Delivery, now: UnixMillis) -> Result<Outg
     let webhook_id = d.webhook_id();
     match outbound.method {
         OutboundMethod::Get => {
-            let v = &d.values;
             let conversion_id = v.conversion_id.to_string();
             let occurred_at = format_rfc3339(v.occurred_ms);
             let values = [
@@ -340,7 +365,7 @@ pub fn outgoing(catalog: &Catalog, d: &Delivery, now: UnixMillis) -> Result<Outg
         }
         OutboundMethod::Post => {
             let url = url::Url::parse(&outbound.url).map_err(|e| format!("invalid_url: {e}"))?;
-            let body = webhook_body(d);
+            let body = webhook_body(d, v);
             let ts = now.div_euclid(1000);
             let secrets = catalog.partner_secrets.get(&d.partner_id);
             let keys: Vec<&[u8]> = secrets.map(|s| s.active_keys(now).collect()).unwrap_or_default();
