@@ -13,7 +13,7 @@
 //!   its attempt, so after a crash every delivery in flight is sent again, with the same
 //!   `webhook-id`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,7 +54,8 @@ pub struct Worker {
 /// What the worker holds in memory: deliveries in flight and each partner's slots.
 #[derive(Default)]
 struct Held {
-    in_flight: HashSet<Ulid>,
+    /// Deliveries being sent, and when each was due (they stay in the due index meanwhile).
+    in_flight: HashMap<Ulid, UnixMillis>,
     partners: HashMap<PartnerId, Arc<Semaphore>>,
 }
 
@@ -87,13 +88,16 @@ impl Worker {
                         let complete = due.len() < holding + room;
                         let mut untaken = None;
                         for (at, merchant, id) in due {
-                            if lock(&held).in_flight.len() >= max_held {
+                            let mut h = lock(&held);
+                            if h.in_flight.contains_key(&id) {
+                                continue;
+                            }
+                            if h.in_flight.len() >= max_held {
                                 untaken.get_or_insert(at);
                                 break;
                             }
-                            if !lock(&held).in_flight.insert(id) {
-                                continue;
-                            }
+                            h.in_flight.insert(id, at);
+                            drop(h);
                             let (w, held, global, tx) =
                                 (self.clone(), Arc::clone(&held), Arc::clone(&global), finished_tx.clone());
                             tokio::spawn(async move {
@@ -102,19 +106,28 @@ impl Worker {
                                 let _ = tx.send(());
                             });
                         }
+                        // The next scan starts at the first delivery still to take: the
+                        // earliest one in flight or not taken, or (when this scan took all
+                        // that was due) a little before `now`. What finished before it is
+                        // deleted keys that the scan does not walk again.
+                        let earliest_held = lock(&held).in_flight.values().min().copied();
                         floor = match (untaken, complete) {
-                            (Some(at), _) => at,
-                            (None, true) => now.saturating_sub(SCAN_SLACK_MS).max(floor),
-                            // The scan stopped at its limit with every entry in flight: the
-                            // rest is after them; the next full scan starts over anyway.
-                            (None, false) => floor,
+                            (Some(at), _) => earliest_held.map_or(at, |h| h.min(at)),
+                            (None, true) => {
+                                let slack = now.saturating_sub(SCAN_SLACK_MS);
+                                earliest_held.map_or(slack, |h| h.min(slack))
+                            }
+                            (None, false) => earliest_held.unwrap_or(floor),
                         };
                     }
                     Err(e) => tracing::warn!(error = %e, "reading due deliveries failed; retrying"),
                 }
             }
+            // Full: only a finished attempt makes room, so a write that made a delivery due
+            // need not wake the worker (the writer's wake-up then costs it one atomic).
+            let full = lock(&held).in_flight.len() >= max_held;
             tokio::select! {
-                () = self.backend.outbox_woken() => {}
+                () = self.backend.outbox_woken(), if !full => {}
                 () = tokio::time::sleep(poll) => {}
                 // A finished attempt frees room, and may have made the next delivery due.
                 Some(()) = finished.recv() => {}
