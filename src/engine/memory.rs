@@ -83,7 +83,7 @@ impl Memory {
             Effect::HoldDone(h) => {
                 self.holds.remove(&h);
             }
-            Effect::Delivery(d) => {
+            Effect::Delivery(d) | Effect::NewDelivery(d) => {
                 self.deliveries.insert((d.merchant_id.clone(), d.id), *d);
             }
             Effect::DeliveryGone { merchant, id } => {

@@ -220,7 +220,9 @@ pub enum Effect {
     },
     Link(Box<Link>),
     Plan(Box<Plan>),
-    /// An outbound delivery, new or changed.
+    /// An outbound delivery as its event made it.
+    NewDelivery(Box<Delivery>),
+    /// An outbound delivery changed.
     Delivery(Box<Delivery>),
     /// A finished delivery past its retention.
     DeliveryGone {

@@ -113,7 +113,7 @@ pub(super) fn notify<S: State + ?Sized>(
     if !behind {
         tx.push(Effect::OutboxIndex(OutboxIndex::Due { at, merchant: rec.merchant_id.clone(), id }, true));
     }
-    tx.put_delivery(delivery);
+    tx.new_delivery(delivery);
     Ok(())
 }
 

@@ -36,7 +36,7 @@ impl Key<'_> {
             Effect::PartnerMonth { merchant, partner, month, .. } => Key::Month(merchant, partner, *month),
             Effect::Adjustment { merchant, record } => Key::Adjustment(merchant, &record.input.adjustment_id),
             Effect::Deal { partner, deal_id, .. } => Key::Deal(partner, deal_id),
-            Effect::Delivery(d) => Key::Delivery(&d.merchant_id, &d.id),
+            Effect::Delivery(d) | Effect::NewDelivery(d) => Key::Delivery(&d.merchant_id, &d.id),
             Effect::DeliveryGone { merchant, id } => Key::Delivery(merchant, id),
             Effect::Endpoint { partner, .. } => Key::Endpoint(partner),
             _ => return None,
@@ -221,7 +221,7 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
 
     pub fn delivery(&self, m: &MerchantId, id: &Ulid) -> Result<Option<Delivery>, S::Error> {
         match self.staged(Key::Delivery(m, id)) {
-            Some(Effect::Delivery(d)) => Ok(Some((**d).clone())),
+            Some(Effect::Delivery(d) | Effect::NewDelivery(d)) => Ok(Some((**d).clone())),
             Some(_) => Ok(None),
             None => self.base.delivery(m, id),
         }
@@ -229,6 +229,11 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
 
     pub fn put_delivery(&mut self, d: Delivery) {
         self.keep(Effect::Delivery(Box::new(d)));
+    }
+
+    /// A delivery its event has just made.
+    pub fn new_delivery(&mut self, d: Delivery) {
+        self.keep(Effect::NewDelivery(Box::new(d)));
     }
 
     pub fn endpoint(&self, p: &PartnerId) -> Result<Option<EndpointOff>, S::Error> {

@@ -60,6 +60,14 @@ fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
         Effect::Plan(plan) => {
             p.write(Cf::Plans, keys::plan(&plan.merchant_id, &plan.id, plan.version_from_ms), &**plan)
         }
+        // A new delivery, due at once, lives in its due key (codec::encode_fresh_delivery);
+        // once it changes, it is a record of its own, which reads prefer.
+        Effect::NewDelivery(d) => match codec::encode_fresh_delivery(d) {
+            Some(fresh) => {
+                p.put(Cf::Outbox, keys::outbox_timed(keys::OUTBOX_DUE, d.created_ms, &d.merchant_id, &d.id), fresh)
+            }
+            None => p.write(Cf::Deliveries, keys::delivery(&d.merchant_id, &d.id), &**d),
+        },
         Effect::Delivery(d) => p.write(Cf::Deliveries, keys::delivery(&d.merchant_id, &d.id), &**d),
         Effect::DeliveryGone { merchant, id } => p.delete(Cf::Deliveries, keys::delivery(merchant, id)),
         Effect::OutboxIndex(entry, put) => {
@@ -76,6 +84,10 @@ fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
                 }
             };
             if *put {
+                // Never over a fresh delivery kept in this due key by the same batch.
+                if matches!(p.staged(Cf::Outbox, &key), Some(Some(v)) if !v.is_empty()) {
+                    return Ok(());
+                }
                 p.put(Cf::Outbox, key, value)
             } else {
                 p.delete(Cf::Outbox, key)

@@ -150,7 +150,9 @@ impl Backend for Store {
         merchant: &'a MerchantId,
         id: &'a Ulid,
     ) -> BoxFuture<'a, Result<Option<Delivery>, StoreError>> {
-        self.point(Cf::Deliveries, keys::delivery(merchant, id), codec::decode)
+        let shared = Arc::clone(&self.shared);
+        let (merchant, id) = (merchant.clone(), *id);
+        Box::pin(blocking(move || super::outbox::read_delivery(&*shared.db()?, &merchant, &id)))
     }
 
     fn deliveries<'a>(

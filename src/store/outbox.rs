@@ -40,9 +40,24 @@ pub(super) fn outbox_range(
     Ok(out)
 }
 
+/// A delivery: its record, else the fresh delivery kept in its due key.
+pub(super) fn read_delivery(db: &DB, merchant: &MerchantId, id: &Ulid) -> Result<Option<Delivery>, StoreError> {
+    if let Some(v) = db.get_pinned_cf(cf_of(db, Cf::Deliveries)?, keys::delivery(merchant, id))? {
+        return codec::decode(&v).map(Some);
+    }
+    let due = keys::outbox_timed(keys::OUTBOX_DUE, id.millis(), merchant, id);
+    match db.get_pinned_cf(cf_of(db, Cf::Outbox)?, due)? {
+        Some(v) if !v.is_empty() => codec::decode_fresh_delivery(merchant, *id, &v).map(Some),
+        _ => Ok(None),
+    }
+}
+
 /// A merchant's deliveries after `filter.after`, oldest first, that match the filter; at
-/// most `filter.limit`, reading at most `scan_limit` records (a filter that matches little
-/// answers a short page and where to go on).
+/// most `filter.limit`, reading at most `scan_limit` deliveries (a filter that matches
+/// little answers a short page and where to go on).
+///
+/// Two sources in id order, merged: the records, and the fresh deliveries kept in due
+/// keys (due when they were made, so in id order too). A delivery in both is its record.
 pub(super) fn list(
     db: &DB,
     merchant: &MerchantId,
@@ -58,26 +73,68 @@ pub(super) fn list(
         }
         None => prefix.clone(),
     };
-    let mut out = Vec::new();
-    let mut scanned = 0;
+    let mut records: Vec<Delivery> = Vec::new();
     for item in db.iterator_cf(cf_of(db, Cf::Deliveries)?, IteratorMode::From(&start, Direction::Forward)) {
         let (k, v) = item?;
-        if !k.starts_with(&prefix) {
-            return Ok((out, None));
+        if !k.starts_with(&prefix) || records.len() >= scan_limit {
+            break;
         }
-        let d: Delivery = codec::decode(&v)?;
-        let last = Some(d.id);
+        records.push(codec::decode(&v)?);
+    }
+    let after = filter.after.unwrap_or(Ulid([0; 16]));
+    let mut due_start = keys::outbox_tag(keys::OUTBOX_DUE);
+    due_start.extend_from_slice(&u64::try_from(after.millis()).unwrap_or(0).to_be_bytes());
+    let due_prefix = keys::outbox_tag(keys::OUTBOX_DUE);
+    let mut fresh: Vec<Delivery> = Vec::new();
+    // The due index holds every merchant's: bound the keys read, not the matches.
+    let mut scanned = 0;
+    let mut fresh_stop = None;
+    for item in db.iterator_cf(cf_of(db, Cf::Outbox)?, IteratorMode::From(&due_start, Direction::Forward)) {
+        let (k, v) = item?;
+        if !k.starts_with(&due_prefix) {
+            break;
+        }
+        let parsed = keys::parse_outbox_timed(&k);
         scanned += 1;
+        if scanned > scan_limit {
+            // Every fresh delivery made before this key's time has been seen.
+            fresh_stop = parsed.map(|(at, ..)| Ulid::from_parts(at, [0; 10]));
+            break;
+        }
+        if v.is_empty() {
+            continue;
+        }
+        match parsed {
+            Some((_, m, id)) if m == *merchant && id > after => fresh.push(codec::decode_fresh_delivery(&m, id, &v)?),
+            _ => {}
+        }
+    }
+    // The records are complete up to the last one read when they stopped at the limit.
+    let records_stop = if records.len() >= scan_limit { records.last().map(|d| d.id) } else { None };
+    let stop = match (records_stop, fresh_stop) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut all: Vec<Delivery> = records;
+    let known: std::collections::HashSet<Ulid> = all.iter().map(|d| d.id).collect();
+    all.extend(fresh.into_iter().filter(|d| !known.contains(&d.id)));
+    all.sort_by_key(|d| d.id);
+    let mut out = Vec::new();
+    for d in all {
+        if stop.is_some_and(|s| d.id > s) {
+            return Ok((out, stop));
+        }
         let wanted =
             filter.partner.as_ref().is_none_or(|p| *p == d.partner_id) && filter.state.is_none_or(|s| s == d.state);
+        let id = d.id;
         if wanted {
             out.push(d);
         }
-        if out.len() >= filter.limit || scanned >= scan_limit {
-            return Ok((out, last));
+        if out.len() >= filter.limit {
+            return Ok((out, Some(id)));
         }
     }
-    Ok((out, None))
+    Ok((out, stop))
 }
 
 /// The backlog: pending deliveries due (and the oldest one's creation) and parked ones,

@@ -120,8 +120,13 @@ impl State for View<'_, '_> {
         Ok(head.and_then(|v| <[u8; 16]>::try_from(v.as_slice()).ok()).map(Ulid))
     }
 
+    /// Its record, else the fresh delivery kept in its due key.
     fn delivery(&self, m: &MerchantId, id: &Ulid) -> Result<Option<Delivery>, StoreError> {
-        self.read(Cf::Deliveries, &keys::delivery(m, id))
+        if let Some(d) = self.read(Cf::Deliveries, &keys::delivery(m, id))? {
+            return Ok(Some(d));
+        }
+        let due = self.bytes(Cf::Outbox, &keys::outbox_timed(keys::OUTBOX_DUE, id.millis(), m, id))?;
+        due.filter(|v| !v.is_empty()).map(|v| codec::decode_fresh_delivery(m, *id, &v)).transpose()
     }
 
     fn endpoint(&self, p: &PartnerId) -> Result<Option<EndpointOff>, StoreError> {
