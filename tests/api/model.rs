@@ -425,12 +425,13 @@ fn outbox_round(model: &Memory, g: usize, salt: u64) -> Vec<Command> {
             6 => Some(410),
             _ => None,
         };
-        // Sometimes in the very millisecond the newest conversion came: a delivery made behind
-        // another is then released at the time it was made.
-        let instant = next() % 2 == 0;
+        // Sometimes in the very millisecond a waiting delivery was made: it is then released
+        // at the time it was made, as if it had never waited.
+        let waiting = model.deliveries.values().filter(|d| d.due_ms.is_none()).map(|d| d.created_ms).max();
+        let instant = waiting.filter(|_| next() % 2 == 0);
         let attempt = AttemptLog {
-            at_ms: if instant { now - 1 } else { now },
-            duration_ms: if instant { 0 } else { 12 },
+            at_ms: instant.unwrap_or(now),
+            duration_ms: if instant.is_some() { 0 } else { 12 },
             status,
             error: status.is_none().then(|| "timeout after 10s".into()),
             response: String::new(),
