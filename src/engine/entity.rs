@@ -33,6 +33,15 @@ pub enum EntityOp {
         now: UnixMillis,
         grace_ms: i64,
     },
+    /// Make `secret` the partner's current secret (its API and its signed postbacks); the
+    /// previous one stays valid, and postbacks are signed with both, for `grace_ms`.
+    RotatePartnerSecret {
+        merchant: MerchantId,
+        partner: PartnerId,
+        secret: WebhookSecret,
+        now: UnixMillis,
+        grace_ms: i64,
+    },
     /// Create or update; `secret` (the partner API secret) is used only when the partner is new.
     Partner {
         partner: Partner,
@@ -87,6 +96,16 @@ pub(super) fn stage<S: State + ?Sized>(tx: &mut Tx<'_, S>, op: EntityOp) -> Resu
             let mut set = catalog.secrets.get(&merchant).cloned().ok_or_else(|| no_merchant(&merchant))?;
             set.rotate(secret, now, grace_ms);
             tx.push(Effect::MerchantSecrets { merchant, secrets: Box::new(set) });
+            Ok(Saved::Updated)
+        }
+        EntityOp::RotatePartnerSecret { merchant, partner, secret, now, grace_ms } => {
+            if catalog.partner_of(&merchant, &partner).is_none() {
+                return Err(refused(false, "not_found", None, format!("merchant {merchant} has no partner {partner}")));
+            }
+            let mut set =
+                catalog.partner_secrets.get(&partner).cloned().unwrap_or_else(|| SecretSet::new(secret.clone()));
+            set.rotate(secret, now, grace_ms);
+            tx.push(Effect::PartnerSecrets { partner, secrets: Box::new(set) });
             Ok(Saved::Updated)
         }
         EntityOp::RotatePostbackToken { merchant, token_hash } => {

@@ -83,6 +83,7 @@ fn route_of(rest: &[&str]) -> Route {
         [_, "deliveries", d] if d.ends_with(":retry") => Route::AdminDeliveryRetry,
         [_, "deliveries", _] => Route::AdminDelivery,
         [_, "partners", _, "outbound:enable"] => Route::AdminOutboundEnable,
+        [_, "partners", _, "secrets:rotate"] => Route::AdminPartnerSecretRotate,
         _ => Route::NotFound,
     }
 }
@@ -500,12 +501,34 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             });
             Ok(json(StatusCode::OK, &body))
         }
+        (&Method::POST, [_, "partners", pid, "secrets:rotate"]) => {
+            let pid = id(pid, PartnerId::parse)?;
+            if catalog.partner_of(&merchant, &pid).is_none() {
+                return Err(ApiError::NotFound);
+            }
+            let secret = WebhookSecret::generate();
+            let grace_ms = ctx.settings.signing.rotation_grace_seconds.saturating_mul(1000);
+            let op = EntityOp::RotatePartnerSecret {
+                merchant: merchant.clone(),
+                partner: pid.clone(),
+                secret: secret.clone(),
+                now,
+                grace_ms,
+            };
+            ctx.backend.apply(op).await?;
+            let body = serde_json::json!({
+                "id": pid.as_str(),
+                "secret": secret.expose_text(),
+                "previous_valid_until": format_rfc3339(now.saturating_add(grace_ms)),
+            });
+            Ok(json(StatusCode::OK, &body))
+        }
         (
             _,
             [_]
             | [_, "secrets:rotate" | "postback-token:rotate" | "deliveries"]
             | [_, "partners" | "links" | "plans" | "conversions" | "accounts" | "deliveries", _]
-            | [_, "partners", _, "outbound:enable"],
+            | [_, "partners", _, "outbound:enable" | "secrets:rotate"],
         ) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     }

@@ -115,6 +115,7 @@ routes! {
     AdminDelivery => "admin_delivery",
     AdminDeliveryRetry => "admin_delivery_retry",
     AdminOutboundEnable => "admin_outbound_enable",
+    AdminPartnerSecretRotate => "admin_partner_secret_rotate",
     Metrics => "metrics",
     Health => "healthz",
     Ready => "readyz",

@@ -65,6 +65,11 @@ pub const OPERATIONS: &[Operation] = &[
         "/admin/v1/merchants/{merchant_id}/partners/{partner_id}/outbound:enable",
         Route::AdminOutboundEnable,
     ),
+    admin(
+        "POST",
+        "/admin/v1/merchants/{merchant_id}/partners/{partner_id}/secrets:rotate",
+        Route::AdminPartnerSecretRotate,
+    ),
 ];
 
 /// Whether a request path matches a template: `{name}` takes one segment, and a

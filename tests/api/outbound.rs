@@ -239,6 +239,31 @@ print(json.dumps(Webhook(secret).verify(body, headers)))
     assert_eq!(events[1]["data"]["status"], "pending", "a partial refund leaves the status");
     assert_ne!(got[0].header("webhook-id"), got[1].header("webhook-id"));
 
+    // During a secret rotation a webhook carries both signatures: either secret verifies it.
+    let r = app.admin(Method::POST, "/admin/v1/merchants/shop/partners/bob/secrets:rotate", None).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let new_secret = r.json()["secret"].as_str().unwrap().to_string();
+    let r = app.adjust("shop", &secret, r#"{"adjustment_id":"a-2","txn_id":"o-1","kind":"approve"}"#).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let got = rx.wait_for(3).await;
+    let approved = &got[2];
+    assert_eq!(approved.header("webhook-signature").unwrap().split(' ').count(), 2, "two signatures");
+    let headers: serde_json::Map<String, Value> =
+        approved.headers.iter().map(|(n, v)| (n.clone(), Value::String(v.clone()))).collect();
+    for key in [&partner_secret, &new_secret] {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                script,
+                key,
+                &Value::Object(headers.clone()).to_string(),
+                &String::from_utf8_lossy(&approved.body),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
     // A tampered body fails the same verification.
     let g = &got[0];
     let headers: serde_json::Map<String, Value> =
