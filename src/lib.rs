@@ -19,7 +19,9 @@
 //!   database, effects to write batches, the published catalog.
 //! - [`http`]: the only module that names hyper: accept loop, routing, handlers,
 //!   statuses and errors as problem+json.
-//! - [`outbound`]: partner postbacks; today where they may be sent (SSRF vetting).
+//! - [`outbound`]: partner postbacks: where they may be sent (SSRF vetting), the client,
+//!   and the delivery worker, which sends due deliveries and submits what each attempt
+//!   got to the engine (whose `outbox` rules decide retries, order and parking).
 //! - [`limits`]: rate limits (governor), bounded.
 //! - [`metrics`], [`telemetry`], [`config`], [`seed`], [`backup`]: operations and configuration.
 //! - [`app`]: wiring; [`cli`]: subcommands. `main.rs` only calls [`cli::run`].
