@@ -335,3 +335,127 @@ fn ledger_ids_increase_even_within_one_millisecond() {
     let txns: Vec<String> = s.ledger_of(&m(), &p("alpha")).iter().map(|e| e.txn_id.to_string()).collect();
     assert_eq!(txns, (0..20).map(|i| format!("t{i}")).collect::<Vec<_>>(), "read back in append order");
 }
+
+/// `program()` with a POST webhook on alpha (every event).
+fn program_with_webhook() -> Memory {
+    use crate::domain::outbound::{Outbound, OutboundMethod};
+    let mut s = program();
+    let mut alpha = s.catalog.partners[&p("alpha")].clone();
+    alpha.outbound =
+        Some(Outbound { url: "https://alpha.example/hook".into(), method: OutboundMethod::Post, on: None });
+    let op = EntityOp::Partner { partner: alpha, secret: WebhookSecret::generate() };
+    assert!(matches!(s.submit(entity(op)), Answer::Entity(Ok(Saved::Updated))));
+    s
+}
+
+fn adjust(id: &str, txn: &str, kind: AdjustmentKind, amount: Option<&str>, at: i64) -> Command {
+    let input = AdjustmentInput {
+        adjustment_id: id.into(),
+        txn_id: TxnId::parse(txn).unwrap(),
+        kind,
+        amount_text: amount.map(str::to_string),
+    };
+    Command::Adjust { merchant: m(), input: Box::new(input), at, entropy: Entropy([3; 16]) }
+}
+
+fn attempt(s: &mut Memory, id: Ulid, status: Option<u16>, at: i64) -> crate::domain::outbound::Delivery {
+    use crate::domain::outbound::AttemptLog;
+    let attempt = AttemptLog {
+        at_ms: at,
+        duration_ms: 0,
+        status,
+        error: status.is_none().then(|| "timeout after 10s".into()),
+        response: String::new(),
+        retry_after_ms: None,
+    };
+    let op = OutboxOp::Attempted { merchant: m(), id, attempt, window_ms: 72 * 3_600_000, entropy: Entropy([0; 16]) };
+    match s.submit(Command::Outbox(Box::new(op))) {
+        Answer::Outbox(OutboxAnswer::Delivery(d)) => *d,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn due(s: &Memory) -> Vec<(i64, Ulid)> {
+    s.outbox
+        .iter()
+        .filter_map(|e| match e {
+            OutboxIndex::Due { at, id, .. } => Some((*at, *id)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn deliveries_go_in_order_and_retry_on_the_schedule() {
+    use crate::domain::outbound::{DeliveryState, OutboundEvent};
+    let mut s = program_with_webhook();
+    s.submit(sale("t1", 10_000, explicit("alpha")));
+    s.submit(sale("t2", 10_000, explicit("beta")));
+    let created = due(&s);
+    assert_eq!(created.len(), 1, "alpha has a webhook, beta none");
+    let (at, first) = created[0];
+    assert_eq!(at, T0 + 1000, "due when the conversion was received");
+    // A refund while `created` is unfinished waits behind it.
+    s.submit(adjust("r1", "t1", AdjustmentKind::Refund, Some("25.00"), T0 + 2000));
+    assert_eq!(due(&s), created, "the reversal waits");
+    let reversed = s.deliveries.values().find(|d| d.trigger == OutboundEvent::Reversed).unwrap().clone();
+    assert_eq!(reversed.commission, Some(usd(-500)), "the negative change: 20 % of 25.00");
+    assert_eq!(reversed.due_ms, None);
+
+    // Failures: 5 s, then 5 min after the 2nd (no jitter with zero entropy).
+    let cases = [(Some(500), T0 + 10_000, T0 + 15_000), (None, T0 + 15_000, T0 + 315_000)];
+    for (status, at, next) in cases {
+        let d = attempt(&mut s, first, status, at);
+        assert_eq!((d.state, d.due_ms), (DeliveryState::Pending, Some(next)), "{status:?}");
+    }
+    // Delivered: the reversal is due at once, at the time the attempt ended.
+    let d = attempt(&mut s, first, Some(204), T0 + 315_000);
+    assert_eq!(d.state, DeliveryState::Delivered);
+    assert_eq!(due(&s), vec![(T0 + 315_000, reversed.id)]);
+
+    // A 410 parks it and disables the endpoint; enable resumes it in a new round.
+    let d = attempt(&mut s, reversed.id, Some(410), T0 + 320_000);
+    assert_eq!(d.state, DeliveryState::Parked);
+    assert!(s.endpoints.contains_key(&p("alpha")));
+    let retry = OutboxOp::Retry { merchant: m(), id: reversed.id, at: T0 + 321_000 };
+    assert!(matches!(
+        s.submit(Command::Outbox(Box::new(retry))),
+        Answer::Outbox(OutboxAnswer::Refused(Refusal { code: "endpoint_disabled", .. }))
+    ));
+    let enable = OutboxOp::Enable { merchant: m(), partner: p("alpha"), at: T0 + 400_000, limit: 10 };
+    assert!(matches!(s.submit(Command::Outbox(Box::new(enable))), Answer::Outbox(OutboxAnswer::Resumed(1))));
+    assert!(s.endpoints.is_empty());
+    let d = &s.deliveries[&(m(), reversed.id)];
+    assert_eq!((d.state, d.due_ms, d.failed, d.round_start_ms), (DeliveryState::Pending, Some(T0 + 400_000), 0, None));
+}
+
+#[test]
+fn a_delivery_is_dead_after_the_window_and_retry_starts_a_new_round() {
+    use crate::domain::outbound::DeliveryState;
+    let mut s = program_with_webhook();
+    s.submit(sale("t1", 10_000, explicit("alpha")));
+    let (_, id) = due(&s)[0];
+    let mut at = T0 + 2000;
+    let mut attempts = 0;
+    loop {
+        let d = attempt(&mut s, id, Some(503), at);
+        attempts += 1;
+        match d.due_ms {
+            Some(next) => at = next,
+            None => {
+                assert_eq!(d.state, DeliveryState::Dead);
+                break;
+            }
+        }
+    }
+    assert_eq!(attempts, 10, "SPEC 10: 8 scheduled retries and a last one at the window's end");
+    assert_eq!(at - (T0 + 2000), 72 * 3_600_000, "the last attempt at the end of the 72 h window");
+    let retry = OutboxOp::Retry { merchant: m(), id, at: at + 1 };
+    match s.submit(Command::Outbox(Box::new(retry))) {
+        Answer::Outbox(OutboxAnswer::Delivery(d)) => {
+            assert_eq!((d.state, d.due_ms, d.failed), (DeliveryState::Pending, Some(at + 1), 0));
+            assert_eq!(d.attempt_count, 10, "the attempts are kept");
+        }
+        other => panic!("{other:?}"),
+    }
+}

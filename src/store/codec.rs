@@ -208,4 +208,46 @@ mod tests {
         assert_eq!(decode_click(&encode(&click)).unwrap(), click, "a click stored as JSON by an earlier version");
         assert!(decode::<ClickRecord>(&binary).is_err());
     }
+
+    #[test]
+    fn a_fresh_delivery_round_trips_and_a_changed_one_is_not_fresh() {
+        let (m, id) = (MerchantId::parse("shop").unwrap(), Ulid::from_parts(1_790_000_000_000, [9; 10]));
+        let fresh = Delivery {
+            id,
+            merchant_id: m.clone(),
+            partner_id: PartnerId::parse("ann").unwrap(),
+            trigger: OutboundEvent::Reversed,
+            txn_id: TxnId::parse("order #1/é").unwrap(),
+            conversion_id: Ulid::from_parts(1_789_999_999_000, [1; 10]),
+            status: ConversionStatus::Approved,
+            commission: Some(Money { minor: -1234, currency: Currency::parse("JPY").unwrap() }),
+            created_ms: id.millis(),
+            state: DeliveryState::Pending,
+            due_ms: Some(id.millis()),
+            round_start_ms: None,
+            failed: 0,
+            attempt_count: 0,
+            attempts: Vec::new(),
+            finished_ms: None,
+            next: None,
+        };
+        let cases: Vec<(&str, Delivery, bool)> = vec![
+            ("as made", fresh.clone(), true),
+            ("without a commission", Delivery { commission: None, ..fresh.clone() }, true),
+            ("waiting behind another", Delivery { due_ms: None, ..fresh.clone() }, false),
+            ("something waits behind it", Delivery { next: Some(id), ..fresh.clone() }, false),
+            ("attempted", Delivery { attempt_count: 1, ..fresh.clone() }, false),
+            ("due later", Delivery { due_ms: Some(id.millis() + 5000), ..fresh.clone() }, false),
+            ("parked", Delivery { state: DeliveryState::Parked, ..fresh.clone() }, false),
+        ];
+        for (what, d, want) in cases {
+            let encoded = encode_fresh_delivery(&d);
+            assert_eq!(encoded.is_some(), want, "{what}");
+            if let Some(bytes) = encoded {
+                assert!(bytes.len() < 80, "{what}: {} bytes", bytes.len());
+                assert_eq!(decode_fresh_delivery(&m, id, &bytes).unwrap(), d, "{what}");
+                assert!(decode_fresh_delivery(&m, id, &bytes[..bytes.len() - 1]).is_err(), "{what}: truncated");
+            }
+        }
+    }
 }
