@@ -64,17 +64,6 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// The events that fire this postback.
-    pub fn events(&self) -> Vec<OutboundEvent> {
-        match (&self.on, self.method) {
-            (Some(on), _) => on.clone(),
-            (None, OutboundMethod::Get) => vec![OutboundEvent::Created],
-            (None, OutboundMethod::Post) => {
-                vec![OutboundEvent::Created, OutboundEvent::Approved, OutboundEvent::Rejected, OutboundEvent::Reversed]
-            }
-        }
-    }
-
     /// Whether `event` fires this postback.
     pub fn fires(&self, event: OutboundEvent) -> bool {
         match (&self.on, self.method) {
@@ -226,7 +215,7 @@ impl OutboundEvent {
 /// The values a delivery sends: what its event decided (the status after it, the
 /// commission or its change), frozen in the delivery, and the conversion's facts, which
 /// never change (read from the conversion and its click when it is sent).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryValues {
     pub conversion_id: Ulid,
     pub txn_id: String,
@@ -345,6 +334,16 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl Delivery {
+    /// Pending and due: the worker sends it.
+    pub fn is_due(&self) -> bool {
+        self.state == DeliveryState::Pending && self.due_ms.is_some()
+    }
+
+    /// Pending behind an earlier delivery about the same conversion.
+    pub fn is_waiting(&self) -> bool {
+        self.state == DeliveryState::Pending && self.due_ms.is_none()
+    }
+
     /// The `webhook-id` of every attempt.
     pub fn webhook_id(&self) -> String {
         format!("msg_{}", self.id)
@@ -417,9 +416,13 @@ mod tests {
 
     #[test]
     fn events_default_by_method_and_are_checked() {
-        assert_eq!(get("https://a.example/").events(), [OutboundEvent::Created]);
+        let all = [OutboundEvent::Created, OutboundEvent::Approved, OutboundEvent::Rejected, OutboundEvent::Reversed];
+        let firing = |o: &Outbound| all.into_iter().filter(|e| o.fires(*e)).collect::<Vec<_>>();
+        assert_eq!(firing(&get("https://a.example/")), [OutboundEvent::Created]);
         let post = Outbound { url: "https://a.example/".into(), method: OutboundMethod::Post, on: None };
-        assert_eq!(post.events().len(), 4);
+        assert_eq!(firing(&post), all);
+        let chosen = Outbound { on: Some(vec![OutboundEvent::Reversed]), ..get("https://a.example/") };
+        assert_eq!(firing(&chosen), [OutboundEvent::Reversed]);
         let empty = Outbound { on: Some(vec![]), ..get("https://a.example/") };
         assert_eq!(empty.check().unwrap_err().field, "outbound.on");
         let twice =

@@ -124,8 +124,7 @@ pub(super) fn execute<S: State + ?Sized>(tx: &mut Tx<'_, S>, op: OutboxOp) -> Re
             attempted(tx, &merchant, id, attempt, window_ms, &entropy)
         }
         OutboxOp::Park { merchant, id, at } => {
-            let due = |d: &Delivery| d.state == DeliveryState::Pending && d.due_ms.is_some();
-            let Some(mut d) = tx.delivery(&merchant, &id)?.filter(due) else {
+            let Some(mut d) = tx.delivery(&merchant, &id)?.filter(Delivery::is_due) else {
                 return Ok(OutboxAnswer::Stale);
             };
             park(tx, &mut d, at);
@@ -212,7 +211,7 @@ fn finish<S: State + ?Sized>(
     tx.push(Effect::OutboxIndex(OutboxIndex::Finished { at, merchant: d.merchant_id.clone(), id: d.id }, true));
     if let Some(next) = d.next {
         if let Some(mut n) = tx.delivery(&d.merchant_id, &next)? {
-            if n.state == DeliveryState::Pending && n.due_ms.is_none() {
+            if n.is_waiting() {
                 due_at(tx, &mut n, at);
                 tx.put_delivery(n);
             }
@@ -229,8 +228,7 @@ fn attempted<S: State + ?Sized>(
     window_ms: i64,
     entropy: &Entropy,
 ) -> Result<OutboxAnswer, S::Error> {
-    let Some(mut d) = tx.delivery(merchant, &id)?.filter(|d| d.state == DeliveryState::Pending && d.due_ms.is_some())
-    else {
+    let Some(mut d) = tx.delivery(merchant, &id)?.filter(Delivery::is_due) else {
         return Ok(OutboxAnswer::Stale);
     };
     // Retries count from when the attempt ended: a 10 s timeout is not half of a 5 s wait.
@@ -291,7 +289,7 @@ fn retry_now<S: State + ?Sized>(
             format!("merchant {merchant} has no delivery {id}"),
         )));
     };
-    if d.state == DeliveryState::Pending && d.due_ms.is_none() {
+    if d.is_waiting() {
         return Ok(OutboxAnswer::Refused(Refusal::new(
             true,
             "delivery_waiting",

@@ -236,20 +236,7 @@ fn delivery_json(d: &Delivery, v: &DeliveryValues) -> serde_json::Value {
             "response": a.response,
             "retry_after_ms": a.retry_after_ms,
         })).collect::<Vec<_>>(),
-        "values": {
-            "conversion_id": v.conversion_id.to_string(),
-            "txn_id": v.txn_id,
-            "event": v.event,
-            "amount": v.amount,
-            "currency": v.currency,
-            "commission": v.commission,
-            "commission_currency": v.commission_currency,
-            "status": v.status,
-            "click_id": v.click_id,
-            "link_id": v.link_id,
-            "subs": crate::outbound::worker::subs_object(&v.subs),
-            "occurred_at": format_rfc3339(v.occurred_ms),
-        },
+        "values": crate::outbound::worker::values_json(v),
     })
 }
 

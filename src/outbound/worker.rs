@@ -142,7 +142,7 @@ impl Worker {
     /// One attempt of one due delivery, and the engine told what it got.
     async fn deliver(&self, merchant: &MerchantId, id: Ulid, held: &Mutex<Held>, global: Arc<Semaphore>) {
         let d = match self.backend.delivery(merchant, &id).await {
-            Ok(Some(d)) if d.state == DeliveryState::Pending && d.due_ms.is_some() => d,
+            Ok(Some(d)) if d.is_due() => d,
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(error = %e, delivery = %id, "reading a delivery failed; it stays due");
@@ -291,15 +291,33 @@ fn attempt_log(at: UnixMillis, attempt: Attempt) -> AttemptLog {
     }
 }
 
-/// The click's subs that are set, as `{"sub1": ...}`.
-pub fn subs_object(subs: &[Option<String>; 5]) -> serde_json::Value {
-    let mut out = serde_json::Map::new();
-    for (i, s) in subs.iter().enumerate() {
+/// A delivery's values as JSON, as the webhook's `data` and the admin view's `values`
+/// show them (the webhook adds `partner_id`); subs as `{"sub1": ...}`, only those set.
+pub fn values_json(v: &DeliveryValues) -> serde_json::Map<String, serde_json::Value> {
+    let mut subs = serde_json::Map::new();
+    for (i, s) in v.subs.iter().enumerate() {
         if let Some(s) = s {
-            out.insert(format!("sub{}", i + 1), serde_json::Value::String(s.clone()));
+            subs.insert(format!("sub{}", i + 1), serde_json::Value::String(s.clone()));
         }
     }
-    serde_json::Value::Object(out)
+    use serde_json::json;
+    [
+        ("conversion_id", json!(v.conversion_id.to_string())),
+        ("txn_id", json!(v.txn_id)),
+        ("event", json!(v.event)),
+        ("amount", json!(v.amount)),
+        ("currency", json!(v.currency)),
+        ("commission", json!(v.commission)),
+        ("commission_currency", json!(v.commission_currency)),
+        ("status", json!(v.status)),
+        ("click_id", json!(v.click_id)),
+        ("link_id", json!(v.link_id)),
+        ("subs", serde_json::Value::Object(subs)),
+        ("occurred_at", json!(format_rfc3339(v.occurred_ms))),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 /// The values a delivery sends: its own, and its conversion's facts; `None` when the
@@ -318,25 +336,12 @@ pub async fn values_of(backend: &dyn Backend, d: &Delivery) -> Result<Option<Del
 
 /// The POST webhook's JSON body: the event and its values.
 pub fn webhook_body(d: &Delivery, v: &DeliveryValues) -> Bytes {
-    let subs = subs_object(&v.subs);
+    let mut data = values_json(v);
+    data.insert("partner_id".into(), serde_json::Value::String(v.partner_id.clone()));
     let body = serde_json::json!({
         "type": format!("conversion.{}", d.trigger.as_str()),
         "timestamp": format_rfc3339(d.created_ms),
-        "data": {
-            "conversion_id": v.conversion_id.to_string(),
-            "txn_id": v.txn_id,
-            "event": v.event,
-            "amount": v.amount,
-            "currency": v.currency,
-            "commission": v.commission,
-            "commission_currency": v.commission_currency,
-            "status": v.status,
-            "partner_id": v.partner_id,
-            "click_id": v.click_id,
-            "link_id": v.link_id,
-            "subs": subs,
-            "occurred_at": format_rfc3339(v.occurred_ms),
-        }
+        "data": data,
     });
     Bytes::from(body.to_string())
 }
