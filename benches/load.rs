@@ -523,6 +523,7 @@ async fn load_clicks(data_dir: &std::path::Path, n: u64) -> Vec<String> {
         write_buffer_bytes: 32 << 20,
         recent_conversions: tally::store::DEFAULT_RECENT_CONVERSIONS,
         memtable_budget_bytes: 64 << 20,
+        rollups: true,
     };
     let store = tally::store::Store::open(&opts, Arc::new(tally::metrics::Metrics::new())).expect("open the store");
     let tasks = 1024u64;

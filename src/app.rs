@@ -94,6 +94,7 @@ impl App {
         let replay = ReplayGuard::new(settings.signing.replay_window_seconds * 1000, settings.signing.replay_capacity);
         let limits = crate::limits::Limits::new(&settings.limits, governor::clock::DefaultClock::default());
         let sweep_every = Duration::from_millis(settings.limits.sweep_interval_ms);
+        let settings_exports = settings.reports.max_exports;
         let ctx = Arc::new(Ctx {
             backend: Arc::new(store.clone()),
             metrics,
@@ -102,6 +103,7 @@ impl App {
             admin_token,
             replay: Mutex::new(replay),
             limits,
+            exports: Arc::new(tokio::sync::Semaphore::new(settings_exports)),
         });
         let limiter_sweeper = tokio::spawn(sweep_limiters(Arc::clone(&ctx), sweep_every));
         let (shutdown, rx) = watch::channel(false);
@@ -249,6 +251,7 @@ pub fn store_options(settings: &crate::config::Settings) -> StoreOptions {
         write_buffer_bytes: s.write_buffer_mb << 20,
         recent_conversions: s.recent_conversions,
         memtable_budget_bytes: s.memtable_budget_mb << 20,
+        rollups: settings.reports.rollups,
     }
 }
 

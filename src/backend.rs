@@ -25,6 +25,7 @@ use crate::domain::ledger::LedgerEntry;
 use crate::domain::link::Link;
 use crate::domain::outbound::{Delivery, DeliveryState, EndpointOff};
 use crate::domain::plan::Plan;
+use crate::domain::rollup::{Rows, Scope, Span};
 use crate::engine::{
     AdjustOutcome, Answer, Catalog, Command, ConversionDraft, ConversionOutcome, DealAnswer, DealDraft, EntityOp,
     Entropy, OutboxAnswer, OutboxOp, Refusal, Saved,
@@ -147,11 +148,42 @@ pub trait Backend: Send + Sync + 'static {
     /// also polls, so a missed wake-up only delays.
     fn outbox_woken(&self) -> BoxFuture<'_, ()>;
 
+    /// Report rollups of `scope` summed over each span, by the span's group, partner and
+    /// currency (SPEC 5.5: reports read these, never the events).
+    fn rollups<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        scope: Scope,
+        spans: Vec<(u32, Span)>,
+    ) -> BoxFuture<'a, Result<Rows, StoreError>>;
+
+    /// When each partner's first attributed conversion occurred, if it has one.
+    fn first_conversions<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        partners: Vec<PartnerId>,
+    ) -> BoxFuture<'a, Result<Vec<Option<UnixMillis>>, StoreError>>;
+
+    /// Streams the ledger entries `query` selects, in entry order, from one snapshot, a
+    /// chunk at a time; a storage error is the last item. Dropping the receiver stops it.
+    fn ledger_export(&self, query: LedgerQuery) -> tokio::sync::mpsc::Receiver<Result<Vec<LedgerEntry>, StoreError>>;
+
     /// A consistent online copy of the data in `dir` (which must not exist). Blocks.
     ///
     /// # Errors
     /// When the copy cannot be made.
     fn backup_to(&self, dir: &Path) -> Result<(), StoreError>;
+}
+
+/// What the ledger export reads: one merchant, optionally one partner, entries whose id
+/// is after `after` and whose id time is in `from..until`.
+#[derive(Debug, Clone)]
+pub struct LedgerQuery {
+    pub merchant: MerchantId,
+    pub partner: Option<PartnerId>,
+    pub from: UnixMillis,
+    pub until: UnixMillis,
+    pub after: Option<Ulid>,
 }
 
 /// A page of deliveries, and the id to continue after when there may be more.

@@ -65,6 +65,7 @@ pub struct Settings {
     pub limits: crate::limits::LimitSettings,
     pub backup: BackupSettings,
     pub outbound: OutboundSettings,
+    pub reports: ReportSettings,
     pub merchants: Vec<serde_json::Map<String, serde_json::Value>>,
     pub partners: Vec<serde_json::Map<String, serde_json::Value>>,
     pub links: Vec<serde_json::Map<String, serde_json::Value>>,
@@ -172,6 +173,7 @@ impl Default for Settings {
             limits: crate::limits::LimitSettings::default(),
             backup: BackupSettings::default(),
             outbound: OutboundSettings::default(),
+            reports: ReportSettings::default(),
             merchants: Vec::new(),
             partners: Vec::new(),
             links: Vec::new(),
@@ -303,6 +305,25 @@ impl Default for OutboundSettings {
             connect_timeout_seconds: 5,
             attempt_timeout_seconds: 10,
         }
+    }
+}
+
+/// Reports and exports (SPEC 5.5).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportSettings {
+    /// Keep the report rollups as events arrive. Off only to measure what they cost:
+    /// reports then miss what arrives, until `tally rollups rebuild`.
+    pub rollups: bool,
+    /// Ledger exports streaming at once; one more is answered `429`.
+    pub max_exports: usize,
+}
+
+pub const DEFAULT_MAX_EXPORTS: usize = 4;
+
+impl Default for ReportSettings {
+    fn default() -> Self {
+        ReportSettings { rollups: true, max_exports: DEFAULT_MAX_EXPORTS }
     }
 }
 
@@ -584,6 +605,7 @@ impl Settings {
             "must be 1..10000",
         );
         need(self.storage.writer_queue > 0, "storage.writer_queue", "must be at least 1");
+        need((1..=64).contains(&self.reports.max_exports), "reports.max_exports", "must be 1..64");
         let o = &self.outbound;
         need((1..=10_000).contains(&o.concurrency), "outbound.concurrency", "must be 1..10000");
         need((1..=1_000).contains(&o.per_partner), "outbound.per_partner", "must be 1..1000");

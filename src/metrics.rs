@@ -57,6 +57,8 @@ pub struct Metrics {
     pub outbound_parked: IntGauge,
     pub outbound_oldest_age: IntGauge,
     pub outbound_attempt_duration: Histogram,
+    /// Ledger entries sent by exports.
+    pub exported_entries: IntCounter,
     write_stalls: IntCounterVec,
     sst_bytes: IntGauge,
     memtable_bytes: IntGauge,
@@ -225,6 +227,11 @@ impl Metrics {
                 "tally_outbound_attempt_duration_seconds",
                 "Duration of outbound delivery attempts, answered or not.",
                 vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            ),
+            exported_entries: counter(
+                &r,
+                "tally_ledger_exported_entries_total",
+                "Ledger entries streamed by ledger exports.",
             ),
             registry: r,
         };

@@ -16,6 +16,7 @@ pub mod money;
 pub mod outbound;
 pub mod plan;
 pub mod retry;
+pub mod rollup;
 
 use std::fmt;
 

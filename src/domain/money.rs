@@ -53,7 +53,7 @@ fn exponents() -> &'static std::collections::HashMap<[u8; 3], u32> {
 }
 
 /// An ISO 4217 currency code.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Currency([u8; 3]);
 

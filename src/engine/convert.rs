@@ -17,6 +17,7 @@ use crate::domain::link::{Link, DEFAULT_WINDOW_DAYS};
 use crate::domain::money::Money;
 use crate::domain::outbound::OutboundEvent;
 use crate::domain::plan::Plan;
+use crate::domain::rollup;
 
 pub(super) const DAY_MS: i64 = 86_400_000;
 
@@ -51,6 +52,7 @@ pub(super) fn click<S: State + ?Sized>(
         tx.put_visitor(click.link_id.clone(), click.visitor, click.at_ms);
     }
     tx.push(Effect::Click(Box::new(click.clone())));
+    tx.push(Effect::Rollup(Box::new(rollup::of_click(&click))));
     Ok(click)
 }
 
@@ -98,6 +100,9 @@ pub(super) fn conversion<S: State + ?Sized>(
             let commission = rec.commission.as_ref().map(|c| c.amount);
             super::outbox::notify(tx, &mut rec, OutboundEvent::Created, commission, d.received_ms, &d.entropy)?;
         }
+    }
+    for increment in rollup::of_conversion(&rec) {
+        tx.push(Effect::Rollup(Box::new(increment)));
     }
     tx.put_conversion(rec.clone());
     Ok(ConversionOutcome::Created(rec))

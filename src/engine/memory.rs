@@ -13,6 +13,7 @@ use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
 use crate::domain::outbound::{Delivery, EndpointOff};
+use crate::domain::rollup::{Cell, Counters, Increment};
 
 /// Everything the engine keeps, in memory.
 #[derive(Debug, Default, Clone)]
@@ -33,6 +34,9 @@ pub struct Memory {
     pub deliveries: BTreeMap<(MerchantId, Ulid), Delivery>,
     pub outbox: BTreeSet<OutboxIndex>,
     pub endpoints: BTreeMap<PartnerId, EndpointOff>,
+    /// Report rollups by quarter-hour cell, and each partner's first conversion.
+    pub rollups: BTreeMap<Cell, Counters>,
+    pub firsts: BTreeMap<(MerchantId, PartnerId), UnixMillis>,
 }
 
 impl Memory {
@@ -101,6 +105,13 @@ impl Memory {
             Effect::Endpoint { partner, off: None } => {
                 self.endpoints.remove(&partner);
             }
+            Effect::Rollup(inc) => match *inc {
+                Increment::Add(cell, c) => self.rollups.entry(cell).or_default().add(&c),
+                Increment::First { merchant, partner, at } => {
+                    let first = self.firsts.entry((merchant, partner)).or_insert(at);
+                    *first = (*first).min(at);
+                }
+            },
             Effect::Merchant(_)
             | Effect::MerchantSecrets { .. }
             | Effect::PostbackToken { .. }

@@ -46,6 +46,7 @@ use crate::domain::ledger::LedgerEntry;
 use crate::domain::link::Link;
 use crate::domain::outbound::{Delivery, EndpointOff};
 use crate::domain::plan::Plan;
+use crate::domain::rollup::Increment;
 use crate::signing::SecretSet;
 
 /// Randomness a command brings with it: ids minted while executing it are derived from
@@ -236,6 +237,8 @@ pub enum Effect {
         partner: PartnerId,
         off: Option<EndpointOff>,
     },
+    /// What an event adds to the report rollups; merged, never read back by the engine.
+    Rollup(Box<Increment>),
 }
 
 /// What the engine may read. Every read is within what the command names; no read

@@ -281,6 +281,9 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
         let id = Ulid(if minted > last { minted } else { last.saturating_add(1) }.to_be_bytes());
         self.head = Some(Some(id));
         entry.entry_id = id;
+        for increment in crate::domain::rollup::of_ledger(&entry) {
+            self.keep(Effect::Rollup(Box::new(increment)));
+        }
         self.keep(Effect::Ledger(Box::new(entry)));
         Ok(id)
     }

@@ -45,6 +45,15 @@ pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Answer {
             let answer = if method == Method::POST { backup(ctx, req).await } else { Err(ApiError::MethodNotAllowed) };
             (Route::AdminBackup, answer)
         }
+        ["admin", "ui"] | ["admin", "ui", _] => {
+            let name = segments.get(2).copied().unwrap_or("");
+            let answer = match super::ui::asset(name) {
+                Some(resp) if method == Method::GET || method == Method::HEAD => Ok(resp),
+                Some(_) => Err(ApiError::MethodNotAllowed),
+                None => Err(ApiError::NotFound),
+            };
+            (Route::AdminUi, answer)
+        }
         ["admin", "v1", "merchants", rest @ ..] => {
             let route = route_of(rest);
             if let Err(e) = authorize(ctx, &req) {
@@ -84,6 +93,9 @@ fn route_of(rest: &[&str]) -> Route {
         [_, "deliveries", _] => Route::AdminDelivery,
         [_, "partners", _, "outbound:enable"] => Route::AdminOutboundEnable,
         [_, "partners", _, "secrets:rotate"] => Route::AdminPartnerSecretRotate,
+        [_, "reports", "partners"] => Route::AdminReportPartners,
+        [_, "reports", "program"] => Route::AdminReportProgram,
+        [_, "ledger"] => Route::AdminLedger,
         _ => Route::NotFound,
     }
 }
@@ -136,7 +148,7 @@ fn authorize(ctx: &Ctx, req: &Request<Incoming>) -> Result<(), ApiError> {
 
 fn metrics(ctx: &Ctx) -> Response<Body> {
     ctx.metrics.set_storage(ctx.backend.stats());
-    let mut resp = Response::new(Body::from(ctx.metrics.render()));
+    let mut resp = Response::new(super::full(ctx.metrics.render()));
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     resp
@@ -442,6 +454,15 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             let acc = ctx.backend.account(&merchant, &account).await?.ok_or(ApiError::NotFound)?;
             Ok(json(StatusCode::OK, &account_view(&acc, now)))
         }
+        (&Method::GET, [_, "reports", "partners"]) => {
+            super::reports::partners(ctx, &merchant, req.uri().query().unwrap_or(""), req.headers()).await
+        }
+        (&Method::GET, [_, "reports", "program"]) => {
+            super::reports::program(ctx, &merchant, req.uri().query().unwrap_or("")).await
+        }
+        (&Method::GET, [_, "ledger"]) => {
+            super::reports::ledger(ctx, &merchant, req.uri().query().unwrap_or(""), req.headers()).await
+        }
         (&Method::GET, [_, "deliveries"]) => {
             let filter = delivery_filter(req.uri().query().unwrap_or(""), &catalog, &merchant)?;
             let (page, next) = ctx.backend.deliveries(&merchant, filter).await?;
@@ -513,7 +534,8 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
         (
             _,
             [_]
-            | [_, "secrets:rotate" | "postback-token:rotate" | "deliveries"]
+            | [_, "secrets:rotate" | "postback-token:rotate" | "deliveries" | "ledger"]
+            | [_, "reports", "partners" | "program"]
             | [_, "partners" | "links" | "plans" | "conversions" | "accounts" | "deliveries", _]
             | [_, "partners", _, "outbound:enable" | "secrets:rotate"],
         ) => Err(ApiError::MethodNotAllowed),

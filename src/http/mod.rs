@@ -8,7 +8,10 @@ pub mod client;
 mod conn;
 pub mod problem;
 mod public;
+mod reports;
 pub mod routes;
+mod csv;
+mod ui;
 mod views;
 
 use std::convert::Infallible;
@@ -38,7 +41,40 @@ use crate::metrics::Metrics;
 use crate::signing::ReplayGuard;
 use problem::ApiError;
 
-pub type Body = Full<Bytes>;
+/// A response body: whole, or streamed (the ledger export).
+pub type Body = http_body_util::Either<Full<Bytes>, Streamed>;
+
+/// A whole response body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    http_body_util::Either::Left(Full::new(bytes.into()))
+}
+
+/// A body streamed from a channel. An `Err` item ends the response without its last
+/// chunk (HTTP/1.1) or with a reset stream (HTTP/2): the client can tell it is cut short.
+#[derive(Debug)]
+pub struct Streamed {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+}
+
+impl Streamed {
+    pub fn new(rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>) -> Body {
+        http_body_util::Either::Right(Streamed { rx })
+    }
+}
+
+impl hyper::body::Body for Streamed {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.rx.poll_recv(cx).map(|item| {
+            item.map(|chunk| chunk.map(hyper::body::Frame::data).map_err(|e| Box::<dyn std::error::Error + Send + Sync>::from(e)))
+        })
+    }
+}
 
 /// Everything a handler needs, shared by both listeners.
 pub struct Ctx {
@@ -50,6 +86,8 @@ pub struct Ctx {
     pub admin_token: SecretString,
     pub replay: Mutex<ReplayGuard>,
     pub limits: crate::limits::Limits,
+    /// Ledger exports streaming now (`reports.max_exports`).
+    pub exports: Arc<Semaphore>,
 }
 
 /// Which listener a request came in on: the `listener` label.
@@ -116,6 +154,10 @@ routes! {
     AdminDeliveryRetry => "admin_delivery_retry",
     AdminOutboundEnable => "admin_outbound_enable",
     AdminPartnerSecretRotate => "admin_partner_secret_rotate",
+    AdminReportPartners => "admin_report_partners",
+    AdminReportProgram => "admin_report_program",
+    AdminLedger => "admin_ledger",
+    AdminUi => "admin_ui",
     Metrics => "metrics",
     Health => "healthz",
     Ready => "readyz",
@@ -384,7 +426,7 @@ pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body
 
 /// A JSON response from a body rendered earlier.
 pub fn json_bytes(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut resp = Response::new(Full::new(body));
+    let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -2,9 +2,7 @@
 //! `application/problem+json` body with a stable `code`. 5xx bodies say nothing
 //! internal; the cause is logged once, here.
 
-use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::Full;
 use serde::Serialize;
 
 use crate::backend::{StoreError, WriteError};
@@ -215,13 +213,13 @@ impl ApiError {
     }
 
     /// The response. Storage errors are logged here, once.
-    pub fn into_response(self) -> Response<Full<Bytes>> {
+    pub fn into_response(self) -> Response<super::Body> {
         if let ApiError::Storage(e) = &self {
             tracing::error!(error = %e, "request failed on storage");
         }
         let status = self.status();
         let body = self.problem();
-        let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap_or_default())));
+        let mut resp = Response::new(super::full(serde_json::to_vec(&body).unwrap_or_default()));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));

@@ -183,7 +183,7 @@ async fn click(
             .unwrap_or_default();
         record_click(ctx, link, ClickInput { subs, ip: peer.ip(), user_agent }, click_id, now).await?;
     }
-    let mut resp = Response::new(Body::default());
+    let mut resp = Response::new(super::full(Bytes::new()));
     *resp.status_mut() = StatusCode::FOUND;
     let h = resp.headers_mut();
     h.insert(header::LOCATION, HeaderValue::from_str(&location).map_err(|_| ApiError::NotFound)?);

@@ -70,6 +70,11 @@ pub const OPERATIONS: &[Operation] = &[
         "/admin/v1/merchants/{merchant_id}/partners/{partner_id}/secrets:rotate",
         Route::AdminPartnerSecretRotate,
     ),
+    admin("GET", "/admin/v1/merchants/{merchant_id}/reports/partners", Route::AdminReportPartners),
+    admin("GET", "/admin/v1/merchants/{merchant_id}/reports/program", Route::AdminReportProgram),
+    admin("GET", "/admin/v1/merchants/{merchant_id}/ledger", Route::AdminLedger),
+    admin("GET", "/admin/ui", Route::AdminUi),
+    admin("GET", "/admin/ui/{asset}", Route::AdminUi),
 ];
 
 /// Whether a request path matches a template: `{name}` takes one segment, and a

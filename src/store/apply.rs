@@ -1,10 +1,11 @@
 //! The engine's effects as RocksDB writes: each effect is a put (or, for a finished
 //! hold, a delete) in the batch being built, under the key layout of [`super::keys`]
-//! and the encodings of [`super::codec`].
+//! and the encodings of [`super::codec`]; a rollup increment is merge operands
+//! ([`super::rollups`]).
 
 use super::schema::Cf;
 use super::writer::Pending;
-use super::{codec, keys, StoreError};
+use super::{codec, keys, rollups, StoreError};
 use crate::engine::{Effect, OutboxIndex};
 
 /// Stages one command's effects in the batch, in order.
@@ -28,7 +29,16 @@ fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
         Effect::Conversion(rec) => p.write(Cf::Conversions, keys::conversion(&rec.merchant_id, &rec.txn_id), &**rec),
         Effect::Ledger(e) => {
             p.ledger.push(e.kind);
+            p.put(Cf::LedgerOrder, keys::ledger_order(&e.merchant_id, &e.entry_id), e.partner_id.as_str().into())?;
             p.write(Cf::Ledger, keys::ledger(&e.merchant_id, &e.partner_id, &e.entry_id), &**e)
+        }
+        Effect::Rollup(inc) => {
+            if p.shared.rollups {
+                for (key, operand) in rollups::operands(inc) {
+                    p.merge(Cf::Rollups, &key, &operand)?;
+                }
+            }
+            Ok(())
         }
         Effect::LedgerHead(id) => {
             p.ledger_head = Some(id.0);

@@ -6,11 +6,12 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::schema::Cf;
-use super::{blocking, cf_of, codec, keys, writer, Shared, Store, StoreError};
-use crate::backend::{Backend, BoxFuture, DeliveryFilter, DeliveryPage, DueDelivery, OutboxGauges, Settled};
+use super::{blocking, cf_of, codec, keys, rollups, writer, Shared, Store, StoreError};
+use crate::backend::{Backend, BoxFuture, DeliveryFilter, DeliveryPage, DueDelivery, LedgerQuery, OutboxGauges, Settled};
+use crate::domain::rollup::{Rows, Scope, Span};
 use crate::domain::account::AccountRecord;
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
@@ -203,5 +204,37 @@ impl Backend for Store {
 
     fn backup_to(&self, dir: &Path) -> Result<(), StoreError> {
         self.checkpoint(dir)
+    }
+
+    fn rollups<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        scope: Scope,
+        spans: Vec<(u32, Span)>,
+    ) -> BoxFuture<'a, Result<Rows, StoreError>> {
+        let (shared, merchant) = (Arc::clone(&self.shared), merchant.clone());
+        Box::pin(blocking(move || rollups::scan(&*shared.db()?, &merchant, scope, &spans)))
+    }
+
+    fn first_conversions<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        partners: Vec<PartnerId>,
+    ) -> BoxFuture<'a, Result<Vec<Option<UnixMillis>>, StoreError>> {
+        let (shared, merchant) = (Arc::clone(&self.shared), merchant.clone());
+        Box::pin(blocking(move || rollups::firsts(&*shared.db()?, &merchant, &partners)))
+    }
+
+    fn ledger_export(&self, query: LedgerQuery) -> mpsc::Receiver<Result<Vec<LedgerEntry>, StoreError>> {
+        // Two chunks in flight: memory stays bounded whatever the export's size.
+        let (tx, rx) = mpsc::channel(2);
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || match shared.db() {
+            Ok(db) => rollups::export(&db, &query, |chunk| tx.blocking_send(chunk).is_ok()),
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        rx
     }
 }

@@ -4,6 +4,8 @@
 //! big-endian so byte order is numeric order.
 
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId, TxnId, Ulid};
+use crate::domain::money::Currency;
+use crate::domain::rollup::{Level, Scope};
 
 const SEP: u8 = 0;
 
@@ -107,6 +109,13 @@ pub fn delivery(merchant: &MerchantId, id: &Ulid) -> Vec<u8> {
     join(&[merchant.as_str().as_bytes(), &id.0])
 }
 
+/// The prefix of every key of one merchant in a family keyed by merchant first.
+pub fn merchant_prefix(merchant: &MerchantId) -> Vec<u8> {
+    let mut p = merchant.as_str().as_bytes().to_vec();
+    p.push(SEP);
+    p
+}
+
 /// The prefix of every delivery of one merchant, in id (creation) order.
 pub fn delivery_prefix(merchant: &MerchantId) -> Vec<u8> {
     let mut p = merchant.as_str().as_bytes().to_vec();
@@ -162,6 +171,81 @@ pub fn ledger_prefix(merchant: &MerchantId, partner: &PartnerId) -> Vec<u8> {
     let mut p = join(&[merchant.as_str().as_bytes(), partner.as_str().as_bytes()]);
     p.push(SEP);
     p
+}
+
+/// The ledger in entry order across partners, for the export: `merchant, entry_id` ->
+/// partner id.
+pub fn ledger_order(merchant: &MerchantId, entry: &Ulid) -> Vec<u8> {
+    join(&[merchant.as_str().as_bytes(), &entry.0])
+}
+
+/// The rollup family's tag for the first attributed conversion of a partner.
+pub const ROLLUP_FIRST: u8 = b'f';
+
+/// The rollup family's tag of a scope and resolution: partners `q`, `h`, `d`; the
+/// merchant's whole `Q`, `H`, `D`.
+fn rollup_tag(scope: Scope, level: Level) -> u8 {
+    let tag = match level {
+        Level::Quarter => b'q',
+        Level::Hour => b'h',
+        Level::Day => b'd',
+    };
+    match scope {
+        Scope::Partner => tag,
+        Scope::Merchant => tag.to_ascii_uppercase(),
+    }
+}
+
+/// The start of a rollup range: `merchant, tag bucket` (the bucket as 4 bytes, big-endian).
+/// Every cell of `bucket` and later buckets of that scope and level sorts at or after it.
+pub fn rollup_from(merchant: &MerchantId, scope: Scope, level: Level, bucket: u32) -> Vec<u8> {
+    let mut key = merchant.as_str().as_bytes().to_vec();
+    key.push(SEP);
+    key.push(rollup_tag(scope, level));
+    key.extend_from_slice(&bucket.to_be_bytes());
+    key
+}
+
+/// A rollup cell: `merchant, tag bucket partner, currency` (partner and currency empty
+/// when absent).
+pub fn rollup(
+    merchant: &MerchantId,
+    scope: Scope,
+    level: Level,
+    bucket: u32,
+    partner: Option<&PartnerId>,
+    currency: Option<Currency>,
+) -> Vec<u8> {
+    let mut key = rollup_from(merchant, scope, level, bucket);
+    key.extend_from_slice(partner.map_or("", |p| p.as_str()).as_bytes());
+    key.push(SEP);
+    key.extend_from_slice(currency.as_ref().map_or("", |c| c.as_str()).as_bytes());
+    key
+}
+
+/// `(bucket, partner, currency)` of a cell key whose merchant part is `merchant_len` bytes.
+pub fn parse_rollup(key: &[u8], merchant_len: usize) -> Option<(u32, Option<PartnerId>, Option<Currency>)> {
+    let rest = key.get(merchant_len + 2..)?;
+    let bucket = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    let (partner, currency) = std::str::from_utf8(rest.get(4..)?).ok()?.split_once('\0')?;
+    let partner = if partner.is_empty() { None } else { Some(PartnerId::parse(partner).ok()?) };
+    let currency = if currency.is_empty() { None } else { Some(Currency::parse(currency).ok()?) };
+    Some((bucket, partner, currency))
+}
+
+/// A partner's first attributed conversion: `merchant, f partner` -> its time (min-merged).
+pub fn rollup_first(merchant: &MerchantId, partner: &PartnerId) -> Vec<u8> {
+    let mut key = merchant.as_str().as_bytes().to_vec();
+    key.push(SEP);
+    key.push(ROLLUP_FIRST);
+    key.extend_from_slice(partner.as_str().as_bytes());
+    key
+}
+
+/// The tag of a rollup key: the byte after the merchant.
+pub fn rollup_kind(key: &[u8]) -> Option<u8> {
+    let at = key.iter().position(|b| *b == SEP)?;
+    key.get(at + 1).copied()
 }
 
 #[cfg(test)]
@@ -222,6 +306,29 @@ mod tests {
         let p = PartnerId::parse("ann").unwrap();
         assert!(outbox_parked(&p, &id).starts_with(&outbox_parked_prefix(&p)));
         assert!(!outbox_parked(&PartnerId::parse("ann2").unwrap(), &id).starts_with(&outbox_parked_prefix(&p)));
+    }
+
+    #[test]
+    fn rollup_cells_sort_by_bucket_within_scope_and_level_and_parse_back() {
+        let (mm, ann) = (m("shop"), PartnerId::parse("ann").unwrap());
+        let usd = Currency::parse("USD").ok();
+        let (p, q) = (Scope::Partner, Level::Quarter);
+        let cell = rollup(&mm, p, q, 256, Some(&ann), usd);
+        assert_eq!(parse_rollup(&cell, 4), Some((256, Some(ann.clone()), usd)));
+        assert_eq!(parse_rollup(&rollup(&mm, Scope::Merchant, q, 7, None, None), 4), Some((7, None, None)));
+        assert!(rollup_from(&mm, p, q, 256) <= cell && cell < rollup_from(&mm, p, q, 257));
+        assert!(rollup(&mm, p, q, 255, Some(&ann), usd) < rollup_from(&mm, p, q, 256));
+        // Levels and scopes never interleave; the first-conversion keys are apart too.
+        // Each scope and level has its own tag byte, so their ranges never interleave.
+        let tags: std::collections::BTreeSet<_> = [Scope::Partner, Scope::Merchant]
+            .into_iter()
+            .flat_map(|s| Level::ALL.map(|l| rollup_kind(&rollup_from(&mm, s, l, 0))))
+            .chain([Some(ROLLUP_FIRST)])
+            .collect();
+        assert_eq!(tags.len(), 7);
+        assert_eq!(rollup_kind(&rollup_first(&mm, &ann)), Some(ROLLUP_FIRST));
+        assert_eq!(rollup_kind(&cell), Some(b'q'));
+        assert!(ledger_order(&mm, &Ulid::mint(1)) < ledger_order(&mm, &Ulid::mint(2)));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod catalog;
 pub mod codec;
 pub mod keys;
 mod outbox;
+pub mod rollups;
 pub mod schema;
 mod view;
 mod writer;
@@ -91,6 +92,8 @@ pub struct StoreOptions {
     pub recent_conversions: usize,
     /// All memtables together (a RocksDB write buffer manager); 0: no shared bound.
     pub memtable_budget_bytes: usize,
+    /// Keep the report rollups (`reports.rollups`; off only to measure their cost).
+    pub rollups: bool,
 }
 
 /// State shared by the store handle, the writer and the WAL syncer.
@@ -119,6 +122,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Woken after a write that made a delivery due.
     outbox_wake: tokio::sync::Notify,
+    /// Whether rollup increments are written.
+    rollups: bool,
 }
 
 /// A column family's handle.
@@ -127,9 +132,21 @@ fn cf_of(db: &DB, cf: Cf) -> Result<&rocksdb::ColumnFamily, StoreError> {
 }
 
 fn open_db(data_dir: &std::path::Path, db_opts: &Options) -> Result<DB, StoreError> {
-    let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), db_opts.clone()));
+    let cfs = Cf::ALL.iter().map(|&cf| {
+        let mut o = db_opts.clone();
+        if cf == Cf::Rollups {
+            o.set_merge_operator_associative(rollups::MERGE_NAME, rollups::merge);
+        }
+        ColumnFamilyDescriptor::new(cf.name(), o)
+    });
     Ok(DB::open_cf_descriptors(db_opts, data_dir, cfs)?)
 }
+
+/// The schema this version writes. 2: report rollups and the ledger's entry-order index,
+/// built from the stored events when a version-1 store is opened.
+const SCHEMA_VERSION: u32 = 2;
+/// Set while a rollup rebuild runs: a store opened with it set rebuilds again.
+const META_REBUILDING: &[u8] = b"rollups_rebuilding";
 
 impl Shared {
     /// The open database, or `Io` while it is being reopened.
@@ -338,8 +355,10 @@ impl Store {
             sync_hold: std::sync::Mutex::new(()),
             metrics,
             outbox_wake: tokio::sync::Notify::new(),
+            rollups: opts.rollups,
         });
         let salt = load_or_create_salt(&shared)?;
+        migrate(&shared)?;
         shared.catalog.replace(load_catalog(&shared)?);
         shared.set_ready(true);
 
@@ -394,6 +413,33 @@ impl Store {
             db.compact_range_cf(cf_of(&db, cf)?, None::<&[u8]>, None::<&[u8]>);
         }
         Ok(())
+    }
+
+    /// Recomputes the report rollups and the ledger's entry-order index from the stored
+    /// events (`tally rollups rebuild`). Nothing may write meanwhile: the command opens
+    /// the store itself, so tally must be stopped. Blocks.
+    ///
+    /// # Errors
+    /// Storage failures; an interrupted rebuild is finished at the next open.
+    pub fn rebuild_rollups(&self, progress: &mut dyn FnMut(&rollups::Rebuilt)) -> Result<rollups::Rebuilt, StoreError> {
+        rebuild_rollups(&self.shared, progress)
+    }
+
+    /// Compares the stored rollups with the events (`tally rollups check`): at most
+    /// `limit` differing cells. Blocks.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn check_rollups(&self, limit: usize) -> Result<(rollups::Rebuilt, Vec<rollups::Mismatch>), StoreError> {
+        rollups::check(&*self.shared.db()?, limit)
+    }
+
+    /// Every stored rollup value, merged (tests and diagnostics). Blocks.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn rollups_dump(&self) -> Result<std::collections::BTreeMap<Vec<u8>, Vec<u8>>, StoreError> {
+        rollups::dump(&*self.shared.db()?)
     }
 
     /// An online, consistent copy of the database in `dir` (which must not exist): a
@@ -481,9 +527,48 @@ fn load_or_create_salt(shared: &Shared) -> Result<[u8; 32], StoreError> {
     let mut batch = rocksdb::WriteBatch::default();
     let db = shared.db()?;
     batch.put_cf(cf_of(&db, Cf::Meta)?, keys::META_VISITOR_SALT, salt);
-    batch.put_cf(cf_of(&db, Cf::Meta)?, keys::META_SCHEMA_VERSION, 1u32.to_be_bytes());
+    batch.put_cf(cf_of(&db, Cf::Meta)?, keys::META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes());
     db.write_opt(batch, &opts)?;
     Ok(salt)
+}
+
+/// Brings an older store up to [`SCHEMA_VERSION`], and finishes an interrupted rebuild.
+fn migrate(shared: &Shared) -> Result<(), StoreError> {
+    let version = match shared.get(Cf::Meta, keys::META_SCHEMA_VERSION)? {
+        Some(v) => u32::from_be_bytes(v.as_slice().try_into().map_err(|_| StoreError::Corrupt("schema version".into()))?),
+        None => 1,
+    };
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "the store has schema version {version}, newer than this tally's {SCHEMA_VERSION}: run a newer tally"
+        )));
+    }
+    let interrupted = shared.get(Cf::Meta, META_REBUILDING)?.is_some();
+    if version < 2 || interrupted {
+        tracing::info!(version, interrupted, "building report rollups and the ledger order from the stored events");
+        let n = rebuild_rollups(shared, &mut |_| {})?;
+        tracing::info!(clicks = n.clicks, conversions = n.conversions, ledger_entries = n.ledger_entries, "rollups built");
+    }
+    if version < SCHEMA_VERSION {
+        let db = shared.db()?;
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(true);
+        db.put_cf_opt(cf_of(&db, Cf::Meta)?, keys::META_SCHEMA_VERSION, SCHEMA_VERSION.to_be_bytes(), &opts)?;
+    }
+    Ok(())
+}
+
+/// [`rollups::rebuild`] under the `rollups_rebuilding` mark, so that an interrupted
+/// rebuild is finished at the next open.
+fn rebuild_rollups(shared: &Shared, progress: &mut dyn FnMut(&rollups::Rebuilt)) -> Result<rollups::Rebuilt, StoreError> {
+    let db = shared.db()?;
+    let meta = cf_of(&db, Cf::Meta)?;
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    db.put_cf_opt(meta, META_REBUILDING, b"1", &opts)?;
+    let n = rollups::rebuild(&db, progress)?;
+    db.delete_cf_opt(meta, META_REBUILDING, &opts)?;
+    Ok(n)
 }
 
 fn load_all<T: serde::de::DeserializeOwned>(shared: &Shared, cf: Cf) -> Result<Vec<(Vec<u8>, T)>, StoreError> {

@@ -41,10 +41,16 @@ pub enum Cf {
     /// finished_at, merchant, id` (retention), `p, partner, id` -> merchant (parked), `e,
     /// partner` -> `EndpointOff`.
     Outbox,
+    /// Report rollups (SPEC 5.5), merge-only: `merchant, tag bucket partner, currency` ->
+    /// counters, and `merchant, f partner` -> the first attributed conversion's time. The
+    /// merge operator and its algebra are in [`super::rollups`].
+    Rollups,
+    /// `merchant, entry_id` -> partner id: the ledger in entry order, for the export.
+    LedgerOrder,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 18] = [
+    pub const ALL: [Cf; 20] = [
         Cf::Meta,
         Cf::Merchants,
         Cf::Secrets,
@@ -63,6 +69,8 @@ impl Cf {
         Cf::Adjustments,
         Cf::Deliveries,
         Cf::Outbox,
+        Cf::Rollups,
+        Cf::LedgerOrder,
     ];
 
     pub fn name(self) -> &'static str {
@@ -85,6 +93,8 @@ impl Cf {
             Cf::Adjustments => "adjustments",
             Cf::Deliveries => "deliveries",
             Cf::Outbox => "outbox",
+            Cf::Rollups => "rollups",
+            Cf::LedgerOrder => "ledger_order",
         }
     }
 }

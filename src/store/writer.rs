@@ -125,6 +125,13 @@ impl<'a> Pending<'a> {
         Ok(())
     }
 
+    /// A merge operand (rollups): never read back within the batch.
+    pub(super) fn merge(&mut self, cf: Cf, key: &[u8], operand: &[u8]) -> Result<(), StoreError> {
+        let db = self.db.as_deref().ok_or_else(StoreError::reopening)?;
+        self.batch.merge_cf(super::cf_of(db, cf)?, key, operand);
+        Ok(())
+    }
+
     /// Decodes the value at `key`, reading through the batch.
     pub(super) fn write<T: serde::Serialize>(&mut self, cf: Cf, key: Vec<u8>, value: &T) -> Result<(), StoreError> {
         self.put(cf, key, codec::encode(value))
@@ -539,6 +546,7 @@ mod tests {
             write_buffer_bytes: 4 << 20,
             recent_conversions: crate::store::DEFAULT_RECENT_CONVERSIONS,
             memtable_budget_bytes: 64 << 20,
+        rollups: true,
         };
         Store::open(&opts, Arc::new(crate::metrics::Metrics::new())).unwrap()
     }

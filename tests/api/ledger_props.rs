@@ -75,6 +75,7 @@ async fn open(dir: &std::path::Path) -> Store {
         write_buffer_bytes: 4 << 20,
         recent_conversions: tally::store::DEFAULT_RECENT_CONVERSIONS,
         memtable_budget_bytes: 64 << 20,
+        rollups: true,
     };
     let store = Store::open(&opts, Arc::new(tally::metrics::Metrics::new())).unwrap();
     let merchant = Merchant {

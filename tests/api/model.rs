@@ -349,6 +349,7 @@ fn open(dir: &std::path::Path) -> Store {
         write_buffer_bytes: 4 << 20,
         recent_conversions: 64,
         memtable_budget_bytes: 64 << 20,
+        rollups: true,
     };
     Store::open(&opts, Arc::new(tally::metrics::Metrics::new())).unwrap()
 }
