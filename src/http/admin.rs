@@ -48,7 +48,7 @@ pub(super) async fn handle(ctx: &Ctx, req: Request<Incoming>) -> Answer {
         ["admin", "ui"] | ["admin", "ui", _] => {
             let name = segments.get(2).copied().unwrap_or("");
             let answer = match super::ui::asset(name) {
-                Some(resp) if method == Method::GET || method == Method::HEAD => Ok(resp),
+                Some(resp) if method == Method::GET => Ok(resp),
                 Some(_) => Err(ApiError::MethodNotAllowed),
                 None => Err(ApiError::NotFound),
             };

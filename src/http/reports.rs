@@ -157,12 +157,22 @@ const PARTNER_COLUMNS: [&str; 10] = [
     "influenced",
 ];
 
-/// The currency a partner's clicks are shown in: its plan's, else the merchant's default plan's.
+/// The currency a partner's clicks are shown in: the currency of the partner's own plan
+/// (the plan that pays its conversions without a link), else the plan of its first link
+/// (by id) that names one, else the merchant's default plan.
 fn plan_currency(catalog: &Catalog, merchant: &MerchantId, partner: &PartnerId, now: UnixMillis) -> Option<Currency> {
-    let plan = catalog
-        .partner_of(merchant, partner)
-        .and_then(|p| p.plan_id.clone())
-        .or_else(|| catalog.merchants.get(merchant).and_then(|m| m.default_plan_id.clone()))?;
+    let own = catalog.partner_of(merchant, partner).and_then(|p| p.plan_id.clone());
+    let linked = || {
+        let mut links: Vec<_> = catalog
+            .links
+            .values()
+            .filter(|l| l.merchant_id == *merchant && l.partner_id == *partner && l.plan_id.is_some())
+            .collect();
+        links.sort_by(|a, b| a.id.cmp(&b.id));
+        links.first().and_then(|l| l.plan_id.clone())
+    };
+    let default = || catalog.merchants.get(merchant).and_then(|m| m.default_plan_id.clone());
+    let plan = own.or_else(linked).or_else(default)?;
     catalog.plan_at(merchant, &plan, now).map(|p| p.currency)
 }
 

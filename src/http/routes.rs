@@ -74,7 +74,8 @@ pub const OPERATIONS: &[Operation] = &[
     admin("GET", "/admin/v1/merchants/{merchant_id}/reports/program", Route::AdminReportProgram),
     admin("GET", "/admin/v1/merchants/{merchant_id}/ledger", Route::AdminLedger),
     admin("GET", "/admin/ui", Route::AdminUi),
-    admin("GET", "/admin/ui/{asset}", Route::AdminUi),
+    admin("GET", "/admin/ui/app.js", Route::AdminUi),
+    admin("GET", "/admin/ui/app.css", Route::AdminUi),
 ];
 
 /// Whether a request path matches a template: `{name}` takes one segment, and a

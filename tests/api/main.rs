@@ -23,4 +23,5 @@ mod operations;
 mod outbound;
 mod outbound_client;
 mod postbacks;
+mod reports;
 mod signatures;
