@@ -99,6 +99,34 @@ pub enum Command {
         /// The unsigned URL (any `sig` in it is replaced).
         url: String,
     },
+    /// Report rollups: recompute them from the stored events, or check them (tally stopped).
+    Rollups {
+        #[command(subcommand)]
+        action: RollupsAction,
+    },
+}
+
+/// `tally rollups ...`.
+#[derive(Debug, Subcommand)]
+pub enum RollupsAction {
+    /// Recompute the report rollups and the ledger's entry-order index from the stored
+    /// clicks, conversions and ledger entries. Stop tally first (the store is opened here).
+    #[command(after_help = "Example:\n  systemctl stop tally && tally rollups rebuild --config /etc/tally/tally.toml")]
+    Rebuild {
+        /// Config file [default: config/tally.toml, if present]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Compare the stored rollups with what the stored events give; exit 1 and list the
+    /// cells that differ (at most --limit). Stop tally first.
+    Check {
+        /// Config file [default: config/tally.toml, if present]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Most differing cells listed.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
 }
 
 /// `tally sign --help`'s example, runnable as printed against `./scripts/demo`
@@ -122,6 +150,72 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Restore { config, from } => restore(config, from).await,
         Command::Sign { secret, secret_file, id, timestamp } => sign(secret, secret_file, &id, timestamp),
         Command::SignUrl { secret, secret_file, timestamp, url } => sign_url(secret, secret_file, timestamp, &url),
+        Command::Rollups { action } => rollups(action).await,
+    }
+}
+
+/// `tally rollups rebuild|check`: opens the store (so tally must be stopped: RocksDB's
+/// lock refuses a second opener) and runs the rebuild or the check on a blocking thread.
+async fn rollups(action: RollupsAction) -> i32 {
+    let (path, check) = match &action {
+        RollupsAction::Rebuild { config } => (config.clone(), None),
+        RollupsAction::Check { config, limit } => (config.clone(), Some(*limit)),
+    };
+    let loaded = match load_quietly(path) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    crate::app::private_files();
+    let opts = crate::app::store_options(&loaded.settings);
+    let data_dir = loaded.settings.data_dir.clone();
+    let started = std::time::Instant::now();
+    let done = tokio::task::spawn_blocking(move || {
+        let store = crate::store::Store::open(&opts, Arc::new(crate::metrics::Metrics::new()))?;
+        let result = match check {
+            None => store
+                .rebuild_rollups(&mut |n| {
+                    eprint!(
+                        "\rrebuilding: {} clicks, {} conversions, {} ledger entries read",
+                        n.clicks, n.conversions, n.ledger_entries
+                    )
+                })
+                .map(|n| (n, Vec::new())),
+            Some(limit) => store.check_rollups(limit),
+        };
+        store.shutdown();
+        result
+    })
+    .await;
+    let (n, mismatches) = match done {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            eprintln!("\ntally rollups: {e} (is tally running on {}? stop it first)", data_dir.display());
+            return 1;
+        }
+        Err(e) => {
+            eprintln!("\ntally rollups: {e}");
+            return 1;
+        }
+    };
+    let read = format!("{} clicks, {} conversions, {} ledger entries", n.clicks, n.conversions, n.ledger_entries);
+    let secs = started.elapsed().as_secs_f64();
+    match check {
+        None => {
+            eprintln!();
+            println!("rebuilt the report rollups and the ledger order from {read} in {secs:.1} s");
+            0
+        }
+        Some(_) if mismatches.is_empty() => {
+            println!("the report rollups match the stored events ({read}; {secs:.1} s)");
+            0
+        }
+        Some(_) => {
+            println!("the report rollups differ from the stored events in these cells (run `tally rollups rebuild`):");
+            for m in &mismatches {
+                println!("  {}: stored {}, events give {}", m.key, m.stored, m.expected);
+            }
+            1
+        }
     }
 }
 

@@ -171,7 +171,11 @@ impl Cell {
 pub enum Increment {
     Add(Cell, Counters),
     /// A partner's attributed conversion that occurred at `at`: the earliest is kept.
-    First { merchant: MerchantId, partner: PartnerId, at: UnixMillis },
+    First {
+        merchant: MerchantId,
+        partner: PartnerId,
+        at: UnixMillis,
+    },
 }
 
 /// Increments merged by cell, in the order cells first appear.
@@ -331,10 +335,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn covered(spans: &[Span]) -> Vec<(i64, i64)> {
-        spans
-            .iter()
-            .map(|s| (i64::from(s.from) * s.level.millis(), i64::from(s.until) * s.level.millis()))
-            .collect()
+        spans.iter().map(|s| (i64::from(s.from) * s.level.millis(), i64::from(s.until) * s.level.millis())).collect()
     }
 
     #[test]

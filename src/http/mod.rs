@@ -6,11 +6,11 @@ mod admin;
 mod b2b;
 pub mod client;
 mod conn;
+mod csv;
 pub mod problem;
 mod public;
 mod reports;
 pub mod routes;
-mod csv;
 mod ui;
 mod views;
 
@@ -71,7 +71,9 @@ impl hyper::body::Body for Streamed {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         self.rx.poll_recv(cx).map(|item| {
-            item.map(|chunk| chunk.map(hyper::body::Frame::data).map_err(|e| Box::<dyn std::error::Error + Send + Sync>::from(e)))
+            item.map(|chunk| {
+                chunk.map(hyper::body::Frame::data).map_err(|e| Box::<dyn std::error::Error + Send + Sync>::from(e))
+            })
         })
     }
 }

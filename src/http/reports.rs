@@ -219,18 +219,21 @@ pub(super) async fn partners(
         for r in &rows {
             let (clicks, unique, conversions) =
                 (r.clicks.to_string(), r.unique_clicks.to_string(), r.conversions.to_string());
-            csv::row(&mut out, [
-                r.day.as_str(),
-                r.partner_id.as_str(),
-                r.currency.as_ref().map_or("", |c| c.as_str()),
-                &clicks,
-                &unique,
-                &conversions,
-                &r.revenue,
-                &r.commission,
-                &r.reversed,
-                &r.influenced,
-            ]);
+            csv::row(
+                &mut out,
+                [
+                    r.day.as_str(),
+                    r.partner_id.as_str(),
+                    r.currency.as_ref().map_or("", |c| c.as_str()),
+                    &clicks,
+                    &unique,
+                    &conversions,
+                    &r.revenue,
+                    &r.commission,
+                    &r.reversed,
+                    &r.influenced,
+                ],
+            );
         }
         return Ok(csv::response(out, &format!("partners-{}-{}.csv", days.from, days.to)));
     }
@@ -264,14 +267,20 @@ fn kind_name(kind: crate::domain::entities::PartnerKind) -> String {
     serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
-/// The median of sorted values (the mean of the middle two for an even count).
-fn median(sorted: &[f64]) -> Option<f64> {
+/// The median of sorted milliseconds (the mean of the middle two for an even count),
+/// computed exactly before it is rounded to days.
+fn median(sorted: &[i64]) -> Option<i64> {
     let n = sorted.len();
     match n {
         0 => None,
         _ if n % 2 == 1 => Some(sorted[n / 2]),
-        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+        _ => Some(sorted[n / 2 - 1] / 2 + sorted[n / 2] / 2 + (sorted[n / 2 - 1] % 2 + sorted[n / 2] % 2) / 2),
     }
+}
+
+/// Milliseconds as days, to two decimals.
+fn in_days(ms: i64) -> f64 {
+    (ms as f64 / DAY_MS as f64 * 100.0).round() / 100.0
 }
 
 /// `GET /admin/v1/merchants/{m}/reports/program?from=&to=&tz=`: the seeds' metrics.
@@ -322,18 +331,20 @@ pub(super) async fn program(ctx: &Ctx, merchant: &MerchantId, query: &str) -> Re
     let in_range: Vec<PartnerId> = converted(0).into_iter().collect();
     let firsts = ctx.backend.first_conversions(merchant, in_range.clone()).await?;
     let mut partners = Vec::new();
+    let mut waits = Vec::new();
     for (p, first) in in_range.iter().zip(firsts) {
         let (Some(partner), Some(first)) = (catalog.partner_of(merchant, p), first) else { continue };
-        let days_to_first = ((first - partner.created_ms).max(0) as f64 / DAY_MS as f64 * 100.0).round() / 100.0;
+        // A conversion reported as having occurred before the partner existed counts as day 0.
+        let wait = (first - partner.created_ms).max(0);
+        waits.push(wait);
         partners.push(serde_json::json!({
             "partner_id": p,
             "created_at": format_rfc3339(partner.created_ms),
             "first_conversion_at": format_rfc3339(first),
-            "days": days_to_first,
+            "days": in_days(wait),
         }));
     }
-    let mut sorted: Vec<f64> = partners.iter().filter_map(|p| p["days"].as_f64()).collect();
-    sorted.sort_by(f64::total_cmp);
+    waits.sort_unstable();
     let body = serde_json::json!({
         "merchant_id": merchant,
         "from": days.from.to_string(),
@@ -349,7 +360,7 @@ pub(super) async fn program(ctx: &Ctx, merchant: &MerchantId, query: &str) -> Re
         },
         "time_to_first_conversion": {
             "partners": partners,
-            "median_days": median(&sorted),
+            "median_days": median(&waits).map(in_days),
         },
     });
     Ok(json(StatusCode::OK, &body))
@@ -391,16 +402,19 @@ fn encode(entries: &[LedgerEntry], as_csv: bool) -> Bytes {
     for e in entries {
         let l = LedgerLine::of(e);
         if as_csv {
-            csv::row(&mut out, [
-                l.entry_id.as_str(),
-                &l.at,
-                l.partner_id.as_str(),
-                l.kind,
-                l.txn_id,
-                &l.conversion_id,
-                &l.amount,
-                l.currency.as_str(),
-            ]);
+            csv::row(
+                &mut out,
+                [
+                    l.entry_id.as_str(),
+                    &l.at,
+                    l.partner_id.as_str(),
+                    l.kind,
+                    l.txn_id,
+                    &l.conversion_id,
+                    &l.amount,
+                    l.currency.as_str(),
+                ],
+            );
         } else if let Ok(line) = serde_json::to_string(&l) {
             out.push_str(&line);
             out.push('\n');
@@ -529,7 +543,11 @@ mod tests {
     #[test]
     fn median_of_even_and_odd_counts() {
         assert_eq!(median(&[]), None);
-        assert_eq!(median(&[3.0]), Some(3.0));
-        assert_eq!(median(&[1.0, 2.0, 10.0, 11.0]), Some(6.0));
+        assert_eq!(median(&[3]), Some(3));
+        assert_eq!(median(&[1, 2, 10, 11]), Some(6));
+        assert_eq!(median(&[1, 2]), Some(1));
+        assert_eq!(median(&[3, 5]), Some(4));
+        assert_eq!(median(&[i64::MAX - 1, i64::MAX]), Some(i64::MAX - 1));
+        assert_eq!(in_days(2_418_000_000), 27.99);
     }
 }

@@ -10,8 +10,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::schema::Cf;
 use super::{blocking, cf_of, codec, keys, rollups, writer, Shared, Store, StoreError};
-use crate::backend::{Backend, BoxFuture, DeliveryFilter, DeliveryPage, DueDelivery, LedgerQuery, OutboxGauges, Settled};
-use crate::domain::rollup::{Rows, Scope, Span};
+use crate::backend::{
+    Backend, BoxFuture, DeliveryFilter, DeliveryPage, DueDelivery, LedgerQuery, OutboxGauges, Settled,
+};
 use crate::domain::account::AccountRecord;
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
@@ -19,6 +20,7 @@ use crate::domain::conversion::ConversionRecord;
 use crate::domain::ids::{MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
 use crate::domain::outbound::{Delivery, EndpointOff};
+use crate::domain::rollup::{Rows, Scope, Span};
 use crate::engine::{Answer, Catalog, Command};
 use crate::metrics::StorageStats;
 

@@ -535,7 +535,9 @@ fn load_or_create_salt(shared: &Shared) -> Result<[u8; 32], StoreError> {
 /// Brings an older store up to [`SCHEMA_VERSION`], and finishes an interrupted rebuild.
 fn migrate(shared: &Shared) -> Result<(), StoreError> {
     let version = match shared.get(Cf::Meta, keys::META_SCHEMA_VERSION)? {
-        Some(v) => u32::from_be_bytes(v.as_slice().try_into().map_err(|_| StoreError::Corrupt("schema version".into()))?),
+        Some(v) => {
+            u32::from_be_bytes(v.as_slice().try_into().map_err(|_| StoreError::Corrupt("schema version".into()))?)
+        }
         None => 1,
     };
     if version > SCHEMA_VERSION {
@@ -547,7 +549,12 @@ fn migrate(shared: &Shared) -> Result<(), StoreError> {
     if version < 2 || interrupted {
         tracing::info!(version, interrupted, "building report rollups and the ledger order from the stored events");
         let n = rebuild_rollups(shared, &mut |_| {})?;
-        tracing::info!(clicks = n.clicks, conversions = n.conversions, ledger_entries = n.ledger_entries, "rollups built");
+        tracing::info!(
+            clicks = n.clicks,
+            conversions = n.conversions,
+            ledger_entries = n.ledger_entries,
+            "rollups built"
+        );
     }
     if version < SCHEMA_VERSION {
         let db = shared.db()?;
@@ -560,7 +567,10 @@ fn migrate(shared: &Shared) -> Result<(), StoreError> {
 
 /// [`rollups::rebuild`] under the `rollups_rebuilding` mark, so that an interrupted
 /// rebuild is finished at the next open.
-fn rebuild_rollups(shared: &Shared, progress: &mut dyn FnMut(&rollups::Rebuilt)) -> Result<rollups::Rebuilt, StoreError> {
+fn rebuild_rollups(
+    shared: &Shared,
+    progress: &mut dyn FnMut(&rollups::Rebuilt),
+) -> Result<rollups::Rebuilt, StoreError> {
     let db = shared.db()?;
     let meta = cf_of(&db, Cf::Meta)?;
     let mut opts = rocksdb::WriteOptions::default();

@@ -129,11 +129,7 @@ pub const EXPORT_CHUNK: usize = 1024;
 
 /// Streams the entries `q` selects, in entry order, from one snapshot, `EXPORT_CHUNK` at a
 /// time; stops when the receiver is gone. A storage error is sent as the last item.
-pub(super) fn export(
-    db: &DB,
-    q: &LedgerQuery,
-    mut send: impl FnMut(Result<Vec<LedgerEntry>, StoreError>) -> bool,
-) {
+pub(super) fn export(db: &DB, q: &LedgerQuery, mut send: impl FnMut(Result<Vec<LedgerEntry>, StoreError>) -> bool) {
     if let Err(e) = export_inner(db, q, &mut send) {
         send(Err(e));
     }
@@ -190,7 +186,9 @@ fn export_inner(
             loop {
                 let next = match (it.key(), it.value()) {
                     (Some(k), Some(v)) if k.starts_with(&prefix) => {
-                        let id = Ulid(k[prefix.len()..].try_into().map_err(|_| StoreError::Corrupt("ledger order key".into()))?);
+                        let id = Ulid(
+                            k[prefix.len()..].try_into().map_err(|_| StoreError::Corrupt("ledger order key".into()))?,
+                        );
                         let partner = std::str::from_utf8(v).ok().and_then(|p| PartnerId::parse(p).ok());
                         let partner = partner.ok_or_else(|| StoreError::Corrupt("ledger order value".into()))?;
                         in_range(&id).then_some((id, partner))

@@ -546,7 +546,7 @@ mod tests {
             write_buffer_bytes: 4 << 20,
             recent_conversions: crate::store::DEFAULT_RECENT_CONVERSIONS,
             memtable_budget_bytes: 64 << 20,
-        rollups: true,
+            rollups: true,
         };
         Store::open(&opts, Arc::new(crate::metrics::Metrics::new())).unwrap()
     }

@@ -89,6 +89,16 @@ impl TestApp {
         }
     }
 
+    /// Stops `old` and starts tally again on its data, with the same clock.
+    pub async fn reopen(mut old: TestApp) -> TestApp {
+        old.stop().await;
+        let dir = std::mem::replace(&mut old.dir, tempfile::tempdir().expect("tempdir"));
+        let loaded = Loaded::new(test_settings(dir.path()), Some(SecretString::from(ADMIN_TOKEN)));
+        let app = App::start(loaded, Arc::clone(&old.clock)).await.expect("app starts");
+        let clock = Arc::clone(&old.clock);
+        TestApp { public: app.public_addr(), admin: app.admin_addr(), app: Some(app), dir, client: client(), clock }
+    }
+
     pub fn now_secs(&self) -> i64 {
         self.clock.now_ms() / 1000
     }
