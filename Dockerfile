@@ -33,7 +33,7 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches tests/api \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && for f in benches/hot_paths.rs benches/load.rs tests/api/main.rs; do echo 'fn main() {}' > "$f"; done \
+ && for f in benches/hot_paths.rs benches/load/main.rs tests/api/main.rs; do echo 'fn main() {}' > "$f"; done \
  && cargo build --release --locked --bin tally \
  && rm -rf src
 

@@ -72,7 +72,7 @@ impl hyper::body::Body for Streamed {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         self.rx.poll_recv(cx).map(|item| {
             item.map(|chunk| {
-                chunk.map(hyper::body::Frame::data).map_err(|e| Box::<dyn std::error::Error + Send + Sync>::from(e))
+                chunk.map(hyper::body::Frame::data).map_err(Box::<dyn std::error::Error + Send + Sync>::from)
             })
         })
     }

@@ -76,8 +76,10 @@ async fn report(app: &TestApp, query: &str) -> Value {
     r.json()
 }
 
-/// `(day, partner, clicks, unique, conversions, revenue, commission, reversed, influenced)` rows.
-fn rows(v: &Value) -> Vec<(String, String, i64, i64, i64, String, String, String, String)> {
+/// `(day, partner, clicks, unique, conversions, revenue, commission, reversed, influenced)`.
+type Row = (String, String, i64, i64, i64, String, String, String, String);
+
+fn rows(v: &Value) -> Vec<Row> {
     v["rows"]
         .as_array()
         .unwrap()
@@ -106,7 +108,7 @@ fn row(
     p: &str,
     (clicks, unique, conversions): (i64, i64, i64),
     money: [&str; 4],
-) -> (String, String, i64, i64, i64, String, String, String, String) {
+) -> Row {
     let [revenue, commission, reversed, influenced] = money.map(str::to_string);
     (day.into(), p.into(), clicks, unique, conversions, revenue, commission, reversed, influenced)
 }

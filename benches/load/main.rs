@@ -7,12 +7,18 @@
 //! `cargo bench --bench load -- --outbound [--duration SECS]`: SPEC 13's outbound rows:
 //! deliveries/s to a local sink answering 204 and their lag, and conversions/s with every
 //! partner endpoint dead (never answering) against the same run without outbound.
+//! `cargo bench --bench load -- --reports 10000000`: the 30-day partner report's latency
+//! with N stored clicks against an empty store. `--export 10000000`: the ledger export's
+//! entries/s and RSS growth. `--rollups-ab`: clicks and conversions with rollups on and
+//! off, in interleaved pairs.
 //! Workloads: clicks, conversions (unique txn_ids, durability fsync), duplicates, mixed
 //! (90 % clicks / 10 % conversions), all (default). Needs the release binary:
 //! `cargo build --release` first (the bench target does not build it).
 //! Prints a table and writes JSON to `$CARGO_TARGET_DIR/bench/load-<unix>.json`.
 
 #![allow(clippy::disallowed_methods)] // the load client reads its own responses
+
+mod reports;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -127,6 +133,8 @@ async fn bare_server() -> (SocketAddr, Option<tokio::process::Child>) {
     (line.trim().parse().expect("the bare server's address"), Some(child))
 }
 
+const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+
 const CONFIG: &str = r#"
 public_addr = "127.0.0.1:0"
 admin_addr = "127.0.0.1:0"
@@ -188,6 +196,15 @@ async fn start_tally_with(
     dir: &std::path::Path,
     config_text: &str,
 ) -> (tokio::process::Child, SocketAddr, SocketAddr, Arc<tally::signing::WebhookSecret>) {
+    start_tally_env(dir, config_text, &[]).await
+}
+
+/// [`start_tally_with`] and environment variables (`TALLY_REPORTS__ROLLUPS=false`).
+async fn start_tally_env(
+    dir: &std::path::Path,
+    config_text: &str,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, SocketAddr, SocketAddr, Arc<tally::signing::WebhookSecret>) {
     let config = dir.join("tally.toml");
     let secret_file = dir.join("bench.whsec");
     std::fs::write(&config, config_text.replace("SECRET_FILE", secret_file.to_str().unwrap())).unwrap();
@@ -201,7 +218,8 @@ async fn start_tally_with(
         .args(["serve", "--config", config.to_str().unwrap()])
         .env("TALLY_DATA_DIR", dir.join("db"))
         .env("TALLY_ADDR_FILE", &addr_file)
-        .env("TALLY_ADMIN_TOKEN", "bench-admin-token-0123456789")
+        .env("TALLY_ADMIN_TOKEN", ADMIN_TOKEN)
+        .envs(env.iter().copied())
         .kill_on_drop(true)
         .spawn()
         .expect("start tally");
@@ -353,6 +371,10 @@ async fn client() {
     let asked = arg("--workload").is_some()
         || arg("--scale").is_some()
         || arg("--soak").is_some()
+        || arg("--reports").is_some()
+        || arg("--export").is_some()
+        || flag("--rollups-ab")
+        || flag("--outbound")
         || std::env::var("TALLY_LOAD").is_ok();
     if flag("--bench") && !asked {
         // `cargo bench` without arguments runs every bench target; keep this one opt-in.
@@ -375,6 +397,18 @@ async fn client() {
     }
     if let Some(n) = arg("--scale").and_then(|n| n.parse::<u64>().ok()) {
         scale(n, duration, connections).await;
+        return;
+    }
+    if let Some(n) = arg("--reports").and_then(|n| n.parse::<u64>().ok()) {
+        reports::partner_report(n).await;
+        return;
+    }
+    if let Some(n) = arg("--export").and_then(|n| n.parse::<u64>().ok()) {
+        reports::export(n).await;
+        return;
+    }
+    if flag("--rollups-ab") {
+        reports::rollups_ab(duration, connections).await;
         return;
     }
     if flag("--outbound") {

@@ -1,0 +1,202 @@
+//! SPEC 13's report rows: the 30-day partner report's latency with many stored clicks
+//! against an empty store, the ledger export's rate and memory, and what keeping the
+//! rollups costs clicks and conversions (interleaved pairs, rollups on and off).
+
+use super::*;
+
+/// One admin GET on a fresh connection; the status and the whole body.
+async fn admin_get(admin: SocketAddr, path: &str) -> (u16, Bytes) {
+    let stream = TcpStream::connect(admin).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", admin.to_string())
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+/// `YYYY-MM-DD` of a time.
+fn day(ms: i64) -> String {
+    tally::domain::clock::format_rfc3339(ms)[..10].to_string()
+}
+
+fn bench_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(std::env::var("TALLY_BENCH_DIR").unwrap_or_else(|_| "/tmp".into())).unwrap()
+}
+
+/// The 30-day partner report in `Europe/Berlin` (every day read as hours and quarters),
+/// 20 warm-up and 300 timed requests one after another, with no clicks stored and with
+/// `n` clicks spread over the last 20 days.
+pub async fn partner_report(n: u64) {
+    let now = now_secs() * 1000;
+    let path = format!(
+        "/admin/v1/merchants/bench/reports/partners?from={}&to={}&tz=Europe%2FBerlin",
+        day(now - 29 * 86_400_000),
+        day(now)
+    );
+    let mut p99s = Vec::new();
+    for clicks in [0, n] {
+        let dir = bench_dir();
+        if clicks > 0 {
+            load_clicks(&dir.path().join("db"), clicks).await;
+        }
+        let (mut child, _, admin, _) = start_tally_full(dir.path()).await;
+        let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        let mut rows = 0;
+        for i in 0..320 {
+            let t0 = Instant::now();
+            let (status, body) = admin_get(admin, &path).await;
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            if i >= 20 {
+                h.record(t0.elapsed().as_micros() as u64).unwrap();
+            }
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            rows = v["rows"].as_array().map_or(0, Vec::len);
+            if clicks > 0 && i == 0 {
+                let total: i64 = v["rows"].as_array().unwrap().iter().map(|r| r["clicks"].as_i64().unwrap()).sum();
+                assert_eq!(total as u64, clicks, "the report counts every stored click");
+            }
+        }
+        println!(
+            "30-day partner report, {clicks} stored clicks: {rows} rows, p50 {} µs, p99 {} µs, max {} µs",
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.max()
+        );
+        p99s.push(h.value_at_quantile(0.99));
+        child.start_kill().unwrap();
+        let _ = child.wait().await;
+    }
+    println!(
+        "p99 with {n} clicks / p99 empty: {:.2} (SPEC: p99 <= 50 ms, the same within noise)",
+        p99s[1] as f64 / p99s[0].max(1) as f64
+    );
+}
+
+/// Stores `n` conversions of partner `bp` (one commission entry each) through signed
+/// batches of 1,000, then streams the whole ledger once, sampling tally's RSS.
+pub async fn export(n: u64) {
+    let dir = bench_dir();
+    let (mut child, public, admin, secret) = start_tally_full(dir.path()).await;
+    let pid = child.id().unwrap();
+    let loading = Instant::now();
+    let batches = n.div_ceil(1000);
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (next, secret) = (Arc::clone(&next), Arc::clone(&secret));
+        tasks.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(public).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+            tokio::spawn(conn);
+            loop {
+                let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if b >= batches {
+                    break;
+                }
+                let items: Vec<String> = (0..1000.min(n - b * 1000))
+                    .map(|i| format!(r#"{{"txn_id":"x{b}-{i}","amount":"49.90","currency":"USD","partner_id":"bp"}}"#))
+                    .collect();
+                let body = format!(r#"{{"conversions":[{}]}}"#, items.join(","));
+                let (id, ts) = (format!("msg_b{b}"), now_secs());
+                let sig = tally::signing::sign(secret.key(), &id, ts, body.as_bytes());
+                let req = hyper::Request::post("/v1/merchants/bench/conversions/batch")
+                    .header("host", public.to_string())
+                    .header("content-type", "application/json")
+                    .header("webhook-id", id)
+                    .header("webhook-timestamp", ts.to_string())
+                    .header("webhook-signature", sig)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                let resp = sender.send_request(req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                let _ = resp.into_body().collect().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = loading.elapsed().as_secs_f64();
+    println!("stored {n} conversions in {secs:.0} s ({:.0}/s)", n as f64 / secs);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = rss_mib(pid).map_or(0, |r| r.0);
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampling = {
+        let peak = Arc::clone(&peak);
+        tokio::spawn(async move {
+            loop {
+                if let Some((rss, _)) = rss_mib(pid) {
+                    peak.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let stream = TcpStream::connect(admin).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/admin/v1/merchants/bench/ledger")
+        .header("host", admin.to_string())
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let mut body = sender.send_request(req).await.unwrap().into_body();
+    let (mut lines, mut bytes) = (0u64, 0u64);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("the export completes").into_data() {
+            lines += data.iter().filter(|b| **b == b'\n').count() as u64;
+            bytes += data.len() as u64;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    sampling.abort();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(lines, n, "every entry exported once");
+    println!(
+        "ledger export: {lines} entries ({} MiB) in {secs:.1} s = {:.0} entries/s (SPEC >= 200,000); RSS {before} MiB before, peak {peak} MiB during: growth {} MiB (SPEC <= 32)",
+        bytes >> 20,
+        lines as f64 / secs,
+        peak.saturating_sub(before)
+    );
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+}
+
+/// Clicks and conversions with rollups on and off, four pairs, the order alternating
+/// within each pair (on-off, off-on, ...) so drift on a shared machine cancels out.
+pub async fn rollups_ab(duration: Duration, connections: usize) {
+    let mut ratios: Vec<(f64, f64)> = Vec::new();
+    println!("{:<5} {:<8} {:>12} {:>16}", "pair", "rollups", "clicks/s", "conversions/s");
+    for pair in 0..4 {
+        let order = if pair % 2 == 0 { ["true", "false"] } else { ["false", "true"] };
+        let mut got = std::collections::BTreeMap::new();
+        for setting in order {
+            let dir = bench_dir();
+            let (mut child, public, _, secret) =
+                start_tally_env(dir.path(), CONFIG, &[("TALLY_REPORTS__ROLLUPS", setting)]).await;
+            let t = Target { name: "tally", addr: public, secret: Some(secret), clicks: Arc::new(Vec::new()) };
+            let (clicks, _, _, s1) = run(&t, Workload::Clicks, connections, duration, None).await;
+            let (convs, _, _, s2) = run(&t, Workload::Conversions, connections, duration, None).await;
+            let (c, v) = (clicks as f64 / s1, convs as f64 / s2);
+            println!("{pair:<5} {setting:<8} {c:>12.0} {v:>16.0}");
+            got.insert(setting, (c, v));
+            child.start_kill().unwrap();
+            let _ = child.wait().await;
+        }
+        let (on, off) = (got["true"], got["false"]);
+        ratios.push((on.0 / off.0, on.1 / off.1));
+    }
+    let mean = |f: fn(&(f64, f64)) -> f64| ratios.iter().map(f).sum::<f64>() / ratios.len() as f64;
+    println!(
+        "rollups on / off, mean of {} pairs: clicks {:.1} %, conversions {:.1} %",
+        ratios.len(),
+        mean(|r| r.0) * 100.0,
+        mean(|r| r.1) * 100.0
+    );
+}
