@@ -576,7 +576,8 @@ async fn load_clicks(data_dir: &std::path::Path, n: u64) -> Vec<String> {
             );
             let mut i = t;
             while i < n {
-                let at_ms = now_ms - (i as i64 % (20 * 86_400)) * 1000;
+                // Spread evenly over the last 20 days, whatever `n`.
+                let at_ms = now_ms - (i as i64 * 20 * 86_400_000) / n as i64;
                 let mut visitor = [0u8; 16];
                 visitor[..8].copy_from_slice(&i.to_be_bytes());
                 let click = ClickRecord {

@@ -1,11 +1,11 @@
 //! The engine's effects as RocksDB writes: each effect is a put (or, for a finished
 //! hold, a delete) in the batch being built, under the key layout of [`super::keys`]
-//! and the encodings of [`super::codec`]; a rollup increment is merge operands
-//! ([`super::rollups`]).
+//! and the encodings of [`super::codec`]; rollup increments are summed by cell and
+//! staged as merge operands when the batch is written ([`super::rollups::Staged`]).
 
 use super::schema::Cf;
 use super::writer::Pending;
-use super::{codec, keys, rollups, StoreError};
+use super::{codec, keys, StoreError};
 use crate::engine::{Effect, OutboxIndex};
 
 /// Stages one command's effects in the batch, in order.
@@ -34,9 +34,7 @@ fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
         }
         Effect::Rollup(inc) => {
             if p.shared.rollups {
-                for (key, operand) in rollups::operands(inc) {
-                    p.merge(Cf::Rollups, &key, &operand)?;
-                }
+                p.rollups.add(inc);
             }
             Ok(())
         }

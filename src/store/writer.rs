@@ -64,6 +64,8 @@ pub(super) struct Pending<'a> {
     pub(super) ledger_head: Option<[u8; 16]>,
     /// Some delivery became due: the delivery worker is woken once the batch is written.
     pub(super) outbox_due: bool,
+    /// Rollup increments, summed by cell; staged as merges when the batch is written.
+    pub(super) rollups: super::rollups::Staged,
 }
 
 impl<'a> Pending<'a> {
@@ -81,6 +83,7 @@ impl<'a> Pending<'a> {
             ledger: Vec::new(),
             ledger_head: None,
             outbox_due: false,
+            rollups: super::rollups::Staged::default(),
         }
     }
 
@@ -122,13 +125,6 @@ impl<'a> Pending<'a> {
             self.shared.recent().remove(&key);
         }
         self.puts.insert((cf, key), None);
-        Ok(())
-    }
-
-    /// A merge operand (rollups): never read back within the batch.
-    pub(super) fn merge(&mut self, cf: Cf, key: &[u8], operand: &[u8]) -> Result<(), StoreError> {
-        let db = self.db.as_deref().ok_or_else(StoreError::reopening)?;
-        self.batch.merge_cf(super::cf_of(db, cf)?, key, operand);
         Ok(())
     }
 
@@ -326,11 +322,16 @@ impl Writer {
     /// Writes the batch without fsync and answers what needs only the write; hands the
     /// answers that promise durability to the syncer (with `fsync` durability).
     fn commit(&self, pending: Pending<'_>) {
-        let Pending { db, mut batch, sync, done, written, ops, ledger, ledger_head, outbox_due, .. } = pending;
+        let Pending { db, mut batch, sync, done, written, ops, ledger, ledger_head, outbox_due, rollups, .. } = pending;
         if let (Some(head), Some(db)) = (ledger_head, db.as_deref()) {
             match super::cf_of(db, Cf::Meta) {
                 Ok(cf) => batch.put_cf(cf, super::keys::META_LEDGER_HEAD, head),
                 Err(e) => tracing::error!(error = %e, "ledger head not written"),
+            }
+        }
+        if let (false, Some(db)) = (rollups.is_empty(), db.as_deref()) {
+            if let Err(e) = rollups.write(db, &mut batch) {
+                tracing::error!(error = %e, "rollups not written");
             }
         }
         let result = if ops == 0 { Ok(()) } else { self.write(db.as_deref(), batch, ops) };

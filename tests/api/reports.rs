@@ -103,12 +103,7 @@ fn rows(v: &Value) -> Vec<Row> {
         .collect()
 }
 
-fn row(
-    day: &str,
-    p: &str,
-    (clicks, unique, conversions): (i64, i64, i64),
-    money: [&str; 4],
-) -> Row {
+fn row(day: &str, p: &str, (clicks, unique, conversions): (i64, i64, i64), money: [&str; 4]) -> Row {
     let [revenue, commission, reversed, influenced] = money.map(str::to_string);
     (day.into(), p.into(), clicks, unique, conversions, revenue, commission, reversed, influenced)
 }
