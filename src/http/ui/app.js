@@ -45,7 +45,7 @@
   const reportPath = (q, kind) =>
     `${merchantPath(q.merchant)}/reports/${kind}?${new URLSearchParams({ from: q.from, to: q.to, tz: q.tz })}`;
   const ledgerPath = (q) =>
-    `${merchantPath(q.merchant)}/ledger?${new URLSearchParams({ from: q.from, to: q.to })}`;
+    `${merchantPath(q.merchant)}/ledger?${new URLSearchParams({ from: q.from, to: q.to, tz: q.tz })}`;
 
   async function api(path, accept) {
     const res = await fetch(path, {
