@@ -16,6 +16,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 
 use crate::domain::account::{AccountRecord, Touch};
+use crate::domain::balance::Balance;
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{AdjustmentInput, ConversionInput, ConversionRecord};
@@ -23,6 +24,7 @@ use crate::domain::entities::{Merchant, Partner};
 use crate::domain::ids::{MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
 use crate::domain::link::Link;
+use crate::domain::money::Currency;
 use crate::domain::outbound::{Delivery, DeliveryState, EndpointOff};
 use crate::domain::plan::Plan;
 use crate::domain::rollup::{Rows, Scope, Span};
@@ -95,6 +97,13 @@ pub trait Backend: Send + Sync + 'static {
         merchant: &'a MerchantId,
         partner: &'a PartnerId,
     ) -> BoxFuture<'a, Result<Vec<LedgerEntry>, StoreError>>;
+
+    /// A partner's balances, one per currency it was ever credited in (SPEC 9.1).
+    fn balances<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        partner: &'a PartnerId,
+    ) -> BoxFuture<'a, Result<Vec<(Currency, Balance)>, StoreError>>;
 
     /// Every ledger entry of a conversion: its sourced partner's and its influencers'.
     fn ledger_for_conversion<'a>(

@@ -47,4 +47,8 @@ pub struct LedgerEntry {
     pub conversion_id: Ulid,
     pub amount: Money,
     pub at_ms: UnixMillis,
+    /// Why, in words: the plan rule that paid it (`sale 20%`), or the adjustment that took
+    /// it back (`refund r-1`). Entries written before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }

@@ -4,6 +4,7 @@
 //! into these types at the boundary (`http/`), and everything inside works on them.
 
 pub mod account;
+pub mod balance;
 pub mod click;
 pub mod clock;
 pub mod conversion;

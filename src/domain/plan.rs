@@ -23,6 +23,10 @@ pub struct Plan {
     pub version_from_ms: UnixMillis,
     pub currency: Currency,
     pub hold_days: u32,
+    /// `hold_days = "manual"`: nothing approves by itself; the merchant's `approve`
+    /// (sent when the customer paid) does.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub manual_approval: bool,
     pub influence_percent: Percent,
     pub deal_ttl_days: u32,
     pub influence_window_days: u32,
@@ -79,13 +83,29 @@ pub fn kind_name(kind: PartnerKind) -> &'static str {
     }
 }
 
+/// A plan's hold: days until automatic approval, or `"manual"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum HoldDays {
+    Days(u32),
+    Manual(ManualWord),
+}
+
+/// The word `manual`, the only text `hold_days` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ManualWord {
+    Manual,
+}
+
 /// `PUT /admin/v1/merchants/{m}/plans/{id}` and `[[plans]]` in the config.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PlanBody {
     pub currency: Currency,
+    /// Days, or `"manual"`.
     #[serde(default)]
-    pub hold_days: Option<u32>,
+    pub hold_days: Option<HoldDays>,
     #[serde(default)]
     pub influence_percent: Option<Percent>,
     #[serde(default)]
@@ -178,7 +198,12 @@ impl PlanBody {
             merchant_id,
             version_from_ms,
             currency: self.currency,
-            hold_days: self.hold_days.unwrap_or(DEFAULT_HOLD_DAYS),
+            hold_days: match self.hold_days {
+                Some(HoldDays::Days(d)) => d,
+                Some(HoldDays::Manual(_)) => 0,
+                None => DEFAULT_HOLD_DAYS,
+            },
+            manual_approval: matches!(self.hold_days, Some(HoldDays::Manual(_))),
             influence_percent: self.influence_percent.unwrap_or(Percent::ZERO),
             deal_ttl_days: self.deal_ttl_days.unwrap_or(DEFAULT_DEAL_TTL_DAYS),
             influence_window_days: self.influence_window_days.unwrap_or(DEFAULT_INFLUENCE_WINDOW_DAYS),

@@ -128,7 +128,8 @@ fn plan_for<'c>(
     catalog.plan_at(merchant, id, at).ok_or_else(|| format!("plan {id} does not exist"))
 }
 
-/// Appends one ledger entry for `partner` on this conversion.
+/// Appends one ledger entry for `partner` on this conversion, with why.
+#[allow(clippy::too_many_arguments)] // the entry's fields, its note and its id's entropy
 pub(super) fn append<S: State + ?Sized>(
     tx: &mut Tx<'_, S>,
     rec: &ConversionRecord,
@@ -136,6 +137,7 @@ pub(super) fn append<S: State + ?Sized>(
     kind: LedgerKind,
     amount: Money,
     at: UnixMillis,
+    note: String,
     entropy: &Entropy,
 ) -> Result<Ulid, S::Error> {
     let entry = LedgerEntry {
@@ -147,6 +149,7 @@ pub(super) fn append<S: State + ?Sized>(
         conversion_id: rec.conversion_id,
         amount,
         at_ms: at,
+        note: Some(note),
     };
     tx.append_ledger(entry, entropy)
 }
@@ -197,7 +200,8 @@ fn credit<S: State + ?Sized>(
             }
             Err(note) => rec.commission_note = Some(note),
         }
-        rec.approve_at_ms = Some(now + i64::from(plan.hold_days) * DAY_MS);
+        // A manual plan sets no hold: only the merchant's `approve` approves.
+        rec.approve_at_ms = (!plan.manual_approval).then(|| now + i64::from(plan.hold_days) * DAY_MS);
     } else {
         rec.approve_at_ms = Some(now);
     }
@@ -213,12 +217,16 @@ fn credit<S: State + ?Sized>(
     }
 
     if let Some(c) = rec.commission.clone().filter(|c| c.amount.minor != 0) {
-        append(tx, rec, &attribution.partner_id, LedgerKind::Commission, c.amount, now, entropy)?;
+        let note = format!("{} on {} (plan {})", c.rule, rec.txn_id, c.plan);
+        append(tx, rec, &attribution.partner_id, LedgerKind::Commission, c.amount, now, note, entropy)?;
+        tx.update_balance(&merchant, &attribution.partner_id, c.amount.currency, |b| b.pending += c.amount.minor)?;
         stats.commission_minor += c.amount.minor;
     }
     for i in &influencers {
         if let Some(fee) = i.commission {
-            append(tx, rec, &i.partner_id, LedgerKind::InfluenceFee, fee, now, entropy)?;
+            let note = format!("influence fee on {} ({} {})", rec.txn_id, i.rule.as_str(), i.credit.as_str());
+            append(tx, rec, &i.partner_id, LedgerKind::InfluenceFee, fee, now, note, entropy)?;
+            tx.update_balance(&merchant, &i.partner_id, fee.currency, |b| b.pending += fee.minor)?;
         }
     }
     if let Some(a) = rec.attribution.as_mut() {

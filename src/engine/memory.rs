@@ -7,11 +7,13 @@ use std::convert::Infallible;
 
 use super::{execute, Answer, Catalog, Command, DealAnswer, Effect, Hold, OutboxIndex, State};
 use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth};
+use crate::domain::balance::Balance;
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
+use crate::domain::money::Currency;
 use crate::domain::outbound::{Delivery, EndpointOff};
 use crate::domain::rollup::{Cell, Counters, Increment};
 
@@ -37,6 +39,7 @@ pub struct Memory {
     /// Report rollups by quarter-hour cell, and each partner's first conversion.
     pub rollups: BTreeMap<Cell, Counters>,
     pub firsts: BTreeMap<(MerchantId, PartnerId), UnixMillis>,
+    pub balances: BTreeMap<(MerchantId, PartnerId, Currency), Balance>,
 }
 
 impl Memory {
@@ -105,6 +108,9 @@ impl Memory {
             Effect::Endpoint { partner, off: None } => {
                 self.endpoints.remove(&partner);
             }
+            Effect::Balance { merchant, partner, currency, balance } => {
+                self.balances.insert((merchant, partner, currency), balance);
+            }
             Effect::Rollup(inc) => match *inc {
                 Increment::Add(cell, c) => self.rollups.entry(cell).or_default().add(&c),
                 Increment::First { merchant, partner, at } => {
@@ -156,6 +162,9 @@ impl State for Memory {
     }
     fn deal(&self, p: &PartnerId, deal_id: &str) -> Result<Option<DealAnswer>, Infallible> {
         Ok(self.deals.get(&(p.clone(), deal_id.to_string())).cloned())
+    }
+    fn balance(&self, m: &MerchantId, p: &PartnerId, currency: Currency) -> Result<Option<Balance>, Infallible> {
+        Ok(self.balances.get(&(m.clone(), p.clone(), currency)).copied())
     }
     fn due_holds(&self, now: UnixMillis, limit: usize) -> Result<Vec<Hold>, Infallible> {
         Ok(self.holds.iter().take_while(|h| h.at <= now).take(limit).cloned().collect())

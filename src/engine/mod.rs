@@ -37,6 +37,7 @@ pub use outbox::{OutboxAnswer, OutboxIndex, OutboxOp};
 pub use tx::Tx;
 
 use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth, Touch};
+use crate::domain::balance::Balance;
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{AdjustmentInput, AdjustmentRecord, ConversionRecord};
@@ -44,6 +45,7 @@ use crate::domain::entities::{Merchant, Partner};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
 use crate::domain::link::Link;
+use crate::domain::money::Currency;
 use crate::domain::outbound::{Delivery, EndpointOff};
 use crate::domain::plan::Plan;
 use crate::domain::rollup::Increment;
@@ -239,6 +241,13 @@ pub enum Effect {
     },
     /// What an event adds to the report rollups; merged, never read back by the engine.
     Rollup(Box<Increment>),
+    /// A partner's balance in one currency.
+    Balance {
+        merchant: MerchantId,
+        partner: PartnerId,
+        currency: Currency,
+        balance: Balance,
+    },
 }
 
 /// What the engine may read. Every read is within what the command names; no read
@@ -261,6 +270,12 @@ pub trait State {
     ) -> Result<Option<PartnerMonth>, Self::Error>;
     fn adjustment(&self, merchant: &MerchantId, id: &str) -> Result<Option<AdjustmentRecord>, Self::Error>;
     fn deal(&self, partner: &PartnerId, deal_id: &str) -> Result<Option<DealAnswer>, Self::Error>;
+    fn balance(
+        &self,
+        merchant: &MerchantId,
+        partner: &PartnerId,
+        currency: Currency,
+    ) -> Result<Option<Balance>, Self::Error>;
     /// The holds that end at or before `now`, soonest first, at most `limit`.
     fn due_holds(&self, now: UnixMillis, limit: usize) -> Result<Vec<Hold>, Self::Error>;
     fn ledger_head(&self) -> Result<Option<Ulid>, Self::Error>;

@@ -64,21 +64,15 @@ fn reverse_to<S: State + ?Sized>(
     refunded_after: i64,
     full: bool,
     at: UnixMillis,
+    cause: &str,
     entropy: &Entropy,
 ) -> Result<Reversed, S::Error> {
     let total = rec.amount.map_or(0, |a| a.minor);
     let Some(a) = &rec.attribution else { return Ok(Reversed::default()) };
-    let mut credited: Vec<(PartnerId, Money)> = Vec::new();
-    if let Some(c) = rec.commission.as_ref().filter(|c| c.amount.minor != 0) {
-        credited.push((a.partner_id.clone(), c.amount));
-    }
-    for i in &a.influencers {
-        if let Some(fee) = i.commission {
-            credited.push((i.partner_id.clone(), fee));
-        }
-    }
+    // Before approval a reversal only lowers what is pending; after, it is `reversed`.
+    let approved = rec.status == ConversionStatus::Approved;
     let mut out = Reversed::default();
-    for (partner, amount) in credited {
+    for (partner, amount) in credited(rec) {
         // `before` is always the proportional share: `full` only decides the last step, so a
         // rejection after a partial refund takes back exactly what is left.
         let before =
@@ -90,10 +84,50 @@ fn reverse_to<S: State + ?Sized>(
             out.sourced = Some(change);
         }
         if delta != 0 {
-            out.ids.push(append(tx, rec, &partner, kind, change, at, entropy)?);
+            let note = format!("{cause} on {}", rec.txn_id);
+            out.ids.push(append(tx, rec, &partner, kind, change, at, note, entropy)?);
+            tx.update_balance(&rec.merchant_id, &partner, amount.currency, |b| {
+                if approved {
+                    b.reversed += delta;
+                } else {
+                    b.pending -= delta;
+                }
+            })?;
         }
     }
     Ok(out)
+}
+
+/// What each partner was credited on a conversion: the sourced partner's commission and
+/// each influencer's fee, as appended when it was created.
+fn credited(rec: &ConversionRecord) -> Vec<(PartnerId, Money)> {
+    let Some(a) = &rec.attribution else { return Vec::new() };
+    let mut out = Vec::new();
+    if let Some(c) = rec.commission.as_ref().filter(|c| c.amount.minor != 0) {
+        out.push((a.partner_id.clone(), c.amount));
+    }
+    for i in &a.influencers {
+        if let Some(fee) = i.commission {
+            out.push((i.partner_id.clone(), fee));
+        }
+    }
+    out
+}
+
+/// Moves an approved conversion's credit from `pending` to `approved` (gross), and what
+/// partial refunds took back while it was pending to `reversed`.
+fn settle_approval<S: State + ?Sized>(tx: &mut Tx<'_, S>, rec: &ConversionRecord) -> Result<(), S::Error> {
+    let total = rec.amount.map_or(0, |a| a.minor);
+    for (partner, gross) in credited(rec) {
+        let taken =
+            if rec.refunded_minor == 0 { 0 } else { commission::proportional(gross.minor, rec.refunded_minor, total) };
+        tx.update_balance(&rec.merchant_id, &partner, gross.currency, |b| {
+            b.pending -= gross.minor - taken;
+            b.approved += gross.minor;
+            b.reversed += taken;
+        })?;
+    }
+    Ok(())
 }
 
 /// The entries a reversal appended, and the change to the sourced partner's commission.
@@ -152,6 +186,7 @@ pub(super) fn adjust<S: State + ?Sized>(
             }
             move_status(&mut rec, ConversionStatus::Approved, now, cause);
             count_approval(tx, &rec)?;
+            settle_approval(tx, &rec)?;
             (Vec::new(), OutboundEvent::Approved, rec.commission.as_ref().map(|c| c.amount))
         }
         AdjustmentKind::Reject => {
@@ -166,6 +201,7 @@ pub(super) fn adjust<S: State + ?Sized>(
                 rec.amount.map_or(0, |a| a.minor),
                 true,
                 now,
+                &cause,
                 entropy,
             )?;
             move_status(&mut rec, ConversionStatus::Rejected, now, cause);
@@ -209,7 +245,8 @@ pub(super) fn adjust<S: State + ?Sized>(
             }
             let kind = if current == ConversionStatus::Approved { LedgerKind::Clawback } else { LedgerKind::Reversal };
             let after = rec.refunded_minor + refund.minor;
-            let r = reverse_to(tx, &rec, kind, rec.refunded_minor, after, after == total.minor, now, entropy)?;
+            let full = after == total.minor;
+            let r = reverse_to(tx, &rec, kind, rec.refunded_minor, after, full, now, &cause, entropy)?;
             rec.refunded_minor = after;
             if after == total.minor {
                 move_status(&mut rec, target, now, cause);
@@ -242,6 +279,7 @@ pub(super) fn sweep<S: State + ?Sized>(
             if rec.status == ConversionStatus::Pending {
                 move_status(&mut rec, ConversionStatus::Approved, now, "hold period ended".into());
                 count_approval(tx, &rec)?;
+                settle_approval(tx, &rec)?;
                 let commission = rec.commission.as_ref().map(|c| c.amount);
                 outbox::notify(tx, &mut rec, OutboundEvent::Approved, commission, now, entropy)?;
                 tx.put_conversion(rec);

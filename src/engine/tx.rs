@@ -5,11 +5,13 @@ use std::collections::HashMap;
 
 use super::{Catalog, DealAnswer, Effect, Entropy, Hold, OutboxIndex, State};
 use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth};
+use crate::domain::balance::Balance;
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
+use crate::domain::money::Currency;
 use crate::domain::outbound::{Delivery, EndpointOff};
 
 /// What an effect is stored under, for reading a command's own writes back.
@@ -20,6 +22,7 @@ enum Key<'a> {
     Account(&'a MerchantId, &'a str),
     Customer(&'a MerchantId, &'a str),
     Month(&'a MerchantId, &'a PartnerId, u32),
+    Balance(&'a MerchantId, &'a PartnerId, Currency),
     Adjustment(&'a MerchantId, &'a str),
     Deal(&'a PartnerId, &'a str),
     Delivery(&'a MerchantId, &'a Ulid),
@@ -34,6 +37,7 @@ impl Key<'_> {
             Effect::Account { merchant, record } => Key::Account(merchant, &record.account),
             Effect::Customer { merchant, customer, .. } => Key::Customer(merchant, customer),
             Effect::PartnerMonth { merchant, partner, month, .. } => Key::Month(merchant, partner, *month),
+            Effect::Balance { merchant, partner, currency, .. } => Key::Balance(merchant, partner, *currency),
             Effect::Adjustment { merchant, record } => Key::Adjustment(merchant, &record.input.adjustment_id),
             Effect::Deal { partner, deal_id, .. } => Key::Deal(partner, deal_id),
             Effect::Delivery(d) | Effect::NewDelivery(d) => Key::Delivery(&d.merchant_id, &d.id),
@@ -178,6 +182,27 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
 
     pub fn put_partner_month(&mut self, m: &MerchantId, p: &PartnerId, month: u32, stats: PartnerMonth) {
         self.keep(Effect::PartnerMonth { merchant: m.clone(), partner: p.clone(), month, stats });
+    }
+
+    pub fn balance(&self, m: &MerchantId, p: &PartnerId, currency: Currency) -> Result<Balance, S::Error> {
+        match self.staged(Key::Balance(m, p, currency)) {
+            Some(Effect::Balance { balance, .. }) => Ok(*balance),
+            _ => Ok(self.base.balance(m, p, currency)?.unwrap_or_default()),
+        }
+    }
+
+    /// Changes a partner's balance in `currency` by `f`.
+    pub fn update_balance(
+        &mut self,
+        m: &MerchantId,
+        p: &PartnerId,
+        currency: Currency,
+        f: impl FnOnce(&mut Balance),
+    ) -> Result<(), S::Error> {
+        let mut balance = self.balance(m, p, currency)?;
+        f(&mut balance);
+        self.keep(Effect::Balance { merchant: m.clone(), partner: p.clone(), currency, balance });
+        Ok(())
     }
 
     pub fn adjustment(&self, m: &MerchantId, id: &str) -> Result<Option<AdjustmentRecord>, S::Error> {

@@ -93,6 +93,8 @@ fn route_of(rest: &[&str]) -> Route {
         [_, "deliveries", _] => Route::AdminDelivery,
         [_, "partners", _, "outbound:enable"] => Route::AdminOutboundEnable,
         [_, "partners", _, "secrets:rotate"] => Route::AdminPartnerSecretRotate,
+        [_, "partners", _, "balance"] => Route::AdminPartnerBalance,
+        [_, "partners", _, "statements", _] => Route::AdminStatement,
         [_, "reports", "partners"] => Route::AdminReportPartners,
         [_, "reports", "program"] => Route::AdminReportProgram,
         [_, "ledger"] => Route::AdminLedger,
@@ -454,6 +456,16 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             let acc = ctx.backend.account(&merchant, &account).await?.ok_or(ApiError::NotFound)?;
             Ok(json(StatusCode::OK, &account_view(&acc, now)))
         }
+        (&Method::GET, [_, "partners", p, "balance"]) => {
+            let p = id(p, PartnerId::parse)?;
+            catalog.partner_of(&merchant, &p).ok_or(ApiError::NotFound)?;
+            super::payouts::balance(ctx, &merchant, &p).await
+        }
+        (&Method::GET, [_, "partners", p, "statements", month]) => {
+            let p = id(p, PartnerId::parse)?;
+            catalog.partner_of(&merchant, &p).ok_or(ApiError::NotFound)?;
+            super::payouts::statement(ctx, &merchant, &p, month, req.headers()).await
+        }
         (&Method::GET, [_, "reports", "partners"]) => {
             super::reports::partners(ctx, &merchant, req.uri().query().unwrap_or(""), req.headers()).await
         }
@@ -537,7 +549,8 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             | [_, "secrets:rotate" | "postback-token:rotate" | "deliveries" | "ledger"]
             | [_, "reports", "partners" | "program"]
             | [_, "partners" | "links" | "plans" | "conversions" | "accounts" | "deliveries", _]
-            | [_, "partners", _, "outbound:enable" | "secrets:rotate"],
+            | [_, "partners", _, "outbound:enable" | "secrets:rotate" | "balance"]
+            | [_, "partners", _, "statements", _],
         ) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound),
     }

@@ -7,6 +7,7 @@ mod b2b;
 pub mod client;
 mod conn;
 mod csv;
+mod payouts;
 pub mod problem;
 mod public;
 mod reports;
@@ -159,6 +160,8 @@ routes! {
     AdminReportPartners => "admin_report_partners",
     AdminReportProgram => "admin_report_program",
     AdminLedger => "admin_ledger",
+    AdminPartnerBalance => "admin_partner_balance",
+    AdminStatement => "admin_statement",
     AdminUi => "admin_ui",
     Metrics => "metrics",
     Health => "healthz",

@@ -73,6 +73,8 @@ pub const OPERATIONS: &[Operation] = &[
     admin("GET", "/admin/v1/merchants/{merchant_id}/reports/partners", Route::AdminReportPartners),
     admin("GET", "/admin/v1/merchants/{merchant_id}/reports/program", Route::AdminReportProgram),
     admin("GET", "/admin/v1/merchants/{merchant_id}/ledger", Route::AdminLedger),
+    admin("GET", "/admin/v1/merchants/{merchant_id}/partners/{partner_id}/balance", Route::AdminPartnerBalance),
+    admin("GET", "/admin/v1/merchants/{merchant_id}/partners/{partner_id}/statements/{month}", Route::AdminStatement),
     admin("GET", "/admin/ui", Route::AdminUi),
     admin("GET", "/admin/ui/app.js", Route::AdminUi),
     admin("GET", "/admin/ui/app.css", Route::AdminUi),

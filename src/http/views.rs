@@ -162,7 +162,8 @@ pub struct RuleView {
 pub struct PlanView {
     pub id: String,
     pub currency: String,
-    pub hold_days: u32,
+    /// Days, or `"manual"`.
+    pub hold_days: serde_json::Value,
     pub influence_percent: String,
     pub deal_ttl_days: u32,
     pub influence_window_days: u32,
@@ -178,7 +179,7 @@ impl From<&Plan> for PlanView {
         PlanView {
             id: p.id.to_string(),
             currency: p.currency.to_string(),
-            hold_days: p.hold_days,
+            hold_days: if p.manual_approval { "manual".into() } else { p.hold_days.into() },
             influence_percent: p.influence_percent.text(),
             deal_ttl_days: p.deal_ttl_days,
             influence_window_days: p.influence_window_days,

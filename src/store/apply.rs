@@ -32,6 +32,9 @@ fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
             p.put(Cf::LedgerOrder, keys::ledger_order(&e.merchant_id, &e.entry_id), e.partner_id.as_str().into())?;
             p.write(Cf::Ledger, keys::ledger(&e.merchant_id, &e.partner_id, &e.entry_id), &**e)
         }
+        Effect::Balance { merchant, partner, currency, balance } => {
+            p.write(Cf::Balances, keys::balance(merchant, partner, *currency), balance)
+        }
         Effect::Rollup(inc) => {
             if p.shared.rollups {
                 p.rollups.add(inc);

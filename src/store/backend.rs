@@ -14,11 +14,13 @@ use crate::backend::{
     Backend, BoxFuture, DeliveryFilter, DeliveryPage, DueDelivery, LedgerQuery, OutboxGauges, Settled,
 };
 use crate::domain::account::AccountRecord;
+use crate::domain::balance::Balance;
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::ConversionRecord;
 use crate::domain::ids::{MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
+use crate::domain::money::Currency;
 use crate::domain::outbound::{Delivery, EndpointOff};
 use crate::domain::rollup::{Rows, Scope, Span};
 use crate::engine::{Answer, Catalog, Command};
@@ -206,6 +208,29 @@ impl Backend for Store {
 
     fn backup_to(&self, dir: &Path) -> Result<(), StoreError> {
         self.checkpoint(dir)
+    }
+
+    fn balances<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        partner: &'a PartnerId,
+    ) -> BoxFuture<'a, Result<Vec<(Currency, Balance)>, StoreError>> {
+        let shared = Arc::clone(&self.shared);
+        let prefix = keys::ledger_prefix(merchant, partner);
+        Box::pin(blocking(move || {
+            let db = shared.db()?;
+            let mut out = Vec::new();
+            for item in db.prefix_iterator_cf(cf_of(&db, Cf::Balances)?, &prefix) {
+                let (k, v) = item?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let code = std::str::from_utf8(&k[prefix.len()..]).unwrap_or_default();
+                let currency = Currency::parse(code).map_err(|e| StoreError::Corrupt(format!("balance key: {e}")))?;
+                out.push((currency, codec::decode(&v)?));
+            }
+            Ok(out)
+        }))
     }
 
     fn rollups<'a>(

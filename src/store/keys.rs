@@ -179,6 +179,10 @@ pub fn ledger_order(merchant: &MerchantId, entry: &Ulid) -> Vec<u8> {
     join(&[merchant.as_str().as_bytes(), &entry.0])
 }
 
+pub fn balance(merchant: &MerchantId, partner: &PartnerId, currency: Currency) -> Vec<u8> {
+    join(&[merchant.as_str().as_bytes(), partner.as_str().as_bytes(), currency.as_str().as_bytes()])
+}
+
 /// The rollup family's tag for the first attributed conversion of a partner.
 pub const ROLLUP_FIRST: u8 = b'f';
 

@@ -47,10 +47,12 @@ pub enum Cf {
     Rollups,
     /// `merchant, entry_id` -> partner id: the ledger in entry order, for the export.
     LedgerOrder,
+    /// `merchant, partner, currency` -> `Balance` (SPEC 9.1).
+    Balances,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 20] = [
+    pub const ALL: [Cf; 21] = [
         Cf::Meta,
         Cf::Merchants,
         Cf::Secrets,
@@ -71,6 +73,7 @@ impl Cf {
         Cf::Outbox,
         Cf::Rollups,
         Cf::LedgerOrder,
+        Cf::Balances,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +98,7 @@ impl Cf {
             Cf::Outbox => "outbox",
             Cf::Rollups => "rollups",
             Cf::LedgerOrder => "ledger_order",
+            Cf::Balances => "balances",
         }
     }
 }

@@ -8,10 +8,12 @@ use super::schema::Cf;
 use super::writer::{Pending, Writer};
 use super::{cf_of, codec, keys, StoreError};
 use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth};
+use crate::domain::balance::Balance;
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
+use crate::domain::money::Currency;
 use crate::domain::outbound::{Delivery, EndpointOff};
 use crate::engine::{Catalog, DealAnswer, Hold, State};
 
@@ -82,6 +84,10 @@ impl State for View<'_, '_> {
 
     fn partner_month(&self, m: &MerchantId, p: &PartnerId, month: u32) -> Result<Option<PartnerMonth>, StoreError> {
         self.read(Cf::PartnerMonths, &keys::partner_month(m, p, month))
+    }
+
+    fn balance(&self, m: &MerchantId, p: &PartnerId, currency: Currency) -> Result<Option<Balance>, StoreError> {
+        self.read(Cf::Balances, &keys::balance(m, p, currency))
     }
 
     fn adjustment(&self, m: &MerchantId, id: &str) -> Result<Option<AdjustmentRecord>, StoreError> {

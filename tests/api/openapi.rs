@@ -51,6 +51,7 @@ fn concrete(template: &str) -> String {
         ("{txn_id}", "t1"),
         ("{account}", "acme.com"),
         ("{delivery_id}", "01JD0000000000000000000000"),
+        ("{month}", "2026-11"),
     ]
     .iter()
     .fold(template.to_string(), |path, (name, value)| path.replace(name, value))
