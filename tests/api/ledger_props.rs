@@ -193,6 +193,7 @@ async fn run(steps: &[Step], dir: &std::path::Path) -> (Store, BTreeMap<String, 
                 store.adjust(m(), adjust(n, AdjustmentKind::Reject, None), now).await.unwrap();
             }
         }
+        check_balances(&store).await;
         for p in ["alpha", "beta"] {
             let entries = store.ledger_entries(&m(), &PartnerId::parse(p).unwrap()).await.unwrap();
             let ids: Vec<String> = entries.iter().map(|e| e.entry_id.to_string()).collect();
@@ -235,6 +236,48 @@ async fn expected(store: &Store) -> BTreeMap<String, i64> {
         }
     }
     want
+}
+
+/// The balances the engine keeps equal the ones computed from the conversions alone:
+/// a conversion ever approved counts its gross credit as approved and what was taken back
+/// as reversed; a pending one counts its net credit as pending; one rejected before
+/// approval counts nothing. And payable = approved - reversed - paid - in runs.
+async fn check_balances(store: &Store) {
+    let mut want: BTreeMap<String, tally::domain::balance::Balance> = BTreeMap::new();
+    for n in 0..6 {
+        let Some(rec) = store.conversion(&m(), &TxnId::parse(&format!("t{n}")).unwrap()).await.unwrap() else {
+            continue;
+        };
+        let total = rec.amount.unwrap().minor;
+        let ever_approved = rec.history.iter().any(|h| h.to == ConversionStatus::Approved);
+        let finished = matches!(rec.status, ConversionStatus::Rejected | ConversionStatus::Reversed);
+        let a = rec.attribution.as_ref().unwrap();
+        let mut credited = vec![(a.partner_id.to_string(), rec.commission.as_ref().map_or(0, |c| c.amount.minor))];
+        credited.extend(a.influencers.iter().map(|i| (i.partner_id.to_string(), i.commission.map_or(0, |c| c.minor))));
+        for (p, gross) in credited.into_iter().filter(|(_, g)| *g != 0) {
+            let taken = if finished {
+                gross
+            } else if rec.refunded_minor == 0 {
+                0
+            } else {
+                tally::commission::proportional(gross, rec.refunded_minor, total)
+            };
+            let b = want.entry(p).or_default();
+            if ever_approved {
+                b.approved += gross;
+                b.reversed += taken;
+            } else {
+                b.pending += gross - taken;
+            }
+        }
+    }
+    for p in ["alpha", "beta"] {
+        let got = store.balances(&m(), &PartnerId::parse(p).unwrap()).await.unwrap();
+        let got = got.first().map(|(_, b)| *b).unwrap_or_default();
+        let w = want.get(p).copied().unwrap_or_default();
+        assert_eq!(got, w, "balance of {p}");
+        assert_eq!(got.payable(), got.approved - got.reversed - got.paid - got.in_runs);
+    }
 }
 
 fn shape(ledger: &BTreeMap<String, Vec<LedgerEntry>>) -> Vec<(String, String, String, i64)> {

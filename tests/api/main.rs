@@ -22,6 +22,7 @@ mod openapi;
 mod operations;
 mod outbound;
 mod outbound_client;
+mod payouts;
 mod postbacks;
 mod reports;
 mod signatures;

@@ -1,0 +1,98 @@
+//! What partners are owed (SPEC 9.1) over HTTP: a manual-approval plan pays only after
+//! the merchant's `approve`; balances move from pending to approved, refunds before and
+//! after approval land where they should; monthly statements chain from month to month.
+
+use hyper::Method;
+use serde_json::{json, Value};
+
+use super::helpers::{manual_clock, TestApp, ADMIN_TOKEN};
+
+const MARCH: i64 = 1_773_878_400_000; // 2026-03-19T00:00Z
+const APRIL: i64 = 1_775_606_400_000; // 2026-04-08T00:00Z
+
+async fn balance(app: &TestApp, partner: &str) -> Value {
+    let r = app.admin(Method::GET, &format!("/admin/v1/merchants/shop/partners/{partner}/balance"), None).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["balances"][0].clone()
+}
+
+fn figures(b: &Value) -> [&str; 6] {
+    ["pending", "approved", "reversed", "paid", "in_payout_runs", "payable"].map(|k| b[k].as_str().unwrap_or("-"))
+}
+
+#[tokio::test]
+async fn a_manual_plan_pays_after_approve_and_statements_chain_month_to_month() {
+    let (clock, shared) = manual_clock();
+    clock.set_ms(MARCH);
+    let app = TestApp::spawn_with(|s| s.holds.sweep_interval_ms = 20, shared).await;
+    let secret = app.demo().await;
+    let plan = json!({"currency": "USD", "hold_days": "manual", "rules": [{"event": "sale", "percent": "20"}]});
+    let r = app.admin(Method::PUT, "/admin/v1/merchants/shop/plans/on-payment", Some(plan)).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["hold_days"], "manual");
+    let partner = json!({"name": "Ann", "kind": "referral", "plan_id": "on-payment"});
+    assert_eq!(app.admin(Method::PUT, "/admin/v1/merchants/shop/partners/ann", Some(partner)).await.status, 200);
+
+    let sale = r#"{"txn_id":"o-1","amount":"100.00","currency":"USD","partner_id":"ann"}"#;
+    let r = app.convert("shop", &secret, sale).await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.json()["commission"]["amount"], "20.00");
+    // A partial refund while pending lowers what is pending.
+    let refund = r#"{"adjustment_id":"r-1","txn_id":"o-1","kind":"refund","amount":"40.00"}"#;
+    assert_eq!(app.adjust("shop", &secret, refund).await.status, 201);
+    assert_eq!(figures(&balance(&app, "ann").await), ["12.00", "0.00", "0.00", "0.00", "0.00", "0.00"]);
+
+    // Months pass; the hold sweep runs every 20 ms; nothing approves a manual plan's sale.
+    clock.set_ms(APRIL);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let view = app.admin(Method::GET, "/admin/v1/merchants/shop/conversions/o-1", None).await.json();
+    assert_eq!(view["conversion"]["status"], "pending", "{view}");
+    assert!(view["approve_at"].is_null());
+
+    // The customer paid: the merchant approves, and the commission is payable.
+    let approve = r#"{"adjustment_id":"a-1","txn_id":"o-1","kind":"approve"}"#;
+    assert_eq!(app.adjust("shop", &secret, approve).await.status, 201);
+    assert_eq!(figures(&balance(&app, "ann").await), ["0.00", "20.00", "8.00", "0.00", "0.00", "12.00"]);
+    // A refund after approval is a clawback: reversed, no longer payable.
+    let rest = r#"{"adjustment_id":"r-2","txn_id":"o-1","kind":"refund"}"#;
+    assert_eq!(app.adjust("shop", &secret, rest).await.status, 201);
+    assert_eq!(figures(&balance(&app, "ann").await), ["0.00", "20.00", "20.00", "0.00", "0.00", "0.00"]);
+
+    // March: opening 0, the commission and the pending refund, closing 12.00.
+    let march = app.admin(Method::GET, "/admin/v1/merchants/shop/partners/ann/statements/2026-03", None).await;
+    assert_eq!(march.status, 200, "{}", String::from_utf8_lossy(&march.body));
+    let s = &march.json()["statements"][0];
+    assert_eq!((s["currency"].as_str(), s["opening"].as_str(), s["closing"].as_str()), (Some("USD"), Some("0.00"), Some("12.00")));
+    let lines: Vec<(String, String, String)> = s["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap().into(), e["amount"].as_str().unwrap().into(), e["note"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(lines, vec![
+        ("commission".into(), "20.00".into(), "sale 20% on o-1 (plan on-payment)".into()),
+        ("reversal".into(), "-8.00".into(), "refund r-1 on o-1".into()),
+    ]);
+    // April opens where March closed, and the clawback brings it to 0.
+    let april = app.admin(Method::GET, "/admin/v1/merchants/shop/partners/ann/statements/2026-04", None).await.json();
+    let s = &april["statements"][0];
+    assert_eq!((s["opening"].as_str(), s["closing"].as_str()), (Some("12.00"), Some("0.00")));
+    assert_eq!(s["entries"][0]["kind"], "clawback");
+    assert_eq!(s["entries"][0]["note"], "refund r-2 on o-1");
+
+    // CSV: opening, entries with the running balance, closing.
+    let auth = [("authorization", format!("Bearer {ADMIN_TOKEN}")), ("accept", "text/csv".to_string())];
+    let url = format!("http://{}/admin/v1/merchants/shop/partners/ann/statements/2026-03", app.admin);
+    let csv = String::from_utf8(app.request(Method::GET, url, &auth, Vec::new()).await.body.to_vec()).unwrap();
+    let rows: Vec<&str> = csv.split("\r\n").filter(|l| !l.is_empty()).collect();
+    assert_eq!(rows[0], "line,currency,entry_id,at,kind,txn_id,conversion_id,amount,balance,note");
+    assert_eq!(rows[1], "opening,USD,,,,,,,0.00,");
+    assert!(rows[2].starts_with("entry,USD,") && rows[2].ends_with(",20.00,20.00,sale 20% on o-1 (plan on-payment)"), "{}", rows[2]);
+    assert!(rows[3].ends_with(",'-8.00,12.00,refund r-1 on o-1"), "{}", rows[3]);
+    assert_eq!(rows[4], "closing,USD,,,,,,,12.00,");
+
+    for path in ["partners/zed/balance", "partners/ann/statements/2026-13", "partners/zed/statements/2026-03"] {
+        let r = app.admin(Method::GET, &format!("/admin/v1/merchants/shop/{path}"), None).await;
+        assert_eq!(r.status, 404, "{path}");
+    }
+}
