@@ -30,7 +30,7 @@ use crate::domain::plan::Plan;
 use crate::domain::rollup::{Rows, Scope, Span};
 use crate::engine::{
     AdjustOutcome, Answer, Catalog, Command, ConversionDraft, ConversionOutcome, DealAnswer, DealDraft, EntityOp,
-    Entropy, OutboxAnswer, OutboxOp, Refusal, Saved,
+    Entropy, OutboxAnswer, OutboxOp, PayoutAnswer, PayoutOp, Refusal, Saved,
 };
 use crate::metrics::StorageStats;
 use crate::signing::WebhookSecret;
@@ -97,6 +97,13 @@ pub trait Backend: Send + Sync + 'static {
         merchant: &'a MerchantId,
         partner: &'a PartnerId,
     ) -> BoxFuture<'a, Result<Vec<LedgerEntry>, StoreError>>;
+
+    /// A payout run of a merchant.
+    fn payout<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        payout_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<crate::domain::payout::PayoutRun>, StoreError>>;
 
     /// A partner's balances, one per currency it was ever credited in (SPEC 9.1).
     fn balances<'a>(
@@ -353,6 +360,16 @@ pub trait BackendExt: Backend {
         async move {
             match self.submit(Command::Outbox(Box::new(op))).await? {
                 Answer::Outbox(a) => Ok(a),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// A payout run, or a line's confirmation.
+    fn payout_op(&self, op: PayoutOp) -> impl Future<Output = Result<PayoutAnswer, StoreError>> + Send {
+        async move {
+            match self.submit(Command::Payout(Box::new(op))).await? {
+                Answer::Payout(a) => Ok(a),
                 other => Err(unexpected(&other)),
             }
         }

@@ -15,15 +15,18 @@ pub enum LedgerKind {
     Reversal,
     Clawback,
     Correction,
+    /// Paid out by a payout run (negative); a failed line is corrected back.
+    Payout,
 }
 
 impl LedgerKind {
-    pub const ALL: [LedgerKind; 5] = [
+    pub const ALL: [LedgerKind; 6] = [
         LedgerKind::Commission,
         LedgerKind::InfluenceFee,
         LedgerKind::Reversal,
         LedgerKind::Clawback,
         LedgerKind::Correction,
+        LedgerKind::Payout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -33,6 +36,7 @@ impl LedgerKind {
             LedgerKind::Reversal => "reversal",
             LedgerKind::Clawback => "clawback",
             LedgerKind::Correction => "correction",
+            LedgerKind::Payout => "payout",
         }
     }
 }

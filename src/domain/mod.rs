@@ -15,6 +15,7 @@ pub mod ledger;
 pub mod link;
 pub mod money;
 pub mod outbound;
+pub mod payout;
 pub mod plan;
 pub mod retry;
 pub mod rollup;

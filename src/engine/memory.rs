@@ -15,6 +15,7 @@ use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
 use crate::domain::money::Currency;
 use crate::domain::outbound::{Delivery, EndpointOff};
+use crate::domain::payout::PayoutRun;
 use crate::domain::rollup::{Cell, Counters, Increment};
 
 /// Everything the engine keeps, in memory.
@@ -40,6 +41,8 @@ pub struct Memory {
     pub rollups: BTreeMap<Cell, Counters>,
     pub firsts: BTreeMap<(MerchantId, PartnerId), UnixMillis>,
     pub balances: BTreeMap<(MerchantId, PartnerId, Currency), Balance>,
+    pub payouts: BTreeMap<(MerchantId, String), PayoutRun>,
+    pub earned: BTreeMap<(MerchantId, Currency, PartnerId, u32), i64>,
 }
 
 impl Memory {
@@ -108,6 +111,12 @@ impl Memory {
             Effect::Endpoint { partner, off: None } => {
                 self.endpoints.remove(&partner);
             }
+            Effect::Payout(run) => {
+                self.payouts.insert((run.merchant_id.clone(), run.request.payout_id.clone()), *run);
+            }
+            Effect::Earned { merchant, partner, currency, day, delta } => {
+                *self.earned.entry((merchant, currency, partner, day)).or_default() += delta;
+            }
             Effect::Balance { merchant, partner, currency, balance } => {
                 self.balances.insert((merchant, partner, currency), balance);
             }
@@ -165,6 +174,18 @@ impl State for Memory {
     }
     fn balance(&self, m: &MerchantId, p: &PartnerId, currency: Currency) -> Result<Option<Balance>, Infallible> {
         Ok(self.balances.get(&(m.clone(), p.clone(), currency)).copied())
+    }
+    fn payout(&self, m: &MerchantId, payout_id: &str) -> Result<Option<PayoutRun>, Infallible> {
+        Ok(self.payouts.get(&(m.clone(), payout_id.to_string())).cloned())
+    }
+    fn earned(&self, m: &MerchantId, currency: Currency, last_day: u32) -> Result<Vec<(PartnerId, i64)>, Infallible> {
+        let mut sums: BTreeMap<PartnerId, i64> = BTreeMap::new();
+        for ((mm, c, p, day), delta) in &self.earned {
+            if mm == m && *c == currency && *day <= last_day {
+                *sums.entry(p.clone()).or_default() += delta;
+            }
+        }
+        Ok(sums.into_iter().collect())
     }
     fn due_holds(&self, now: UnixMillis, limit: usize) -> Result<Vec<Hold>, Infallible> {
         Ok(self.holds.iter().take_while(|h| h.at <= now).take(limit).cloned().collect())

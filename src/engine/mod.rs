@@ -22,6 +22,7 @@ mod entity;
 pub mod memory;
 mod money;
 mod outbox;
+mod payout;
 #[cfg(test)]
 mod tests;
 mod tx;
@@ -34,6 +35,7 @@ pub use convert::{ConversionDraft, ConversionOutcome};
 pub use entity::{EntityOp, Saved};
 pub use money::{AdjustOutcome, SWEEP_LIMIT};
 pub use outbox::{OutboxAnswer, OutboxIndex, OutboxOp};
+pub use payout::{day_of, PayoutAnswer, PayoutOp, Settlement};
 pub use tx::Tx;
 
 use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth, Touch};
@@ -47,6 +49,7 @@ use crate::domain::ledger::LedgerEntry;
 use crate::domain::link::Link;
 use crate::domain::money::Currency;
 use crate::domain::outbound::{Delivery, EndpointOff};
+use crate::domain::payout::PayoutRun;
 use crate::domain::plan::Plan;
 use crate::domain::rollup::Increment;
 use crate::signing::SecretSet;
@@ -119,6 +122,8 @@ pub enum Command {
     Entity(Box<EntityOp>),
     /// An outbound delivery's attempt, park, retry, an endpoint's enable, or retention.
     Outbox(Box<OutboxOp>),
+    /// A payout run, or a line of one confirmed paid or failed.
+    Payout(Box<PayoutOp>),
 }
 
 /// A refusal on the merits: what the caller sent clashes with what is stored
@@ -155,6 +160,7 @@ pub enum Answer {
     Swept(u64),
     Entity(Result<Saved, Refusal>),
     Outbox(OutboxAnswer),
+    Payout(PayoutAnswer),
 }
 
 /// A conversion's place in the hold index: approved at `at` unless adjusted first.
@@ -241,6 +247,17 @@ pub enum Effect {
     },
     /// What an event adds to the report rollups; merged, never read back by the engine.
     Rollup(Box<Increment>),
+    /// A payout run as it now stands.
+    Payout(Box<PayoutRun>),
+    /// What a partner earned (approved minus reversed) changes by `delta` on UTC day `day`
+    /// (the day of the ledger entry): summed by storage, read by payout runs.
+    Earned {
+        merchant: MerchantId,
+        partner: PartnerId,
+        currency: Currency,
+        day: u32,
+        delta: i64,
+    },
     /// A partner's balance in one currency.
     Balance {
         merchant: MerchantId,
@@ -276,6 +293,15 @@ pub trait State {
         partner: &PartnerId,
         currency: Currency,
     ) -> Result<Option<Balance>, Self::Error>;
+    fn payout(&self, merchant: &MerchantId, payout_id: &str) -> Result<Option<PayoutRun>, Self::Error>;
+    /// What each partner of a merchant earned in `currency` on days up to `last_day`
+    /// included (approved minus reversed), by partner.
+    fn earned(
+        &self,
+        merchant: &MerchantId,
+        currency: Currency,
+        last_day: u32,
+    ) -> Result<Vec<(PartnerId, i64)>, Self::Error>;
     /// The holds that end at or before `now`, soonest first, at most `limit`.
     fn due_holds(&self, now: UnixMillis, limit: usize) -> Result<Vec<Hold>, Self::Error>;
     fn ledger_head(&self) -> Result<Option<Ulid>, Self::Error>;
@@ -334,6 +360,7 @@ pub fn execute<S: State + ?Sized>(state: &S, command: Command) -> Result<Outcome
         Command::SweepHolds { now, limit, entropy } => Answer::Swept(money::sweep(&mut tx, now, limit, &entropy)?),
         Command::Entity(op) => Answer::Entity(entity::stage(&mut tx, *op)),
         Command::Outbox(op) => Answer::Outbox(outbox::execute(&mut tx, *op)?),
+        Command::Payout(op) => Answer::Payout(payout::execute(&mut tx, *op)?),
     };
     Ok(Outcome { effects: tx.into_effects(), answer })
 }

@@ -93,6 +93,9 @@ fn reverse_to<S: State + ?Sized>(
                     b.pending -= delta;
                 }
             })?;
+            if approved {
+                earned(tx, rec, &partner, amount.currency, at, -delta);
+            }
         }
     }
     Ok(out)
@@ -126,8 +129,29 @@ fn settle_approval<S: State + ?Sized>(tx: &mut Tx<'_, S>, rec: &ConversionRecord
             b.approved += gross.minor;
             b.reversed += taken;
         })?;
+        // Earned on the day the commission was credited (its ledger entry's day).
+        earned(tx, rec, &partner, gross.currency, rec.received_ms, gross.minor - taken);
     }
     Ok(())
+}
+
+fn earned<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    rec: &ConversionRecord,
+    partner: &PartnerId,
+    currency: crate::domain::money::Currency,
+    at: UnixMillis,
+    delta: i64,
+) {
+    if delta != 0 {
+        tx.push(super::Effect::Earned {
+            merchant: rec.merchant_id.clone(),
+            partner: partner.clone(),
+            currency,
+            day: super::day_of(at),
+            delta,
+        });
+    }
 }
 
 /// The entries a reversal appended, and the change to the sourced partner's commission.

@@ -13,6 +13,7 @@ use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
 use crate::domain::money::Currency;
 use crate::domain::outbound::{Delivery, EndpointOff};
+use crate::domain::payout::PayoutRun;
 
 /// What an effect is stored under, for reading a command's own writes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -23,6 +24,7 @@ enum Key<'a> {
     Customer(&'a MerchantId, &'a str),
     Month(&'a MerchantId, &'a PartnerId, u32),
     Balance(&'a MerchantId, &'a PartnerId, Currency),
+    Payout(&'a MerchantId, &'a str),
     Adjustment(&'a MerchantId, &'a str),
     Deal(&'a PartnerId, &'a str),
     Delivery(&'a MerchantId, &'a Ulid),
@@ -38,6 +40,7 @@ impl Key<'_> {
             Effect::Customer { merchant, customer, .. } => Key::Customer(merchant, customer),
             Effect::PartnerMonth { merchant, partner, month, .. } => Key::Month(merchant, partner, *month),
             Effect::Balance { merchant, partner, currency, .. } => Key::Balance(merchant, partner, *currency),
+            Effect::Payout(run) => Key::Payout(&run.merchant_id, &run.request.payout_id),
             Effect::Adjustment { merchant, record } => Key::Adjustment(merchant, &record.input.adjustment_id),
             Effect::Deal { partner, deal_id, .. } => Key::Deal(partner, deal_id),
             Effect::Delivery(d) | Effect::NewDelivery(d) => Key::Delivery(&d.merchant_id, &d.id),
@@ -189,6 +192,18 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
             Some(Effect::Balance { balance, .. }) => Ok(*balance),
             _ => Ok(self.base.balance(m, p, currency)?.unwrap_or_default()),
         }
+    }
+
+    pub fn payout(&self, m: &MerchantId, payout_id: &str) -> Result<Option<PayoutRun>, S::Error> {
+        match self.staged(Key::Payout(m, payout_id)) {
+            Some(Effect::Payout(run)) => Ok(Some((**run).clone())),
+            _ => self.base.payout(m, payout_id),
+        }
+    }
+
+    /// Earnings through `last_day` as stored (a run executes on a batch of its own).
+    pub fn earned(&self, m: &MerchantId, currency: Currency, last_day: u32) -> Result<Vec<(PartnerId, i64)>, S::Error> {
+        self.base.earned(m, currency, last_day)
     }
 
     /// Changes a partner's balance in `currency` by `f`.

@@ -94,6 +94,9 @@ fn route_of(rest: &[&str]) -> Route {
         [_, "partners", _, "outbound:enable"] => Route::AdminOutboundEnable,
         [_, "partners", _, "secrets:rotate"] => Route::AdminPartnerSecretRotate,
         [_, "partners", _, "balance"] => Route::AdminPartnerBalance,
+        [_, "payouts"] => Route::AdminPayouts,
+        [_, "payouts", _] => Route::AdminPayout,
+        [_, "payouts", _, "lines", l] if l.ends_with(":paid") || l.ends_with(":failed") => Route::AdminPayoutLine,
         [_, "partners", _, "statements", _] => Route::AdminStatement,
         [_, "reports", "partners"] => Route::AdminReportPartners,
         [_, "reports", "program"] => Route::AdminReportProgram,
@@ -456,6 +459,20 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
             let acc = ctx.backend.account(&merchant, &account).await?.ok_or(ApiError::NotFound)?;
             Ok(json(StatusCode::OK, &account_view(&acc, now)))
         }
+        (&Method::POST, [_, "payouts"]) => {
+            let b: super::payouts::PayoutBody = body(ctx, req).await?;
+            super::payouts::run(ctx, &merchant, b).await
+        }
+        (&Method::GET, [_, "payouts", id]) => super::payouts::get(ctx, &merchant, id, req.headers()).await,
+        (&Method::POST, [_, "payouts", id, "lines", line]) if line.ends_with(":paid") || line.ends_with(":failed") => {
+            let (p, paid) = match line.strip_suffix(":paid") {
+                Some(p) => (p, true),
+                None => (line.strip_suffix(":failed").unwrap_or(line), false),
+            };
+            let p = self::id(p, PartnerId::parse)?;
+            let (id, b) = (id.to_string(), body::<super::payouts::SettleBody>(ctx, req).await?);
+            super::payouts::settle(ctx, &merchant, &id, p, paid, b).await
+        }
         (&Method::GET, [_, "partners", p, "balance"]) => {
             let p = id(p, PartnerId::parse)?;
             catalog.partner_of(&merchant, &p).ok_or(ApiError::NotFound)?;
@@ -546,7 +563,9 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
         (
             _,
             [_]
-            | [_, "secrets:rotate" | "postback-token:rotate" | "deliveries" | "ledger"]
+            | [_, "secrets:rotate" | "postback-token:rotate" | "deliveries" | "ledger" | "payouts"]
+            | [_, "payouts", _]
+            | [_, "payouts", _, "lines", _]
             | [_, "reports", "partners" | "program"]
             | [_, "partners" | "links" | "plans" | "conversions" | "accounts" | "deliveries", _]
             | [_, "partners", _, "outbound:enable" | "secrets:rotate" | "balance"]

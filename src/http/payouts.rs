@@ -1,5 +1,6 @@
-//! What each partner is owed (SPEC 9.1): balances per currency and monthly statements.
-//! Balances are kept by the engine as money moves; a statement is read from the ledger.
+//! What each partner is owed and was paid (SPEC 9.1): balances per currency, payout runs
+//! and their lines, monthly statements. Balances and runs are kept by the engine as money
+//! moves; a statement is read from the ledger.
 
 use std::collections::BTreeMap;
 
@@ -10,10 +11,14 @@ use super::csv;
 use super::problem::ApiError;
 use super::reports::wants_csv;
 use super::{json, Body, Ctx};
+use crate::backend::BackendExt;
 use crate::domain::clock::{format_rfc3339, UnixMillis};
 use crate::domain::ids::{MerchantId, PartnerId};
 use crate::domain::ledger::LedgerEntry;
 use crate::domain::money::{Currency, Money};
+use crate::domain::payout::{check_payout_id, LineState, PayoutRequest, PayoutRun};
+use crate::domain::FieldError;
+use crate::engine::{Entropy, PayoutAnswer, PayoutOp, Settlement};
 
 fn text(minor: i64, currency: Currency) -> String {
     Money { minor, currency }.amount_text()
@@ -37,6 +42,158 @@ pub(super) async fn balance(ctx: &Ctx, merchant: &MerchantId, partner: &PartnerI
         })
         .collect();
     Ok(json(StatusCode::OK, &serde_json::json!({"partner_id": partner, "balances": rows})))
+}
+
+/// `POST /admin/v1/merchants/{m}/payouts`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PayoutBody {
+    payout_id: String,
+    currency: Currency,
+    #[serde(default)]
+    min_amount: Option<String>,
+    through: String,
+}
+
+/// Parses and checks a payout run's body.
+fn payout_request(body: PayoutBody) -> Result<PayoutRequest, ApiError> {
+    check_payout_id(&body.payout_id).map_err(|e| FieldError::new("payout_id", e))?;
+    let min_amount = Money::parse(body.min_amount.as_deref().unwrap_or("0.01"), body.currency)
+        .map_err(|e| FieldError::new("min_amount", e))?;
+    let day = (body.through.len() == 10)
+        .then(|| body.through.parse::<Date>().ok())
+        .flatten()
+        .ok_or_else(|| FieldError::new("through", "must be a date, YYYY-MM-DD (UTC)"))?;
+    let next = day.tomorrow().map_err(|_| FieldError::new("through", "is past the last supported date"))?;
+    let through_end_ms = next
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .map(|z| z.timestamp().as_millisecond())
+        .map_err(|_| FieldError::new("through", "cannot be placed in time"))?;
+    Ok(PayoutRequest {
+        payout_id: body.payout_id,
+        currency: body.currency,
+        min_amount,
+        through: body.through,
+        through_end_ms,
+    })
+}
+
+fn run_json(run: &PayoutRun, catalog: &crate::engine::Catalog) -> serde_json::Value {
+    let c = run.request.currency;
+    let total: i64 = run.lines.iter().map(|l| l.amount.minor).sum();
+    serde_json::json!({
+        "payout_id": run.request.payout_id,
+        "currency": c,
+        "min_amount": run.request.min_amount.amount_text(),
+        "through": run.request.through,
+        "created_at": format_rfc3339(run.created_ms),
+        "total": text(total, c),
+        "lines": run.lines.iter().map(|l| {
+            let (reference, reason, settled) = match &l.state {
+                LineState::Pending => (None, None, None),
+                LineState::Paid { reference, at_ms } => (Some(reference.as_str()), None, Some(format_rfc3339(*at_ms))),
+                LineState::Failed { reason, at_ms } => (None, Some(reason.as_str()), Some(format_rfc3339(*at_ms))),
+            };
+            serde_json::json!({
+                "partner_id": l.partner_id,
+                "name": catalog.partner_of(&run.merchant_id, &l.partner_id).map(|p| p.name.as_str()),
+                "amount": l.amount.amount_text(),
+                "state": l.state.as_str(),
+                "reference": reference,
+                "reason": reason,
+                "settled_at": settled,
+                "entry_id": l.entry_id.to_string(),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+/// The answer to a payout command, as HTTP.
+fn payout_answer(ctx: &Ctx, answer: PayoutAnswer, created: StatusCode) -> Result<Response<Body>, ApiError> {
+    let catalog = ctx.backend.catalog();
+    match answer {
+        PayoutAnswer::Run(run, false) => Ok(json(created, &run_json(&run, &catalog))),
+        PayoutAnswer::Run(run, true) => {
+            let mut resp = json(StatusCode::OK, &run_json(&run, &catalog));
+            resp.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
+            Ok(resp)
+        }
+        PayoutAnswer::Settled(run) => Ok(json(StatusCode::OK, &run_json(&run, &catalog))),
+        PayoutAnswer::NotFound => Err(ApiError::NotFound),
+        PayoutAnswer::Refused(r) => Err(ApiError::Refused(r)),
+    }
+}
+
+/// `POST /admin/v1/merchants/{m}/payouts`: `201` with the run, `200` replaying it for
+/// the same body, `409 payout_conflict` for another body under the same id.
+pub(super) async fn run(ctx: &Ctx, merchant: &MerchantId, body: PayoutBody) -> Result<Response<Body>, ApiError> {
+    let request = payout_request(body)?;
+    let op = PayoutOp::Run { merchant: merchant.clone(), request, at: ctx.clock.now_ms(), entropy: Entropy::random() };
+    let answer = ctx.backend.payout_op(op).await?;
+    payout_answer(ctx, answer, StatusCode::CREATED)
+}
+
+const PAYMENT_COLUMNS: [&str; 6] = ["partner_id", "name", "amount", "currency", "payout_id", "reference"];
+
+/// `GET /admin/v1/merchants/{m}/payouts/{id}`: the run, or its payment file as CSV.
+pub(super) async fn get(
+    ctx: &Ctx,
+    merchant: &MerchantId,
+    payout_id: &str,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, ApiError> {
+    let run = ctx.backend.payout(merchant, payout_id).await?.ok_or(ApiError::NotFound)?;
+    let catalog = ctx.backend.catalog();
+    if !wants_csv(headers) {
+        return Ok(json(StatusCode::OK, &run_json(&run, &catalog)));
+    }
+    let mut out = String::new();
+    csv::row(&mut out, PAYMENT_COLUMNS);
+    for l in &run.lines {
+        let name = catalog.partner_of(merchant, &l.partner_id).map_or("", |p| p.name.as_str());
+        let reference = match &l.state {
+            LineState::Paid { reference, .. } => reference.as_str(),
+            _ => "",
+        };
+        let amount = l.amount.amount_text();
+        csv::row(&mut out, [l.partner_id.as_str(), name, &amount, l.amount.currency.as_str(), payout_id, reference]);
+    }
+    Ok(csv::response(out, &format!("payout-{payout_id}.csv")))
+}
+
+/// `:paid {"reference"}` and `:failed {"reason"}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SettleBody {
+    #[serde(default)]
+    reference: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /admin/v1/merchants/{m}/payouts/{id}/lines/{p}:paid` or `:failed`.
+pub(super) async fn settle(
+    ctx: &Ctx,
+    merchant: &MerchantId,
+    payout_id: &str,
+    partner: PartnerId,
+    paid: bool,
+    body: SettleBody,
+) -> Result<Response<Body>, ApiError> {
+    let (field, value) = if paid { ("reference", body.reference) } else { ("reason", body.reason) };
+    let value = value.ok_or_else(|| FieldError::new(field, "is required"))?;
+    crate::domain::account::check_text_id(field, &value)?;
+    let outcome = if paid { Settlement::Paid { reference: value } } else { Settlement::Failed { reason: value } };
+    let op = PayoutOp::Settle {
+        merchant: merchant.clone(),
+        payout_id: payout_id.to_string(),
+        partner,
+        outcome,
+        at: ctx.clock.now_ms(),
+        entropy: Entropy::random(),
+    };
+    let answer = ctx.backend.payout_op(op).await?;
+    payout_answer(ctx, answer, StatusCode::OK)
 }
 
 /// The first instant of a `YYYY-MM` month (UTC) and of the next one.

@@ -74,6 +74,18 @@ pub const OPERATIONS: &[Operation] = &[
     admin("GET", "/admin/v1/merchants/{merchant_id}/reports/program", Route::AdminReportProgram),
     admin("GET", "/admin/v1/merchants/{merchant_id}/ledger", Route::AdminLedger),
     admin("GET", "/admin/v1/merchants/{merchant_id}/partners/{partner_id}/balance", Route::AdminPartnerBalance),
+    admin("POST", "/admin/v1/merchants/{merchant_id}/payouts", Route::AdminPayouts),
+    admin("GET", "/admin/v1/merchants/{merchant_id}/payouts/{payout_id}", Route::AdminPayout),
+    admin(
+        "POST",
+        "/admin/v1/merchants/{merchant_id}/payouts/{payout_id}/lines/{partner_id}:paid",
+        Route::AdminPayoutLine,
+    ),
+    admin(
+        "POST",
+        "/admin/v1/merchants/{merchant_id}/payouts/{payout_id}/lines/{partner_id}:failed",
+        Route::AdminPayoutLine,
+    ),
     admin("GET", "/admin/v1/merchants/{merchant_id}/partners/{partner_id}/statements/{month}", Route::AdminStatement),
     admin("GET", "/admin/ui", Route::AdminUi),
     admin("GET", "/admin/ui/app.js", Route::AdminUi),

@@ -32,6 +32,10 @@ fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
             p.put(Cf::LedgerOrder, keys::ledger_order(&e.merchant_id, &e.entry_id), e.partner_id.as_str().into())?;
             p.write(Cf::Ledger, keys::ledger(&e.merchant_id, &e.partner_id, &e.entry_id), &**e)
         }
+        Effect::Payout(run) => p.write(Cf::Payouts, keys::payout(&run.merchant_id, &run.request.payout_id), &**run),
+        Effect::Earned { merchant, partner, currency, day, delta } => {
+            p.merge(Cf::Earned, &keys::earned(merchant, *currency, partner, *day), &delta.to_be_bytes())
+        }
         Effect::Balance { merchant, partner, currency, balance } => {
             p.write(Cf::Balances, keys::balance(merchant, partner, *currency), balance)
         }

@@ -210,6 +210,14 @@ impl Backend for Store {
         self.checkpoint(dir)
     }
 
+    fn payout<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        payout_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<crate::domain::payout::PayoutRun>, StoreError>> {
+        self.point(Cf::Payouts, keys::payout(merchant, payout_id), codec::decode)
+    }
+
     fn balances<'a>(
         &'a self,
         merchant: &'a MerchantId,

@@ -183,6 +183,29 @@ pub fn balance(merchant: &MerchantId, partner: &PartnerId, currency: Currency) -
     join(&[merchant.as_str().as_bytes(), partner.as_str().as_bytes(), currency.as_str().as_bytes()])
 }
 
+pub fn payout(merchant: &MerchantId, payout_id: &str) -> Vec<u8> {
+    join(&[merchant.as_str().as_bytes(), payout_id.as_bytes()])
+}
+
+/// `merchant, currency, partner, day (4 bytes BE)`.
+pub fn earned(merchant: &MerchantId, currency: Currency, partner: &PartnerId, day: u32) -> Vec<u8> {
+    join(&[merchant.as_str().as_bytes(), currency.as_str().as_bytes(), partner.as_str().as_bytes(), &day.to_be_bytes()])
+}
+
+/// The prefix of one merchant's earnings in one currency.
+pub fn earned_prefix(merchant: &MerchantId, currency: Currency) -> Vec<u8> {
+    let mut p = join(&[merchant.as_str().as_bytes(), currency.as_str().as_bytes()]);
+    p.push(SEP);
+    p
+}
+
+/// `(partner, day)` of an earnings key after its prefix.
+pub fn parse_earned(rest: &[u8]) -> Option<(PartnerId, u32)> {
+    let day = u32::from_be_bytes(rest.get(rest.len().checked_sub(4)?..)?.try_into().ok()?);
+    let partner = std::str::from_utf8(rest.get(..rest.len().checked_sub(5)?)?).ok()?;
+    Some((PartnerId::parse(partner).ok()?, day))
+}
+
 /// The rollup family's tag for the first attributed conversion of a partner.
 pub const ROLLUP_FIRST: u8 = b'f';
 

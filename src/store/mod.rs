@@ -137,6 +137,9 @@ fn open_db(data_dir: &std::path::Path, db_opts: &Options) -> Result<DB, StoreErr
         if cf == Cf::Rollups {
             o.set_merge_operator_associative(rollups::MERGE_NAME, rollups::merge);
         }
+        if cf == Cf::Earned {
+            o.set_merge_operator_associative(rollups::ADD_NAME, rollups::add_i64);
+        }
         ColumnFamilyDescriptor::new(cf.name(), o)
     });
     Ok(DB::open_cf_descriptors(db_opts, data_dir, cfs)?)

@@ -60,6 +60,22 @@ pub(super) fn merge(key: &[u8], existing: Option<&[u8]>, operands: &MergeOperand
     Some(sum.encode().to_vec())
 }
 
+/// The merge operator of `Cf::Earned`'s name.
+pub(super) const ADD_NAME: &str = "tally.add_i64.v1";
+
+/// The merge operator of `Cf::Earned`: 8-byte big-endian `i64`s, added (wrapping): a
+/// commutative monoid with 0 as identity. A malformed operand is skipped and logged.
+pub(super) fn add_i64(key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
+    let mut sum = 0i64;
+    for v in existing.into_iter().chain(operands.iter()) {
+        match <[u8; 8]>::try_from(v) {
+            Ok(b) => sum = sum.wrapping_add(i64::from_be_bytes(b)),
+            Err(_) => tracing::error!(key = %String::from_utf8_lossy(key), "malformed earnings operand skipped"),
+        }
+    }
+    Some(sum.to_be_bytes().to_vec())
+}
+
 /// The merge operands an increment writes: a counter cell at each resolution, or the
 /// partner's first conversion.
 pub(super) fn operands(inc: &Increment) -> Vec<(Vec<u8>, Vec<u8>)> {

@@ -49,10 +49,16 @@ pub enum Cf {
     LedgerOrder,
     /// `merchant, partner, currency` -> `Balance` (SPEC 9.1).
     Balances,
+    /// `merchant, payout_id` -> `PayoutRun`.
+    Payouts,
+    /// `merchant, currency, partner, day` -> what the partner earned that day (approved
+    /// minus reversed, minor units, 8 bytes big-endian), merge-only: the merge operator adds
+    /// (`i64` wrapping addition, a commutative monoid). Payout runs sum it up to `through`.
+    Earned,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 21] = [
+    pub const ALL: [Cf; 23] = [
         Cf::Meta,
         Cf::Merchants,
         Cf::Secrets,
@@ -74,6 +80,8 @@ impl Cf {
         Cf::Rollups,
         Cf::LedgerOrder,
         Cf::Balances,
+        Cf::Payouts,
+        Cf::Earned,
     ];
 
     pub fn name(self) -> &'static str {
@@ -99,6 +107,8 @@ impl Cf {
             Cf::Rollups => "rollups",
             Cf::LedgerOrder => "ledger_order",
             Cf::Balances => "balances",
+            Cf::Payouts => "payouts",
+            Cf::Earned => "earned",
         }
     }
 }

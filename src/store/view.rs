@@ -15,6 +15,7 @@ use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::money::Currency;
 use crate::domain::outbound::{Delivery, EndpointOff};
+use crate::domain::payout::PayoutRun;
 use crate::engine::{Catalog, DealAnswer, Hold, State};
 
 pub(super) struct View<'v, 'a> {
@@ -88,6 +89,30 @@ impl State for View<'_, '_> {
 
     fn balance(&self, m: &MerchantId, p: &PartnerId, currency: Currency) -> Result<Option<Balance>, StoreError> {
         self.read(Cf::Balances, &keys::balance(m, p, currency))
+    }
+
+    fn payout(&self, m: &MerchantId, payout_id: &str) -> Result<Option<PayoutRun>, StoreError> {
+        self.read(Cf::Payouts, &keys::payout(m, payout_id))
+    }
+
+    /// Reads the database only: the writer runs a payout run on a batch of its own.
+    fn earned(&self, m: &MerchantId, currency: Currency, last_day: u32) -> Result<Vec<(PartnerId, i64)>, StoreError> {
+        let db = self.pending.db()?;
+        let prefix = keys::earned_prefix(m, currency);
+        let mut sums: std::collections::BTreeMap<PartnerId, i64> = std::collections::BTreeMap::new();
+        for item in db.prefix_iterator_cf(cf_of(db, Cf::Earned)?, &prefix) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let (partner, day) = keys::parse_earned(&k[prefix.len()..])
+                .ok_or_else(|| StoreError::Corrupt(format!("earnings key {}", String::from_utf8_lossy(&k))))?;
+            let value = <[u8; 8]>::try_from(&*v).map_err(|_| StoreError::Corrupt("earnings value".into()))?;
+            if day <= last_day {
+                *sums.entry(partner).or_default() += i64::from_be_bytes(value);
+            }
+        }
+        Ok(sums.into_iter().collect())
     }
 
     fn adjustment(&self, m: &MerchantId, id: &str) -> Result<Option<AdjustmentRecord>, StoreError> {

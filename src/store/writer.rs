@@ -128,6 +128,13 @@ impl<'a> Pending<'a> {
         Ok(())
     }
 
+    /// A merge operand (earnings): never read back within the batch.
+    pub(super) fn merge(&mut self, cf: Cf, key: &[u8], operand: &[u8]) -> Result<(), StoreError> {
+        let db = self.db.as_deref().ok_or_else(StoreError::reopening)?;
+        self.batch.merge_cf(super::cf_of(db, cf)?, key, operand);
+        Ok(())
+    }
+
     /// Decodes the value at `key`, reading through the batch.
     pub(super) fn write<T: serde::Serialize>(&mut self, cf: Cf, key: Vec<u8>, value: &T) -> Result<(), StoreError> {
         self.put(cf, key, codec::encode(value))
@@ -161,6 +168,7 @@ fn reads_ranges(command: &Command) -> bool {
     match command {
         Command::SweepHolds { .. } => true,
         Command::Outbox(op) => matches!(**op, OutboxOp::Enable { .. } | OutboxOp::Prune { .. }),
+        Command::Payout(op) => matches!(**op, crate::engine::PayoutOp::Run { .. }),
         _ => false,
     }
 }
@@ -233,7 +241,7 @@ impl Writer {
                 }
                 // A sweep reads the hold index, an enable the parked deliveries and a prune
                 // the finished ones, from the database: nothing may be staged.
-                Command::SweepHolds { .. } | Command::Outbox(_) if reads_ranges(&command) => {
+                Command::SweepHolds { .. } | Command::Outbox(_) | Command::Payout(_) if reads_ranges(&command) => {
                     self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
                     self.execute(&mut pending, command, reply);
                     self.commit(std::mem::replace(&mut pending, Pending::new(shared)));

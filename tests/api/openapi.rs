@@ -52,6 +52,7 @@ fn concrete(template: &str) -> String {
         ("{account}", "acme.com"),
         ("{delivery_id}", "01JD0000000000000000000000"),
         ("{month}", "2026-11"),
+        ("{payout_id}", "2026-11"),
     ]
     .iter()
     .fold(template.to_string(), |path, (name, value)| path.replace(name, value))

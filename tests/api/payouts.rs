@@ -62,17 +62,29 @@ async fn a_manual_plan_pays_after_approve_and_statements_chain_month_to_month() 
     let march = app.admin(Method::GET, "/admin/v1/merchants/shop/partners/ann/statements/2026-03", None).await;
     assert_eq!(march.status, 200, "{}", String::from_utf8_lossy(&march.body));
     let s = &march.json()["statements"][0];
-    assert_eq!((s["currency"].as_str(), s["opening"].as_str(), s["closing"].as_str()), (Some("USD"), Some("0.00"), Some("12.00")));
+    assert_eq!(
+        (s["currency"].as_str(), s["opening"].as_str(), s["closing"].as_str()),
+        (Some("USD"), Some("0.00"), Some("12.00"))
+    );
     let lines: Vec<(String, String, String)> = s["entries"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["kind"].as_str().unwrap().into(), e["amount"].as_str().unwrap().into(), e["note"].as_str().unwrap().into()))
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().into(),
+                e["amount"].as_str().unwrap().into(),
+                e["note"].as_str().unwrap().into(),
+            )
+        })
         .collect();
-    assert_eq!(lines, vec![
-        ("commission".into(), "20.00".into(), "sale 20% on o-1 (plan on-payment)".into()),
-        ("reversal".into(), "-8.00".into(), "refund r-1 on o-1".into()),
-    ]);
+    assert_eq!(
+        lines,
+        vec![
+            ("commission".into(), "20.00".into(), "sale 20% on o-1 (plan on-payment)".into()),
+            ("reversal".into(), "-8.00".into(), "refund r-1 on o-1".into()),
+        ]
+    );
     // April opens where March closed, and the clawback brings it to 0.
     let april = app.admin(Method::GET, "/admin/v1/merchants/shop/partners/ann/statements/2026-04", None).await.json();
     let s = &april["statements"][0];
@@ -87,7 +99,11 @@ async fn a_manual_plan_pays_after_approve_and_statements_chain_month_to_month() 
     let rows: Vec<&str> = csv.split("\r\n").filter(|l| !l.is_empty()).collect();
     assert_eq!(rows[0], "line,currency,entry_id,at,kind,txn_id,conversion_id,amount,balance,note");
     assert_eq!(rows[1], "opening,USD,,,,,,,0.00,");
-    assert!(rows[2].starts_with("entry,USD,") && rows[2].ends_with(",20.00,20.00,sale 20% on o-1 (plan on-payment)"), "{}", rows[2]);
+    assert!(
+        rows[2].starts_with("entry,USD,") && rows[2].ends_with(",20.00,20.00,sale 20% on o-1 (plan on-payment)"),
+        "{}",
+        rows[2]
+    );
     assert!(rows[3].ends_with(",'-8.00,12.00,refund r-1 on o-1"), "{}", rows[3]);
     assert_eq!(rows[4], "closing,USD,,,,,,,12.00,");
 
@@ -95,4 +111,116 @@ async fn a_manual_plan_pays_after_approve_and_statements_chain_month_to_month() 
         let r = app.admin(Method::GET, &format!("/admin/v1/merchants/shop/{path}"), None).await;
         assert_eq!(r.status, 404, "{path}");
     }
+}
+
+async fn post(app: &TestApp, path: &str, body: Value) -> (u16, Value, Option<String>) {
+    let r = app.admin(Method::POST, &format!("/admin/v1/merchants/shop/{path}"), Some(body)).await;
+    let replay = r.header("idempotent-replayed").map(str::to_string);
+    (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null), replay)
+}
+
+fn lines(run: &Value) -> Vec<(String, String, String)> {
+    run["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["partner_id"].as_str().unwrap().into(),
+                l["amount"].as_str().unwrap().into(),
+                l["state"].as_str().unwrap().into(),
+            )
+        })
+        .collect()
+}
+
+/// Payout runs: idempotent by id, `409` for another body; `min_amount` and `through`; a
+/// failed line is payable again; a clawback after a payout is a negative payable that the
+/// next earnings net off; the CSV payment file matches the run; a line settles once.
+#[tokio::test]
+async fn payout_runs_pay_what_is_payable_and_lines_settle_once() {
+    let (clock, shared) = manual_clock();
+    clock.set_ms(MARCH);
+    let app = TestApp::spawn_with(|_| {}, shared).await;
+    let secret = app.demo().await;
+    let plan = json!({"currency": "USD", "hold_days": 0, "rules": [{"event": "sale", "percent": "10"}]});
+    assert_eq!(app.admin(Method::PUT, "/admin/v1/merchants/shop/plans/now", Some(plan)).await.status, 201);
+    for p in ["ann", "bob", "cy"] {
+        let body = json!({"name": format!("Partner {p}"), "kind": "affiliate", "plan_id": "now"});
+        assert!(
+            app.admin(Method::PUT, &format!("/admin/v1/merchants/shop/partners/{p}"), Some(body)).await.status < 300
+        );
+    }
+    let sale = |txn: &str, amount: &str, p: &str| {
+        format!(r#"{{"txn_id":"{txn}","amount":"{amount}","currency":"USD","partner_id":"{p}"}}"#)
+    };
+    let approve = |id: &str, txn: &str| format!(r#"{{"adjustment_id":"{id}","txn_id":"{txn}","kind":"approve"}}"#);
+    for (txn, amount, p) in [("s1", "500.00", "ann"), ("s2", "300.00", "bob"), ("s3", "20.00", "cy")] {
+        assert_eq!(app.convert("shop", &secret, &sale(txn, amount, p)).await.status, 201);
+        assert_eq!(app.adjust("shop", &secret, &approve(&format!("a-{txn}"), txn)).await.status, 201);
+    }
+    // Earned in April: not part of a run through March.
+    clock.set_ms(APRIL);
+    assert_eq!(app.convert("shop", &secret, &sale("s4", "100.00", "ann")).await.status, 201);
+    assert_eq!(app.adjust("shop", &secret, &approve("a-s4", "s4")).await.status, 201);
+
+    let body = json!({"payout_id": "2026-03", "currency": "USD", "min_amount": "5.00", "through": "2026-03-31"});
+    let (status, run, _) = post(&app, "payouts", body.clone()).await;
+    assert_eq!(status, 201, "{run}");
+    // cy's 2.00 is under the minimum and waits; ann's April 10.00 is after `through`.
+    assert_eq!(
+        lines(&run),
+        vec![("ann".into(), "50.00".into(), "pending".into()), ("bob".into(), "30.00".into(), "pending".into())]
+    );
+    assert_eq!(run["total"], "80.00");
+    assert_eq!(figures(&balance(&app, "ann").await), ["0.00", "60.00", "0.00", "0.00", "50.00", "10.00"]);
+
+    // The same id and body: the same run; another body under the id: 409.
+    let (status, again, replay) = post(&app, "payouts", body.clone()).await;
+    assert_eq!((status, replay.as_deref()), (200, Some("true")));
+    assert_eq!(lines(&again), lines(&run));
+    let mut other = body.clone();
+    other["min_amount"] = json!("1.00");
+    let (status, problem, _) = post(&app, "payouts", other).await;
+    assert_eq!((status, problem["code"].as_str()), (409, Some("payout_conflict")));
+
+    // The payment file matches the run.
+    let auth = [("authorization", format!("Bearer {ADMIN_TOKEN}")), ("accept", "text/csv".to_string())];
+    let url = format!("http://{}/admin/v1/merchants/shop/payouts/2026-03", app.admin);
+    let csv = String::from_utf8(app.request(Method::GET, url.clone(), &auth, Vec::new()).await.body.to_vec()).unwrap();
+    assert_eq!(csv, "partner_id,name,amount,currency,payout_id,reference\r\nann,Partner ann,50.00,USD,2026-03,\r\nbob,Partner bob,30.00,USD,2026-03,\r\n");
+
+    // ann is paid; bob's transfer bounced: his 30.00 is payable again.
+    let (status, _, _) = post(&app, "payouts/2026-03/lines/ann:paid", json!({"reference": "SEPA-7781"})).await;
+    assert_eq!(status, 200);
+    let (status, problem, _) = post(&app, "payouts/2026-03/lines/ann:failed", json!({"reason": "late"})).await;
+    assert_eq!((status, problem["code"].as_str()), (409, Some("line_settled")));
+    let (status, settled, _) = post(&app, "payouts/2026-03/lines/bob:failed", json!({"reason": "IBAN closed"})).await;
+    assert_eq!((status, settled["lines"][1]["state"].as_str()), (200, Some("failed")));
+    assert_eq!(figures(&balance(&app, "bob").await), ["0.00", "30.00", "0.00", "0.00", "0.00", "30.00"]);
+    assert_eq!(figures(&balance(&app, "ann").await), ["0.00", "60.00", "0.00", "50.00", "0.00", "10.00"]);
+    let csv = String::from_utf8(app.request(Method::GET, url, &auth, Vec::new()).await.body.to_vec()).unwrap();
+    assert!(csv.contains("ann,Partner ann,50.00,USD,2026-03,SEPA-7781\r\n"), "{csv}");
+    assert_eq!(post(&app, "payouts/nope/lines/ann:paid", json!({"reference": "x"})).await.0, 404);
+    assert_eq!(post(&app, "payouts/2026-03/lines/cy:paid", json!({"reference": "x"})).await.0, 404);
+
+    // A full refund of ann's paid March sale: a clawback after the payout, payable -40.00
+    // (10.00 of April minus 50.00 taken back), carried forward, never hidden.
+    let refund = r#"{"adjustment_id":"r-s1","txn_id":"s1","kind":"refund"}"#;
+    assert_eq!(app.adjust("shop", &secret, refund).await.status, 201);
+    assert_eq!(figures(&balance(&app, "ann").await), ["0.00", "60.00", "50.00", "50.00", "0.00", "-40.00"]);
+    // The next earnings net it off: a run pays only what is payable beyond it.
+    assert_eq!(app.convert("shop", &secret, &sale("s5", "700.00", "ann")).await.status, 201);
+    assert_eq!(app.adjust("shop", &secret, &approve("a-s5", "s5")).await.status, 201);
+    let (status, run, _) =
+        post(&app, "payouts", json!({"payout_id": "2026-04", "currency": "USD", "through": "2026-04-30"})).await;
+    assert_eq!(status, 201, "{run}");
+    assert_eq!(
+        lines(&run),
+        vec![
+            ("ann".into(), "30.00".into(), "pending".into()),
+            ("bob".into(), "30.00".into(), "pending".into()),
+            ("cy".into(), "2.00".into(), "pending".into()),
+        ]
+    );
 }
