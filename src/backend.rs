@@ -98,6 +98,16 @@ pub trait Backend: Send + Sync + 'static {
         partner: &'a PartnerId,
     ) -> BoxFuture<'a, Result<Vec<LedgerEntry>, StoreError>>;
 
+    /// The conversions crediting a partner (sourced or influenced) with ids in
+    /// `from..until`, oldest first, at most `limit`.
+    fn partner_conversions<'a>(
+        &'a self,
+        partner: &'a PartnerId,
+        from: Ulid,
+        until: Ulid,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<ConversionRecord>, StoreError>>;
+
     /// A payout run of a merchant.
     fn payout<'a>(
         &'a self,

@@ -104,8 +104,23 @@ pub(super) fn conversion<S: State + ?Sized>(
     for increment in rollup::of_conversion(&rec) {
         tx.push(Effect::Rollup(Box::new(increment)));
     }
+    for partner in credited_partners(&rec) {
+        tx.push(Effect::PartnerConversion {
+            partner: partner.clone(),
+            conversion_id: rec.conversion_id,
+            merchant: rec.merchant_id.clone(),
+            txn: rec.txn_id.clone(),
+        });
+    }
     tx.put_conversion(rec.clone());
     Ok(ConversionOutcome::Created(rec))
+}
+
+/// The partners a conversion credits: its source and every influencer.
+pub fn credited_partners(rec: &ConversionRecord) -> impl Iterator<Item = &PartnerId> {
+    rec.attribution
+        .iter()
+        .flat_map(|a| std::iter::once(&a.partner_id).chain(a.influencers.iter().map(|i| &i.partner_id)))
 }
 
 /// The plan that pays a credited partner: the link's, else the partner's, else the

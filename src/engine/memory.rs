@@ -43,6 +43,7 @@ pub struct Memory {
     pub balances: BTreeMap<(MerchantId, PartnerId, Currency), Balance>,
     pub payouts: BTreeMap<(MerchantId, String), PayoutRun>,
     pub earned: BTreeMap<(MerchantId, Currency, PartnerId, u32), i64>,
+    pub partner_conversions: BTreeMap<(PartnerId, Ulid), (MerchantId, TxnId)>,
 }
 
 impl Memory {
@@ -110,6 +111,9 @@ impl Memory {
             }
             Effect::Endpoint { partner, off: None } => {
                 self.endpoints.remove(&partner);
+            }
+            Effect::PartnerConversion { partner, conversion_id, merchant, txn } => {
+                self.partner_conversions.insert((partner, conversion_id), (merchant, txn));
             }
             Effect::Payout(run) => {
                 self.payouts.insert((run.merchant_id.clone(), run.request.payout_id.clone()), *run);

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 pub use b2b::{DealAnswer, DealDraft, DealOutcome};
 pub use catalog::Catalog;
-pub use convert::{ConversionDraft, ConversionOutcome};
+pub use convert::{credited_partners, ConversionDraft, ConversionOutcome};
 pub use entity::{EntityOp, Saved};
 pub use money::{AdjustOutcome, SWEEP_LIMIT};
 pub use outbox::{OutboxAnswer, OutboxIndex, OutboxOp};
@@ -249,6 +249,14 @@ pub enum Effect {
     Rollup(Box<Increment>),
     /// A payout run as it now stands.
     Payout(Box<PayoutRun>),
+    /// A conversion credited to a partner (sourced or influenced): the index the partner's
+    /// own reads list.
+    PartnerConversion {
+        partner: PartnerId,
+        conversion_id: Ulid,
+        merchant: MerchantId,
+        txn: TxnId,
+    },
     /// What a partner earned (approved minus reversed) changes by `delta` on UTC day `day`
     /// (the day of the ledger entry): summed by storage, read by payout runs.
     Earned {

@@ -7,6 +7,7 @@ mod b2b;
 pub mod client;
 mod conn;
 mod csv;
+mod partner;
 mod payouts;
 pub mod problem;
 mod public;
@@ -142,6 +143,8 @@ routes! {
     Adjustment => "adjustment",
     Touch => "touch",
     Deal => "deal",
+    PartnerConversions => "partner_conversions",
+    PartnerStatement => "partner_statement",
     AdminReassign => "admin_reassign",
     AdminMerchant => "admin_merchant",
     AdminSecretRotate => "admin_secret_rotate",

@@ -62,6 +62,14 @@ pub(super) async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) 
         (_, ["v1", "partners", partner, "deals"]) if post => {
             (Route::Deal, super::b2b::register_deal(ctx, peer, partner, req).await)
         }
+        (&Method::GET, ["v1", "partners", partner, "conversions"]) => {
+            (Route::PartnerConversions, super::partner::conversions(ctx, peer, partner, &req).await)
+        }
+        (&Method::GET, ["v1", "partners", partner, "statements", month]) => {
+            (Route::PartnerStatement, super::partner::statement(ctx, peer, partner, month, &req).await)
+        }
+        (_, ["v1", "partners", _, "conversions"]) => (Route::PartnerConversions, Err(ApiError::MethodNotAllowed)),
+        (_, ["v1", "partners", _, "statements", _]) => (Route::PartnerStatement, Err(ApiError::MethodNotAllowed)),
         (_, ["v1", "merchants", _, "adjustments" | "touches"] | ["v1", "partners", _, "deals"]) => {
             (Route::NotFound, Err(ApiError::MethodNotAllowed))
         }

@@ -39,6 +39,8 @@ pub const OPERATIONS: &[Operation] = &[
     public("POST", "/v1/merchants/{merchant_id}/adjustments", Route::Adjustment),
     public("POST", "/v1/merchants/{merchant_id}/touches", Route::Touch),
     public("POST", "/v1/partners/{partner_id}/deals", Route::Deal),
+    public("GET", "/v1/partners/{partner_id}/conversions", Route::PartnerConversions),
+    public("GET", "/v1/partners/{partner_id}/statements/{month}", Route::PartnerStatement),
     admin("GET", "/metrics", Route::Metrics),
     admin("GET", "/healthz", Route::Health),
     admin("GET", "/readyz", Route::Ready),

@@ -32,6 +32,11 @@ fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
             p.put(Cf::LedgerOrder, keys::ledger_order(&e.merchant_id, &e.entry_id), e.partner_id.as_str().into())?;
             p.write(Cf::Ledger, keys::ledger(&e.merchant_id, &e.partner_id, &e.entry_id), &**e)
         }
+        Effect::PartnerConversion { partner, conversion_id, merchant, txn } => p.put(
+            Cf::PartnerConversions,
+            keys::partner_conversion(partner, conversion_id),
+            keys::conversion(merchant, txn),
+        ),
         Effect::Payout(run) => p.write(Cf::Payouts, keys::payout(&run.merchant_id, &run.request.payout_id), &**run),
         Effect::Earned { merchant, partner, currency, day, delta } => {
             p.merge(Cf::Earned, &keys::earned(merchant, *currency, partner, *day), &delta.to_be_bytes())

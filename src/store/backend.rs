@@ -210,6 +210,41 @@ impl Backend for Store {
         self.checkpoint(dir)
     }
 
+    fn partner_conversions<'a>(
+        &'a self,
+        partner: &'a PartnerId,
+        from: Ulid,
+        until: Ulid,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<ConversionRecord>, StoreError>> {
+        let shared = Arc::clone(&self.shared);
+        let partner = partner.clone();
+        Box::pin(blocking(move || {
+            let db = shared.db()?;
+            let prefix = keys::partner_conversions_prefix(&partner);
+            let end = keys::partner_conversion(&partner, &until);
+            let mut it = db.raw_iterator_cf(cf_of(&db, Cf::PartnerConversions)?);
+            it.seek(keys::partner_conversion(&partner, &from));
+            let mut wanted = Vec::new();
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                if !k.starts_with(&prefix) || k >= end.as_slice() || wanted.len() >= limit {
+                    break;
+                }
+                wanted.push(v.to_vec());
+                it.next();
+            }
+            it.status()?;
+            let conversions = cf_of(&db, Cf::Conversions)?;
+            let mut out = Vec::with_capacity(wanted.len());
+            for v in db.multi_get_cf(wanted.iter().map(|k| (conversions, k.as_slice()))) {
+                if let Some(bytes) = v? {
+                    out.push(codec::decode(&bytes)?);
+                }
+            }
+            Ok(out)
+        }))
+    }
+
     fn payout<'a>(
         &'a self,
         merchant: &'a MerchantId,

@@ -183,6 +183,16 @@ pub fn balance(merchant: &MerchantId, partner: &PartnerId, currency: Currency) -
     join(&[merchant.as_str().as_bytes(), partner.as_str().as_bytes(), currency.as_str().as_bytes()])
 }
 
+pub fn partner_conversion(partner: &PartnerId, conversion_id: &Ulid) -> Vec<u8> {
+    join(&[partner.as_str().as_bytes(), &conversion_id.0])
+}
+
+pub fn partner_conversions_prefix(partner: &PartnerId) -> Vec<u8> {
+    let mut p = partner.as_str().as_bytes().to_vec();
+    p.push(SEP);
+    p
+}
+
 pub fn payout(merchant: &MerchantId, payout_id: &str) -> Vec<u8> {
     join(&[merchant.as_str().as_bytes(), payout_id.as_bytes()])
 }

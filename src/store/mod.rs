@@ -145,9 +145,10 @@ fn open_db(data_dir: &std::path::Path, db_opts: &Options) -> Result<DB, StoreErr
     Ok(DB::open_cf_descriptors(db_opts, data_dir, cfs)?)
 }
 
-/// The schema this version writes. 2: report rollups and the ledger's entry-order index,
-/// built from the stored events when a version-1 store is opened.
-const SCHEMA_VERSION: u32 = 2;
+/// The schema this version writes. 2: report rollups and the ledger's entry-order index;
+/// 3: the partners' conversion index. Both built from the stored events when an older
+/// store is opened.
+const SCHEMA_VERSION: u32 = 3;
 /// Set while a rollup rebuild runs: a store opened with it set rebuilds again.
 const META_REBUILDING: &[u8] = b"rollups_rebuilding";
 
@@ -549,7 +550,7 @@ fn migrate(shared: &Shared) -> Result<(), StoreError> {
         )));
     }
     let interrupted = shared.get(Cf::Meta, META_REBUILDING)?.is_some();
-    if version < 2 || interrupted {
+    if version < SCHEMA_VERSION || interrupted {
         tracing::info!(version, interrupted, "building report rollups and the ledger order from the stored events");
         let n = rebuild_rollups(shared, &mut |_| {})?;
         tracing::info!(

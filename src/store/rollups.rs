@@ -305,11 +305,17 @@ pub struct Rebuilt {
 /// Merge operands are written in batches of this many.
 const REBUILD_BATCH: usize = 50_000;
 
+/// A stored record that an index is rebuilt from.
+enum Indexed<'a> {
+    Conversion(&'a ConversionRecord),
+    Entry(&'a LedgerEntry),
+}
+
 /// Every increment the stored events make, in the order clicks, conversions, ledger
 /// entries; `each` gets them with a running count of events read.
 fn replay(
     db: &DB,
-    mut each: impl FnMut(Option<&LedgerEntry>, Vec<Increment>, &Rebuilt) -> Result<(), StoreError>,
+    mut each: impl FnMut(Option<Indexed<'_>>, Vec<Increment>, &Rebuilt) -> Result<(), StoreError>,
 ) -> Result<Rebuilt, StoreError> {
     let mut n = Rebuilt::default();
     for item in db.iterator_cf(cf_of(db, Cf::Clicks)?, rocksdb::IteratorMode::Start) {
@@ -321,31 +327,42 @@ fn replay(
         let (_, v) = item?;
         let rec: ConversionRecord = codec::decode(&v)?;
         n.conversions += 1;
-        each(None, rollup::of_conversion(&rec), &n)?;
+        each(Some(Indexed::Conversion(&rec)), rollup::of_conversion(&rec), &n)?;
     }
     for item in db.iterator_cf(cf_of(db, Cf::Ledger)?, rocksdb::IteratorMode::Start) {
         let (_, v) = item?;
         let e: LedgerEntry = codec::decode(&v)?;
         n.ledger_entries += 1;
         let incs = rollup::of_ledger(&e);
-        each(Some(&e), incs, &n)?;
+        each(Some(Indexed::Entry(&e)), incs, &n)?;
     }
     Ok(n)
 }
 
-/// Recomputes the rollups and the ledger's entry-order index from the stored clicks,
-/// conversions and ledger entries. Nothing else may write meanwhile (tally stopped, or
+/// Recomputes the rollups, the ledger's entry-order index and the partners' conversion
+/// index from the stored clicks, conversions and ledger entries. Nothing else may write meanwhile (tally stopped, or
 /// the store being opened). `progress` is called every `REBUILD_BATCH` writes.
 pub(super) fn rebuild(db: &DB, progress: &mut dyn FnMut(&Rebuilt)) -> Result<Rebuilt, StoreError> {
     let (rollups, order) = (cf_of(db, Cf::Rollups)?, cf_of(db, Cf::LedgerOrder)?);
+    let credits = cf_of(db, Cf::PartnerConversions)?;
     let mut wipe = WriteBatch::default();
-    wipe.delete_range_cf(rollups, b"".as_slice(), b"\xff".as_slice());
-    wipe.delete_range_cf(order, b"".as_slice(), b"\xff".as_slice());
+    for cf in [rollups, order, credits] {
+        wipe.delete_range_cf(cf, b"".as_slice(), b"\xff".as_slice());
+    }
     db.write(wipe)?;
     let mut batch = WriteBatch::default();
-    let n = replay(db, |entry, incs, n| {
-        if let Some(e) = entry {
-            batch.put_cf(order, keys::ledger_order(&e.merchant_id, &e.entry_id), e.partner_id.as_str());
+    let n = replay(db, |record, incs, n| {
+        match record {
+            Some(Indexed::Entry(e)) => {
+                batch.put_cf(order, keys::ledger_order(&e.merchant_id, &e.entry_id), e.partner_id.as_str());
+            }
+            Some(Indexed::Conversion(rec)) => {
+                for p in crate::engine::credited_partners(rec) {
+                    let value = keys::conversion(&rec.merchant_id, &rec.txn_id);
+                    batch.put_cf(credits, keys::partner_conversion(p, &rec.conversion_id), value);
+                }
+            }
+            None => {}
         }
         for inc in &incs {
             for (k, v) in operands(inc) {

@@ -55,10 +55,13 @@ pub enum Cf {
     /// minus reversed, minor units, 8 bytes big-endian), merge-only: the merge operator adds
     /// (`i64` wrapping addition, a commutative monoid). Payout runs sum it up to `through`.
     Earned,
+    /// `partner, conversion_id` -> `merchant, txn_id`: every conversion that credits a
+    /// partner (sourced or influenced), in time order, for the partner's own reads.
+    PartnerConversions,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 23] = [
+    pub const ALL: [Cf; 24] = [
         Cf::Meta,
         Cf::Merchants,
         Cf::Secrets,
@@ -82,6 +85,7 @@ impl Cf {
         Cf::Balances,
         Cf::Payouts,
         Cf::Earned,
+        Cf::PartnerConversions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -109,6 +113,7 @@ impl Cf {
             Cf::Balances => "balances",
             Cf::Payouts => "payouts",
             Cf::Earned => "earned",
+            Cf::PartnerConversions => "partner_conversions",
         }
     }
 }

@@ -224,3 +224,82 @@ async fn payout_runs_pay_what_is_payable_and_lines_settle_once() {
         ]
     );
 }
+
+/// `tally sign-url` with a partner's secret: the signed URL's path and query.
+fn signed(secret: &str, url: &str, ts: i64) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["sign-url", "--secret", secret, "--timestamp", &ts.to_string(), url])
+        .output()
+        .expect("tally runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let full = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    full.split_once("127.0.0.1").and_then(|(_, rest)| rest.split_once('/')).map(|(_, p)| format!("/{p}")).unwrap()
+}
+
+/// Partners read their own conversions and statements with URLs signed by their secret
+/// (made here by `tally sign-url`); another partner's data is `404`, a tampered or
+/// stale signature `401`; an influencer's reason does not name the partner that sourced.
+#[tokio::test]
+async fn partners_read_only_their_own_figures_with_signed_urls() {
+    let app = TestApp::spawn().await;
+    let secret = app.demo().await;
+    let plan = json!({"currency": "USD", "influence_percent": "5", "rules": [{"event": "sale", "percent": "10"}]});
+    assert_eq!(app.admin(Method::PUT, "/admin/v1/merchants/shop/plans/p", Some(plan)).await.status, 201);
+    let mut secrets = std::collections::BTreeMap::new();
+    for p in ["pa", "pb"] {
+        let body = json!({"name": p, "kind": "reseller", "plan_id": "p"});
+        let r = app.admin(Method::PUT, &format!("/admin/v1/merchants/shop/partners/{p}"), Some(body)).await;
+        secrets.insert(p, r.json()["secret"].as_str().unwrap().to_string());
+    }
+    for (txn, p) in [("s1", "pa"), ("s2", "pb")] {
+        let sale = format!(r#"{{"txn_id":"{txn}","amount":"100.00","currency":"USD","partner_id":"{p}"}}"#);
+        assert_eq!(app.convert("shop", &secret, &sale).await.status, 201);
+    }
+    let touch = json!({"account": "acme.com", "partner_id": "pb", "kind": "webinar"}).to_string();
+    assert_eq!(app.post_fresh("/v1/merchants/shop/touches", &touch, &secret).await.status, 201);
+    let why = json!({"partner_id": "pa", "why": "pa owns the account"});
+    assert_eq!(
+        app.admin(Method::POST, "/admin/v1/merchants/shop/accounts/acme.com:reassign", Some(why)).await.status,
+        200
+    );
+    let acme = r#"{"txn_id":"acme-1","amount":"200.00","currency":"USD","account":"acme.com"}"#;
+    assert_eq!(app.convert("shop", &secret, acme).await.status, 201);
+
+    let now = app.now_secs();
+    let base = format!("http://{}", app.public);
+    let app = &app;
+    let get = |path: String| async move { app.get(&path, &[]).await };
+    let own = |p: &str| format!("{base}/v1/partners/{p}/conversions?from=2020-01-01");
+    let r = get(signed(&secrets["pa"], &own("pa"), now)).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    let txns: Vec<&str> = v["conversions"].as_array().unwrap().iter().map(|c| c["txn_id"].as_str().unwrap()).collect();
+    assert_eq!(txns, ["s1", "acme-1"]);
+    assert_eq!(v["conversions"][1]["commission"]["amount"], "20.00");
+
+    let r = get(signed(&secrets["pb"], &own("pb"), now)).await;
+    let v = r.json();
+    let acme = &v["conversions"][1];
+    assert_eq!((acme["txn_id"].as_str(), acme["credit"].as_str()), (Some("acme-1"), Some("influenced")));
+    assert_eq!(acme["commission"]["amount"], "10.00");
+    let reason = acme["reason"].as_str().unwrap();
+    let names_pa = reason.split_whitespace().any(|w| w.trim_matches(|c: char| !c.is_alphanumeric()) == "pa");
+    assert!(!names_pa && reason.ends_with("another partner sourced it"), "{reason}");
+
+    // pa asks for pb's figures with its own key: 404, as for a partner that does not exist.
+    assert_eq!(get(signed(&secrets["pa"], &own("pb"), now)).await.status, 404);
+    assert_eq!(get(signed(&secrets["pa"], &own("nobody"), now)).await.status, 404);
+    let good = signed(&secrets["pa"], &own("pa"), now);
+    assert_eq!(get(good.replace("from=2020-01-01", "from=2020-01-02")).await.status, 401, "tampered");
+    assert_eq!(get(good.split("&sig=").next().unwrap().to_string()).await.status, 401, "unsigned");
+    assert_eq!(get(signed(&secrets["pa"], &own("pa"), now - 3600)).await.status, 401, "stale");
+
+    // Statements: its own, and not another's.
+    let month = &tally::domain::clock::format_rfc3339(app.clock.now_ms())[..7];
+    let statement = |p: &str| format!("{base}/v1/partners/{p}/statements/{month}");
+    let r = get(signed(&secrets["pb"], &statement("pb"), now)).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let s = &r.json()["statements"][0];
+    assert_eq!((s["opening"].as_str(), s["closing"].as_str()), (Some("0.00"), Some("20.00")));
+    assert_eq!(get(signed(&secrets["pb"], &statement("pa"), now)).await.status, 404);
+}
