@@ -2,7 +2,9 @@
 //! balance is the sum of its commissions minus what refunds, chargebacks and rejections
 //! took back; no entry is ever changed; the same sequence gives the same ledger. The
 //! report rollups kept as the events came equal the ones rebuilt from the stored events,
-//! and a duplicate changes none of them.
+//! and a duplicate changes none of them. Payout runs and paid or failed lines keep every
+//! balance equal to a model computed from the conversions and the runs alone, and the
+//! ledger's sum equal to pending + payable.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use tally::domain::conversion::{
 };
 use tally::domain::entities::{Merchant, Partner, PartnerKind, Status};
 use tally::domain::ids::{MerchantId, PartnerId, PlanId, TxnId};
-use tally::domain::ledger::LedgerEntry;
+use tally::domain::ledger::{LedgerEntry, LedgerKind};
 use tally::domain::money::{Currency, Money};
 use tally::domain::plan::PlanBody;
 use tally::engine::{DealDraft, EntityOp};
@@ -24,14 +26,42 @@ use tally::store::{Durability, Store, StoreOptions};
 
 #[derive(Debug, Clone)]
 enum Step {
-    Convert { n: u8, cents: i64, via_account: bool },
-    Refund { n: u8, cents: i64 },
-    Chargeback { n: u8 },
-    Approve { n: u8 },
-    Reject { n: u8 },
-    Click { visitor: u8, beta: bool },
-    Reassign { to_beta: bool },
-    Duplicate { n: u8 },
+    Convert {
+        n: u8,
+        cents: i64,
+        via_account: bool,
+    },
+    Refund {
+        n: u8,
+        cents: i64,
+    },
+    Chargeback {
+        n: u8,
+    },
+    Approve {
+        n: u8,
+    },
+    Reject {
+        n: u8,
+    },
+    Click {
+        visitor: u8,
+        beta: bool,
+    },
+    Reassign {
+        to_beta: bool,
+    },
+    Duplicate {
+        n: u8,
+    },
+    /// A payout run through today, or through yesterday (which pays nothing here).
+    Payout {
+        today: bool,
+    },
+    /// Settles the first pending line of the latest run: paid, or failed.
+    Settle {
+        paid: bool,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -44,6 +74,8 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0u8..3, any::<bool>()).prop_map(|(visitor, beta)| Step::Click { visitor, beta }),
         1 => any::<bool>().prop_map(|to_beta| Step::Reassign { to_beta }),
         1 => (0u8..6).prop_map(|n| Step::Duplicate { n }),
+        2 => prop_oneof![4 => Just(true), 1 => Just(false)].prop_map(|today| Step::Payout { today }),
+        2 => any::<bool>().prop_map(|paid| Step::Settle { paid }),
     ]
 }
 
@@ -123,6 +155,7 @@ async fn open(dir: &std::path::Path) -> Store {
 async fn run(steps: &[Step], dir: &std::path::Path) -> (Store, BTreeMap<String, Vec<LedgerEntry>>) {
     let store = open(dir).await;
     let mut inputs: BTreeMap<u8, ConversionInput> = BTreeMap::new();
+    let mut runs: Vec<String> = Vec::new();
     let mut seen: BTreeMap<String, LedgerEntry> = BTreeMap::new();
     for (i, s) in steps.iter().enumerate() {
         let now = T0 + 1000 * (i as i64 + 1);
@@ -173,6 +206,46 @@ async fn run(steps: &[Step], dir: &std::path::Path) -> (Store, BTreeMap<String, 
                 let to = PartnerId::parse(if *to_beta { "beta" } else { "alpha" }).unwrap();
                 store.reassign(m(), "acme.com".into(), to, "ops".into(), "contract".into(), now).await.unwrap();
             }
+            Step::Payout { today } => {
+                let day = tally::engine::day_of(now) - u32::from(!*today);
+                let request = tally::domain::payout::PayoutRequest {
+                    payout_id: format!("run-{i}"),
+                    currency: Currency::parse("USD").unwrap(),
+                    min_amount: usd(1),
+                    through: format!("day {day}"),
+                    through_end_ms: (i64::from(day) + 1) * 86_400_000,
+                };
+                let op = tally::engine::PayoutOp::Run {
+                    merchant: m(),
+                    request,
+                    at: now,
+                    entropy: tally::engine::Entropy::random(),
+                };
+                store.payout_op(op).await.unwrap();
+                runs.push(format!("run-{i}"));
+            }
+            Step::Settle { paid } => {
+                if let Some(id) = runs.last() {
+                    let run = store.payout(&m(), id).await.unwrap().unwrap();
+                    if let Some(line) = run.lines.iter().find(|l| l.state == tally::domain::payout::LineState::Pending)
+                    {
+                        let outcome = if *paid {
+                            tally::engine::Settlement::Paid { reference: "ref".into() }
+                        } else {
+                            tally::engine::Settlement::Failed { reason: "bounced".into() }
+                        };
+                        let op = tally::engine::PayoutOp::Settle {
+                            merchant: m(),
+                            payout_id: id.clone(),
+                            partner: line.partner_id.clone(),
+                            outcome,
+                            at: now,
+                            entropy: tally::engine::Entropy::random(),
+                        };
+                        store.payout_op(op).await.unwrap();
+                    }
+                }
+            }
             Step::Duplicate { n } => {
                 if let Some(input) = inputs.get(n) {
                     let before = store.rollups_dump().unwrap();
@@ -193,7 +266,7 @@ async fn run(steps: &[Step], dir: &std::path::Path) -> (Store, BTreeMap<String, 
                 store.adjust(m(), adjust(n, AdjustmentKind::Reject, None), now).await.unwrap();
             }
         }
-        check_balances(&store).await;
+        check_balances(&store, &runs).await;
         for p in ["alpha", "beta"] {
             let entries = store.ledger_entries(&m(), &PartnerId::parse(p).unwrap()).await.unwrap();
             let ids: Vec<String> = entries.iter().map(|e| e.entry_id.to_string()).collect();
@@ -242,7 +315,7 @@ async fn expected(store: &Store) -> BTreeMap<String, i64> {
 /// a conversion ever approved counts its gross credit as approved and what was taken back
 /// as reversed; a pending one counts its net credit as pending; one rejected before
 /// approval counts nothing. And payable = approved - reversed - paid - in runs.
-async fn check_balances(store: &Store) {
+async fn check_balances(store: &Store, runs: &[String]) {
     let mut want: BTreeMap<String, tally::domain::balance::Balance> = BTreeMap::new();
     for n in 0..6 {
         let Some(rec) = store.conversion(&m(), &TxnId::parse(&format!("t{n}")).unwrap()).await.unwrap() else {
@@ -271,12 +344,28 @@ async fn check_balances(store: &Store) {
             }
         }
     }
+    // Paid and in runs: from the runs' lines.
+    for id in runs {
+        for line in store.payout(&m(), id).await.unwrap().unwrap().lines {
+            let b = want.entry(line.partner_id.to_string()).or_default();
+            match line.state {
+                tally::domain::payout::LineState::Pending => b.in_runs += line.amount.minor,
+                tally::domain::payout::LineState::Paid { .. } => b.paid += line.amount.minor,
+                tally::domain::payout::LineState::Failed { .. } => {}
+            }
+        }
+    }
     for p in ["alpha", "beta"] {
-        let got = store.balances(&m(), &PartnerId::parse(p).unwrap()).await.unwrap();
+        let pid = PartnerId::parse(p).unwrap();
+        let got = store.balances(&m(), &pid).await.unwrap();
         let got = got.first().map(|(_, b)| *b).unwrap_or_default();
         let w = want.get(p).copied().unwrap_or_default();
         assert_eq!(got, w, "balance of {p}");
         assert_eq!(got.payable(), got.approved - got.reversed - got.paid - got.in_runs);
+        // The ledger agrees: its sum is what was earned (pending included) minus what was
+        // paid or is in a run.
+        let sum: i64 = store.ledger_entries(&m(), &pid).await.unwrap().iter().map(|e| e.amount.minor).sum();
+        assert_eq!(sum, got.pending + got.payable(), "ledger of {p}");
     }
 }
 
@@ -301,7 +390,8 @@ proptest! {
             let (store, ledger) = run(&steps, dir.path()).await;
             let want = expected(&store).await;
             for (p, entries) in &ledger {
-                let balance: i64 = entries.iter().map(|e| e.amount.minor).sum();
+                let earned = entries.iter().filter(|e| !matches!(e.kind, LedgerKind::Payout | LedgerKind::Correction));
+                let balance: i64 = earned.map(|e| e.amount.minor).sum();
                 assert_eq!(balance, want[p], "partner {p}: {entries:#?}");
                 assert!(balance >= 0, "a partner never owes more than it was credited");
             }
