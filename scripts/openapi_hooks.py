@@ -9,7 +9,9 @@ Loaded with SCHEMATHESIS_HOOKS=scripts/openapi_hooks.py. One programmatic auth p
   HMAC-SHA256 of "{id}.{timestamp}.{body}">`, key = the base64-decoded part after `whsec_`);
 - POST /v1/partners/{partner_id}/deals: the same with the partner's secret;
 - GET /pb/{merchant_id}: a signed postback URL (SPEC 4.2): `ts=<now>` and
-  `sig=v1,<base64url HMAC-SHA256 of "GET\\n" + path + "\\n" + canonical query>`.
+  `sig=v1,<base64url HMAC-SHA256 of "GET\\n" + path + "\\n" + canonical query>`;
+- GET /v1/partners/{partner_id}/...: the partner's own reads, a URL signed the same way
+  with the partner's secret.
 
 What is signed is exactly what `requests` will send: the request is prepared here the way
 schemathesis' transport prepares it, and the signature covers its path, query and body bytes.
@@ -122,7 +124,7 @@ class TallySigner:
 
     def set(self, case, data, context):
         path, key = data
-        if path.startswith("/pb/"):
+        if path.startswith("/pb/") or (path.startswith("/v1/partners/") and not path.endswith("/deals")):
             _sign_postback(case, key)
         else:
             _sign_webhook(case, key)
