@@ -415,6 +415,22 @@ pub struct AdjustmentRecord {
 }
 
 impl ConversionRecord {
+    /// What each partner was credited: the source's commission (when not zero) and each
+    /// influencer's fee, as appended when the conversion was created.
+    pub fn credited(&self) -> Vec<(PartnerId, Money)> {
+        let Some(a) = &self.attribution else { return Vec::new() };
+        let mut out = Vec::new();
+        if let Some(c) = self.commission.as_ref().filter(|c| c.amount.minor != 0) {
+            out.push((a.partner_id.clone(), c.amount));
+        }
+        for i in &a.influencers {
+            if let Some(fee) = i.commission {
+                out.push((i.partner_id.clone(), fee));
+            }
+        }
+        out
+    }
+
     /// True when `input` is the same conversion as this one for dedupe purposes
     /// (SPEC 6: amount, currency, event and attribution keys must match).
     pub fn same_content(&self, input: &ConversionInput) -> bool {

@@ -72,7 +72,7 @@ fn reverse_to<S: State + ?Sized>(
     // Before approval a reversal only lowers what is pending; after, it is `reversed`.
     let approved = rec.status == ConversionStatus::Approved;
     let mut out = Reversed::default();
-    for (partner, amount) in credited(rec) {
+    for (partner, amount) in rec.credited() {
         // `before` is always the proportional share: `full` only decides the last step, so a
         // rejection after a partial refund takes back exactly what is left.
         let before =
@@ -101,27 +101,11 @@ fn reverse_to<S: State + ?Sized>(
     Ok(out)
 }
 
-/// What each partner was credited on a conversion: the sourced partner's commission and
-/// each influencer's fee, as appended when it was created.
-fn credited(rec: &ConversionRecord) -> Vec<(PartnerId, Money)> {
-    let Some(a) = &rec.attribution else { return Vec::new() };
-    let mut out = Vec::new();
-    if let Some(c) = rec.commission.as_ref().filter(|c| c.amount.minor != 0) {
-        out.push((a.partner_id.clone(), c.amount));
-    }
-    for i in &a.influencers {
-        if let Some(fee) = i.commission {
-            out.push((i.partner_id.clone(), fee));
-        }
-    }
-    out
-}
-
 /// Moves an approved conversion's credit from `pending` to `approved` (gross), and what
 /// partial refunds took back while it was pending to `reversed`.
 fn settle_approval<S: State + ?Sized>(tx: &mut Tx<'_, S>, rec: &ConversionRecord) -> Result<(), S::Error> {
     let total = rec.amount.map_or(0, |a| a.minor);
-    for (partner, gross) in credited(rec) {
+    for (partner, gross) in rec.credited() {
         let taken =
             if rec.refunded_minor == 0 { 0 } else { commission::proportional(gross.minor, rec.refunded_minor, total) };
         tx.update_balance(&rec.merchant_id, &partner, gross.currency, |b| {

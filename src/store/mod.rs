@@ -146,9 +146,9 @@ fn open_db(data_dir: &std::path::Path, db_opts: &Options) -> Result<DB, StoreErr
 }
 
 /// The schema this version writes. 2: report rollups and the ledger's entry-order index;
-/// 3: the partners' conversion index. Both built from the stored events when an older
-/// store is opened.
-const SCHEMA_VERSION: u32 = 3;
+/// 3: the partners' conversion index; 4: partners' balances and earnings. All built from
+/// the stored events when an older store is opened.
+const SCHEMA_VERSION: u32 = 4;
 /// Set while a rollup rebuild runs: a store opened with it set rebuilds again.
 const META_REBUILDING: &[u8] = b"rollups_rebuilding";
 

@@ -23,10 +23,12 @@ use rocksdb::{MergeOperands, WriteBatch, DB};
 use super::schema::Cf;
 use super::{cf_of, codec, keys, StoreError};
 use crate::backend::LedgerQuery;
+use crate::domain::balance::Balance;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::ConversionRecord;
 use crate::domain::ids::{MerchantId, PartnerId, Ulid};
 use crate::domain::ledger::LedgerEntry;
+use crate::domain::payout::{LineState, PayoutRun};
 use crate::domain::rollup::{self, Counters, Increment, Level, Rows, Scope, Span, QUARTER_MS};
 
 /// The merge operator's name, stored in the OPTIONS file: never change it for another algebra.
@@ -339,14 +341,18 @@ fn replay(
     Ok(n)
 }
 
-/// Recomputes the rollups, the ledger's entry-order index and the partners' conversion
-/// index from the stored clicks, conversions and ledger entries. Nothing else may write meanwhile (tally stopped, or
+/// Recomputes the rollups, the ledger's entry-order index, the partners' conversion index,
+/// and the partners' balances and earnings (from the conversions and payout runs) from the
+/// stored events. Nothing else may write meanwhile (tally stopped, or
 /// the store being opened). `progress` is called every `REBUILD_BATCH` writes.
 pub(super) fn rebuild(db: &DB, progress: &mut dyn FnMut(&Rebuilt)) -> Result<Rebuilt, StoreError> {
     let (rollups, order) = (cf_of(db, Cf::Rollups)?, cf_of(db, Cf::LedgerOrder)?);
     let credits = cf_of(db, Cf::PartnerConversions)?;
+    let (balances_cf, earned_cf) = (cf_of(db, Cf::Balances)?, cf_of(db, Cf::Earned)?);
+    let mut balances: BTreeMap<Vec<u8>, Balance> = BTreeMap::new();
+    let mut earned: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
     let mut wipe = WriteBatch::default();
-    for cf in [rollups, order, credits] {
+    for cf in [rollups, order, credits, balances_cf, earned_cf] {
         wipe.delete_range_cf(cf, b"".as_slice(), b"\xff".as_slice());
     }
     db.write(wipe)?;
@@ -360,6 +366,17 @@ pub(super) fn rebuild(db: &DB, progress: &mut dyn FnMut(&Rebuilt)) -> Result<Reb
                 for p in crate::engine::credited_partners(rec) {
                     let value = keys::conversion(&rec.merchant_id, &rec.txn_id);
                     batch.put_cf(credits, keys::partner_conversion(p, &rec.conversion_id), value);
+                }
+                for s in crate::domain::balance::of_conversion(rec) {
+                    let b = balances.entry(keys::balance(&rec.merchant_id, &s.partner, s.currency)).or_default();
+                    b.pending += s.balance.pending;
+                    b.approved += s.balance.approved;
+                    b.reversed += s.balance.reversed;
+                    if s.earned != 0 {
+                        let day = crate::engine::day_of(s.earned_at);
+                        *earned.entry(keys::earned(&rec.merchant_id, s.currency, &s.partner, day)).or_default() +=
+                            s.earned;
+                    }
                 }
             }
             None => {}
@@ -375,6 +392,26 @@ pub(super) fn rebuild(db: &DB, progress: &mut dyn FnMut(&Rebuilt)) -> Result<Reb
         }
         Ok(())
     })?;
+    // What payout runs took: in runs until confirmed, paid once confirmed.
+    for item in db.iterator_cf(cf_of(db, Cf::Payouts)?, rocksdb::IteratorMode::Start) {
+        let (_, v) = item?;
+        let run: PayoutRun = codec::decode(&v)?;
+        for line in &run.lines {
+            let b =
+                balances.entry(keys::balance(&run.merchant_id, &line.partner_id, line.amount.currency)).or_default();
+            match line.state {
+                LineState::Pending => b.in_runs += line.amount.minor,
+                LineState::Paid { .. } => b.paid += line.amount.minor,
+                LineState::Failed { .. } => {}
+            }
+        }
+    }
+    for (k, b) in &balances {
+        batch.put_cf(balances_cf, k, codec::encode(b));
+    }
+    for (k, e) in &earned {
+        batch.put_cf(earned_cf, k, e.to_be_bytes());
+    }
     db.write(batch)?;
     db.flush_wal(true)?;
     Ok(n)

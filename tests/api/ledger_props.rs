@@ -399,8 +399,20 @@ proptest! {
             let kept = store.rollups_dump().unwrap();
             let (_, mismatches) = store.check_rollups(10).unwrap();
             assert!(mismatches.is_empty(), "{mismatches:#?}");
+            let balances = |store: &Store| {
+                let store = store.clone();
+                async move {
+                    let mut all = Vec::new();
+                    for p in ["alpha", "beta"] {
+                        all.push(store.balances(&m(), &PartnerId::parse(p).unwrap()).await.unwrap());
+                    }
+                    all
+                }
+            };
+            let kept_balances = balances(&store).await;
             store.rebuild_rollups(&mut |_| {}).unwrap();
             assert_eq!(store.rollups_dump().unwrap(), kept, "rebuild differs from the incremental rollups");
+            assert_eq!(balances(&store).await, kept_balances, "rebuilt balances differ from the kept ones");
             store.shutdown_blocking_in_place();
 
             let again = tempfile::tempdir().unwrap();
