@@ -415,6 +415,14 @@ pub struct AdjustmentRecord {
 }
 
 impl ConversionRecord {
+    /// The partners it credits, with or without a commission: its source and every
+    /// influencer (the index of partners' own reads).
+    pub fn credited_partners(&self) -> impl Iterator<Item = &PartnerId> {
+        self.attribution
+            .iter()
+            .flat_map(|a| std::iter::once(&a.partner_id).chain(a.influencers.iter().map(|i| &i.partner_id)))
+    }
+
     /// What each partner was credited: the source's commission (when not zero) and each
     /// influencer's fee, as appended when the conversion was created.
     pub fn credited(&self) -> Vec<(PartnerId, Money)> {

@@ -104,7 +104,7 @@ pub(super) fn conversion<S: State + ?Sized>(
     for increment in rollup::of_conversion(&rec) {
         tx.push(Effect::Rollup(Box::new(increment)));
     }
-    for partner in credited_partners(&rec) {
+    for partner in rec.credited_partners() {
         tx.push(Effect::PartnerConversion {
             partner: partner.clone(),
             conversion_id: rec.conversion_id,
@@ -114,13 +114,6 @@ pub(super) fn conversion<S: State + ?Sized>(
     }
     tx.put_conversion(rec.clone());
     Ok(ConversionOutcome::Created(rec))
-}
-
-/// The partners a conversion credits: its source and every influencer.
-pub fn credited_partners(rec: &ConversionRecord) -> impl Iterator<Item = &PartnerId> {
-    rec.attribution
-        .iter()
-        .flat_map(|a| std::iter::once(&a.partner_id).chain(a.influencers.iter().map(|i| &i.partner_id)))
 }
 
 /// The plan that pays a credited partner: the link's, else the partner's, else the

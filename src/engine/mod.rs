@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 pub use b2b::{DealAnswer, DealDraft, DealOutcome};
 pub use catalog::Catalog;
-pub use convert::{credited_partners, ConversionDraft, ConversionOutcome};
+pub use convert::{ConversionDraft, ConversionOutcome};
 pub use entity::{EntityOp, Saved};
 pub use money::{AdjustOutcome, SWEEP_LIMIT};
 pub use outbox::{OutboxAnswer, OutboxIndex, OutboxOp};

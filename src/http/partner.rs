@@ -48,9 +48,7 @@ fn authenticate(ctx: &Ctx, peer: SocketAddr, raw: &str, req: &Request<Incoming>)
             if by_another {
                 return Err(ApiError::NotFound);
             }
-            ctx.metrics.signature_failures.with_label_values(&[reason.as_str()]).inc();
-            ctx.limits.record_failure(peer.ip());
-            Err(ApiError::Signature(reason))
+            Err(super::public::signature_failed(ctx, peer, reason))
         }
     }
 }
@@ -104,7 +102,7 @@ fn view(rec: &ConversionRecord, me: &PartnerId) -> Option<serde_json::Value> {
 fn date_ms(field: &'static str, value: &str) -> Result<i64, ApiError> {
     let bad = || FieldError::new(field, format!("{value:?} is not a date: YYYY-MM-DD (UTC)"));
     let d: jiff::civil::Date = (value.len() == 10).then(|| value.parse().ok()).flatten().ok_or_else(bad)?;
-    d.to_zoned(jiff::tz::TimeZone::UTC).map(|z| z.timestamp().as_millisecond()).map_err(|_| bad().into())
+    super::reports::utc_start(d).ok_or_else(|| bad().into())
 }
 
 /// `GET /v1/partners/{id}/conversions?from=&to=&after=&limit=`: received from `from` to

@@ -9,7 +9,7 @@ use jiff::civil::Date;
 
 use super::csv;
 use super::problem::ApiError;
-use super::reports::wants_csv;
+use super::reports::{utc_start, wants_csv};
 use super::{json, Body, Ctx};
 use crate::backend::BackendExt;
 use crate::domain::clock::{format_rfc3339, UnixMillis};
@@ -65,10 +65,7 @@ fn payout_request(body: PayoutBody) -> Result<PayoutRequest, ApiError> {
         .flatten()
         .ok_or_else(|| FieldError::new("through", "must be a date, YYYY-MM-DD (UTC)"))?;
     let next = day.tomorrow().map_err(|_| FieldError::new("through", "is past the last supported date"))?;
-    let through_end_ms = next
-        .to_zoned(jiff::tz::TimeZone::UTC)
-        .map(|z| z.timestamp().as_millisecond())
-        .map_err(|_| FieldError::new("through", "cannot be placed in time"))?;
+    let through_end_ms = utc_start(next).ok_or_else(|| FieldError::new("through", "cannot be placed in time"))?;
     Ok(PayoutRequest {
         payout_id: body.payout_id,
         currency: body.currency,
@@ -202,9 +199,7 @@ fn month_bounds(month: &str) -> Result<(UnixMillis, UnixMillis), ApiError> {
         .then(|| format!("{month}-01").parse::<Date>().ok())
         .flatten()
         .ok_or(ApiError::NotFound)?;
-    let start = |d: Date| {
-        d.to_zoned(jiff::tz::TimeZone::UTC).map(|z| z.timestamp().as_millisecond()).map_err(|_| ApiError::NotFound)
-    };
+    let start = |d: Date| utc_start(d).ok_or(ApiError::NotFound);
     let next = parsed.checked_add(jiff::Span::new().months(1)).map_err(|_| ApiError::NotFound)?;
     Ok((start(parsed)?, start(next)?))
 }

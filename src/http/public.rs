@@ -294,6 +294,14 @@ impl Signed {
     }
 }
 
+/// A failed signature, whatever the request: counted by reason, charged to the client's
+/// IP (repeated failures block it), answered `401`.
+pub(super) fn signature_failed(ctx: &Ctx, peer: SocketAddr, reason: SignatureFailure) -> ApiError {
+    ctx.metrics.signature_failures.with_label_values(&[reason.as_str()]).inc();
+    ctx.limits.record_failure(peer.ip());
+    ApiError::Signature(reason)
+}
+
 /// Reads a body of at most `limit` bytes and verifies its signature; counts failures.
 pub(super) async fn signed(
     ctx: &Ctx,
@@ -312,11 +320,7 @@ pub(super) async fn signed(
             spend_quota(ctx, &merchant, partner.as_ref())?;
             Ok(Signed { merchant, partner, scope, parts, body, now })
         }
-        Err(reason) => {
-            ctx.metrics.signature_failures.with_label_values(&[reason.as_str()]).inc();
-            ctx.limits.record_failure(peer.ip());
-            Err(ApiError::Signature(reason))
-        }
+        Err(reason) => Err(signature_failed(ctx, peer, reason)),
     }
 }
 
@@ -444,11 +448,7 @@ async fn postback(
     let merchant = MerchantId::parse(merchant_raw).ok();
     let now = ctx.clock.now_ms();
     ctx.limits.check_blocked(peer.ip()).map_err(ApiError::RateLimited)?;
-    let fail = |reason: SignatureFailure| {
-        ctx.metrics.signature_failures.with_label_values(&[reason.as_str()]).inc();
-        ctx.limits.record_failure(peer.ip());
-        ApiError::Signature(reason)
-    };
+    let fail = |reason: SignatureFailure| signature_failed(ctx, peer, reason);
     let catalog = ctx.backend.catalog();
     let merchant_rec = merchant.as_ref().and_then(|m| catalog.merchants.get(m));
     if let Some(token) = query.get("token") {

@@ -111,6 +111,11 @@ impl Days {
     }
 }
 
+/// When a UTC day begins, in Unix milliseconds (months, payout days, partner reads).
+pub(super) fn utc_start(d: Date) -> Option<UnixMillis> {
+    d.to_zoned(TimeZone::UTC).ok().map(|z| z.timestamp().as_millisecond())
+}
+
 fn date(field: &'static str, value: &str) -> Result<Date, ApiError> {
     let bad = || FieldError::new(field, format!("{value:?} is not a date: YYYY-MM-DD"));
     if value.len() != 10 {

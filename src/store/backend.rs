@@ -114,7 +114,7 @@ impl Backend for Store {
         merchant: &'a MerchantId,
         partner: &'a PartnerId,
     ) -> BoxFuture<'a, Result<Vec<LedgerEntry>, StoreError>> {
-        let prefix = keys::ledger_prefix(merchant, partner);
+        let prefix = keys::merchant_partner_prefix(merchant, partner);
         let shared = Arc::clone(&self.shared);
         Box::pin(blocking(move || ledger_scan(&shared, &prefix, |_| true)))
     }
@@ -124,8 +124,8 @@ impl Backend for Store {
         rec: &'a ConversionRecord,
     ) -> BoxFuture<'a, Result<Vec<LedgerEntry>, StoreError>> {
         let Some(a) = &rec.attribution else { return Box::pin(async { Ok(Vec::new()) }) };
-        let mut prefixes = vec![keys::ledger_prefix(&rec.merchant_id, &a.partner_id)];
-        prefixes.extend(a.influencers.iter().map(|i| keys::ledger_prefix(&rec.merchant_id, &i.partner_id)));
+        let mut prefixes = vec![keys::merchant_partner_prefix(&rec.merchant_id, &a.partner_id)];
+        prefixes.extend(a.influencers.iter().map(|i| keys::merchant_partner_prefix(&rec.merchant_id, &i.partner_id)));
         let shared = Arc::clone(&self.shared);
         let txn = rec.txn_id.clone();
         Box::pin(blocking(move || {
@@ -259,7 +259,7 @@ impl Backend for Store {
         partner: &'a PartnerId,
     ) -> BoxFuture<'a, Result<Vec<(Currency, Balance)>, StoreError>> {
         let shared = Arc::clone(&self.shared);
-        let prefix = keys::ledger_prefix(merchant, partner);
+        let prefix = keys::merchant_partner_prefix(merchant, partner);
         Box::pin(blocking(move || {
             let db = shared.db()?;
             let mut out = Vec::new();

@@ -109,15 +109,9 @@ pub fn delivery(merchant: &MerchantId, id: &Ulid) -> Vec<u8> {
     join(&[merchant.as_str().as_bytes(), &id.0])
 }
 
-/// The prefix of every key of one merchant in a family keyed by merchant first.
+/// The prefix of every key of one merchant in a family keyed by merchant first
+/// (conversions, deliveries in id order, the ledger order).
 pub fn merchant_prefix(merchant: &MerchantId) -> Vec<u8> {
-    let mut p = merchant.as_str().as_bytes().to_vec();
-    p.push(SEP);
-    p
-}
-
-/// The prefix of every delivery of one merchant, in id (creation) order.
-pub fn delivery_prefix(merchant: &MerchantId) -> Vec<u8> {
     let mut p = merchant.as_str().as_bytes().to_vec();
     p.push(SEP);
     p
@@ -166,8 +160,9 @@ pub fn outbox_endpoint(partner: &PartnerId) -> Vec<u8> {
     join(&[OUTBOX_ENDPOINT, partner.as_str().as_bytes()])
 }
 
-/// The prefix shared by every ledger entry of one partner.
-pub fn ledger_prefix(merchant: &MerchantId, partner: &PartnerId) -> Vec<u8> {
+/// The prefix of every key of one partner of one merchant in a family keyed by merchant,
+/// partner first (the ledger, in entry order; balances, by currency).
+pub fn merchant_partner_prefix(merchant: &MerchantId, partner: &PartnerId) -> Vec<u8> {
     let mut p = join(&[merchant.as_str().as_bytes(), partner.as_str().as_bytes()]);
     p.push(SEP);
     p
@@ -320,7 +315,7 @@ mod tests {
         let a = ledger(&mm, &p, &Ulid::mint(1));
         let b = ledger(&mm, &p, &Ulid::mint(2));
         assert!(a < b);
-        let prefix = ledger_prefix(&mm, &p);
+        let prefix = merchant_partner_prefix(&mm, &p);
         assert!(a.starts_with(&prefix) && b.starts_with(&prefix));
         assert!(!ledger(&mm, &PartnerId::parse("ann2").unwrap(), &Ulid::mint(0)).starts_with(&prefix));
     }

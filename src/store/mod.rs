@@ -387,8 +387,7 @@ impl Store {
     /// # Errors
     /// Storage failures.
     pub async fn count_conversions(&self, merchant: &MerchantId) -> Result<u64, StoreError> {
-        let mut prefix = keys::merchant(merchant);
-        prefix.push(0);
+        let prefix = keys::merchant_prefix(merchant);
         let shared = Arc::clone(&self.shared);
         blocking(move || {
             let mut n = 0;

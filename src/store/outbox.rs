@@ -64,7 +64,7 @@ pub(super) fn list(
     filter: &DeliveryFilter,
     scan_limit: usize,
 ) -> Result<(Vec<Delivery>, Option<Ulid>), StoreError> {
-    let prefix = keys::delivery_prefix(merchant);
+    let prefix = keys::merchant_prefix(merchant);
     let start = match &filter.after {
         Some(after) => {
             let mut k = keys::delivery(merchant, after);

@@ -40,7 +40,12 @@ fn first_of(bytes: &[u8]) -> Option<UnixMillis> {
 
 /// The merge operator of `Cf::Rollups` (full and partial merges alike).
 pub(super) fn merge(key: &[u8], existing: Option<&[u8]>, operands: &MergeOperands) -> Option<Vec<u8>> {
-    let values = existing.into_iter().chain(operands.iter());
+    Some(combine(key, existing.into_iter().chain(operands.iter())))
+}
+
+/// The operator's algebra over any values of one key: the sum of counters, or the
+/// earliest first conversion.
+fn combine<'v>(key: &[u8], values: impl Iterator<Item = &'v [u8]>) -> Vec<u8> {
     let malformed = || tracing::error!(key = %String::from_utf8_lossy(key), "malformed rollup operand skipped");
     if keys::rollup_kind(key) == Some(keys::ROLLUP_FIRST) {
         let mut min: Option<UnixMillis> = None;
@@ -50,7 +55,7 @@ pub(super) fn merge(key: &[u8], existing: Option<&[u8]>, operands: &MergeOperand
                 None => malformed(),
             }
         }
-        return Some(min.unwrap_or(i64::MAX).to_be_bytes().to_vec());
+        return min.unwrap_or(i64::MAX).to_be_bytes().to_vec();
     }
     let mut sum = Counters::default();
     for v in values {
@@ -59,7 +64,7 @@ pub(super) fn merge(key: &[u8], existing: Option<&[u8]>, operands: &MergeOperand
             None => malformed(),
         }
     }
-    Some(sum.encode().to_vec())
+    sum.encode().to_vec()
 }
 
 /// The merge operator of `Cf::Earned`'s name.
@@ -231,7 +236,7 @@ fn export_inner(
     let mut flush = |chunk: &mut Vec<LedgerEntry>| send(Ok(std::mem::replace(chunk, Vec::with_capacity(EXPORT_CHUNK))));
     match &q.partner {
         Some(partner) => {
-            let prefix = keys::ledger_prefix(&q.merchant, partner);
+            let prefix = keys::merchant_partner_prefix(&q.merchant, partner);
             let mut it = db.raw_iterator_cf_opt(ledger, read());
             it.seek(keys::ledger(&q.merchant, partner, &start));
             while let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -363,7 +368,7 @@ pub(super) fn rebuild(db: &DB, progress: &mut dyn FnMut(&Rebuilt)) -> Result<Reb
                 batch.put_cf(order, keys::ledger_order(&e.merchant_id, &e.entry_id), e.partner_id.as_str());
             }
             Some(Indexed::Conversion(rec)) => {
-                for p in crate::engine::credited_partners(rec) {
+                for p in rec.credited_partners() {
                     let value = keys::conversion(&rec.merchant_id, &rec.txn_id);
                     batch.put_cf(credits, keys::partner_conversion(p, &rec.conversion_id), value);
                 }
@@ -478,11 +483,5 @@ pub(super) fn check(db: &DB, limit: usize) -> Result<(Rebuilt, Vec<Mismatch>), S
 
 /// Two values of one key merged as the operator would.
 fn fold(key: &[u8], a: &[u8], b: &[u8]) -> Vec<u8> {
-    if keys::rollup_kind(key) == Some(keys::ROLLUP_FIRST) {
-        let (x, y) = (first_of(a).unwrap_or(i64::MAX), first_of(b).unwrap_or(i64::MAX));
-        return x.min(y).to_be_bytes().to_vec();
-    }
-    let mut c = Counters::decode(a).unwrap_or_default();
-    c.add(&Counters::decode(b).unwrap_or_default());
-    c.encode().to_vec()
+    combine(key, [a, b].into_iter())
 }
