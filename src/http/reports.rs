@@ -197,9 +197,13 @@ pub(super) async fn partners(
     let cells = ctx.backend.rollups(merchant, Scope::Partner, spans).await?;
     let (catalog, now) = (ctx.backend.catalog(), ctx.clock.now_ms());
     let mut rows: BTreeMap<(u32, PartnerId, Option<Currency>), Counters> = BTreeMap::new();
+    // Looked up once per partner (it scans the merchant's links), not once per cell.
+    let mut plan_currencies: std::collections::HashMap<PartnerId, Option<Currency>> = Default::default();
     for ((day, partner, currency), c) in cells {
         let Some(partner) = partner else { continue };
-        let currency = currency.or_else(|| plan_currency(&catalog, merchant, &partner, now));
+        let currency = currency.or_else(|| {
+            *plan_currencies.entry(partner.clone()).or_insert_with(|| plan_currency(&catalog, merchant, &partner, now))
+        });
         rows.entry((day, partner, currency)).or_default().add(&c);
     }
     let rows: Vec<PartnerRow> = rows
@@ -296,8 +300,9 @@ pub(super) async fn program(ctx: &Ctx, merchant: &MerchantId, query: &str) -> Re
         .checked_sub(jiff::Span::new().days(ACTIVE_WINDOW_DAYS))
         .map_err(|_| FieldError::new("to", "is too early"))?;
     let window_start = days.start(window_from)?;
-    let totals = ctx.backend.rollups(merchant, Scope::Merchant, days.spans(0, start, end)?).await?;
-    let mut partner_spans = days.spans(0, start, end)?;
+    let range = days.spans(0, start, end)?;
+    let totals = ctx.backend.rollups(merchant, Scope::Merchant, range.clone()).await?;
+    let mut partner_spans = range;
     partner_spans.extend(days.spans(1, window_start, end)?);
     let partner_cells = ctx.backend.rollups(merchant, Scope::Partner, partner_spans).await?;
 
