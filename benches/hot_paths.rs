@@ -85,6 +85,9 @@ fn attribution_decision(c: &mut Criterion) {
         fn customer(&self, _: &str) -> Result<Option<CustomerBinding>, Infallible> {
             Ok(None)
         }
+        fn named_partner(&self, _: &str) -> Result<Option<Partner>, Infallible> {
+            Ok(None)
+        }
     }
     let t0 = 1_790_000_000_000;
     let click_id = Ulid::mint(t0);
@@ -99,6 +102,7 @@ fn attribution_decision(c: &mut Criterion) {
         outbound: None,
         plan_id: None,
         created_ms: 0,
+        own_accounts: vec![],
     };
     let click = ClickFacts {
         click_id,
@@ -107,6 +111,8 @@ fn attribution_decision(c: &mut Criterion) {
         at_ms: t0,
         window_days: 30,
         min_ctit_seconds: 0,
+        bot: false,
+        visitor: [7; 16],
     };
     let facts = One(partner, click);
     let keys = AttributionKeys { click_id: Some(click_id.to_string()), ..Default::default() };

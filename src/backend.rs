@@ -30,7 +30,7 @@ use crate::domain::plan::Plan;
 use crate::domain::rollup::{Rows, Scope, Span};
 use crate::engine::{
     AdjustOutcome, Answer, Catalog, Command, ConversionDraft, ConversionOutcome, DealAnswer, DealDraft, EntityOp,
-    Entropy, OutboxAnswer, OutboxOp, PayoutAnswer, PayoutOp, Refusal, Saved,
+    Entropy, OutboxAnswer, OutboxOp, PayoutAnswer, PayoutOp, Refusal, ReviewOutcome, Saved,
 };
 use crate::metrics::StorageStats;
 use crate::signing::WebhookSecret;
@@ -105,6 +105,15 @@ pub trait Backend: Send + Sync + 'static {
         partner: &'a PartnerId,
         from: Ulid,
         until: Ulid,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<ConversionRecord>, StoreError>>;
+
+    /// A merchant's conversions in open fraud review with ids after `after`, oldest first,
+    /// at most `limit`.
+    fn open_reviews<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        after: Option<Ulid>,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<ConversionRecord>, StoreError>>;
 
@@ -380,6 +389,26 @@ pub trait BackendExt: Backend {
         async move {
             match self.submit(Command::Payout(Box::new(op))).await? {
                 Answer::Payout(a) => Ok(a),
+                other => Err(unexpected(&other)),
+            }
+        }
+    }
+
+    /// An admin's decision on a conversion's fraud review.
+    #[allow(clippy::too_many_arguments)] // the conversion, the decision, who and why, and when
+    fn review(
+        &self,
+        merchant: MerchantId,
+        txn: TxnId,
+        approve: bool,
+        by: String,
+        note: Option<String>,
+        at: UnixMillis,
+    ) -> impl Future<Output = Result<ReviewOutcome, StoreError>> + Send {
+        let command = Command::Review { merchant, txn, approve, by, note, at, entropy: Entropy::random() };
+        async move {
+            match self.submit(command).await? {
+                Answer::Review(o) => Ok(o),
                 other => Err(unexpected(&other)),
             }
         }

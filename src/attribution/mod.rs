@@ -2,7 +2,8 @@
 //! A pure function over what the store knows, reached through [`Facts`].
 //!
 //! Rules, in order: `explicit` (partner_id), `deal` (the account's source of record),
-//! `customer` (lifetime binding), `click`, `coupon`. Influencers: every other partner with
+//! `customer` (lifetime binding), `click`, `coupon`, `self_reported` (the customer's own
+//! answer, the weakest evidence). Influencers: every other partner with
 //! a registration or touch on the account inside the plan's influence window.
 
 use crate::domain::account::{AccountRecord, Claim, CustomerBinding, TouchKind};
@@ -21,6 +22,10 @@ pub struct ClickFacts {
     /// The link's window and minimum click-to-conversion time, as the link says now.
     pub window_days: u32,
     pub min_ctit_seconds: u32,
+    /// Flagged as a bot's when it was recorded.
+    pub bot: bool,
+    /// The visitor's fingerprint (fraud signals count by it).
+    pub visitor: [u8; 16],
 }
 
 /// What attribution may ask the store, always within the conversion's merchant: another
@@ -33,17 +38,21 @@ pub trait Facts {
     /// The account record of a normalized account.
     fn account(&self, account: &str) -> Result<Option<AccountRecord>, Self::Error>;
     fn customer(&self, customer_id: &str) -> Result<Option<CustomerBinding>, Self::Error>;
+    /// The partner a customer named, by partner id or coupon, ignoring case (the text is
+    /// already trimmed): an id before a coupon, the smallest when several match.
+    fn named_partner(&self, text: &str) -> Result<Option<Partner>, Self::Error>;
 }
 
 /// The outcome: a sourced partner (and the link its click came through), or why nobody.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(clippy::large_enum_variant)] // one per conversion, consumed at once: boxing buys nothing
 pub enum Decision {
-    Attributed { attribution: Attribution, partner: Partner, link_id: Option<LinkId> },
+    /// `click`: the attributing click, when the click rule decided.
+    Attributed { attribution: Attribution, partner: Partner, click: Option<ClickFacts> },
     Unattributed { reason: String },
 }
 
-fn sourced(partner: Partner, rule: RuleKind, reason: String, link_id: Option<LinkId>) -> Decision {
+fn sourced(partner: Partner, rule: RuleKind, reason: String, click: Option<ClickFacts>) -> Decision {
     Decision::Attributed {
         attribution: Attribution {
             partner_id: partner.id.clone(),
@@ -53,7 +62,7 @@ fn sourced(partner: Partner, rule: RuleKind, reason: String, link_id: Option<Lin
             influencers: Vec::new(),
         },
         partner,
-        link_id,
+        click,
     }
 }
 
@@ -113,7 +122,7 @@ pub fn decide<F: Facts>(keys: &AttributionKeys, occurred_ms: UnixMillis, facts: 
     if let Some(raw) = &keys.click_id {
         match click_rule(raw, occurred_ms, facts)? {
             Ok((click, reason)) => match facts.partner(&click.partner_id)? {
-                Some(p) => return Ok(sourced(p, RuleKind::Click, reason, Some(click.link_id))),
+                Some(p) => return Ok(sourced(p, RuleKind::Click, reason, Some(click))),
                 None => {
                     misses.push(format!("click {raw} belongs to partner {}, which no longer exists", click.partner_id))
                 }
@@ -133,8 +142,25 @@ pub fn decide<F: Facts>(keys: &AttributionKeys, occurred_ms: UnixMillis, facts: 
         }
     }
 
+    if let Some(text) = &keys.self_reported {
+        match facts.named_partner(text)? {
+            Some(p) if p.status == Status::Active => {
+                let what = if p.id.as_str().eq_ignore_ascii_case(text) { "partner" } else { "a coupon of partner" };
+                let reason = format!(
+                    "the customer answered \"{text}\" when asked how they heard of us, which names {what} {}; no stronger rule applied",
+                    p.id
+                );
+                return Ok(sourced(p, RuleKind::SelfReported, reason, None));
+            }
+            Some(p) => misses.push(format!("self_reported \"{text}\" names partner {}, which is paused", p.id)),
+            None => misses.push(format!("self_reported \"{text}\" names no partner or coupon of this merchant")),
+        }
+    }
+
     if misses.is_empty() {
-        misses.push("no attribution key given (partner_id, click_id, coupon, account or customer_id)".into());
+        misses.push(
+            "no attribution key given (partner_id, click_id, coupon, account, customer_id or self_reported)".into(),
+        );
     }
     Ok(Decision::Unattributed { reason: misses.join("; ") })
 }
@@ -306,6 +332,13 @@ mod tests {
         fn customer(&self, customer_id: &str) -> Result<Option<CustomerBinding>, Infallible> {
             Ok(self.customers.get(customer_id).cloned())
         }
+        fn named_partner(&self, text: &str) -> Result<Option<Partner>, Infallible> {
+            let by_id = self.partners.values().filter(|p| p.id.as_str().eq_ignore_ascii_case(text)).min_by_key(|p| p.id.clone());
+            let by_coupon = || {
+                self.partners.values().filter(|p| p.coupons.iter().any(|c| c.eq_ignore_ascii_case(text))).min_by_key(|p| p.id.clone())
+            };
+            Ok(by_id.or_else(by_coupon).cloned())
+        }
     }
 
     fn partner(id: &str, coupons: &[&str], status: Status) -> Partner {
@@ -320,6 +353,7 @@ mod tests {
             outbound: None,
             plan_id: None,
             created_ms: 0,
+            own_accounts: vec![],
         }
     }
 
@@ -332,6 +366,8 @@ mod tests {
             at_ms: click_at,
             window_days,
             min_ctit_seconds,
+            bot: false,
+            visitor: [7; 16],
         };
         let partners = [
             partner("ann", &[], Status::Active),
@@ -444,6 +480,48 @@ mod tests {
         }
     }
 
+    /// `self_reported` is the last rule: it credits only when no stronger key does, matches
+    /// a partner id or coupon ignoring case, and never a paused partner.
+    #[test]
+    fn self_reported_is_the_weakest_rule() {
+        let t0 = 1_790_000_000_000;
+        let (f, click) = world(t0, 30, 0);
+        let said = |text: &str, base: AttributionKeys| AttributionKeys { self_reported: Some(text.into()), ..base };
+        let cases: Vec<Case> = vec![
+            (said("ANN", AttributionKeys::default()), t0, Some((RuleKind::SelfReported, "ann"))),
+            (said("bob10", AttributionKeys::default()), t0, Some((RuleKind::SelfReported, "bob"))),
+            (said("bob", keys(Some("ann"), None, None)), t0, Some((RuleKind::Explicit, "ann"))),
+            (said("ann", keys(None, Some(click.to_string()), None)), t0 + DAY, Some((RuleKind::Click, "ann"))),
+            (said("bob", keys(None, Some(click.to_string()), None)), t0 + DAY, Some((RuleKind::Click, "ann"))),
+            (said("ann", keys(None, None, Some("BOB10"))), t0, Some((RuleKind::Coupon, "bob"))),
+            (
+                said("ann", AttributionKeys { account: Some("acme.com".into()), ..Default::default() }),
+                t0,
+                Some((RuleKind::Deal, "bob")),
+            ),
+            (
+                said("ann", AttributionKeys { customer_id: Some("cus_1".into()), ..Default::default() }),
+                t0,
+                Some((RuleKind::Customer, "bob")),
+            ),
+            (said("ann", keys(None, Some("garbage".into()), None)), t0, Some((RuleKind::SelfReported, "ann"))),
+            (said("pia", AttributionKeys::default()), t0, None),
+            (said("a friend", AttributionKeys::default()), t0, None),
+        ];
+        for (k, at, want) in cases {
+            let got = decide(&k, at, &f).unwrap();
+            assert_eq!(rule_of(&got), want.map(|(r, p)| (r, p.to_string())), "{k:?}");
+        }
+        let Decision::Attributed { attribution, .. } = decide(&said("bob10", AttributionKeys::default()), t0, &f).unwrap()
+        else {
+            panic!("attributed")
+        };
+        assert_eq!(
+            attribution.reason,
+            "the customer answered \"bob10\" when asked how they heard of us, which names a coupon of partner bob; no stronger rule applied"
+        );
+    }
+
     #[test]
     fn influencers_inside_the_window_only() {
         let t0 = 1_790_000_000_000;
@@ -465,7 +543,7 @@ mod tests {
     fn reasons_read_well() {
         let t0 = 1_790_000_000_000;
         let (f, click) = world(t0, 30, 0);
-        let Decision::Attributed { attribution, link_id, .. } =
+        let Decision::Attributed { attribution, click: facts, .. } =
             decide(&keys(None, Some(click.to_string()), None), t0 + 2 * DAY, &f).unwrap()
         else {
             panic!("attributed");
@@ -474,7 +552,7 @@ mod tests {
             attribution.reason,
             format!("click {click} on link spring, 2 days before the conversion, inside the 30-day window")
         );
-        assert_eq!(link_id.unwrap().as_str(), "spring");
+        assert_eq!(facts.unwrap().link_id.as_str(), "spring");
         let Decision::Unattributed { reason } =
             decide(&keys(Some("zed"), Some(click.to_string()), None), t0 + 31 * DAY, &f).unwrap()
         else {

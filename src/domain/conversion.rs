@@ -8,6 +8,7 @@ use super::clock::{parse_rfc3339, UnixMillis};
 use super::ids::{MerchantId, PartnerId, PlanId, TxnId, Ulid};
 use super::money::{Currency, Money};
 use super::plan::check_event;
+use super::fraud::Review;
 use super::FieldError;
 
 /// Oldest `occurred_at` accepted, in days before now.
@@ -46,6 +47,9 @@ pub struct ConversionBody {
     pub customer_id: Option<String>,
     #[serde(default)]
     pub partner_id: Option<String>,
+    /// The customer's own answer to "how did you hear about us": a partner id or coupon.
+    #[serde(default)]
+    pub self_reported: Option<String>,
     #[serde(default)]
     pub metadata: Option<Box<RawValue>>,
 }
@@ -59,6 +63,9 @@ pub struct AttributionKeys {
     pub account: Option<String>,
     pub customer_id: Option<String>,
     pub partner_id: Option<PartnerId>,
+    /// As the customer typed it (trimmed); matched ignoring case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_reported: Option<String>,
 }
 
 /// A validated conversion, ready for dedupe and attribution.
@@ -160,6 +167,7 @@ impl ConversionBody {
                     .map_err(|e| FieldError::new("account", e))?,
                 customer_id: key("customer_id", self.customer_id)?,
                 partner_id,
+                self_reported: key("self_reported", self.self_reported.map(|s| s.trim().to_string()))?,
             },
             metadata,
         })
@@ -176,6 +184,8 @@ pub enum RuleKind {
     Click,
     Coupon,
     Touch,
+    /// The customer named the partner (or its coupon) when asked how they heard of us.
+    SelfReported,
 }
 
 impl RuleKind {
@@ -187,6 +197,7 @@ impl RuleKind {
             RuleKind::Click => "click",
             RuleKind::Coupon => "coupon",
             RuleKind::Touch => "touch",
+            RuleKind::SelfReported => "self_reported",
         }
     }
 }
@@ -321,6 +332,9 @@ pub struct ConversionRecord {
     /// behind it while it is unfinished, so the partner hears of events in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_delivery: Option<Ulid>,
+    /// Fraud signals raised when it was attributed, and their review (docs/fraud.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<Review>,
 }
 
 /// One move of a conversion's status, with what caused it.

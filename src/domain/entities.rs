@@ -145,7 +145,22 @@ pub struct Partner {
     /// Plan for conversions credited to this partner without a link.
     pub plan_id: Option<PlanId>,
     pub created_ms: UnixMillis,
+    /// The partner's own customer ids and accounts (normalized): a conversion of one of
+    /// them credited to this partner raises the self-referral signal.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub own_accounts: Vec<String>,
 }
+
+impl Partner {
+    /// The customer id or account of a conversion that is on the partner's own list.
+    pub fn owns<'k>(&self, customer_id: Option<&'k str>, account: Option<&'k str>) -> Option<&'k str> {
+        let listed = |v: &&str| self.own_accounts.iter().any(|o| o == v);
+        customer_id.filter(listed).or_else(|| account.filter(listed))
+    }
+}
+
+/// Most entries in a partner's `own_accounts`.
+pub const MAX_OWN_ACCOUNTS: usize = 1000;
 
 /// `PUT /admin/v1/merchants/{m}/partners/{id}`.
 #[derive(Debug, Clone, Deserialize)]
@@ -163,6 +178,9 @@ pub struct PartnerBody {
     pub outbound: Option<Outbound>,
     #[serde(default)]
     pub plan_id: Option<PlanId>,
+    /// Customer ids and accounts of the partner's own (self-referral signal).
+    #[serde(default)]
+    pub own_accounts: Vec<String>,
 }
 
 impl PartnerBody {
@@ -183,6 +201,24 @@ impl PartnerBody {
         if let Some(outbound) = &self.outbound {
             outbound.check()?;
         }
+        if self.own_accounts.len() > MAX_OWN_ACCOUNTS {
+            return Err(FieldError::new("own_accounts", format!("at most {MAX_OWN_ACCOUNTS} entries")));
+        }
+        let mut own_accounts = Vec::with_capacity(self.own_accounts.len());
+        for (i, raw) in self.own_accounts.iter().enumerate() {
+            let field = || format!("own_accounts[{i}]");
+            let trimmed = raw.trim();
+            if trimmed.is_empty() || trimmed.chars().count() > 128 || trimmed.chars().any(char::is_control) {
+                return Err(FieldError::new(field(), "must be 1..128 characters without control characters"));
+            }
+            // Kept as given (a customer id) and, when it reads as an account, normalized too.
+            own_accounts.push(trimmed.to_string());
+            if let Ok(account) = super::account::normalize_account(trimmed) {
+                if account != trimmed {
+                    own_accounts.push(account);
+                }
+            }
+        }
         Ok(Partner {
             id,
             merchant_id,
@@ -194,6 +230,7 @@ impl PartnerBody {
             outbound: self.outbound,
             plan_id: self.plan_id,
             created_ms,
+            own_accounts,
         })
     }
 }

@@ -9,6 +9,7 @@ pub mod click;
 pub mod clock;
 pub mod conversion;
 pub mod entities;
+pub mod fraud;
 pub mod ids;
 pub mod json;
 pub mod ledger;

@@ -6,6 +6,7 @@ use super::clock::UnixMillis;
 use super::entities::PartnerKind;
 use super::ids::{MerchantId, PlanId};
 use super::money::{Currency, Money, Percent};
+use super::fraud::{FraudBody, FraudRules};
 use super::FieldError;
 
 pub const DEFAULT_HOLD_DAYS: u32 = 30;
@@ -36,6 +37,36 @@ pub struct Plan {
     pub tiers: Vec<Tier>,
     #[serde(default)]
     pub monthly_cap: Option<Money>,
+    /// Fraud-signal thresholds (docs/fraud.md); the defaults for plans stored before them.
+    #[serde(default)]
+    pub fraud: FraudRules,
+    /// What a conversion credited by the customer's own answer (`self_reported`) earns.
+    #[serde(default)]
+    pub self_reported: SelfReportedPay,
+}
+
+/// What the `self_reported` rule pays: the weakest evidence earns the influence fee unless
+/// the plan says otherwise.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelfReportedPay {
+    /// The commission its rules give any sourced conversion.
+    Full,
+    /// The plan's `influence_percent` of the amount.
+    #[default]
+    Influence,
+    /// Credited, and reported, but no commission.
+    None,
+}
+
+impl SelfReportedPay {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SelfReportedPay::Full => "full",
+            SelfReportedPay::Influence => "influence",
+            SelfReportedPay::None => "none",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +148,10 @@ pub struct PlanBody {
     pub tiers: Vec<Tier>,
     #[serde(default)]
     pub caps: Option<CapsBody>,
+    #[serde(default)]
+    pub fraud: Option<FraudBody>,
+    #[serde(default)]
+    pub self_reported: Option<SelfReportedPay>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -169,6 +204,7 @@ impl PlanBody {
         if self.rules.len() > MAX_RULES {
             return Err(FieldError::new("rules", format!("at most {MAX_RULES} rules")));
         }
+        let fraud = self.fraud.unwrap_or_default().into_rules()?;
         let mut rules = Vec::with_capacity(self.rules.len());
         for (i, r) in self.rules.into_iter().enumerate() {
             let at = |f: &str| format!("rules[{i}].{f}");
@@ -210,6 +246,8 @@ impl PlanBody {
             rules,
             tiers,
             monthly_cap,
+            fraud,
+            self_reported: self.self_reported.unwrap_or_default(),
         })
     }
 }

@@ -9,14 +9,15 @@ use crate::commission::{self, History};
 use crate::domain::account::{AccountRecord, CustomerBinding};
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::{month_of, UnixMillis};
-use crate::domain::conversion::{ConversionInput, ConversionRecord, ConversionStatus, Credit};
+use crate::domain::conversion::{Commission, ConversionInput, ConversionRecord, ConversionStatus, Credit, RuleKind};
+use crate::domain::fraud::{self, FraudRules, Review, ReviewStatus};
 use crate::domain::entities::Partner;
 use crate::domain::ids::{MerchantId, PartnerId, Ulid};
 use crate::domain::ledger::{LedgerEntry, LedgerKind};
 use crate::domain::link::{Link, DEFAULT_WINDOW_DAYS};
 use crate::domain::money::Money;
 use crate::domain::outbound::OutboundEvent;
-use crate::domain::plan::Plan;
+use crate::domain::plan::{Plan, SelfReportedPay};
 use crate::domain::rollup;
 
 pub(super) const DAY_MS: i64 = 86_400_000;
@@ -41,16 +42,22 @@ pub enum ConversionOutcome {
 }
 
 /// A click is unique unless it is a bot's or its visitor clicked the link within the window.
+/// Every click counts toward its visitor's and its partner's recent clicks (fraud signals).
 pub(super) fn click<S: State + ?Sized>(
     tx: &mut Tx<'_, S>,
     mut click: ClickRecord,
     unique_window_ms: i64,
 ) -> Result<ClickRecord, S::Error> {
-    let last = tx.visitor(&click.link_id, &click.visitor)?;
-    click.unique = !click.bot && last.is_none_or(|t| click.at_ms - t >= unique_window_ms);
+    let mut visitor = tx.visitor(&click.link_id, &click.visitor)?;
+    click.unique = !click.bot && visitor.last_unique_ms.is_none_or(|t| click.at_ms - t >= unique_window_ms);
     if click.unique {
-        tx.put_visitor(click.link_id.clone(), click.visitor, click.at_ms);
+        visitor.last_unique_ms = Some(click.at_ms);
     }
+    visitor.click(click.at_ms);
+    tx.put_visitor(click.link_id.clone(), click.visitor, visitor);
+    let mut pace = tx.pace(&click.merchant_id, &click.partner_id)?;
+    pace.count(click.at_ms, false);
+    tx.put_pace(&click.merchant_id, &click.partner_id, pace);
     tx.push(Effect::Click(Box::new(click.clone())));
     tx.push(Effect::Rollup(Box::new(rollup::of_click(&click))));
     Ok(click)
@@ -89,16 +96,23 @@ pub(super) fn conversion<S: State + ?Sized>(
         approve_at_ms: None,
         history: Vec::new(),
         last_delivery: None,
+        review: None,
     };
     match decision {
         Decision::Unattributed { reason } => rec.unattributed_reason = Some(reason),
-        Decision::Attributed { attribution, partner, link_id } => {
-            let link = link_id.as_ref().and_then(|l| catalog.links.get(l));
+        Decision::Attributed { attribution, partner, click } => {
+            let link = click.as_ref().and_then(|c| catalog.links.get(&c.link_id));
             let plan = plan_for(catalog, &d.merchant, link, &partner, rec.occurred_ms);
             rec.attribution = Some(attribution);
+            let rules = plan.as_ref().map_or_else(|_| FraudRules::default(), |p| p.fraud);
+            rec.review = review(tx, &rec, &partner, click.as_ref(), &rules)?;
             credit(tx, &mut rec, &partner, plan, d.received_ms, &d.entropy)?;
-            let commission = rec.commission.as_ref().map(|c| c.amount);
-            super::outbox::notify(tx, &mut rec, OutboundEvent::Created, commission, d.received_ms, &d.entropy)?;
+            if rec.review.as_ref().is_some_and(|r| r.postbacks_held) {
+                // Sent when an admin approves the review.
+            } else {
+                let commission = rec.commission.as_ref().map(|c| c.amount);
+                super::outbox::notify(tx, &mut rec, OutboundEvent::Created, commission, d.received_ms, &d.entropy)?;
+            }
         }
     }
     for increment in rollup::of_conversion(&rec) {
@@ -114,6 +128,62 @@ pub(super) fn conversion<S: State + ?Sized>(
     }
     tx.put_conversion(rec.clone());
     Ok(ConversionOutcome::Created(rec))
+}
+
+/// Counts the conversion toward its partner's pace and (after a click) its visitor's
+/// recent conversions, then judges the fraud signals: the review it opens, if any.
+fn review<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    rec: &ConversionRecord,
+    partner: &Partner,
+    click: Option<&ClickFacts>,
+    rules: &FraudRules,
+) -> Result<Option<Review>, S::Error> {
+    let merchant = &rec.merchant_id;
+    let mut pace = tx.pace(merchant, &partner.id)?;
+    pace.count(rec.received_ms, true);
+    tx.put_pace(merchant, &partner.id, pace);
+    let side = match click {
+        Some(c) => {
+            let clicks = tx.visitor(&c.link_id, &c.visitor)?.clicks_within_day(rec.occurred_ms);
+            let mut recent = tx.recent(merchant, &partner.id, &c.visitor)?;
+            let conversions = recent.add(rec.occurred_ms);
+            tx.put_recent(merchant, &partner.id, c.visitor, recent);
+            Some(fraud::ClickSide {
+                at_ms: c.at_ms,
+                bot: c.bot,
+                visitor_clicks_day: clicks,
+                visitor_conversions_day: conversions,
+            })
+        }
+        None => None,
+    };
+    let facts = fraud::Facts {
+        occurred_ms: rec.occurred_ms,
+        link: click.map_or("", |c| c.link_id.as_str()),
+        partner: partner.id.as_str(),
+        click: side,
+        partner_day: pace.day(rec.received_ms),
+        own: partner.owns(rec.keys.customer_id.as_deref(), rec.keys.account.as_deref()),
+    };
+    let signals = fraud::judge(rules, &facts);
+    if signals.is_empty() {
+        return Ok(None);
+    }
+    tx.push(Effect::Review {
+        merchant: merchant.clone(),
+        conversion_id: rec.conversion_id,
+        txn: rec.txn_id.clone(),
+        open: true,
+    });
+    Ok(Some(Review {
+        status: ReviewStatus::Open,
+        signals,
+        postbacks_held: rules.hold_postbacks,
+        settled_by: None,
+        settled_ms: None,
+        note: None,
+    }))
 }
 
 /// The plan that pays a credited partner: the link's, else the partner's, else the
@@ -208,10 +278,17 @@ fn credit<S: State + ?Sized>(
             }
             Err(note) => rec.commission_note = Some(note),
         }
+        if attribution.rule == RuleKind::SelfReported {
+            self_reported_pay(rec, plan);
+        }
         // A manual plan sets no hold: only the merchant's `approve` approves.
         rec.approve_at_ms = (!plan.manual_approval).then(|| now + i64::from(plan.hold_days) * DAY_MS);
     } else {
         rec.approve_at_ms = Some(now);
+    }
+    if rec.review.is_some() {
+        // In fraud review: only an admin's decision approves it.
+        rec.approve_at_ms = None;
     }
 
     let mut influencers = Vec::new();
@@ -250,7 +327,7 @@ fn credit<S: State + ?Sized>(
         };
         tx.put_customer(&merchant, c, b);
     }
-    if let (crate::domain::conversion::RuleKind::Deal, Some(mut acc)) = (attribution.rule, account) {
+    if let (RuleKind::Deal, Some(mut acc)) = (attribution.rule, account) {
         if let Some(claim) = acc.claim.as_mut() {
             claim.converted = true;
         }
@@ -260,6 +337,33 @@ fn credit<S: State + ?Sized>(
         tx.push(Effect::HoldSet(Hold { at, merchant, txn: rec.txn_id.clone() }));
     }
     Ok(())
+}
+
+/// What the plan pays a conversion credited by the customer's own answer: the full
+/// commission, the influence fee, or nothing (docs/attribution.md).
+fn self_reported_pay(rec: &mut ConversionRecord, plan: &Plan) {
+    match plan.self_reported {
+        SelfReportedPay::Full => {}
+        SelfReportedPay::Influence => {
+            let fee = commission::influence_fee(plan, rec.amount);
+            rec.commission = fee.map(|amount| Commission {
+                amount,
+                plan: plan.id.clone(),
+                rule: format!("self-reported: influence fee {}%", plan.influence_percent.text()),
+            });
+            rec.commission_note = fee.is_none().then(|| {
+                format!(
+                    "self-reported attribution earns the influence fee ({}%), which is nothing here",
+                    plan.influence_percent.text()
+                )
+            });
+        }
+        SelfReportedPay::None => {
+            rec.commission = None;
+            rec.commission_note =
+                Some(format!("plan {} pays nothing for self-reported attribution (self_reported = none)", plan.id));
+        }
+    }
 }
 
 /// Attribution's view of the state within one command, limited to one merchant.
@@ -288,6 +392,8 @@ impl<S: State + ?Sized> Facts for TxFacts<'_, '_, S> {
             link_id: click.link_id,
             partner_id: click.partner_id,
             at_ms: click.at_ms,
+            bot: click.bot,
+            visitor: click.visitor,
         }))
     }
 
@@ -301,5 +407,15 @@ impl<S: State + ?Sized> Facts for TxFacts<'_, '_, S> {
 
     fn customer(&self, customer_id: &str) -> Result<Option<CustomerBinding>, S::Error> {
         self.tx.customer(self.merchant, customer_id)
+    }
+
+    fn named_partner(&self, text: &str) -> Result<Option<Partner>, S::Error> {
+        let catalog = self.tx.catalog();
+        let mine = || catalog.partners.values().filter(|p| p.merchant_id == *self.merchant);
+        let by_id = mine().filter(|p| p.id.as_str().eq_ignore_ascii_case(text)).min_by(|a, b| a.id.cmp(&b.id));
+        let by_coupon = || {
+            mine().filter(|p| p.coupons.iter().any(|c| c.eq_ignore_ascii_case(text))).min_by(|a, b| a.id.cmp(&b.id))
+        };
+        Ok(by_id.or_else(by_coupon).cloned())
     }
 }

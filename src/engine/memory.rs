@@ -11,6 +11,7 @@ use crate::domain::balance::Balance;
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
+use crate::domain::fraud::{Pace, Recent, VisitorRecord};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
 use crate::domain::money::Currency;
@@ -24,7 +25,11 @@ pub struct Memory {
     pub catalog: Catalog,
     pub conversions: BTreeMap<(MerchantId, TxnId), ConversionRecord>,
     pub clicks: BTreeMap<Ulid, ClickRecord>,
-    pub visitors: BTreeMap<(LinkId, [u8; 16]), UnixMillis>,
+    pub visitors: BTreeMap<(LinkId, [u8; 16]), VisitorRecord>,
+    pub paces: BTreeMap<(MerchantId, PartnerId), Pace>,
+    pub recents: BTreeMap<(MerchantId, PartnerId, [u8; 16]), Recent>,
+    /// Conversions in open fraud review, by merchant and conversion id.
+    pub reviews: BTreeMap<(MerchantId, Ulid), TxnId>,
     pub accounts: BTreeMap<(MerchantId, String), AccountRecord>,
     pub customers: BTreeMap<(MerchantId, String), CustomerBinding>,
     pub months: BTreeMap<(MerchantId, PartnerId, u32), PartnerMonth>,
@@ -63,8 +68,20 @@ impl Memory {
             Effect::Click(c) => {
                 self.clicks.insert(c.click_id, *c);
             }
-            Effect::Visitor { link, visitor, at_ms } => {
-                self.visitors.insert((link, visitor), at_ms);
+            Effect::Visitor { link, visitor, record } => {
+                self.visitors.insert((link, visitor), record);
+            }
+            Effect::Pace { merchant, partner, pace } => {
+                self.paces.insert((merchant, partner), pace);
+            }
+            Effect::Recent { merchant, partner, visitor, recent } => {
+                self.recents.insert((merchant, partner, visitor), recent);
+            }
+            Effect::Review { merchant, conversion_id, txn, open: true } => {
+                self.reviews.insert((merchant, conversion_id), txn);
+            }
+            Effect::Review { merchant, conversion_id, open: false, .. } => {
+                self.reviews.remove(&(merchant, conversion_id));
             }
             Effect::Conversion(rec) => {
                 self.conversions.insert((rec.merchant_id.clone(), rec.txn_id.clone()), *rec);
@@ -158,8 +175,14 @@ impl State for Memory {
     fn click(&self, id: &Ulid) -> Result<Option<ClickRecord>, Infallible> {
         Ok(self.clicks.get(id).cloned())
     }
-    fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<Option<UnixMillis>, Infallible> {
-        Ok(self.visitors.get(&(link.clone(), *visitor)).copied())
+    fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<Option<VisitorRecord>, Infallible> {
+        Ok(self.visitors.get(&(link.clone(), *visitor)).cloned())
+    }
+    fn pace(&self, m: &MerchantId, p: &PartnerId) -> Result<Option<Pace>, Infallible> {
+        Ok(self.paces.get(&(m.clone(), p.clone())).copied())
+    }
+    fn recent(&self, m: &MerchantId, p: &PartnerId, visitor: &[u8; 16]) -> Result<Option<Recent>, Infallible> {
+        Ok(self.recents.get(&(m.clone(), p.clone(), *visitor)).cloned())
     }
     fn account(&self, m: &MerchantId, account: &str) -> Result<Option<AccountRecord>, Infallible> {
         Ok(self.accounts.get(&(m.clone(), account.to_string())).cloned())

@@ -33,7 +33,7 @@ pub use b2b::{DealAnswer, DealDraft, DealOutcome};
 pub use catalog::Catalog;
 pub use convert::{ConversionDraft, ConversionOutcome};
 pub use entity::{EntityOp, Saved};
-pub use money::{AdjustOutcome, SWEEP_LIMIT};
+pub use money::{AdjustOutcome, ReviewOutcome, SWEEP_LIMIT};
 pub use outbox::{OutboxAnswer, OutboxIndex, OutboxOp};
 pub use payout::{day_of, PayoutAnswer, PayoutOp, Settlement};
 pub use tx::Tx;
@@ -44,6 +44,7 @@ use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{AdjustmentInput, AdjustmentRecord, ConversionRecord};
 use crate::domain::entities::{Merchant, Partner};
+use crate::domain::fraud::{Pace, Recent, VisitorRecord};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
 use crate::domain::link::Link;
@@ -124,6 +125,8 @@ pub enum Command {
     Outbox(Box<OutboxOp>),
     /// A payout run, or a line of one confirmed paid or failed.
     Payout(Box<PayoutOp>),
+    /// An admin settles a flagged conversion's fraud review.
+    Review { merchant: MerchantId, txn: TxnId, approve: bool, by: String, note: Option<String>, at: UnixMillis, entropy: Entropy },
 }
 
 /// A refusal on the merits: what the caller sent clashes with what is stored
@@ -161,6 +164,7 @@ pub enum Answer {
     Entity(Result<Saved, Refusal>),
     Outbox(OutboxAnswer),
     Payout(PayoutAnswer),
+    Review(ReviewOutcome),
 }
 
 /// A conversion's place in the hold index: approved at `at` unless adjusted first.
@@ -176,11 +180,31 @@ pub struct Hold {
 #[derive(Debug, Clone)]
 pub enum Effect {
     Click(Box<ClickRecord>),
-    /// The last unique click of a visitor on a link.
+    /// A visitor on a link: its last unique click and its clicks of the trailing day.
     Visitor {
         link: LinkId,
         visitor: [u8; 16],
-        at_ms: UnixMillis,
+        record: VisitorRecord,
+    },
+    /// A partner's clicks and conversions of the last 24 hours (fraud signals).
+    Pace {
+        merchant: MerchantId,
+        partner: PartnerId,
+        pace: Pace,
+    },
+    /// A visitor's conversions for a partner in the trailing day (fraud signals).
+    Recent {
+        merchant: MerchantId,
+        partner: PartnerId,
+        visitor: [u8; 16],
+        recent: Recent,
+    },
+    /// A conversion in fraud review, listed (`true`) or settled.
+    Review {
+        merchant: MerchantId,
+        conversion_id: Ulid,
+        txn: TxnId,
+        open: bool,
     },
     Conversion(Box<ConversionRecord>),
     /// Appended; never changed or removed.
@@ -283,8 +307,15 @@ pub trait State {
     fn catalog(&self) -> &Catalog;
     fn conversion(&self, merchant: &MerchantId, txn: &TxnId) -> Result<Option<ConversionRecord>, Self::Error>;
     fn click(&self, id: &Ulid) -> Result<Option<ClickRecord>, Self::Error>;
-    /// The time of the last unique click of `visitor` on `link`.
-    fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<Option<UnixMillis>, Self::Error>;
+    /// What is kept of `visitor` on `link`: its last unique click and its recent clicks.
+    fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<Option<VisitorRecord>, Self::Error>;
+    fn pace(&self, merchant: &MerchantId, partner: &PartnerId) -> Result<Option<Pace>, Self::Error>;
+    fn recent(
+        &self,
+        merchant: &MerchantId,
+        partner: &PartnerId,
+        visitor: &[u8; 16],
+    ) -> Result<Option<Recent>, Self::Error>;
     fn account(&self, merchant: &MerchantId, account: &str) -> Result<Option<AccountRecord>, Self::Error>;
     fn customer(&self, merchant: &MerchantId, customer: &str) -> Result<Option<CustomerBinding>, Self::Error>;
     fn partner_month(
@@ -369,6 +400,9 @@ pub fn execute<S: State + ?Sized>(state: &S, command: Command) -> Result<Outcome
         Command::Entity(op) => Answer::Entity(entity::stage(&mut tx, *op)),
         Command::Outbox(op) => Answer::Outbox(outbox::execute(&mut tx, *op)?),
         Command::Payout(op) => Answer::Payout(payout::execute(&mut tx, *op)?),
+        Command::Review { merchant, txn, approve, by, note, at, entropy } => {
+            Answer::Review(money::review(&mut tx, &merchant, &txn, approve, by, note, at, &entropy)?)
+        }
     };
     Ok(Outcome { effects: tx.into_effects(), answer })
 }

@@ -13,6 +13,7 @@ use crate::domain::conversion::{
 use crate::domain::ids::{MerchantId, PartnerId, Ulid};
 use crate::domain::ledger::LedgerKind;
 use crate::domain::money::Money;
+use crate::domain::fraud::ReviewStatus;
 use crate::domain::outbound::OutboundEvent;
 
 /// What became of an adjustment.
@@ -192,6 +193,18 @@ pub(super) fn adjust<S: State + ?Sized>(
             if !current.can_move_to(ConversionStatus::Approved) {
                 return Ok(illegal(ConversionStatus::Approved));
             }
+            if rec.review.as_ref().is_some_and(|r| r.status == ReviewStatus::Open) {
+                return Ok(refuse(
+                    true,
+                    "review_open",
+                    None,
+                    format!(
+                        "conversion {} is in fraud review; an admin approves or rejects it with POST /admin/v1/merchants/{merchant}/conversions/{}:review",
+                        rec.txn_id, rec.txn_id
+                    ),
+                    Some(current),
+                ));
+            }
             move_status(&mut rec, ConversionStatus::Approved, now, cause);
             count_approval(tx, &rec)?;
             settle_approval(tx, &rec)?;
@@ -263,7 +276,15 @@ pub(super) fn adjust<S: State + ?Sized>(
             (r.ids, OutboundEvent::Reversed, r.sourced)
         }
     };
-    outbox::notify(tx, &mut rec, trigger, change, now, entropy)?;
+    let held = rec.review.as_ref().is_some_and(|r| r.postbacks_held && r.status == ReviewStatus::Open);
+    if rec.status != ConversionStatus::Pending && rec.status != ConversionStatus::Approved {
+        // Rejected or refunded in full by the merchant: nothing is left to review.
+        settle_review(tx, &mut rec, false, format!("merchant ({})", input.adjustment_id), None, now);
+    }
+    if !held {
+        // A partner that never heard of a held conversion hears nothing of its refunds.
+        outbox::notify(tx, &mut rec, trigger, change, now, entropy)?;
+    }
     let stored = AdjustmentRecord { input, amount, at_ms: now, status_after: rec.status, ledger_entries: entries };
     tx.put_adjustment(merchant, stored.clone());
     tx.put_conversion(rec.clone());
@@ -284,7 +305,9 @@ pub(super) fn sweep<S: State + ?Sized>(
     let mut approved = 0;
     for hold in tx.due_holds(now, limit)? {
         if let Some(mut rec) = tx.conversion(&hold.merchant, &hold.txn)? {
-            if rec.status == ConversionStatus::Pending {
+            // A conversion in fraud review has no hold; the check keeps it so whatever the index says.
+            let in_review = rec.review.as_ref().is_some_and(|r| r.status == ReviewStatus::Open);
+            if rec.status == ConversionStatus::Pending && !in_review {
                 move_status(&mut rec, ConversionStatus::Approved, now, "hold period ended".into());
                 count_approval(tx, &rec)?;
                 settle_approval(tx, &rec)?;
@@ -297,4 +320,90 @@ pub(super) fn sweep<S: State + ?Sized>(
         tx.hold_done(hold);
     }
     Ok(approved)
+}
+
+/// What became of a review decision.
+#[derive(Debug, Clone)]
+pub enum ReviewOutcome {
+    Settled(ConversionRecord),
+    /// The review was already settled the same way.
+    Replay(ConversionRecord),
+    NotFound,
+    Refused(Refusal),
+}
+
+/// Closes an open review: approved or rejected, by whom, when and why; off the open list.
+fn settle_review(
+    tx: &mut Tx<'_, impl State + ?Sized>,
+    rec: &mut ConversionRecord,
+    approve: bool,
+    by: String,
+    note: Option<String>,
+    now: UnixMillis,
+) {
+    let Some(r) = rec.review.as_mut().filter(|r| r.status == ReviewStatus::Open) else { return };
+    r.status = if approve { ReviewStatus::Approved } else { ReviewStatus::Rejected };
+    r.settled_by = Some(by);
+    r.settled_ms = Some(now);
+    r.note = note;
+    tx.push(super::Effect::Review {
+        merchant: rec.merchant_id.clone(),
+        conversion_id: rec.conversion_id,
+        txn: rec.txn_id.clone(),
+        open: false,
+    });
+}
+
+/// An admin's decision on a flagged conversion. Approving approves the conversion (its
+/// review replaced the hold) and sends the partner postbacks that waited; rejecting
+/// reverses its credit like the merchant's `reject`. The same decision again replays.
+#[allow(clippy::too_many_arguments)] // the decision, who took it and why, and its ids' entropy
+pub(super) fn review<S: State + ?Sized>(
+    tx: &mut Tx<'_, S>,
+    merchant: &MerchantId,
+    txn: &crate::domain::ids::TxnId,
+    approve: bool,
+    by: String,
+    note: Option<String>,
+    now: UnixMillis,
+    entropy: &Entropy,
+) -> Result<ReviewOutcome, S::Error> {
+    let Some(mut rec) = tx.conversion(merchant, txn)? else { return Ok(ReviewOutcome::NotFound) };
+    let wanted = if approve { ReviewStatus::Approved } else { ReviewStatus::Rejected };
+    let refused = |code, detail| ReviewOutcome::Refused(Refusal::new(true, code, None, detail));
+    let Some(status) = rec.review.as_ref().map(|r| r.status) else {
+        let detail = format!("conversion {txn} raised no fraud signal: the merchant approves or rejects it with an adjustment");
+        return Ok(refused("no_review", detail));
+    };
+    if status == wanted {
+        return Ok(ReviewOutcome::Replay(rec));
+    }
+    if status != ReviewStatus::Open {
+        return Ok(refused("review_settled", format!("the review of conversion {txn} was already {}", status.as_str())));
+    }
+    let held = rec.review.as_ref().is_some_and(|r| r.postbacks_held);
+    let cause = format!("review {} by {by}", wanted.as_str());
+    let pending = rec.status == ConversionStatus::Pending;
+    settle_review(tx, &mut rec, approve, by, note, now);
+    if approve {
+        let commission = rec.commission.as_ref().map(|c| c.amount);
+        if held {
+            outbox::notify(tx, &mut rec, OutboundEvent::Created, commission, now, entropy)?;
+        }
+        if pending {
+            move_status(&mut rec, ConversionStatus::Approved, now, cause);
+            count_approval(tx, &rec)?;
+            settle_approval(tx, &rec)?;
+            outbox::notify(tx, &mut rec, OutboundEvent::Approved, commission, now, entropy)?;
+        }
+    } else if pending {
+        let total = rec.amount.map_or(0, |a| a.minor);
+        let r = reverse_to(tx, &rec, LedgerKind::Reversal, rec.refunded_minor, total, true, now, &cause, entropy)?;
+        move_status(&mut rec, ConversionStatus::Rejected, now, cause);
+        if !held {
+            outbox::notify(tx, &mut rec, OutboundEvent::Rejected, r.sourced, now, entropy)?;
+        }
+    }
+    tx.put_conversion(rec.clone());
+    Ok(ReviewOutcome::Settled(rec))
 }

@@ -61,6 +61,7 @@ fn program() -> Memory {
             outbound: None,
             plan_id: None,
             created_ms: T0,
+            own_accounts: vec![],
         };
         let op = EntityOp::Partner { partner, secret: secret.clone() };
         assert!(matches!(s.submit(entity(op)), Answer::Entity(Ok(Saved::Created))));
@@ -458,4 +459,58 @@ fn a_delivery_is_dead_after_the_window_and_retry_starts_a_new_round() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// A click of alpha's link `l` by `visitor` at `at`.
+fn click_at(at: i64, visitor: u8, bot: bool) -> (Command, Ulid) {
+    let click = ClickRecord {
+        click_id: Ulid::from_parts(at, [visitor ^ (at as u8); 10]),
+        link_id: LinkId::parse("l").unwrap(),
+        partner_id: p("alpha"),
+        merchant_id: m(),
+        at_ms: at,
+        subs: Default::default(),
+        ip: "203.0.113.0/24".into(),
+        user_agent: "UA".into(),
+        bot,
+        unique: false,
+        visitor: [visitor; 16],
+    };
+    let id = click.click_id;
+    (Command::Click { click: Box::new(click), unique_window_ms: DAY }, id)
+}
+
+fn by_click(id: Ulid) -> AttributionKeys {
+    AttributionKeys { click_id: Some(id.to_string()), ..Default::default() }
+}
+
+fn signals_of(o: &ConversionOutcome) -> Vec<&'static str> {
+    let ConversionOutcome::Created(rec) = o else { panic!("not created: {o:?}") };
+    rec.review.as_ref().map(|r| r.signals.iter().map(|s| s.signal.as_str()).collect()).unwrap_or_default()
+}
+
+/// Each scripted pattern raises exactly its signals; a clean conversion raises none.
+#[test]
+fn fraud_signals_follow_the_facts() {
+    let mut s = program();
+    // A click 2 s before the conversion.
+    let (c, id) = click_at(T0 - 2000, 1, false);
+    s.submit(c);
+    assert_eq!(signals_of(&outcome(s.submit(sale("inject", 1000, by_click(id))))), ["click_injection"]);
+    // A bot's click, an hour before.
+    let (c, id) = click_at(T0 - 3_600_000, 2, true);
+    s.submit(c);
+    assert_eq!(signals_of(&outcome(s.submit(sale("bot", 1000, by_click(id))))), ["bot_click"]);
+    // 50 clicks of one visitor, then a conversion.
+    let mut last = Ulid::from_parts(0, [0; 10]);
+    for i in 0..50 {
+        let (c, id) = click_at(T0 - 7_200_000 + i * 60_000, 3, false);
+        s.submit(c);
+        last = id;
+    }
+    assert_eq!(signals_of(&outcome(s.submit(sale("flood", 1000, by_click(last))))), ["click_flooding"]);
+    // A clean one: a new visitor, an hour before.
+    let (c, id) = click_at(T0 - 3_600_000, 4, false);
+    s.submit(c);
+    assert_eq!(signals_of(&outcome(s.submit(sale("clean", 1000, by_click(id))))), Vec::<&str>::new());
 }

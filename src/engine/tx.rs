@@ -9,6 +9,7 @@ use crate::domain::balance::Balance;
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
+use crate::domain::fraud::{Pace, Recent, VisitorRecord};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::ledger::LedgerEntry;
 use crate::domain::money::Currency;
@@ -20,6 +21,8 @@ use crate::domain::payout::PayoutRun;
 enum Key<'a> {
     Conversion(&'a MerchantId, &'a TxnId),
     Visitor(&'a LinkId, &'a [u8; 16]),
+    Pace(&'a MerchantId, &'a PartnerId),
+    Recent(&'a MerchantId, &'a PartnerId, &'a [u8; 16]),
     Account(&'a MerchantId, &'a str),
     Customer(&'a MerchantId, &'a str),
     Month(&'a MerchantId, &'a PartnerId, u32),
@@ -36,6 +39,8 @@ impl Key<'_> {
         Some(match effect {
             Effect::Conversion(r) => Key::Conversion(&r.merchant_id, &r.txn_id),
             Effect::Visitor { link, visitor, .. } => Key::Visitor(link, visitor),
+            Effect::Pace { merchant, partner, .. } => Key::Pace(merchant, partner),
+            Effect::Recent { merchant, partner, visitor, .. } => Key::Recent(merchant, partner, visitor),
             Effect::Account { merchant, record } => Key::Account(merchant, &record.account),
             Effect::Customer { merchant, customer, .. } => Key::Customer(merchant, customer),
             Effect::PartnerMonth { merchant, partner, month, .. } => Key::Month(merchant, partner, *month),
@@ -142,15 +147,40 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
         self.base.click(id)
     }
 
-    pub fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<Option<UnixMillis>, S::Error> {
+    /// What is kept of a visitor on a link; empty when nothing is.
+    pub fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<VisitorRecord, S::Error> {
         match self.staged(Key::Visitor(link, visitor)) {
-            Some(Effect::Visitor { at_ms, .. }) => Ok(Some(*at_ms)),
-            _ => self.base.visitor(link, visitor),
+            Some(Effect::Visitor { record, .. }) => Ok(record.clone()),
+            _ => Ok(self.base.visitor(link, visitor)?.unwrap_or_default()),
         }
     }
 
-    pub fn put_visitor(&mut self, link: LinkId, visitor: [u8; 16], at_ms: UnixMillis) {
-        self.keep(Effect::Visitor { link, visitor, at_ms });
+    pub fn put_visitor(&mut self, link: LinkId, visitor: [u8; 16], record: VisitorRecord) {
+        self.keep(Effect::Visitor { link, visitor, record });
+    }
+
+    /// A partner's clicks and conversions of the last 24 hours; zero when none are kept.
+    pub fn pace(&self, m: &MerchantId, p: &PartnerId) -> Result<Pace, S::Error> {
+        match self.staged(Key::Pace(m, p)) {
+            Some(Effect::Pace { pace, .. }) => Ok(*pace),
+            _ => Ok(self.base.pace(m, p)?.unwrap_or_default()),
+        }
+    }
+
+    pub fn put_pace(&mut self, m: &MerchantId, p: &PartnerId, pace: Pace) {
+        self.keep(Effect::Pace { merchant: m.clone(), partner: p.clone(), pace });
+    }
+
+    /// A visitor's recent conversions for a partner; empty when none are kept.
+    pub fn recent(&self, m: &MerchantId, p: &PartnerId, visitor: &[u8; 16]) -> Result<Recent, S::Error> {
+        match self.staged(Key::Recent(m, p, visitor)) {
+            Some(Effect::Recent { recent, .. }) => Ok(recent.clone()),
+            _ => Ok(self.base.recent(m, p, visitor)?.unwrap_or_default()),
+        }
+    }
+
+    pub fn put_recent(&mut self, m: &MerchantId, p: &PartnerId, visitor: [u8; 16], recent: Recent) {
+        self.keep(Effect::Recent { merchant: m.clone(), partner: p.clone(), visitor, recent });
     }
 
     pub fn account(&self, m: &MerchantId, account: &str) -> Result<Option<AccountRecord>, S::Error> {

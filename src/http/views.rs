@@ -7,6 +7,7 @@ use serde_json::value::RawValue;
 use crate::domain::clock::format_rfc3339;
 use crate::domain::conversion::{Attribution, Commission, ConversionRecord};
 use crate::domain::entities::PartnerKind;
+use crate::domain::fraud::{FraudRules, Review, Signal};
 use crate::domain::ledger::LedgerEntry;
 use crate::domain::money::Money;
 use crate::domain::plan::Plan;
@@ -101,6 +102,36 @@ pub struct ConversionView<'a> {
     pub commission_note: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metadata: Option<&'a RawValue>,
+    /// Present when fraud signals flagged the conversion.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub review: Option<ReviewView<'a>>,
+}
+
+/// A flagged conversion's review (docs/fraud.md).
+#[derive(Serialize)]
+pub struct ReviewView<'a> {
+    pub status: &'static str,
+    pub signals: &'a [Signal],
+    pub postbacks_held: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settled_by: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settled_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'a str>,
+}
+
+impl<'a> From<&'a Review> for ReviewView<'a> {
+    fn from(r: &'a Review) -> Self {
+        ReviewView {
+            status: r.status.as_str(),
+            signals: &r.signals,
+            postbacks_held: r.postbacks_held,
+            settled_by: r.settled_by.as_deref(),
+            settled_at: r.settled_ms.map(format_rfc3339),
+            note: r.note.as_deref(),
+        }
+    }
 }
 
 impl<'a> ConversionView<'a> {
@@ -118,6 +149,7 @@ impl<'a> ConversionView<'a> {
             commission: rec.commission.as_ref().map(CommissionView::from),
             commission_note: rec.commission_note.as_deref(),
             metadata: rec.metadata.as_deref().and_then(|m| serde_json::from_str::<&RawValue>(m).ok()),
+            review: rec.review.as_ref().map(ReviewView::from),
         }
     }
 }
@@ -172,6 +204,8 @@ pub struct PlanView {
     pub tiers: Vec<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caps: Option<serde_json::Value>,
+    pub fraud: FraudRules,
+    pub self_reported: &'static str,
 }
 
 impl From<&Plan> for PlanView {
@@ -201,6 +235,8 @@ impl From<&Plan> for PlanView {
                 .map(|t| serde_json::json!({"min_sales": t.min_sales, "percent": t.percent.text()}))
                 .collect(),
             caps: p.monthly_cap.map(|c| serde_json::json!({"monthly_commission": c.amount_text()})),
+            fraud: p.fraud,
+            self_reported: p.self_reported.as_str(),
         }
     }
 }

@@ -23,8 +23,16 @@ pub(super) fn apply(pending: &mut Pending<'_>, effects: &[Effect]) -> Result<(),
 fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
     match effect {
         Effect::Click(c) => p.put(Cf::Clicks, keys::click(&c.click_id), codec::encode_click(c)),
-        Effect::Visitor { link, visitor, at_ms } => {
-            p.put(Cf::Visitors, keys::visitor(link, visitor), at_ms.to_be_bytes().to_vec())
+        Effect::Visitor { link, visitor, record } => p.put(Cf::Visitors, keys::visitor(link, visitor), record.encode()),
+        Effect::Pace { merchant, partner, pace } => p.put(Cf::Signals, keys::pace(merchant, partner), pace.encode()),
+        Effect::Recent { merchant, partner, visitor, recent } => {
+            p.put(Cf::Signals, keys::recent(merchant, partner, visitor), recent.encode())
+        }
+        Effect::Review { merchant, conversion_id, txn, open: true } => {
+            p.put(Cf::Signals, keys::review(merchant, conversion_id), txn.as_str().as_bytes().to_vec())
+        }
+        Effect::Review { merchant, conversion_id, open: false, .. } => {
+            p.delete(Cf::Signals, keys::review(merchant, conversion_id))
         }
         Effect::Conversion(rec) => p.write(Cf::Conversions, keys::conversion(&rec.merchant_id, &rec.txn_id), &**rec),
         Effect::Ledger(e) => {

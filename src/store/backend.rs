@@ -245,6 +245,49 @@ impl Backend for Store {
         }))
     }
 
+    fn open_reviews<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        after: Option<Ulid>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<ConversionRecord>, StoreError>> {
+        let shared = Arc::clone(&self.shared);
+        let merchant = merchant.clone();
+        Box::pin(blocking(move || {
+            let db = shared.db()?;
+            let prefix = keys::reviews_prefix(&merchant);
+            let mut it = db.raw_iterator_cf(cf_of(&db, Cf::Signals)?);
+            match after {
+                // The first key after `after`'s own.
+                Some(id) => {
+                    let mut from = keys::review(&merchant, &id);
+                    from.push(0);
+                    it.seek(from);
+                }
+                None => it.seek(&prefix),
+            }
+            let mut wanted = Vec::new();
+            while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                if !k.starts_with(&prefix) || wanted.len() >= limit {
+                    break;
+                }
+                let txn = std::str::from_utf8(v).ok().and_then(|t| TxnId::parse(t).ok());
+                let txn = txn.ok_or_else(|| StoreError::Corrupt("review index value".into()))?;
+                wanted.push(keys::conversion(&merchant, &txn));
+                it.next();
+            }
+            it.status()?;
+            let conversions = cf_of(&db, Cf::Conversions)?;
+            let mut out = Vec::with_capacity(wanted.len());
+            for v in db.multi_get_cf(wanted.iter().map(|k| (conversions, k.as_slice()))) {
+                if let Some(bytes) = v? {
+                    out.push(codec::decode(&bytes)?);
+                }
+            }
+            Ok(out)
+        }))
+    }
+
     fn payout<'a>(
         &'a self,
         merchant: &'a MerchantId,

@@ -178,6 +178,30 @@ pub fn balance(merchant: &MerchantId, partner: &PartnerId, currency: Currency) -
     join(&[merchant.as_str().as_bytes(), partner.as_str().as_bytes(), currency.as_str().as_bytes()])
 }
 
+/// Tags of the signals family's key kinds.
+pub const SIGNALS_PACE: &[u8] = b"p";
+pub const SIGNALS_RECENT: &[u8] = b"v";
+pub const SIGNALS_REVIEW: &[u8] = b"r";
+
+pub fn pace(merchant: &MerchantId, partner: &PartnerId) -> Vec<u8> {
+    join(&[SIGNALS_PACE, merchant.as_str().as_bytes(), partner.as_str().as_bytes()])
+}
+
+pub fn recent(merchant: &MerchantId, partner: &PartnerId, visitor: &[u8; 16]) -> Vec<u8> {
+    join(&[SIGNALS_RECENT, merchant.as_str().as_bytes(), partner.as_str().as_bytes(), visitor])
+}
+
+/// A conversion in open review; in conversion id (time) order within the merchant.
+pub fn review(merchant: &MerchantId, conversion_id: &Ulid) -> Vec<u8> {
+    join(&[SIGNALS_REVIEW, merchant.as_str().as_bytes(), &conversion_id.0])
+}
+
+pub fn reviews_prefix(merchant: &MerchantId) -> Vec<u8> {
+    let mut p = join(&[SIGNALS_REVIEW, merchant.as_str().as_bytes()]);
+    p.push(SEP);
+    p
+}
+
 pub fn partner_conversion(partner: &PartnerId, conversion_id: &Ulid) -> Vec<u8> {
     join(&[partner.as_str().as_bytes(), &conversion_id.0])
 }

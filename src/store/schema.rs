@@ -17,7 +17,8 @@ pub enum Cf {
     Plans,
     /// `click_id` (16 bytes, time-ordered) -> `ClickRecord`.
     Clicks,
-    /// `link_id, visitor hash` -> last click time: the `unique` flag.
+    /// `link_id, visitor hash` -> `VisitorRecord`: the last unique click (the `unique` flag)
+    /// and the clicks of the trailing day (fraud signals).
     Visitors,
     /// `merchant, txn_id` -> `ConversionRecord`. The key is the dedupe key.
     Conversions,
@@ -58,10 +59,14 @@ pub enum Cf {
     /// `partner, conversion_id` -> `merchant, txn_id`: every conversion that credits a
     /// partner (sourced or influenced), in time order, for the partner's own reads.
     PartnerConversions,
+    /// Fraud-signal facts and the review list, by a leading tag: `p, merchant, partner` ->
+    /// `Pace`, `v, merchant, partner, visitor` -> `Recent`, `r, merchant, conversion_id` ->
+    /// txn id (a conversion in open review). Encodings in [`crate::domain::fraud`].
+    Signals,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 24] = [
+    pub const ALL: [Cf; 25] = [
         Cf::Meta,
         Cf::Merchants,
         Cf::Secrets,
@@ -86,6 +91,7 @@ impl Cf {
         Cf::Payouts,
         Cf::Earned,
         Cf::PartnerConversions,
+        Cf::Signals,
     ];
 
     pub fn name(self) -> &'static str {
@@ -114,6 +120,7 @@ impl Cf {
             Cf::Payouts => "payouts",
             Cf::Earned => "earned",
             Cf::PartnerConversions => "partner_conversions",
+            Cf::Signals => "signals",
         }
     }
 }

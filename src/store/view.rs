@@ -12,6 +12,7 @@ use crate::domain::balance::Balance;
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::UnixMillis;
 use crate::domain::conversion::{AdjustmentRecord, ConversionRecord};
+use crate::domain::fraud::{Pace, Recent, VisitorRecord};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::money::Currency;
 use crate::domain::outbound::{Delivery, EndpointOff};
@@ -70,9 +71,19 @@ impl State for View<'_, '_> {
         self.bytes(Cf::Clicks, &keys::click(id))?.map(|b| codec::decode_click(&b)).transpose()
     }
 
-    fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<Option<UnixMillis>, StoreError> {
-        let last = self.bytes(Cf::Visitors, &keys::visitor(link, visitor))?;
-        Ok(last.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map(i64::from_be_bytes))
+    fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<Option<VisitorRecord>, StoreError> {
+        let bytes = self.bytes(Cf::Visitors, &keys::visitor(link, visitor))?;
+        bytes.map(|b| VisitorRecord::decode(&b).ok_or_else(|| StoreError::Corrupt("visitor record".into()))).transpose()
+    }
+
+    fn pace(&self, m: &MerchantId, p: &PartnerId) -> Result<Option<Pace>, StoreError> {
+        let bytes = self.bytes(Cf::Signals, &keys::pace(m, p))?;
+        bytes.map(|b| Pace::decode(&b).ok_or_else(|| StoreError::Corrupt("partner pace".into()))).transpose()
+    }
+
+    fn recent(&self, m: &MerchantId, p: &PartnerId, visitor: &[u8; 16]) -> Result<Option<Recent>, StoreError> {
+        let bytes = self.bytes(Cf::Signals, &keys::recent(m, p, visitor))?;
+        bytes.map(|b| Recent::decode(&b).ok_or_else(|| StoreError::Corrupt("recent conversions".into()))).transpose()
     }
 
     fn account(&self, m: &MerchantId, account: &str) -> Result<Option<AccountRecord>, StoreError> {

@@ -101,6 +101,7 @@ fn partner(id: &str) -> Partner {
         outbound: None,
         plan_id: None,
         created_ms: T0,
+        own_accounts: vec![],
     }
 }
 

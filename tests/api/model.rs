@@ -15,7 +15,7 @@ use proptest::prelude::*;
 use tally::backend::Backend;
 use tally::domain::account::{Touch, TouchKind};
 use tally::domain::click::ClickRecord;
-use tally::domain::conversion::{AdjustmentInput, AdjustmentKind, AttributionKeys, ConversionInput};
+use tally::domain::conversion::{AdjustmentInput, AdjustmentKind, AttributionKeys, ConversionInput, RuleKind};
 use tally::domain::entities::{Merchant, Partner, PartnerKind, Status};
 use tally::domain::ids::{LinkId, MerchantId, PartnerId, PlanId, TxnId, Ulid};
 use tally::domain::link::Link;
@@ -58,7 +58,8 @@ enum Step {
         visitor: u8,
         bot: bool,
     },
-    /// `key`: 0 explicit partner, 1 account, 2 customer, 3 click, 4 coupon, 5 none.
+    /// `key`: 0 explicit partner, 1 account, 2 customer, 3 click, 4 coupon, 5 none,
+    /// 6 self-reported, 7 click and self-reported.
     Convert {
         txn: u8,
         key: u8,
@@ -90,6 +91,11 @@ enum Step {
         account: u8,
     },
     Sweep,
+    /// An admin settles a conversion's fraud review.
+    Review {
+        txn: u8,
+        approve: bool,
+    },
     PlanVersion {
         percent: u8,
     },
@@ -105,7 +111,7 @@ enum Step {
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         3 => (0u8..3, 0u8..6, any::<bool>()).prop_map(|(partner, visitor, bot)| Step::Click { partner, visitor, bot }),
-        8 => (0u8..24, 0u8..6, any::<u8>(), 1i64..80_000, 0u8..3, prop::bool::weighted(0.1))
+        8 => (0u8..24, 0u8..8, any::<u8>(), 1i64..80_000, 0u8..3, prop::bool::weighted(0.1))
             .prop_map(|(txn, key, pick, cents, event, variant)| Step::Convert { txn, key, pick, cents, event, variant }),
         1 => prop::collection::vec((0u8..24, 0u8..6, any::<u8>(), 1i64..80_000), 1..6).prop_map(|txns| Step::Batch { txns }),
         5 => (0u8..16, 0u8..24, 0u8..4, prop::option::of(1i64..40_000))
@@ -114,15 +120,24 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0u8..3, 0u8..3).prop_map(|(partner, account)| Step::Touch { partner, account }),
         1 => (0u8..3, 0u8..3).prop_map(|(partner, account)| Step::Reassign { partner, account }),
         2 => Just(Step::Sweep),
+        2 => (0u8..24, any::<bool>()).prop_map(|(txn, approve)| Step::Review { txn, approve }),
         1 => (5u8..40).prop_map(|percent| Step::PlanVersion { percent }),
         1 => (0u8..3).prop_map(|partner| Step::Pause { partner }),
         3 => (1u16..24 * 20).prop_map(|hours| Step::Wait { hours }),
     ]
 }
 
+/// Plan versions alternate strict and default fraud thresholds, and what self-reported
+/// attribution earns.
 fn plan_command(percent: u8, from: i64) -> Command {
+    let fraud = if percent % 2 == 1 {
+        r#""fraud":{"flag_ctit_below_seconds":150,"flag_visitor_clicks_per_day":3,"flag_clicks_per_conversion":4,
+            "flag_conversions_per_visitor_day":2,"hold_postbacks":true},"self_reported":"full","#
+    } else {
+        r#""fraud":{"hold_postbacks":false},"self_reported":"influence","#
+    };
     let body: PlanBody = serde_json::from_str(&format!(
-        r#"{{"currency":"USD","influence_percent":"5","hold_days":3,"deal_ttl_days":30,
+        r#"{{"currency":"USD","influence_percent":"5","hold_days":3,"deal_ttl_days":30,{fraud}
             "tiers":[{{"min_sales":1,"percent":"{}"}}],
             "caps":{{"monthly_commission":"2500.00"}},
             "rules":[{{"event":"sale","percent":"{percent}","flat":"0.99"}},{{"event":"lead","flat":"2.50"}},
@@ -130,6 +145,7 @@ fn plan_command(percent: u8, from: i64) -> Command {
         u32::from(percent) + 5
     ))
     .unwrap();
+    // The first version is strict, so short runs raise signals too.
     Command::Entity(Box::new(EntityOp::Plan(body.into_plan(m(), PlanId::parse("p").unwrap(), from).unwrap())))
 }
 
@@ -150,7 +166,7 @@ fn setup() -> Vec<Command> {
             secret: secret.clone(),
             token_hash: None,
         })),
-        plan_command(20, 0),
+        plan_command(21, 0),
         Command::Entity(Box::new(EntityOp::Merchant {
             merchant: Merchant { default_plan_id: Some(PlanId::parse("p").unwrap()), ..merchant },
             secret: secret.clone(),
@@ -180,6 +196,8 @@ fn setup() -> Vec<Command> {
             },
             plan_id: None,
             created_ms: T0,
+            // gamma refers itself: its own customer and account raise the self-referral signal.
+            own_accounts: if i == 2 { vec!["cust-1".into(), "acme.com".into()] } else { vec![] },
         };
         out.push(Command::Entity(Box::new(EntityOp::Partner { partner, secret: secret.clone() })));
         let link = Link {
@@ -197,6 +215,12 @@ fn setup() -> Vec<Command> {
         out.push(Command::Entity(Box::new(EntityOp::Link(link))));
     }
     out
+}
+
+/// The click a conversion names: the newest for an even `pick`, else any.
+fn click_of(pick: u8, clicks: &[Ulid]) -> Option<String> {
+    let i = if pick % 2 == 0 { clicks.len().saturating_sub(1) } else { usize::from(pick) % clicks.len().max(1) };
+    clicks.get(i).map(|c| c.to_string())
 }
 
 /// Turns steps into commands with times and entropy; `groups` says which commands are
@@ -217,12 +241,15 @@ fn commands(steps: &[Step]) -> Vec<Vec<Command>> {
                     partner_id: (pick % 2 == 0).then(|| pid(pick)),
                     ..Default::default()
                 },
-                3 => AttributionKeys {
-                    click_id: clicks.get(usize::from(pick) % clicks.len().max(1)).map(|c| c.to_string()),
-                    ..Default::default()
-                },
+                // Half of them name the newest click: a short click-to-conversion time.
+                3 => AttributionKeys { click_id: click_of(pick, clicks), ..Default::default() },
                 4 => AttributionKeys {
                     coupon: Some(["SAVE10", "BETA", "NOPE"][usize::from(pick) % 3].into()),
+                    ..Default::default()
+                },
+                6 | 7 => AttributionKeys {
+                    self_reported: Some(["ALPHA", "save10", "Gamma", "a friend"][usize::from(pick) % 4].into()),
+                    click_id: (key == 7).then(|| click_of(pick, clicks)).flatten(),
                     ..Default::default()
                 },
                 _ => AttributionKeys::default(),
@@ -324,6 +351,15 @@ fn commands(steps: &[Step]) -> Vec<Vec<Command>> {
                 at: now,
             },
             Step::Sweep => Command::SweepHolds { now, limit: 10_000, entropy: entropy(seed) },
+            Step::Review { txn, approve } => Command::Review {
+                merchant: m(),
+                txn: TxnId::parse(&format!("t{txn}")).unwrap(),
+                approve: *approve,
+                by: "risk@model.example".into(),
+                note: approve.then(|| "checked the order".into()),
+                at: now,
+                entropy: entropy(seed),
+            },
             Step::PlanVersion { percent } => plan_command(*percent, now),
             Step::Pause { partner } => {
                 Command::Entity(Box::new(EntityOp::PausePartner { merchant: m(), partner: pid(*partner) }))
@@ -499,7 +535,16 @@ proptest! {
                 _ => None,
             }).collect();
             assert_eq!(due, want_due, "due indexes differ");
+            let open: Vec<String> = store.open_reviews(&m(), None, 100_000).await.unwrap()
+                .iter().map(|r| r.txn_id.to_string()).collect();
+            let want_open: Vec<String> = model.reviews.values().map(|t| t.to_string()).collect();
+            assert_eq!(open, want_open, "open reviews differ");
             assert!(!model.deliveries.is_empty() || steps.len() < 250, "a long run makes deliveries");
+            let by_click = model.conversions.values().filter(|c| c.attribution.as_ref().is_some_and(|a| a.rule == RuleKind::Click)).count();
+            assert!(
+                model.conversions.values().any(|c| c.review.is_some()) || by_click < 3,
+                "a run with {by_click} click-attributed conversions raises fraud signals"
+            );
             assert!(!model.ledger.is_empty() || steps.len() < 250, "a long run credits somebody");
             store.shutdown_blocking_in_place();
         });

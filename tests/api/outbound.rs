@@ -162,7 +162,9 @@ async fn a_get_postback_gets_its_macros_filled_and_percent_encoded() {
     let r = app.get("/c/spring?sub1=a%20b%26c%3Dd%2F%C3%A9", &[("user-agent", BROWSER.to_string())]).await;
     assert_eq!(r.status, 302);
     let click = click_id_of(r.header("location").unwrap());
-    let body = json!({"txn_id": "order#1?x", "event": "sale", "amount": "50.00", "currency": "USD", "click_id": click});
+    // A minute after the click: a sale in the same instant would be flagged as click injection.
+    let occurred = tally::domain::clock::format_rfc3339({ use tally::domain::clock::Clock; SystemClock.now_ms() + 60_000 });
+    let body = json!({"txn_id": "order#1?x", "event": "sale", "amount": "50.00", "currency": "USD", "click_id": click, "occurred_at": occurred});
     let r = app.convert("shop", &secret, &body.to_string()).await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let conversion_id = r.json()["conversion_id"].as_str().unwrap().to_string();
