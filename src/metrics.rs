@@ -39,6 +39,8 @@ pub struct Metrics {
     pub conversions: IntCounterVec,
     pub signature_failures: IntCounterVec,
     pub attributions: IntCounterVec,
+    /// Fraud signals raised by new conversions, by signal.
+    pub fraud_flags: IntCounterVec,
     pub ledger_entries: IntCounterVec,
     pub write_batch_size: Histogram,
     pub fsync_duration: Histogram,
@@ -118,6 +120,11 @@ impl Metrics {
             &["rule", "credit"],
         );
         let ledger_entries = counter_vec(&r, "tally_ledger_entries_total", "Ledger entries written.", &["kind"]);
+        let fraud_flags =
+            counter_vec(&r, "tally_fraud_flags_total", "Fraud signals raised by new conversions.", &["signal"]);
+        for s in crate::domain::fraud::SignalKind::ALL {
+            fraud_flags.with_label_values(&[s.as_str()]);
+        }
         for o in CLICK_OUTCOMES {
             clicks.with_label_values(&[o]);
         }
@@ -139,6 +146,7 @@ impl Metrics {
             conversions,
             signature_failures,
             attributions,
+            fraud_flags,
             ledger_entries,
             write_batch_size: histogram(
                 &r,
@@ -269,11 +277,13 @@ impl Metrics {
         }
     }
 
-    /// Counts the ledger entries of a batch once it is durable.
     /// Counts a new conversion's credits: the sourced partner's (or `none`), and each
-    /// influencer's with `credit="influenced"` and its own rule.
-    pub fn count_attribution(&self, attribution: Option<&crate::domain::conversion::Attribution>) {
-        let Some(a) = attribution else {
+    /// influencer's with `credit="influenced"` and its own rule; and the fraud signals it raised.
+    pub fn count_attribution(&self, rec: &crate::domain::conversion::ConversionRecord) {
+        for s in rec.review.iter().flat_map(|r| &r.signals) {
+            self.fraud_flags.with_label_values(&[s.signal.as_str()]).inc();
+        }
+        let Some(a) = &rec.attribution else {
             self.attributions.with_label_values(&["none", "none"]).inc();
             return;
         };
@@ -283,6 +293,7 @@ impl Metrics {
         }
     }
 
+    /// Counts the ledger entries of a batch once it is durable.
     pub fn count_ledger(&self, kinds: &[LedgerKind]) {
         for kind in kinds {
             self.ledger_entries.with_label_values(&[kind.as_str()]).inc();

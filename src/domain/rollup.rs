@@ -18,7 +18,7 @@
 
 use super::click::ClickRecord;
 use super::clock::UnixMillis;
-use super::conversion::ConversionRecord;
+use super::conversion::{ConversionRecord, RuleKind};
 use super::ids::{MerchantId, PartnerId};
 use super::ledger::{LedgerEntry, LedgerKind};
 use super::money::Currency;
@@ -80,14 +80,26 @@ pub struct Counters {
     /// Revenue of conversions a partner influenced (merchant cells: counted once per
     /// conversion, however many partners influenced it).
     pub influenced: i64,
+    /// Conversions that raised fraud signals when they arrived (docs/fraud.md).
+    pub flagged: i64,
+    /// The commission credited on those conversions.
+    pub flagged_commission: i64,
+    /// Conversions credited by the customer's own answer (`self_reported`), counted apart
+    /// as well as in `conversions`.
+    pub self_reported: i64,
 }
 
-/// Encoded length: a version byte and eight little-endian `i64`s.
-pub const COUNTERS_LEN: usize = 1 + 8 * 8;
+/// How many counters a cell has.
+const FIELDS: usize = 11;
+/// Encoded length: a version byte and eleven little-endian `i64`s.
+pub const COUNTERS_LEN: usize = 1 + 8 * FIELDS;
+/// Version 1 had the first eight counters; it reads with the others zero.
 const COUNTERS_V1: u8 = 1;
+const COUNTERS_V1_LEN: usize = 1 + 8 * 8;
+const COUNTERS_V2: u8 = 2;
 
 impl Counters {
-    fn fields(&self) -> [i64; 8] {
+    fn fields(&self) -> [i64; FIELDS] {
         [
             self.clicks,
             self.unique_clicks,
@@ -97,10 +109,13 @@ impl Counters {
             self.reversed,
             self.sourced,
             self.influenced,
+            self.flagged,
+            self.flagged_commission,
+            self.self_reported,
         ]
     }
 
-    fn from_fields(f: [i64; 8]) -> Counters {
+    fn from_fields(f: [i64; FIELDS]) -> Counters {
         Counters {
             clicks: f[0],
             unique_clicks: f[1],
@@ -110,6 +125,9 @@ impl Counters {
             reversed: f[5],
             sourced: f[6],
             influenced: f[7],
+            flagged: f[8],
+            flagged_commission: f[9],
+            self_reported: f[10],
         }
     }
 
@@ -121,24 +139,32 @@ impl Counters {
     }
 
     pub fn is_zero(&self) -> bool {
-        self.fields() == [0; 8]
+        self.fields() == [0; FIELDS]
     }
 
     pub fn encode(&self) -> [u8; COUNTERS_LEN] {
         let mut out = [0u8; COUNTERS_LEN];
-        out[0] = COUNTERS_V1;
+        out[0] = COUNTERS_V2;
         for (i, v) in self.fields().iter().enumerate() {
             out[1 + i * 8..9 + i * 8].copy_from_slice(&v.to_le_bytes());
         }
         out
     }
 
-    /// `None` for anything but a version-1 encoding.
+    /// `None` for anything but a version-1 or version-2 encoding.
     pub fn decode(bytes: &[u8]) -> Option<Counters> {
-        if bytes.len() != COUNTERS_LEN || bytes[0] != COUNTERS_V1 {
-            return None;
-        }
-        let field = |i: usize| i64::from_le_bytes(bytes[1 + i * 8..9 + i * 8].try_into().unwrap_or_default());
+        let n = match (bytes.first(), bytes.len()) {
+            (Some(&COUNTERS_V2), COUNTERS_LEN) => FIELDS,
+            (Some(&COUNTERS_V1), COUNTERS_V1_LEN) => 8,
+            _ => return None,
+        };
+        let field = |i: usize| {
+            if i < n {
+                i64::from_le_bytes(bytes[1 + i * 8..9 + i * 8].try_into().unwrap_or_default())
+            } else {
+                0
+            }
+        };
         Some(Counters::from_fields(std::array::from_fn(field)))
     }
 }
@@ -240,11 +266,25 @@ pub fn of_conversion(rec: &ConversionRecord) -> Vec<Increment> {
         }
     });
     let Some(a) = attribution else { return adds.done().collect() };
+    let flagged = rec.review.is_some();
+    let self_reported = a.rule == RuleKind::SelfReported;
+    adds.add(cell(None, currency), |c| {
+        c.flagged = i64::from(flagged);
+        c.self_reported = i64::from(self_reported);
+    });
     adds.add(cell(Some(&a.partner_id), currency), |c| {
         c.conversions = 1;
         c.revenue = revenue;
         c.sourced = revenue;
+        c.flagged = i64::from(flagged);
+        c.self_reported = i64::from(self_reported);
     });
+    if flagged {
+        if let Some(money) = commission {
+            adds.add(cell(Some(&a.partner_id), Some(money.currency)), |c| c.flagged_commission += money.minor);
+            adds.add(cell(None, Some(money.currency)), |c| c.flagged_commission += money.minor);
+        }
+    }
     let fees = influencers.iter().filter_map(|i| i.commission.map(|fee| (&i.partner_id, fee)));
     for (partner, money) in commission.map(|c| (&a.partner_id, c)).into_iter().chain(fees) {
         adds.add(cell(Some(partner), Some(money.currency)), |c| c.commission += money.minor);
@@ -359,7 +399,15 @@ mod tests {
         assert_eq!(Counters::decode(&a.encode()), Some(a));
         a.add(&Counters { clicks: 1, revenue: 7, ..Counters::default() });
         assert_eq!((a.clicks, a.revenue), (4, 0));
-        assert_eq!(Counters::decode(&[2; COUNTERS_LEN]), None);
+        assert_eq!(Counters::decode(&[3; COUNTERS_LEN]), None);
+        assert_eq!(Counters::decode(&[2; COUNTERS_V1_LEN]), None);
+        // A version-1 value (eight counters) reads with the newer counters zero.
+        let mut v1 = vec![COUNTERS_V1];
+        for i in 1..=8i64 {
+            v1.extend_from_slice(&i.to_le_bytes());
+        }
+        let c = Counters::decode(&v1).unwrap();
+        assert_eq!((c.clicks, c.influenced, c.flagged, c.self_reported), (1, 8, 0, 0));
     }
 
     proptest! {
@@ -383,8 +431,9 @@ mod tests {
 
         /// Merging in any grouping gives the same counters.
         #[test]
-        fn add_is_associative_and_commutative(v in proptest::collection::vec(any::<[i64; 8]>(), 1..6)) {
-            let cs: Vec<Counters> = v.into_iter().map(Counters::from_fields).collect();
+        fn add_is_associative_and_commutative(v in proptest::collection::vec((any::<[i64; 8]>(), any::<[i64; 3]>()), 1..6)) {
+            let cs: Vec<Counters> =
+                v.into_iter().map(|(a, b)| Counters::from_fields(std::array::from_fn(|i| if i < 8 { a[i] } else { b[i - 8] }))).collect();
             let mut fwd = Counters::default();
             cs.iter().for_each(|c| fwd.add(c));
             let mut back = Counters::default();

@@ -9,7 +9,7 @@ use subtle::ConstantTimeEq;
 
 use super::problem::ApiError;
 use super::views::{ConversionView, LedgerEntryView, PlanView};
-use super::{json, parse_json, read_body, require_json, Body, Ctx, Route};
+use super::{json, parse_json, read_body, replayed, require_json, Body, Ctx, Route};
 use crate::backend::{BackendExt, DeliveryFilter};
 use crate::domain::account::{check_text_id, normalize_account, AccountRecord};
 use crate::domain::clock::format_rfc3339;
@@ -20,7 +20,7 @@ use crate::domain::money::Money;
 use crate::domain::outbound::{Delivery, DeliveryState, DeliveryValues};
 use crate::domain::plan::PlanBody;
 use crate::domain::FieldError;
-use crate::engine::{Catalog, EntityOp, OutboxAnswer, OutboxOp, Saved};
+use crate::engine::{Catalog, EntityOp, OutboxAnswer, OutboxOp, ReviewOutcome, Saved};
 use crate::signing::WebhookSecret;
 
 type Answer = (Route, Result<Response<Body>, ApiError>);
@@ -85,6 +85,8 @@ fn route_of(rest: &[&str]) -> Route {
         [_, "partners", _] => Route::AdminPartner,
         [_, "links", _] => Route::AdminLink,
         [_, "plans", _] => Route::AdminPlan,
+        [_, "conversions"] => Route::AdminConversions,
+        [_, "conversions", t] if t.ends_with(":review") => Route::AdminReview,
         [_, "conversions", _] => Route::AdminConversion,
         [_, "accounts", a] if a.ends_with(":reassign") => Route::AdminReassign,
         [_, "accounts", _] => Route::AdminAccount,
@@ -103,6 +105,52 @@ fn route_of(rest: &[&str]) -> Route {
         [_, "ledger"] => Route::AdminLedger,
         _ => Route::NotFound,
     }
+}
+
+/// The body of `POST …/conversions/{txn_id}:review`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReviewBody {
+    decision: ReviewDecision,
+    #[serde(default)]
+    by: Option<String>,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+#[derive(serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum ReviewDecision {
+    Approve,
+    Reject,
+}
+
+/// Most conversions in one page of the review list.
+const MAX_REVIEW_PAGE: usize = 500;
+
+/// `review=open` (the only list there is), `after` and `limit`.
+fn review_query(query: &str) -> Result<(Option<Ulid>, usize), ApiError> {
+    let bad = |d: String| ApiError::InvalidQuery(d);
+    let (mut after, mut limit, mut review) = (None, 100, false);
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*name {
+            "review" if value == "open" => review = true,
+            "review" => return Err(bad(format!("review must be open, not {value:?}"))),
+            "after" => after = Some(Ulid::parse(&value).map_err(|e| bad(format!("after: {e}")))?),
+            "limit" => {
+                limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_REVIEW_PAGE).contains(n))
+                    .ok_or_else(|| bad(format!("limit must be 1..{MAX_REVIEW_PAGE}")))?;
+            }
+            other => return Err(bad(format!("unknown parameter {other:?}; known: review, after, limit"))),
+        }
+    }
+    if !review {
+        return Err(bad("review=open is required: the list shows conversions in open fraud review".into()));
+    }
+    Ok((after, limit))
 }
 
 /// The body of `POST /admin/v1/backups`: none, or an empty JSON object.
@@ -413,6 +461,33 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
                 .current_plan(&merchant, &pid)
                 .map(|p| json(StatusCode::OK, &PlanView::from(p)))
                 .ok_or(ApiError::NotFound)
+        }
+        (&Method::GET, [_, "conversions"]) => {
+            let (after, limit) = review_query(req.uri().query().unwrap_or(""))?;
+            // One more than asked: whether there is a next page.
+            let mut page = ctx.backend.open_reviews(&merchant, after, limit + 1).await?;
+            let next = (page.len() > limit).then(|| page[limit - 1].conversion_id.to_string());
+            page.truncate(limit);
+            let views: Vec<_> = page.iter().map(|rec| ConversionView::new(rec, false)).collect();
+            Ok(json(StatusCode::OK, &serde_json::json!({ "conversions": views, "next_after": next })))
+        }
+        (&Method::POST, [_, "conversions", target]) if target.ends_with(":review") => {
+            let raw = target.strip_suffix(":review").unwrap_or(target);
+            let decoded = percent_encoding::percent_decode_str(raw).decode_utf8().map_err(|_| ApiError::NotFound)?;
+            let txn = id(&decoded, TxnId::parse)?;
+            let b: ReviewBody = body(ctx, req).await?;
+            let by = b.by.unwrap_or_else(|| "admin".into());
+            check_text_id("by", &by)?;
+            if let Some(note) = &b.note {
+                check_text_id("note", note)?;
+            }
+            let approve = b.decision == ReviewDecision::Approve;
+            match ctx.backend.review(merchant.clone(), txn, approve, by, b.note, now).await? {
+                ReviewOutcome::Settled(rec) => Ok(json(StatusCode::OK, &ConversionView::new(&rec, false))),
+                ReviewOutcome::Replay(rec) => Ok(replayed(json(StatusCode::OK, &ConversionView::new(&rec, false)))),
+                ReviewOutcome::NotFound => Err(ApiError::NotFound),
+                ReviewOutcome::Refused(r) => Err(ApiError::Refused(r)),
+            }
         }
         (&Method::GET, [_, "conversions", txn]) => {
             let decoded = percent_encoding::percent_decode_str(txn).decode_utf8().map_err(|_| ApiError::NotFound)?;

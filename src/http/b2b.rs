@@ -3,25 +3,20 @@
 
 use std::net::SocketAddr;
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::json;
 
 use super::problem::ApiError;
 use super::public::{signed_json, Sender};
 use super::views::{ConversionView, LedgerEntryView, MoneyView};
-use super::{json, Body, Ctx};
+use super::{json, replayed, Body, Ctx};
 use crate::backend::BackendExt;
 use crate::domain::account::{check_text_id, normalize_account, DealBody, Touch, TouchBody, TouchKind};
 use crate::domain::clock::{format_rfc3339, parse_rfc3339};
 use crate::domain::conversion::{AdjustmentBody, MAX_AGE_DAYS, MAX_AHEAD_SECONDS};
 use crate::domain::FieldError;
 use crate::engine::{AdjustOutcome, DealDraft, DealOutcome, Refusal};
-
-fn replayed(mut resp: Response<Body>) -> Response<Body> {
-    resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
-    resp
-}
 
 /// A time given by the caller: at most 400 days old, at most 5 minutes ahead.
 fn past_time(field: &str, text: Option<&str>, now: i64) -> Result<i64, FieldError> {

@@ -153,6 +153,8 @@ routes! {
     AdminLink => "admin_link",
     AdminPlan => "admin_plan",
     AdminConversion => "admin_conversion",
+    AdminConversions => "admin_conversions",
+    AdminReview => "admin_review",
     AdminAccount => "admin_account",
     AdminBackup => "admin_backup",
     AdminDeliveries => "admin_deliveries",
@@ -425,6 +427,12 @@ pub fn redacted_target(uri: &http::Uri) -> String {
 }
 
 /// A JSON response.
+/// Marks an answer that replays an earlier one (SPEC: `Idempotent-Replayed: true`).
+pub fn replayed(mut resp: Response<Body>) -> Response<Body> {
+    resp.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
+    resp
+}
+
 pub fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     match serde_json::to_vec(value) {
         Ok(body) => json_bytes(status, Bytes::from(body)),

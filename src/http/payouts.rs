@@ -110,11 +110,7 @@ fn payout_answer(ctx: &Ctx, answer: PayoutAnswer, created: StatusCode) -> Result
     let catalog = ctx.backend.catalog();
     match answer {
         PayoutAnswer::Run(run, false) => Ok(json(created, &run_json(&run, &catalog))),
-        PayoutAnswer::Run(run, true) => {
-            let mut resp = json(StatusCode::OK, &run_json(&run, &catalog));
-            resp.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
-            Ok(resp)
-        }
+        PayoutAnswer::Run(run, true) => Ok(super::replayed(json(StatusCode::OK, &run_json(&run, &catalog)))),
         PayoutAnswer::Settled(run) => Ok(json(StatusCode::OK, &run_json(&run, &catalog))),
         PayoutAnswer::NotFound => Err(ApiError::NotFound),
         PayoutAnswer::Refused(r) => Err(ApiError::Refused(r)),

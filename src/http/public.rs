@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 
 use super::problem::ApiError;
 use super::views::ConversionView;
-use super::{json, json_bytes, parse_json, read_body, require_json, single_header, Body, Ctx, Route};
+use super::{json, json_bytes, parse_json, read_body, replayed, require_json, single_header, Body, Ctx, Route};
 use crate::backend::BackendExt;
 use crate::domain::click::{is_bot, reduce_ip, truncate, visitor_hash, ClickRecord, MAX_SUB_LEN, MAX_USER_AGENT_LEN};
 use crate::domain::conversion::{ConversionBody, ConversionInput, ConversionRecord};
@@ -413,12 +413,6 @@ fn duplicate_body(rec: &ConversionRecord) -> Bytes {
     Bytes::from(serde_json::to_vec(&ConversionView::new(rec, true)).unwrap_or_default())
 }
 
-/// Marks a duplicate's answer (SPEC: `Idempotent-Replayed: true`).
-fn replayed(mut resp: Response<Body>) -> Response<Body> {
-    resp.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
-    resp
-}
-
 /// The `409` for a `txn_id` stored with other content.
 fn conflict(rec: &ConversionRecord) -> ApiError {
     ApiError::DuplicateConflict { txn_id: rec.txn_id.to_string(), conversion_id: rec.conversion_id.to_string() }
@@ -429,7 +423,7 @@ fn conflict(rec: &ConversionRecord) -> ApiError {
 fn answer(ctx: &Ctx, outcome: ConversionOutcome, created: StatusCode) -> Result<Response<Body>, ApiError> {
     match outcome {
         ConversionOutcome::Created(rec) => {
-            ctx.metrics.count_attribution(rec.attribution.as_ref());
+            ctx.metrics.count_attribution(&rec);
             Ok(json(created, &ConversionView::new(&rec, false)))
         }
         ConversionOutcome::Duplicate(rec) => Ok(replayed(json_bytes(StatusCode::OK, duplicate_body(&rec)))),
@@ -557,7 +551,7 @@ async fn batch(
         match outcome {
             ConversionOutcome::Created(rec) => {
                 count("created");
-                ctx.metrics.count_attribution(rec.attribution.as_ref());
+                ctx.metrics.count_attribution(&rec);
                 items.push((i, 201, Some(ConversionOutcome::Created(rec)), None));
             }
             ConversionOutcome::Duplicate(rec) => {

@@ -147,9 +147,14 @@ struct PartnerRow {
     reversed: String,
     /// Revenue of conversions the partner influenced without sourcing them.
     influenced: String,
+    /// Of `conversions`, those credited by the customer's own answer.
+    self_reported: i64,
+    /// Of `conversions`, those that raised fraud signals, and their commission.
+    flagged: i64,
+    flagged_commission: String,
 }
 
-const PARTNER_COLUMNS: [&str; 10] = [
+const PARTNER_COLUMNS: [&str; 13] = [
     "day",
     "partner_id",
     "currency",
@@ -160,6 +165,9 @@ const PARTNER_COLUMNS: [&str; 10] = [
     "commission",
     "reversed",
     "influenced",
+    "self_reported",
+    "flagged",
+    "flagged_commission",
 ];
 
 /// The currency a partner's clicks are shown in: the currency of the partner's own plan
@@ -220,6 +228,9 @@ pub(super) async fn partners(
             commission: money(c.commission, currency),
             reversed: money(c.reversed, currency),
             influenced: money(c.influenced, currency),
+            self_reported: c.self_reported,
+            flagged: c.flagged,
+            flagged_commission: money(c.flagged_commission, currency),
         })
         .collect();
     if wants_csv(headers) {
@@ -228,6 +239,7 @@ pub(super) async fn partners(
         for r in &rows {
             let (clicks, unique, conversions) =
                 (r.clicks.to_string(), r.unique_clicks.to_string(), r.conversions.to_string());
+            let (self_reported, flagged) = (r.self_reported.to_string(), r.flagged.to_string());
             csv::row(
                 &mut out,
                 [
@@ -241,6 +253,9 @@ pub(super) async fn partners(
                     &r.commission,
                     &r.reversed,
                     &r.influenced,
+                    &self_reported,
+                    &flagged,
+                    &r.flagged_commission,
                 ],
             );
         }
@@ -265,6 +280,11 @@ struct Revenue {
     influenced: String,
     sourced_share: Option<f64>,
     influenced_share: Option<f64>,
+    /// Conversions credited by the customer's own answer.
+    self_reported: i64,
+    /// Conversions that raised fraud signals, and their commission.
+    flagged: i64,
+    flagged_commission: String,
 }
 
 fn share(part: i64, total: i64) -> Option<f64> {
@@ -320,6 +340,9 @@ pub(super) async fn program(ctx: &Ctx, merchant: &MerchantId, query: &str) -> Re
             influenced: money(c.influenced, currency),
             sourced_share: share(c.sourced, c.revenue),
             influenced_share: share(c.influenced, c.revenue),
+            self_reported: c.self_reported,
+            flagged: c.flagged,
+            flagged_commission: money(c.flagged_commission, currency),
         })
         .collect();
 

@@ -12,6 +12,7 @@ mod conversions;
 mod crash;
 mod engine;
 mod faults;
+mod fraud;
 mod helpers;
 mod hostile;
 mod ledger_props;

@@ -111,13 +111,13 @@ impl Receiver {
     }
 }
 
-fn outbound_settings(s: &mut tally::config::Settings) {
+pub(crate) fn outbound_settings(s: &mut tally::config::Settings) {
     s.outbound.allow_private = true;
     s.outbound.poll_interval_ms = 20;
 }
 
 /// `demo()` plus an `outbound` on partner `ann`; returns the merchant's secret.
-async fn with_outbound(app: &TestApp, outbound: Value) -> String {
+pub(crate) async fn with_outbound(app: &TestApp, outbound: Value) -> String {
     let secret = app.demo().await;
     let p = json!({"name": "Ann's Blog", "kind": "affiliate", "coupons": ["ann-10"], "outbound": outbound});
     let r = app.admin(Method::PUT, "/admin/v1/merchants/shop/partners/ann", Some(p)).await;
@@ -134,14 +134,14 @@ async fn partner_with_outbound(app: &TestApp, outbound: Value) -> String {
     r.json()["secret"].as_str().expect("partner secret").to_string()
 }
 
-async fn deliveries(app: &TestApp, query: &str) -> Vec<Value> {
+pub(crate) async fn deliveries(app: &TestApp, query: &str) -> Vec<Value> {
     let r = app.admin(Method::GET, &format!("/admin/v1/merchants/shop/deliveries{query}"), None).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     r.json()["deliveries"].as_array().unwrap().clone()
 }
 
 /// Waits until `query` lists `n` deliveries.
-async fn wait_deliveries(app: &TestApp, query: &str, n: usize) -> Vec<Value> {
+pub(crate) async fn wait_deliveries(app: &TestApp, query: &str, n: usize) -> Vec<Value> {
     let started = std::time::Instant::now();
     loop {
         let d = deliveries(app, query).await;
