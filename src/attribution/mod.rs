@@ -48,8 +48,14 @@ pub trait Facts {
 #[allow(clippy::large_enum_variant)] // one per conversion, consumed at once: boxing buys nothing
 pub enum Decision {
     /// `click`: the attributing click, when the click rule decided.
-    Attributed { attribution: Attribution, partner: Partner, click: Option<ClickFacts> },
-    Unattributed { reason: String },
+    Attributed {
+        attribution: Attribution,
+        partner: Partner,
+        click: Option<ClickFacts>,
+    },
+    Unattributed {
+        reason: String,
+    },
 }
 
 fn sourced(partner: Partner, rule: RuleKind, reason: String, click: Option<ClickFacts>) -> Decision {
@@ -333,9 +339,16 @@ mod tests {
             Ok(self.customers.get(customer_id).cloned())
         }
         fn named_partner(&self, text: &str) -> Result<Option<Partner>, Infallible> {
-            let by_id = self.partners.values().filter(|p| p.id.as_str().eq_ignore_ascii_case(text)).min_by_key(|p| p.id.clone());
+            let by_id = self
+                .partners
+                .values()
+                .filter(|p| p.id.as_str().eq_ignore_ascii_case(text))
+                .min_by_key(|p| p.id.clone());
             let by_coupon = || {
-                self.partners.values().filter(|p| p.coupons.iter().any(|c| c.eq_ignore_ascii_case(text))).min_by_key(|p| p.id.clone())
+                self.partners
+                    .values()
+                    .filter(|p| p.coupons.iter().any(|c| c.eq_ignore_ascii_case(text)))
+                    .min_by_key(|p| p.id.clone())
             };
             Ok(by_id.or_else(by_coupon).cloned())
         }
@@ -512,7 +525,8 @@ mod tests {
             let got = decide(&k, at, &f).unwrap();
             assert_eq!(rule_of(&got), want.map(|(r, p)| (r, p.to_string())), "{k:?}");
         }
-        let Decision::Attributed { attribution, .. } = decide(&said("bob10", AttributionKeys::default()), t0, &f).unwrap()
+        let Decision::Attributed { attribution, .. } =
+            decide(&said("bob10", AttributionKeys::default()), t0, &f).unwrap()
         else {
             panic!("attributed")
         };

@@ -5,10 +5,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::clock::{parse_rfc3339, UnixMillis};
+use super::fraud::Review;
 use super::ids::{MerchantId, PartnerId, PlanId, TxnId, Ulid};
 use super::money::{Currency, Money};
 use super::plan::check_event;
-use super::fraud::Review;
 use super::FieldError;
 
 /// Oldest `occurred_at` accepted, in days before now.

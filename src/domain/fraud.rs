@@ -449,7 +449,12 @@ mod tests {
     }
 
     fn side(ctit_s: i64, bot: bool, clicks: u32, conversions: u32) -> Option<ClickSide> {
-        Some(ClickSide { at_ms: T - ctit_s * 1000, bot, visitor_clicks_day: clicks, visitor_conversions_day: conversions })
+        Some(ClickSide {
+            at_ms: T - ctit_s * 1000,
+            bot,
+            visitor_clicks_day: clicks,
+            visitor_conversions_day: conversions,
+        })
     }
 
     #[test]
@@ -479,14 +484,11 @@ mod tests {
             (d, facts(side(600, false, 1, 6), (6, 6), None), vec![RepeatConverter]),
             (d, facts(side(600, false, 1, 5), (6, 5), None), vec![]),
             (d, facts(None, (0, 1), Some("acme.com")), vec![SelfReferral]),
-            (d, facts(side(1, true, 50, 9), (5000, 1), Some("c1")), vec![
-                ClickInjection,
-                BotClick,
-                ClickFlooding,
-                ClickFlooding,
-                RepeatConverter,
-                SelfReferral,
-            ]),
+            (
+                d,
+                facts(side(1, true, 50, 9), (5000, 1), Some("c1")),
+                vec![ClickInjection, BotClick, ClickFlooding, ClickFlooding, RepeatConverter, SelfReferral],
+            ),
             (off, facts(side(1, true, 50, 9), (5000, 1), Some("c1")), vec![]),
         ];
         for (i, (rules, f, want)) in cases.iter().enumerate() {

@@ -4,9 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use super::clock::UnixMillis;
 use super::entities::PartnerKind;
+use super::fraud::{FraudBody, FraudRules};
 use super::ids::{MerchantId, PlanId};
 use super::money::{Currency, Money, Percent};
-use super::fraud::{FraudBody, FraudRules};
 use super::FieldError;
 
 pub const DEFAULT_HOLD_DAYS: u32 = 30;

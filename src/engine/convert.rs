@@ -10,8 +10,8 @@ use crate::domain::account::{AccountRecord, CustomerBinding};
 use crate::domain::click::ClickRecord;
 use crate::domain::clock::{month_of, UnixMillis};
 use crate::domain::conversion::{Commission, ConversionInput, ConversionRecord, ConversionStatus, Credit, RuleKind};
-use crate::domain::fraud::{self, FraudRules, Review, ReviewStatus};
 use crate::domain::entities::Partner;
+use crate::domain::fraud::{self, FraudRules, Review, ReviewStatus};
 use crate::domain::ids::{MerchantId, PartnerId, Ulid};
 use crate::domain::ledger::{LedgerEntry, LedgerKind};
 use crate::domain::link::{Link, DEFAULT_WINDOW_DAYS};
@@ -413,9 +413,8 @@ impl<S: State + ?Sized> Facts for TxFacts<'_, '_, S> {
         let catalog = self.tx.catalog();
         let mine = || catalog.partners.values().filter(|p| p.merchant_id == *self.merchant);
         let by_id = mine().filter(|p| p.id.as_str().eq_ignore_ascii_case(text)).min_by(|a, b| a.id.cmp(&b.id));
-        let by_coupon = || {
-            mine().filter(|p| p.coupons.iter().any(|c| c.eq_ignore_ascii_case(text))).min_by(|a, b| a.id.cmp(&b.id))
-        };
+        let by_coupon =
+            || mine().filter(|p| p.coupons.iter().any(|c| c.eq_ignore_ascii_case(text))).min_by(|a, b| a.id.cmp(&b.id));
         Ok(by_id.or_else(by_coupon).cloned())
     }
 }

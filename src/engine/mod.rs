@@ -126,7 +126,15 @@ pub enum Command {
     /// A payout run, or a line of one confirmed paid or failed.
     Payout(Box<PayoutOp>),
     /// An admin settles a flagged conversion's fraud review.
-    Review { merchant: MerchantId, txn: TxnId, approve: bool, by: String, note: Option<String>, at: UnixMillis, entropy: Entropy },
+    Review {
+        merchant: MerchantId,
+        txn: TxnId,
+        approve: bool,
+        by: String,
+        note: Option<String>,
+        at: UnixMillis,
+        entropy: Entropy,
+    },
 }
 
 /// A refusal on the merits: what the caller sent clashes with what is stored

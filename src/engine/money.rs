@@ -10,10 +10,10 @@ use crate::domain::clock::{month_of, UnixMillis};
 use crate::domain::conversion::{
     AdjustmentInput, AdjustmentKind, AdjustmentRecord, ConversionRecord, ConversionStatus, StatusChange,
 };
+use crate::domain::fraud::ReviewStatus;
 use crate::domain::ids::{MerchantId, PartnerId, Ulid};
 use crate::domain::ledger::LedgerKind;
 use crate::domain::money::Money;
-use crate::domain::fraud::ReviewStatus;
 use crate::domain::outbound::OutboundEvent;
 
 /// What became of an adjustment.
@@ -372,14 +372,18 @@ pub(super) fn review<S: State + ?Sized>(
     let wanted = if approve { ReviewStatus::Approved } else { ReviewStatus::Rejected };
     let refused = |code, detail| ReviewOutcome::Refused(Refusal::new(true, code, None, detail));
     let Some(status) = rec.review.as_ref().map(|r| r.status) else {
-        let detail = format!("conversion {txn} raised no fraud signal: the merchant approves or rejects it with an adjustment");
+        let detail =
+            format!("conversion {txn} raised no fraud signal: the merchant approves or rejects it with an adjustment");
         return Ok(refused("no_review", detail));
     };
     if status == wanted {
         return Ok(ReviewOutcome::Replay(rec));
     }
     if status != ReviewStatus::Open {
-        return Ok(refused("review_settled", format!("the review of conversion {txn} was already {}", status.as_str())));
+        return Ok(refused(
+            "review_settled",
+            format!("the review of conversion {txn} was already {}", status.as_str()),
+        ));
     }
     let held = rec.review.as_ref().is_some_and(|r| r.postbacks_held);
     let cause = format!("review {} by {by}", wanted.as_str());

@@ -638,7 +638,7 @@ async fn admin(ctx: &Ctx, method: Method, rest: &[&str], req: Request<Incoming>)
         (
             _,
             [_]
-            | [_, "secrets:rotate" | "postback-token:rotate" | "deliveries" | "ledger" | "payouts"]
+            | [_, "secrets:rotate" | "postback-token:rotate" | "deliveries" | "ledger" | "payouts" | "conversions"]
             | [_, "payouts", _]
             | [_, "payouts", _, "lines", _]
             | [_, "reports", "partners" | "program"]

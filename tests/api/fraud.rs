@@ -115,7 +115,10 @@ async fn scripted_patterns_raise_exactly_their_signals_with_reasons() {
         let want = if i <= 5 {
             vec![]
         } else {
-            one("repeat_converter", &format!("the visitor converted {i} times for partner ann in 24 h, over the plan's 5"))
+            one(
+                "repeat_converter",
+                &format!("the visitor converted {i} times for partner ann in 24 h, over the plan's 5"),
+            )
         };
         assert_eq!(signals(&r), want, "conversion {i}");
     }
@@ -143,9 +146,13 @@ async fn scripted_patterns_raise_exactly_their_signals_with_reasons() {
     assert_eq!(signals(&dup.json())[0].0, "click_injection");
 
     // Counted by signal; listed for review, oldest first, paged.
-    for (signal, n) in
-        [("click_injection", 1.0), ("click_flooding", 1.0), ("repeat_converter", 5.0), ("bot_click", 1.0), ("self_referral", 2.0)]
-    {
+    for (signal, n) in [
+        ("click_injection", 1.0),
+        ("click_flooding", 1.0),
+        ("repeat_converter", 5.0),
+        ("bot_click", 1.0),
+        ("self_referral", 2.0),
+    ] {
         assert_eq!(metric(&app, &format!("tally_fraud_flags_total{{signal=\"{signal}\"}}")).await, n, "{signal}");
     }
     let all: Vec<String> = open_reviews(&app, "").await["conversions"]
@@ -154,7 +161,8 @@ async fn scripted_patterns_raise_exactly_their_signals_with_reasons() {
         .iter()
         .map(|c| c["txn_id"].as_str().unwrap().to_string())
         .collect();
-    let want = ["inject", "flood", "repeat-6", "repeat-7", "repeat-8", "repeat-9", "repeat-10", "bot", "own-1", "own-2"];
+    let want =
+        ["inject", "flood", "repeat-6", "repeat-7", "repeat-8", "repeat-9", "repeat-10", "bot", "own-1", "own-2"];
     assert_eq!(all, want);
     let page = open_reviews(&app, "&limit=4").await;
     assert_eq!(page["conversions"].as_array().unwrap().len(), 4);
@@ -167,7 +175,8 @@ async fn scripted_patterns_raise_exactly_their_signals_with_reasons() {
     assert_eq!(r.json()["code"], "invalid_query");
 
     // The partner report counts them apart.
-    let r = app.admin(Method::GET, "/admin/v1/merchants/shop/reports/partners?from=2026-09-21&to=2026-09-23", None).await;
+    let r =
+        app.admin(Method::GET, "/admin/v1/merchants/shop/reports/partners?from=2026-09-21&to=2026-09-23", None).await;
     let rows = r.json()["rows"].as_array().unwrap().clone();
     let flagged: i64 = rows.iter().map(|r| r["flagged"].as_i64().unwrap()).sum();
     let conversions: i64 = rows.iter().map(|r| r["conversions"].as_i64().unwrap()).sum();
@@ -268,7 +277,8 @@ async fn a_plan_may_send_postbacks_of_flagged_conversions_at_once() {
     let app = TestApp::spawn_with(outbound_settings, Arc::new(tally::domain::clock::SystemClock)).await;
     let rx = Receiver::start(200).await;
     let secret = with_outbound(&app, json!({"url": rx.url("/pb?t={txn_id}"), "method": "GET"})).await;
-    let plan = json!({"currency": "USD", "fraud": {"hold_postbacks": false}, "rules": [{"event": "sale", "percent": "20"}]});
+    let plan =
+        json!({"currency": "USD", "fraud": {"hold_postbacks": false}, "rules": [{"event": "sale", "percent": "20"}]});
     let r = app.admin(Method::PUT, "/admin/v1/merchants/shop/plans/standard", Some(plan)).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["fraud"]["hold_postbacks"], false);
@@ -384,7 +394,10 @@ async fn self_reported_is_the_weakest_rule_and_pays_what_the_plan_says() {
     // By partner id; the plan's choice: full, then none.
     assert_eq!(app.admin(Method::PUT, "/admin/v1/merchants/shop/plans/standard", Some(plan("full"))).await.status, 200);
     let r = sale(&app, &secret, "s-2", json!({"self_reported": "ANN"})).await.json();
-    assert_eq!((r["attribution"]["partner_id"].as_str(), r["commission"]["amount"].as_str()), (Some("ann"), Some("20.00")));
+    assert_eq!(
+        (r["attribution"]["partner_id"].as_str(), r["commission"]["amount"].as_str()),
+        (Some("ann"), Some("20.00"))
+    );
     assert_eq!(app.admin(Method::PUT, "/admin/v1/merchants/shop/plans/standard", Some(plan("none"))).await.status, 200);
     let r = sale(&app, &secret, "s-3", json!({"self_reported": "ann"})).await.json();
     assert!(r["commission"].is_null());
@@ -401,7 +414,11 @@ async fn self_reported_is_the_weakest_rule_and_pays_what_the_plan_says() {
     ];
     for (i, (keys, rule, partner)) in cases.into_iter().enumerate() {
         let r = sale(&app, &secret, &format!("k-{i}"), keys.clone()).await.json();
-        assert_eq!((r["attribution"]["rule"].as_str(), r["attribution"]["partner_id"].as_str()), (Some(rule), Some(partner)), "{keys}");
+        assert_eq!(
+            (r["attribution"]["rule"].as_str(), r["attribution"]["partner_id"].as_str()),
+            (Some(rule), Some(partner)),
+            "{keys}"
+        );
     }
     // Nobody by that name: unattributed, and said why.
     let r = sale(&app, &secret, "s-4", json!({"self_reported": "a podcast"})).await.json();
@@ -410,7 +427,9 @@ async fn self_reported_is_the_weakest_rule_and_pays_what_the_plan_says() {
     // Counted apart: in metrics and in the report.
     assert_eq!(metric(&app, "tally_attributions_total{credit=\"sourced\",rule=\"self_reported\"}").await, 3.0);
     let today = tally::domain::clock::format_rfc3339(crate::helpers::unix_now() * 1000)[..10].to_string();
-    let r = app.admin(Method::GET, &format!("/admin/v1/merchants/shop/reports/partners?from={today}&to={today}"), None).await;
+    let r = app
+        .admin(Method::GET, &format!("/admin/v1/merchants/shop/reports/partners?from={today}&to={today}"), None)
+        .await;
     let rows = r.json()["rows"].as_array().unwrap().clone();
     let sr: Vec<(String, i64)> = rows
         .iter()

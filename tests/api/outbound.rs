@@ -163,7 +163,10 @@ async fn a_get_postback_gets_its_macros_filled_and_percent_encoded() {
     assert_eq!(r.status, 302);
     let click = click_id_of(r.header("location").unwrap());
     // A minute after the click: a sale in the same instant would be flagged as click injection.
-    let occurred = tally::domain::clock::format_rfc3339({ use tally::domain::clock::Clock; SystemClock.now_ms() + 60_000 });
+    let occurred = tally::domain::clock::format_rfc3339({
+        use tally::domain::clock::Clock;
+        SystemClock.now_ms() + 60_000
+    });
     let body = json!({"txn_id": "order#1?x", "event": "sale", "amount": "50.00", "currency": "USD", "click_id": click, "occurred_at": occurred});
     let r = app.convert("shop", &secret, &body.to_string()).await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));

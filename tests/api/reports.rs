@@ -163,9 +163,9 @@ async fn the_partner_report_gives_exact_figures_per_day_in_utc_and_in_berlin() {
     let lines: Vec<&str> = text.split("\r\n").filter(|l| !l.is_empty()).collect();
     assert_eq!(
         lines[0],
-        "day,partner_id,currency,clicks,unique_clicks,conversions,revenue,commission,reversed,influenced"
+        "day,partner_id,currency,clicks,unique_clicks,conversions,revenue,commission,reversed,influenced,self_reported,flagged,flagged_commission"
     );
-    assert_eq!(lines[1], "2026-03-28,ann,USD,2,1,1,100.00,20.00,0.00,0.00");
+    assert_eq!(lines[1], "2026-03-28,ann,USD,2,1,1,100.00,20.00,0.00,0.00,0,0,0.00");
     assert_eq!(lines.len(), 7);
 
     // Bad ranges name their field.
@@ -194,7 +194,8 @@ async fn the_program_report_gives_shares_active_partners_and_the_median_time_to_
     assert_eq!(
         v["revenue"],
         json!([{"currency": "USD", "total": "380.00", "sourced": "350.00",
-        "influenced": "200.00", "sourced_share": 0.9211, "influenced_share": 0.5263}])
+        "influenced": "200.00", "sourced_share": 0.9211, "influenced_share": 0.5263,
+        "self_reported": 0, "flagged": 0, "flagged_commission": "0.00"}])
     );
     assert_eq!(
         v["active_partners"],

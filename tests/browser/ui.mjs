@@ -10,8 +10,8 @@
 import { readFile } from 'node:fs/promises';
 import { chromium } from 'playwright-core';
 
-const CSV_HEADER = 'day,partner_id,currency,clicks,unique_clicks,conversions,revenue,commission,reversed,influenced';
-const COLS = ['day', 'partner_id', 'currency', 'clicks', 'unique_clicks', 'conversions', 'revenue', 'commission', 'reversed'];
+const CSV_HEADER = 'day,partner_id,currency,clicks,unique_clicks,conversions,revenue,commission,reversed,influenced,self_reported,flagged,flagged_commission';
+const COLS = ['day', 'partner_id', 'currency', 'clicks', 'unique_clicks', 'conversions', 'revenue', 'commission', 'reversed', 'flagged', 'flagged_commission'];
 const TIMEOUT = 20_000;
 
 const env = process.env;

@@ -6,7 +6,7 @@
 (() => {
   const SVG_NS = 'http://www.w3.org/2000/svg';
   const DAY_MS = 86400000;
-  const FIGURES = ['clicks', 'unique_clicks', 'conversions', 'revenue', 'commission', 'reversed'];
+  const FIGURES = ['clicks', 'unique_clicks', 'conversions', 'revenue', 'commission', 'reversed', 'flagged', 'flagged_commission'];
 
   // The admin token lives only here: never in storage, cookies or the URL.
   let token = '';
