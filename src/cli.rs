@@ -568,6 +568,9 @@ tally is running (public http://{host}). Try it from another terminal:
   printf %s "$BODY" | {exe} sign --secret-file {secret} --id msg_$RANDOM > /tmp/tally-headers
   curl -s -H @/tmp/tally-headers -H 'content-type: application/json' --data-binary "$BODY" http://{host}/v1/merchants/{merchant}/conversions
 
+  #    Seconds after its click, the sale is flagged for review as possible click injection
+  #    ("review" in the answer; docs/fraud.md): priced as usual, approved by an admin.
+
   # 3. Send the same request again: 200, "duplicate": true, header Idempotent-Replayed: true.
 "#,
         link = link.id,

@@ -5,26 +5,24 @@
 //! as usual, but it is not approved by its hold and (by default) its partner postbacks wait
 //! until an admin approves it. Every signal comes with a reason a person can check.
 //!
-//! The facts are kept by the engine as small records with compact binary encodings:
+//! The facts are kept by the engine as small fixed-size records of hourly counts
+//! ([`Hours`]: a flood of one visitor costs no more to keep than one click):
 //! - [`VisitorRecord`]: per link and visitor, the last unique click (the `unique` flag) and
-//!   the times of the visitor's clicks in the trailing 24 hours;
+//!   the visitor's clicks in each of the last 24 UTC hours;
 //! - [`Pace`]: per merchant and partner, clicks and attributed conversions in each of the
 //!   last 24 UTC hours;
-//! - [`Recent`]: per merchant, partner and visitor, the times of the visitor's conversions
-//!   credited to the partner in the trailing 24 hours.
+//! - [`Recent`]: per merchant, partner and visitor, the visitor's conversions credited to
+//!   the partner in each of the last 24 UTC hours.
+//!
+//! "The trailing day" of a conversion is the 24 hourly buckets ending with its hour: a
+//! window between 23 and 24 hours long.
 
 use serde::{Deserialize, Serialize};
 
 use super::clock::{human_duration, UnixMillis};
-use super::FieldError;
 
 pub const DAY_MS: i64 = 86_400_000;
 pub const HOUR_MS: i64 = 3_600_000;
-
-/// Most click or conversion times kept per visitor: thresholds are at most this minus one.
-pub const MAX_RECENT: usize = 128;
-/// The largest per-visitor threshold a plan may set.
-pub const MAX_VISITOR_THRESHOLD: u32 = (MAX_RECENT - 1) as u32;
 
 pub const DEFAULT_FLAG_CTIT_BELOW_SECONDS: u32 = 10;
 pub const DEFAULT_VISITOR_CLICKS_PER_DAY: u32 = 20;
@@ -83,19 +81,10 @@ pub struct FraudBody {
 }
 
 impl FraudBody {
-    /// # Errors
-    /// A per-visitor threshold above what tally keeps per visitor.
-    pub fn into_rules(self) -> Result<FraudRules, FieldError> {
+    /// Every field left out takes its default.
+    pub fn into_rules(self) -> FraudRules {
         let d = FraudRules::default();
-        for (field, v) in [
-            ("fraud.flag_visitor_clicks_per_day", self.flag_visitor_clicks_per_day),
-            ("fraud.flag_conversions_per_visitor_day", self.flag_conversions_per_visitor_day),
-        ] {
-            if v.is_some_and(|v| v > MAX_VISITOR_THRESHOLD) {
-                return Err(FieldError::new(field, format!("must be 0 (off) to {MAX_VISITOR_THRESHOLD}")));
-            }
-        }
-        Ok(FraudRules {
+        FraudRules {
             flag_ctit_below_seconds: self.flag_ctit_below_seconds.unwrap_or(d.flag_ctit_below_seconds),
             flag_bot_clicks: self.flag_bot_clicks.unwrap_or(d.flag_bot_clicks),
             flag_visitor_clicks_per_day: self.flag_visitor_clicks_per_day.unwrap_or(d.flag_visitor_clicks_per_day),
@@ -105,7 +94,7 @@ impl FraudBody {
                 .unwrap_or(d.flag_conversions_per_visitor_day),
             flag_self_referral: self.flag_self_referral.unwrap_or(d.flag_self_referral),
             hold_postbacks: self.hold_postbacks.unwrap_or(d.hold_postbacks),
-        })
+        }
     }
 }
 
@@ -268,38 +257,82 @@ pub fn judge(rules: &FraudRules, f: &Facts<'_>) -> Vec<Signal> {
     out
 }
 
-/// Keeps the times of `times` inside the 24 hours ending at the newest, newest last, at
-/// most [`MAX_RECENT`].
-fn prune(times: &mut Vec<UnixMillis>) {
-    times.sort_unstable();
-    if let Some(&newest) = times.last() {
-        times.retain(|t| newest - t < DAY_MS);
-    }
-    if times.len() > MAX_RECENT {
-        times.drain(..times.len() - MAX_RECENT);
-    }
+/// Hours in a trailing day.
+pub const DAY_HOURS: usize = 24;
+
+fn hour_of(at: UnixMillis) -> u32 {
+    u32::try_from(at.max(0) / HOUR_MS).unwrap_or(u32::MAX)
 }
 
-/// How many of `times` fall in the 24 hours up to and including `at`.
-fn within_day(times: &[UnixMillis], at: UnixMillis) -> u32 {
-    let n = times.iter().filter(|&&t| t <= at && at - t < DAY_MS).count();
-    u32::try_from(n).unwrap_or(u32::MAX)
+/// Counts of something in each of the last 24 UTC hours: a fixed 100 bytes however many
+/// events there were, and no sorting. "The trailing day" of a time is the 24 hourly
+/// buckets ending with the hour of that time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hours {
+    /// The newest hour counted (hours since 1970).
+    pub hour: u32,
+    /// Slot `h % 24` holds hour `h`, for the 24 hours ending at `hour`.
+    pub counts: [u32; DAY_HOURS],
 }
 
-/// Reads `n` big-endian `i64`s.
-fn read_times(bytes: &[u8]) -> Option<Vec<UnixMillis>> {
-    if bytes.len() % 8 != 0 {
-        return None;
+impl Hours {
+    pub const LEN: usize = 4 + 4 * DAY_HOURS;
+
+    /// Moves the window to end at `hour` when that is later, clearing the hours it leaves.
+    fn advance(&mut self, hour: u32) {
+        if hour <= self.hour {
+            return;
+        }
+        let gap = (hour - self.hour).min(DAY_HOURS as u32);
+        for h in 0..gap {
+            self.counts[(hour - h) as usize % DAY_HOURS] = 0;
+        }
+        self.hour = hour;
     }
-    Some(bytes.chunks_exact(8).map(|c| i64::from_be_bytes(c.try_into().unwrap_or_default())).collect())
+
+    /// Counts one event at `at`; an event older than the window is not counted.
+    pub fn count(&mut self, at: UnixMillis) {
+        let hour = hour_of(at);
+        self.advance(hour);
+        if self.hour - hour < DAY_HOURS as u32 {
+            let c = &mut self.counts[hour as usize % DAY_HOURS];
+            *c = c.saturating_add(1);
+        }
+    }
+
+    /// The events of the trailing day of `at`: the 24 hours ending with its hour, as far
+    /// as they are kept.
+    pub fn day(&self, at: UnixMillis) -> u64 {
+        let end = hour_of(at);
+        (0..DAY_HOURS as u32)
+            .filter_map(|k| end.checked_sub(k))
+            .filter(|&h| h <= self.hour && self.hour - h < DAY_HOURS as u32)
+            .map(|h| u64::from(self.counts[h as usize % DAY_HOURS]))
+            .sum()
+    }
+
+    /// The hour, then the 24 counts, little-endian `u32`s.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.hour.to_le_bytes());
+        for v in &self.counts {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Hours> {
+        if bytes.len() != Self::LEN {
+            return None;
+        }
+        let word = |i: usize| u32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap_or_default());
+        Some(Hours { hour: word(0), counts: std::array::from_fn(|i| word(1 + i)) })
+    }
 }
 
 /// A visitor on a link: its last unique click and its clicks of the trailing day.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VisitorRecord {
     pub last_unique_ms: Option<UnixMillis>,
-    /// Click times, ascending, inside 24 hours of the newest; at most [`MAX_RECENT`].
-    pub clicks: Vec<UnixMillis>,
+    pub clicks: Hours,
 }
 
 /// Marks "no unique click yet" in the encoding.
@@ -308,132 +341,88 @@ const NONE_MS: i64 = i64::MIN;
 impl VisitorRecord {
     /// Counts a click at `at`.
     pub fn click(&mut self, at: UnixMillis) {
-        self.clicks.push(at);
-        prune(&mut self.clicks);
+        self.clicks.count(at);
     }
 
-    /// The visitor's clicks in the 24 hours up to `at`.
+    /// The visitor's clicks in the trailing day of `at`.
     pub fn clicks_within_day(&self, at: UnixMillis) -> u32 {
-        within_day(&self.clicks, at)
+        u32::try_from(self.clicks.day(at)).unwrap_or(u32::MAX)
     }
 
-    /// The last unique click, then the click times, each a big-endian `i64`. The 8-byte
+    /// The last unique click (a big-endian `i64`), then the hourly clicks. The 8-byte
     /// encoding of earlier versions (the last unique click alone) reads as such.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 * (1 + self.clicks.len()));
+        let mut out = Vec::with_capacity(8 + Hours::LEN);
         out.extend_from_slice(&self.last_unique_ms.unwrap_or(NONE_MS).to_be_bytes());
-        for t in &self.clicks {
-            out.extend_from_slice(&t.to_be_bytes());
-        }
+        self.clicks.encode_into(&mut out);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Option<VisitorRecord> {
-        let mut times = read_times(bytes)?;
-        if times.is_empty() {
-            return None;
-        }
-        let last = times.remove(0);
-        Some(VisitorRecord { last_unique_ms: (last != NONE_MS).then_some(last), clicks: times })
+        let (head, rest) = bytes.split_at_checked(8)?;
+        let last = i64::from_be_bytes(head.try_into().ok()?);
+        let clicks = if rest.is_empty() { Hours::default() } else { Hours::decode(rest)? };
+        Some(VisitorRecord { last_unique_ms: (last != NONE_MS).then_some(last), clicks })
     }
 }
 
-/// A visitor's conversions for one partner in the trailing day.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Recent(pub Vec<UnixMillis>);
+/// A visitor's conversions for one partner, by hour.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recent(pub Hours);
 
 impl Recent {
-    /// Counts a conversion at `at`; returns how many fall in the 24 hours up to it.
+    /// Counts a conversion at `at`; returns how many fall in its trailing day.
     pub fn add(&mut self, at: UnixMillis) -> u32 {
-        self.0.push(at);
-        prune(&mut self.0);
-        within_day(&self.0, at)
+        self.0.count(at);
+        u32::try_from(self.0.day(at)).unwrap_or(u32::MAX)
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        self.0.iter().flat_map(|t| t.to_be_bytes()).collect()
+        let mut out = Vec::with_capacity(Hours::LEN);
+        self.0.encode_into(&mut out);
+        out
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Recent> {
-        read_times(bytes).map(Recent)
+        Hours::decode(bytes).map(Recent)
     }
 }
-
-/// Hours in a [`Pace`].
-pub const PACE_HOURS: usize = 24;
 
 /// A partner's clicks and attributed conversions in each of the last 24 UTC hours.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pace {
-    /// The newest hour counted (hours since 1970).
-    pub hour: u32,
-    /// Slot `h % 24` holds hour `h`, for the 24 hours ending at `hour`.
-    pub clicks: [u32; PACE_HOURS],
-    pub conversions: [u32; PACE_HOURS],
-}
-
-fn hour_of(at: UnixMillis) -> u32 {
-    u32::try_from(at.max(0) / HOUR_MS).unwrap_or(u32::MAX)
+    pub clicks: Hours,
+    pub conversions: Hours,
 }
 
 impl Pace {
-    /// Moves the window to end at `hour` when that is later, clearing the hours it leaves.
-    fn advance(&mut self, hour: u32) {
-        if hour <= self.hour {
-            return;
-        }
-        let gap = (hour - self.hour).min(PACE_HOURS as u32);
-        for h in 0..gap {
-            let slot = (hour - h) as usize % PACE_HOURS;
-            self.clicks[slot] = 0;
-            self.conversions[slot] = 0;
-        }
-        self.hour = hour;
-    }
-
-    /// Adds a click (`conversion` false) or a conversion at `at`; an event older than the
-    /// window is not counted.
+    /// Adds a click (`conversion` false) or a conversion at `at`.
     pub fn count(&mut self, at: UnixMillis, conversion: bool) {
-        let hour = hour_of(at);
-        self.advance(hour);
-        if self.hour - hour >= PACE_HOURS as u32 {
-            return;
+        if conversion {
+            self.conversions.count(at)
+        } else {
+            self.clicks.count(at)
         }
-        let slot = hour as usize % PACE_HOURS;
-        let c = if conversion { &mut self.conversions[slot] } else { &mut self.clicks[slot] };
-        *c = c.saturating_add(1);
     }
 
-    /// Clicks and conversions in the 24 hours ending with the hour of `at`.
+    /// Clicks and conversions in the trailing day of `at`.
     pub fn day(&self, at: UnixMillis) -> (u64, u64) {
-        let mut p = *self;
-        p.advance(hour_of(at));
-        let sum = |a: &[u32; PACE_HOURS]| a.iter().map(|&v| u64::from(v)).sum();
-        (sum(&p.clicks), sum(&p.conversions))
+        (self.clicks.day(at), self.conversions.day(at))
     }
 
-    pub const LEN: usize = 4 + 8 * PACE_HOURS;
-
-    /// The hour, then the clicks and conversions of each slot, little-endian `u32`s.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(Self::LEN);
-        out.extend_from_slice(&self.hour.to_le_bytes());
-        for v in self.clicks.iter().chain(&self.conversions) {
-            out.extend_from_slice(&v.to_le_bytes());
-        }
+        let mut out = Vec::with_capacity(2 * Hours::LEN);
+        self.clicks.encode_into(&mut out);
+        self.conversions.encode_into(&mut out);
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Pace> {
-        if bytes.len() != Self::LEN {
+        if bytes.len() != 2 * Hours::LEN {
             return None;
         }
-        let word = |i: usize| u32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap_or_default());
-        Some(Pace {
-            hour: word(0),
-            clicks: std::array::from_fn(|i| word(1 + i)),
-            conversions: std::array::from_fn(|i| word(1 + PACE_HOURS + i)),
-        })
+        let (a, b) = bytes.split_at(Hours::LEN);
+        Some(Pace { clicks: Hours::decode(a)?, conversions: Hours::decode(b)? })
     }
 }
 
@@ -510,55 +499,60 @@ mod tests {
     }
 
     #[test]
-    fn body_defaults_and_bounds() {
-        let rules = FraudBody::default().into_rules().unwrap();
-        assert_eq!(rules, FraudRules::default());
-        let body = FraudBody { flag_visitor_clicks_per_day: Some(128), ..Default::default() };
-        assert_eq!(body.into_rules().unwrap_err().field, "fraud.flag_visitor_clicks_per_day");
+    fn body_defaults() {
+        assert_eq!(FraudBody::default().into_rules(), FraudRules::default());
+        let body = FraudBody { flag_visitor_clicks_per_day: Some(500), ..Default::default() };
+        assert_eq!(body.into_rules().flag_visitor_clicks_per_day, 500);
     }
 
     #[test]
     fn old_visitor_values_read_as_the_last_unique_click() {
         let old = T.to_be_bytes();
-        assert_eq!(VisitorRecord::decode(&old), Some(VisitorRecord { last_unique_ms: Some(T), clicks: vec![] }));
-        let v = VisitorRecord { last_unique_ms: None, clicks: vec![T, T + 5] };
+        assert_eq!(
+            VisitorRecord::decode(&old),
+            Some(VisitorRecord { last_unique_ms: Some(T), clicks: Hours::default() })
+        );
+        let mut v = VisitorRecord::default();
+        v.click(T);
+        v.click(T + 5);
         assert_eq!(VisitorRecord::decode(&v.encode()), Some(v));
+        assert_eq!(v.encode().len(), 8 + Hours::LEN, "a fixed size");
         assert_eq!(VisitorRecord::decode(&[1, 2, 3]), None);
+        assert_eq!(VisitorRecord::decode(&[0; 9]), None);
     }
 
     proptest! {
-        /// The pace's day equals a direct count over every event of the last 24 hours.
+        /// An hourly count's day equals a direct count over the events it kept: those in
+        /// the 24 hours ending with the newest event's hour, and within the asked day.
         #[test]
-        fn pace_counts_the_trailing_day(events in proptest::collection::vec((0i64..200, any::<bool>()), 0..200)) {
-            let mut pace = Pace::default();
-            let mut times = Vec::new();
+        fn hours_count_the_trailing_day(hours in proptest::collection::vec(0i64..200, 0..200), ask in 0i64..220) {
+            let mut h = Hours::default();
             let mut newest = 0u32;
-            for (h, conv) in &events {
-                let at = T + h * HOUR_MS / 3;
-                pace.count(at, *conv);
+            for x in &hours {
+                let at = T + x * HOUR_MS;
+                h.count(at);
                 newest = newest.max(hour_of(at));
-                times.push((hour_of(at), *conv));
             }
-            let counted = |conv: bool| times.iter().filter(|(h, c)| *c == conv && newest - h < 24).count() as u64;
-            let at = i64::from(newest) * HOUR_MS;
-            prop_assert_eq!(pace.day(at), (counted(false), counted(true)));
-            prop_assert_eq!(Pace::decode(&pace.encode()), Some(pace));
+            let asked = hour_of(T + ask * HOUR_MS);
+            // Kept: not older than 24 hours before the newest when it arrived (so also now).
+            let mut kept_newest = 0u32;
+            let mut kept: Vec<u32> = Vec::new();
+            for x in &hours {
+                let hr = hour_of(T + x * HOUR_MS);
+                kept_newest = kept_newest.max(hr);
+                if kept_newest - hr < 24 { kept.push(hr); }
+            }
+            let want = kept.iter().filter(|&&hr| newest - hr < 24 && hr <= asked && asked - hr < 24).count() as u64;
+            prop_assert_eq!(h.day(T + ask * HOUR_MS), want);
+            prop_assert_eq!(Hours::decode(&{ let mut b = Vec::new(); h.encode_into(&mut b); b }), Some(h));
         }
 
-        /// A visitor's count is the number of its clicks in the 24 hours up to a time.
         #[test]
-        fn visitor_clicks_within_a_day(gaps in proptest::collection::vec(0i64..4 * HOUR_MS, 1..150)) {
-            let mut v = VisitorRecord::default();
-            let mut all = Vec::new();
-            let mut at = T;
-            for g in gaps {
-                at += g;
-                v.click(at);
-                all.push(at);
-            }
-            let want = all.iter().filter(|&&t| at - t < DAY_MS).count().min(MAX_RECENT) as u32;
-            prop_assert_eq!(v.clicks_within_day(at), want);
-            prop_assert_eq!(VisitorRecord::decode(&v.encode()), Some(v));
+        fn pace_round_trips(clicks in proptest::collection::vec(0i64..100, 0..50), conv in proptest::collection::vec(0i64..100, 0..50)) {
+            let mut p = Pace::default();
+            for c in clicks { p.count(T + c * HOUR_MS / 2, false); }
+            for c in conv { p.count(T + c * HOUR_MS / 2, true); }
+            prop_assert_eq!(Pace::decode(&p.encode()), Some(p));
         }
     }
 }

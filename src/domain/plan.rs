@@ -204,7 +204,7 @@ impl PlanBody {
         if self.rules.len() > MAX_RULES {
             return Err(FieldError::new("rules", format!("at most {MAX_RULES} rules")));
         }
-        let fraud = self.fraud.unwrap_or_default().into_rules()?;
+        let fraud = self.fraud.unwrap_or_default().into_rules();
         let mut rules = Vec::with_capacity(self.rules.len());
         for (i, r) in self.rules.into_iter().enumerate() {
             let at = |f: &str| format!("rules[{i}].{f}");

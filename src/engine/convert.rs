@@ -319,7 +319,9 @@ fn credit<S: State + ?Sized>(
     }
     tx.put_partner_month(&merchant, &partner.id, month, stats);
 
-    if let (Some(c), None) = (&rec.keys.customer_id, &binding) {
+    // The customer's own answer is too weak to bind the customer to a partner for life.
+    let binds = attribution.rule != RuleKind::SelfReported;
+    if let (Some(c), None, true) = (&rec.keys.customer_id, &binding, binds) {
         let b = CustomerBinding {
             partner_id: attribution.partner_id.clone(),
             first_sale_ms: rec.occurred_ms,

@@ -402,7 +402,9 @@ pub(super) fn review<S: State + ?Sized>(
         }
     } else if pending {
         let total = rec.amount.map_or(0, |a| a.minor);
-        let r = reverse_to(tx, &rec, LedgerKind::Reversal, rec.refunded_minor, total, true, now, &cause, entropy)?;
+        // The ledger note, which the partner reads, does not name the reviewer.
+        let note = "rejected in fraud review";
+        let r = reverse_to(tx, &rec, LedgerKind::Reversal, rec.refunded_minor, total, true, now, note, entropy)?;
         move_status(&mut rec, ConversionStatus::Rejected, now, cause);
         if !held {
             outbox::notify(tx, &mut rec, OutboundEvent::Rejected, r.sourced, now, entropy)?;

@@ -3,7 +3,7 @@
 use super::memory::Memory;
 use super::*;
 use crate::domain::account::TouchKind;
-use crate::domain::conversion::{AdjustmentKind, AttributionKeys, ConversionInput, Credit, RuleKind};
+use crate::domain::conversion::{AdjustmentKind, AttributionKeys, ConversionInput, ConversionStatus, Credit, RuleKind};
 use crate::domain::entities::{PartnerKind, Status};
 use crate::domain::ids::PlanId;
 use crate::domain::money::{Currency, Money};
@@ -513,4 +513,86 @@ fn fraud_signals_follow_the_facts() {
     let (c, id) = click_at(T0 - 3_600_000, 4, false);
     s.submit(c);
     assert_eq!(signals_of(&outcome(s.submit(sale("clean", 1000, by_click(id))))), Vec::<&str>::new());
+}
+
+fn review_command(txn: &str, approve: bool, at: i64) -> Command {
+    Command::Review {
+        merchant: m(),
+        txn: TxnId::parse(txn).unwrap(),
+        approve,
+        by: "risk".into(),
+        note: None,
+        at,
+        entropy: Entropy([5; 16]),
+    }
+}
+
+fn review_answer(a: Answer) -> &'static str {
+    match a {
+        Answer::Review(ReviewOutcome::Settled(_)) => "settled",
+        Answer::Review(ReviewOutcome::Replay(_)) => "replay",
+        Answer::Review(ReviewOutcome::NotFound) => "not found",
+        Answer::Review(ReviewOutcome::Refused(r)) => r.code,
+        other => panic!("not a review answer: {other:?}"),
+    }
+}
+
+/// A flagged conversion has no hold; only an admin settles it, once; the sweep skips it.
+#[test]
+fn a_review_replaces_the_hold_and_is_settled_once() {
+    let mut s = program();
+    let (c, id) = click_at(T0 - 1000, 1, false);
+    s.submit(c);
+    s.submit(sale("flagged", 10_000, by_click(id)));
+    s.submit(sale("clean", 10_000, explicit("alpha")));
+    let flagged = &s.conversions[&(m(), TxnId::parse("flagged").unwrap())];
+    assert!(flagged.approve_at_ms.is_none() && flagged.review.is_some());
+    assert!(s.holds.iter().all(|h| h.txn.as_str() == "clean"), "only the clean one has a hold");
+    assert_eq!(s.reviews.len(), 1);
+    let Answer::Swept(n) = s.submit(Command::SweepHolds { now: T0 + 40 * DAY, limit: 100, entropy: Entropy([1; 16]) })
+    else {
+        panic!()
+    };
+    assert_eq!(n, 1, "the sweep approves the clean one only");
+    let cases = [
+        ("an unknown conversion", review_command("nope", true, T0), "not found"),
+        ("a conversion without signals", review_command("clean", true, T0), "no_review"),
+        ("approve", review_command("flagged", true, T0 + DAY), "settled"),
+        ("approve again", review_command("flagged", true, T0 + 2 * DAY), "replay"),
+        ("reject after approve", review_command("flagged", false, T0 + 2 * DAY), "review_settled"),
+    ];
+    for (what, command, want) in cases {
+        assert_eq!(review_answer(s.submit(command)), want, "{what}");
+    }
+    let rec = &s.conversions[&(m(), TxnId::parse("flagged").unwrap())];
+    assert_eq!(rec.status, ConversionStatus::Approved);
+    assert_eq!(rec.review.as_ref().unwrap().settled_ms, Some(T0 + DAY));
+    assert!(s.reviews.is_empty(), "settled reviews leave the open list");
+    assert_eq!(s.balances[&(m(), p("alpha"), Currency::parse("USD").unwrap())].approved, 4_000);
+}
+
+/// What the plan's `self_reported` pays, and that the rule binds no customer.
+#[test]
+fn self_reported_pays_what_the_plan_says_and_binds_nobody() {
+    let pays = |pay: &str| {
+        let mut s = program();
+        let body: PlanBody = serde_json::from_str(&format!(
+            r#"{{"currency":"USD","influence_percent":"5","self_reported":"{pay}","rules":[{{"event":"sale","percent":"20"}}]}}"#
+        ))
+        .unwrap();
+        let plan = body.into_plan(m(), PlanId::parse("p").unwrap(), T0 - 1).unwrap();
+        s.submit(entity(EntityOp::Plan(plan)));
+        let keys = AttributionKeys {
+            self_reported: Some("ALPHA".into()),
+            customer_id: Some("cus-1".into()),
+            ..Default::default()
+        };
+        let ConversionOutcome::Created(rec) = outcome(s.submit(sale("sr", 10_000, keys))) else { panic!() };
+        assert_eq!(rec.attribution.as_ref().unwrap().rule, RuleKind::SelfReported);
+        assert!(s.customers.is_empty(), "no lifetime binding from a self-reported answer");
+        rec.commission.map(|c| c.amount.minor)
+    };
+    assert_eq!(pays("full"), Some(2_000));
+    assert_eq!(pays("influence"), Some(500));
+    assert_eq!(pays("none"), None);
 }

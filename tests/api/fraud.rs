@@ -293,9 +293,12 @@ async fn a_plan_may_send_postbacks_of_flagged_conversions_at_once() {
     let click = click_as(&app, "Mozilla/5.0 quick again").await;
     let r = sale(&app, &secret, "quick-2", json!({"click_id": click})).await.json();
     assert!(r.get("review").is_none(), "{r}");
-    let bad = json!({"currency": "USD", "fraud": {"flag_visitor_clicks_per_day": 500}, "rules": [{"event": "sale", "percent": "20"}]});
+    let bad = json!({"currency": "USD", "fraud": {"flag_visitor_clicks_per_day": -1}, "rules": [{"event": "sale", "percent": "20"}]});
     let r = app.admin(Method::PUT, "/admin/v1/merchants/shop/plans/standard", Some(bad)).await;
-    assert_eq!((r.status, r.json()["field"].as_str()), (422, Some("fraud.flag_visitor_clicks_per_day")));
+    assert_eq!(r.status, 422, "{}", String::from_utf8_lossy(&r.body));
+    let bad = json!({"currency": "USD", "fraud": {"flag_clicks": 3}, "rules": [{"event": "sale", "percent": "20"}]});
+    let r = app.admin(Method::PUT, "/admin/v1/merchants/shop/plans/standard", Some(bad)).await;
+    assert_eq!(r.status, 422, "an unknown threshold is refused: {}", String::from_utf8_lossy(&r.body));
 }
 
 /// A deterministic xorshift: the workload is the same on every run.
@@ -420,12 +423,20 @@ async fn self_reported_is_the_weakest_rule_and_pays_what_the_plan_says() {
             "{keys}"
         );
     }
+    // Weak evidence binds no customer for life: the next sale of c-9 is judged afresh.
+    let r = sale(&app, &secret, "s-5", json!({"customer_id": "c-9", "self_reported": "bob"})).await.json();
+    assert_eq!(r["attribution"]["rule"], "self_reported");
+    let r = sale(&app, &secret, "s-6", json!({"customer_id": "c-9", "self_reported": "ann"})).await.json();
+    assert_eq!(
+        (r["attribution"]["rule"].as_str(), r["attribution"]["partner_id"].as_str()),
+        (Some("self_reported"), Some("ann"))
+    );
     // Nobody by that name: unattributed, and said why.
     let r = sale(&app, &secret, "s-4", json!({"self_reported": "a podcast"})).await.json();
     assert!(r["attribution"].is_null());
     assert_eq!(r["reason"], "self_reported \"a podcast\" names no partner or coupon of this merchant");
     // Counted apart: in metrics and in the report.
-    assert_eq!(metric(&app, "tally_attributions_total{credit=\"sourced\",rule=\"self_reported\"}").await, 3.0);
+    assert_eq!(metric(&app, "tally_attributions_total{credit=\"sourced\",rule=\"self_reported\"}").await, 5.0);
     let today = tally::domain::clock::format_rfc3339(crate::helpers::unix_now() * 1000)[..10].to_string();
     let r = app
         .admin(Method::GET, &format!("/admin/v1/merchants/shop/reports/partners?from={today}&to={today}"), None)
@@ -435,5 +446,5 @@ async fn self_reported_is_the_weakest_rule_and_pays_what_the_plan_says() {
         .iter()
         .map(|r| (r["partner_id"].as_str().unwrap().to_string(), r["self_reported"].as_i64().unwrap()))
         .collect();
-    assert_eq!(sr, [("ann".to_string(), 2), ("bob".to_string(), 1)], "{rows:#?}");
+    assert_eq!(sr, [("ann".to_string(), 3), ("bob".to_string(), 2)], "{rows:#?}");
 }
