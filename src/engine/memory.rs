@@ -69,13 +69,13 @@ impl Memory {
                 self.clicks.insert(c.click_id, *c);
             }
             Effect::Visitor { link, visitor, record } => {
-                self.visitors.insert((link, visitor), record);
+                self.visitors.insert((link, visitor), *record);
             }
             Effect::Pace { merchant, partner, pace } => {
-                self.paces.insert((merchant, partner), pace);
+                self.paces.insert((merchant, partner), *pace);
             }
             Effect::Recent { merchant, partner, visitor, recent } => {
-                self.recents.insert((merchant, partner, visitor), recent);
+                self.recents.insert((merchant, partner, visitor), *recent);
             }
             Effect::Review { merchant, conversion_id, txn, open: true } => {
                 self.reviews.insert((merchant, conversion_id), txn);

@@ -192,20 +192,20 @@ pub enum Effect {
     Visitor {
         link: LinkId,
         visitor: [u8; 16],
-        record: VisitorRecord,
+        record: Box<VisitorRecord>,
     },
     /// A partner's clicks and conversions of the last 24 hours (fraud signals).
     Pace {
         merchant: MerchantId,
         partner: PartnerId,
-        pace: Pace,
+        pace: Box<Pace>,
     },
     /// A visitor's conversions for a partner in the trailing day (fraud signals).
     Recent {
         merchant: MerchantId,
         partner: PartnerId,
         visitor: [u8; 16],
-        recent: Recent,
+        recent: Box<Recent>,
     },
     /// A conversion in fraud review, listed (`true`) or settled.
     Review {

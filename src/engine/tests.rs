@@ -290,22 +290,7 @@ fn a_reassignment_reads_the_holder_it_replaces_and_explains_later_credit() {
 #[test]
 fn unique_clicks_follow_bots_and_the_window() {
     let mut s = program();
-    let click = |at: i64, bot: bool, visitor: u8| {
-        let click = ClickRecord {
-            click_id: Ulid::from_parts(at, [visitor; 10]),
-            link_id: LinkId::parse("l").unwrap(),
-            partner_id: p("alpha"),
-            merchant_id: m(),
-            at_ms: at,
-            subs: Default::default(),
-            ip: "203.0.113.0/24".into(),
-            user_agent: "UA".into(),
-            bot,
-            unique: false,
-            visitor: [visitor; 16],
-        };
-        Command::Click { click: Box::new(click), unique_window_ms: DAY }
-    };
+    let click = |at: i64, bot: bool, visitor: u8| click_at(at, visitor, bot).0;
     let cases = [
         ("a first click", click(T0, false, 1), true),
         ("the same visitor within the window", click(T0 + DAY - 1, false, 1), false),
@@ -595,4 +580,12 @@ fn self_reported_pays_what_the_plan_says_and_binds_nobody() {
     assert_eq!(pays("full"), Some(2_000));
     assert_eq!(pays("influence"), Some(500));
     assert_eq!(pays("none"), None);
+}
+
+/// Effects are moved around by the dozen per command: a large variant would make every
+/// one of them large. Big records are boxed.
+#[test]
+fn effects_stay_small() {
+    // 104: `Customer` (two strings and a binding), as before the fraud records came.
+    assert!(std::mem::size_of::<Effect>() <= 104, "Effect is {} bytes", std::mem::size_of::<Effect>());
 }

@@ -150,37 +150,37 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
     /// What is kept of a visitor on a link; empty when nothing is.
     pub fn visitor(&self, link: &LinkId, visitor: &[u8; 16]) -> Result<VisitorRecord, S::Error> {
         match self.staged(Key::Visitor(link, visitor)) {
-            Some(Effect::Visitor { record, .. }) => Ok(record.clone()),
+            Some(Effect::Visitor { record, .. }) => Ok(**record),
             _ => Ok(self.base.visitor(link, visitor)?.unwrap_or_default()),
         }
     }
 
     pub fn put_visitor(&mut self, link: LinkId, visitor: [u8; 16], record: VisitorRecord) {
-        self.keep(Effect::Visitor { link, visitor, record });
+        self.keep(Effect::Visitor { link, visitor, record: Box::new(record) });
     }
 
     /// A partner's clicks and conversions of the last 24 hours; zero when none are kept.
     pub fn pace(&self, m: &MerchantId, p: &PartnerId) -> Result<Pace, S::Error> {
         match self.staged(Key::Pace(m, p)) {
-            Some(Effect::Pace { pace, .. }) => Ok(*pace),
+            Some(Effect::Pace { pace, .. }) => Ok(**pace),
             _ => Ok(self.base.pace(m, p)?.unwrap_or_default()),
         }
     }
 
     pub fn put_pace(&mut self, m: &MerchantId, p: &PartnerId, pace: Pace) {
-        self.keep(Effect::Pace { merchant: m.clone(), partner: p.clone(), pace });
+        self.keep(Effect::Pace { merchant: m.clone(), partner: p.clone(), pace: Box::new(pace) });
     }
 
     /// A visitor's recent conversions for a partner; empty when none are kept.
     pub fn recent(&self, m: &MerchantId, p: &PartnerId, visitor: &[u8; 16]) -> Result<Recent, S::Error> {
         match self.staged(Key::Recent(m, p, visitor)) {
-            Some(Effect::Recent { recent, .. }) => Ok(recent.clone()),
+            Some(Effect::Recent { recent, .. }) => Ok(**recent),
             _ => Ok(self.base.recent(m, p, visitor)?.unwrap_or_default()),
         }
     }
 
     pub fn put_recent(&mut self, m: &MerchantId, p: &PartnerId, visitor: [u8; 16], recent: Recent) {
-        self.keep(Effect::Recent { merchant: m.clone(), partner: p.clone(), visitor, recent });
+        self.keep(Effect::Recent { merchant: m.clone(), partner: p.clone(), visitor, recent: Box::new(recent) });
     }
 
     pub fn account(&self, m: &MerchantId, account: &str) -> Result<Option<AccountRecord>, S::Error> {

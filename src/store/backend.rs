@@ -66,6 +66,19 @@ impl Store {
     }
 }
 
+/// The conversions stored under `keys` (an index's values), in that order; a key whose
+/// conversion is gone is skipped.
+fn conversions_at(db: &rocksdb::DB, keys: &[Vec<u8>]) -> Result<Vec<ConversionRecord>, StoreError> {
+    let conversions = cf_of(db, Cf::Conversions)?;
+    let mut out = Vec::with_capacity(keys.len());
+    for v in db.multi_get_cf(keys.iter().map(|k| (conversions, k.as_slice()))) {
+        if let Some(bytes) = v? {
+            out.push(codec::decode(&bytes)?);
+        }
+    }
+    Ok(out)
+}
+
 impl Backend for Store {
     fn submit(&self, command: Command) -> BoxFuture<'_, Result<Answer, StoreError>> {
         Box::pin(async move {
@@ -234,14 +247,7 @@ impl Backend for Store {
                 it.next();
             }
             it.status()?;
-            let conversions = cf_of(&db, Cf::Conversions)?;
-            let mut out = Vec::with_capacity(wanted.len());
-            for v in db.multi_get_cf(wanted.iter().map(|k| (conversions, k.as_slice()))) {
-                if let Some(bytes) = v? {
-                    out.push(codec::decode(&bytes)?);
-                }
-            }
-            Ok(out)
+            conversions_at(&db, &wanted)
         }))
     }
 
@@ -277,14 +283,7 @@ impl Backend for Store {
                 it.next();
             }
             it.status()?;
-            let conversions = cf_of(&db, Cf::Conversions)?;
-            let mut out = Vec::with_capacity(wanted.len());
-            for v in db.multi_get_cf(wanted.iter().map(|k| (conversions, k.as_slice()))) {
-                if let Some(bytes) = v? {
-                    out.push(codec::decode(&bytes)?);
-                }
-            }
-            Ok(out)
+            conversions_at(&db, &wanted)
         }))
     }
 
