@@ -108,23 +108,23 @@ impl<'a> Pending<'a> {
         Ok(db.get_cf(super::cf_of(db, cf)?, key)?.map(|v| (v, false)))
     }
 
+    /// Stages a put. Puts and deletes are kept by key and written to the batch when it is
+    /// committed, so a key written by many commands of a batch (a partner's pace, balance
+    /// or month figures; a flooding visitor) is written once, with its last value.
     pub(super) fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) -> Result<(), StoreError> {
-        let db = self.db.as_deref().ok_or_else(StoreError::reopening)?;
-        self.batch.put_cf(super::cf_of(db, cf)?, &key, &value);
-        if cf == Cf::Conversions {
-            self.shared.recent().remove(&key);
-        }
-        self.puts.insert((cf, key), Some(value));
-        Ok(())
+        self.stage(cf, key, Some(value))
     }
 
     pub(super) fn delete(&mut self, cf: Cf, key: Vec<u8>) -> Result<(), StoreError> {
-        let db = self.db.as_deref().ok_or_else(StoreError::reopening)?;
-        self.batch.delete_cf(super::cf_of(db, cf)?, &key);
+        self.stage(cf, key, None)
+    }
+
+    fn stage(&mut self, cf: Cf, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<(), StoreError> {
+        self.db()?;
         if cf == Cf::Conversions {
             self.shared.recent().remove(&key);
         }
-        self.puts.insert((cf, key), None);
+        self.puts.insert((cf, key), value);
         Ok(())
     }
 
@@ -139,6 +139,22 @@ impl<'a> Pending<'a> {
     pub(super) fn write<T: serde::Serialize>(&mut self, cf: Cf, key: Vec<u8>, value: &T) -> Result<(), StoreError> {
         self.put(cf, key, codec::encode(value))
     }
+}
+
+/// Writes the staged puts and deletes into the batch, one per key.
+fn stage_puts(
+    db: &rocksdb::DB,
+    batch: &mut WriteBatch,
+    puts: HashMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
+) -> Result<(), StoreError> {
+    for ((cf, key), value) in puts {
+        let handle = super::cf_of(db, cf)?;
+        match value {
+            Some(v) => batch.put_cf(handle, &key, &v),
+            None => batch.delete_cf(handle, &key),
+        }
+    }
+    Ok(())
 }
 
 /// A written batch whose answers wait for the WAL sync.
@@ -330,7 +346,10 @@ impl Writer {
     /// Writes the batch without fsync and answers what needs only the write; hands the
     /// answers that promise durability to the syncer (with `fsync` durability).
     fn commit(&self, pending: Pending<'_>) {
-        let Pending { db, mut batch, sync, done, written, ops, ledger, ledger_head, outbox_due, rollups, .. } = pending;
+        let Pending { db, mut batch, puts, sync, done, written, ops, ledger, ledger_head, outbox_due, rollups, .. } =
+            pending;
+        // A batch that cannot hold its puts is not written at all: its answers get the error.
+        let staged = db.as_deref().map_or(Ok(()), |db| stage_puts(db, &mut batch, puts));
         if let (Some(head), Some(db)) = (ledger_head, db.as_deref()) {
             match super::cf_of(db, Cf::Meta) {
                 Ok(cf) => batch.put_cf(cf, super::keys::META_LEDGER_HEAD, head),
@@ -342,7 +361,11 @@ impl Writer {
                 tracing::error!(error = %e, "rollups not written");
             }
         }
-        let result = if ops == 0 { Ok(()) } else { self.write(db.as_deref(), batch, ops) };
+        let result = match staged {
+            Err(e) => Err(e),
+            Ok(()) if ops == 0 => Ok(()),
+            Ok(()) => self.write(db.as_deref(), batch, ops),
+        };
         if result.is_err() {
             // It may hold records of this batch, which is not stored.
             self.shared.recent().clear();
@@ -442,8 +465,11 @@ impl Writer {
         super::apply::apply(&mut pending, &outcome.effects)?;
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        let Pending { db, batch, .. } = pending;
-        let written = db.as_deref().ok_or_else(StoreError::reopening).and_then(|db| Ok(db.write_opt(batch, &opts)?));
+        let Pending { db, mut batch, puts, .. } = pending;
+        let written = db.as_deref().ok_or_else(StoreError::reopening).and_then(|db| {
+            stage_puts(db, &mut batch, puts)?;
+            Ok(db.write_opt(batch, &opts)?)
+        });
         if let Err(e) = written {
             tracing::error!(error = %e, "entity write failed");
             shared.failed();
