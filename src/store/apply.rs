@@ -38,7 +38,7 @@ fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
         Effect::Ledger(e) => {
             p.ledger.push(e.kind);
             p.put(Cf::LedgerOrder, keys::ledger_order(&e.merchant_id, &e.entry_id), e.partner_id.as_str().into())?;
-            p.write(Cf::Ledger, keys::ledger(&e.merchant_id, &e.partner_id, &e.entry_id), &**e)
+            p.put(Cf::Ledger, keys::ledger(&e.merchant_id, &e.partner_id, &e.entry_id), codec::encode_ledger(e))
         }
         Effect::PartnerConversion { partner, conversion_id, merchant, txn } => p.put(
             Cf::PartnerConversions,
@@ -50,7 +50,7 @@ fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
             p.merge(Cf::Earned, &keys::earned(merchant, *currency, partner, *day), &delta.to_be_bytes())
         }
         Effect::Balance { merchant, partner, currency, balance } => {
-            p.write(Cf::Balances, keys::balance(merchant, partner, *currency), balance)
+            p.put(Cf::Balances, keys::balance(merchant, partner, *currency), codec::encode_balance(balance))
         }
         Effect::Rollup(inc) => {
             if p.shared.rollups {
@@ -69,7 +69,7 @@ fn apply_one(p: &mut Pending<'_>, effect: &Effect) -> Result<(), StoreError> {
             p.write(Cf::Customers, keys::customer(merchant, customer), binding)
         }
         Effect::PartnerMonth { merchant, partner, month, stats } => {
-            p.write(Cf::PartnerMonths, keys::partner_month(merchant, partner, *month), stats)
+            p.put(Cf::PartnerMonths, keys::partner_month(merchant, partner, *month), codec::encode_month(stats))
         }
         Effect::Adjustment { merchant, record } => {
             p.write(Cf::Adjustments, keys::adjustment(merchant, &record.input.adjustment_id), &**record)

@@ -40,7 +40,7 @@ fn ledger_scan(
         if !k.starts_with(prefix) {
             break;
         }
-        let e: LedgerEntry = codec::decode(&v)?;
+        let e = codec::decode_ledger(&v)?;
         if keep(&e) {
             out.push(e);
         }
@@ -312,7 +312,7 @@ impl Backend for Store {
                 }
                 let code = std::str::from_utf8(&k[prefix.len()..]).unwrap_or_default();
                 let currency = Currency::parse(code).map_err(|e| StoreError::Corrupt(format!("balance key: {e}")))?;
-                out.push((currency, codec::decode(&v)?));
+                out.push((currency, codec::decode_balance(&v)?));
             }
             Ok(out)
         }))

@@ -4,13 +4,18 @@
 //! [`ClickRecord::encode_binary`]); clicks stored as JSON by earlier versions still read.
 //! A delivery not yet attempted is a compact binary record (3, [`encode_fresh_delivery`])
 //! kept as the value of its due key, not a record of its own: a conversion that notifies
-//! a partner then writes about 60 bytes more, not 300.
+//! a partner then writes about 60 bytes more, not 300. Ledger entries, balances and
+//! partner months, which every conversion writes, are fixed-layout binary (4); their JSON
+//! from earlier versions still reads.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::StoreError;
+use crate::domain::account::PartnerMonth;
+use crate::domain::balance::Balance;
 use crate::domain::click::ClickRecord;
+use crate::domain::ledger::{LedgerEntry, LedgerKind};
 use crate::domain::conversion::ConversionStatus;
 use crate::domain::ids::{MerchantId, PartnerId, TxnId, Ulid};
 use crate::domain::money::{Currency, Money};
@@ -19,6 +24,11 @@ use crate::domain::outbound::{Delivery, DeliveryState, OutboundEvent};
 const V1_JSON: u8 = 1;
 const V2_CLICK: u8 = 2;
 const V3_FRESH_DELIVERY: u8 = 3;
+/// The records every conversion writes (ledger entries, balances, partner months) as
+/// fixed-layout binary: JSON cost about a tenth of a conversion's CPU.
+const V4_BINARY: u8 = 4;
+/// Marks an absent text in the binary records (no kept text is this long).
+const NO_TEXT: u16 = u16::MAX;
 
 /// Whether a new delivery can be kept in its due key only: pending, due when it was made,
 /// never attempted, nothing waiting behind it. (Only at its creation: once it changes it
@@ -156,6 +166,155 @@ pub fn decode_click(bytes: &[u8]) -> Result<ClickRecord, StoreError> {
     }
 }
 
+/// Reads a binary record front to back.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+
+    fn i64(&mut self) -> Option<i64> {
+        self.array().map(i64::from_le_bytes)
+    }
+
+    /// A `u16` length and UTF-8 bytes; `Some(None)` for an absent text.
+    fn text(&mut self) -> Option<Option<&'a str>> {
+        let len = u16::from_le_bytes(self.array()?);
+        if len == NO_TEXT {
+            return Some(None);
+        }
+        std::str::from_utf8(self.take(usize::from(len))?).ok().map(Some)
+    }
+
+    fn id<T>(&mut self, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
+        parse(self.text()??).ok()
+    }
+
+    fn end(self) -> Option<()> {
+        self.0.is_empty().then_some(())
+    }
+}
+
+/// Writes what [`Reader::text`] reads. Ids, transaction ids and notes are far shorter
+/// than the marker.
+fn put_text(out: &mut Vec<u8>, text: Option<&str>) {
+    match text {
+        Some(t) => {
+            let len = u16::try_from(t.len()).unwrap_or(NO_TEXT - 1).min(NO_TEXT - 1);
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&t.as_bytes()[..usize::from(len)]);
+        }
+        None => out.extend_from_slice(&NO_TEXT.to_le_bytes()),
+    }
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("{what}: a binary record that does not decode"))
+}
+
+/// A ledger entry: version, kind, the two ids, time, amount and currency, then merchant,
+/// partner, txn id and note as texts.
+pub fn encode_ledger(e: &LedgerEntry) -> Vec<u8> {
+    let note = e.note.as_deref();
+    let mut out = Vec::with_capacity(64 + e.txn_id.as_str().len() + note.map_or(0, str::len));
+    let kind = LedgerKind::ALL.iter().position(|k| *k == e.kind).unwrap_or(0);
+    out.extend_from_slice(&[V4_BINARY, u8::try_from(kind).unwrap_or(0)]);
+    out.extend_from_slice(&e.entry_id.0);
+    out.extend_from_slice(&e.conversion_id.0);
+    out.extend_from_slice(&e.at_ms.to_le_bytes());
+    out.extend_from_slice(&e.amount.minor.to_le_bytes());
+    out.extend_from_slice(e.amount.currency.as_str().as_bytes());
+    put_text(&mut out, Some(e.merchant_id.as_str()));
+    put_text(&mut out, Some(e.partner_id.as_str()));
+    put_text(&mut out, Some(e.txn_id.as_str()));
+    put_text(&mut out, note);
+    out
+}
+
+/// # Errors
+/// `Corrupt` when the bytes are neither [`encode_ledger`]'s nor the JSON of earlier versions.
+pub fn decode_ledger(bytes: &[u8]) -> Result<LedgerEntry, StoreError> {
+    if bytes.first() != Some(&V4_BINARY) {
+        return decode(bytes);
+    }
+    let read = || {
+        let mut r = Reader(&bytes[1..]);
+        let kind = *LedgerKind::ALL.get(usize::from(r.array::<1>()?[0]))?;
+        let entry_id = Ulid(r.array()?);
+        let conversion_id = Ulid(r.array()?);
+        let at_ms = r.i64()?;
+        let minor = r.i64()?;
+        let currency = Currency::parse(std::str::from_utf8(r.take(3)?).ok()?).ok()?;
+        let entry = LedgerEntry {
+            entry_id,
+            merchant_id: r.id(MerchantId::parse)?,
+            partner_id: r.id(PartnerId::parse)?,
+            kind,
+            txn_id: r.id(TxnId::parse)?,
+            conversion_id,
+            amount: Money { minor, currency },
+            at_ms,
+            note: r.text()?.map(str::to_string),
+        };
+        r.end().map(|()| entry)
+    };
+    read().ok_or_else(|| corrupt("ledger entry"))
+}
+
+/// A balance: version, then pending, approved, reversed, paid and in runs.
+pub fn encode_balance(b: &Balance) -> Vec<u8> {
+    let mut out = Vec::with_capacity(41);
+    out.push(V4_BINARY);
+    for v in [b.pending, b.approved, b.reversed, b.paid, b.in_runs] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// # Errors
+/// `Corrupt` when the bytes are neither [`encode_balance`]'s nor JSON.
+pub fn decode_balance(bytes: &[u8]) -> Result<Balance, StoreError> {
+    if bytes.first() != Some(&V4_BINARY) {
+        return decode(bytes);
+    }
+    let read = || {
+        let mut r = Reader(&bytes[1..]);
+        let b = Balance { pending: r.i64()?, approved: r.i64()?, reversed: r.i64()?, paid: r.i64()?, in_runs: r.i64()? };
+        r.end().map(|()| b)
+    };
+    read().ok_or_else(|| corrupt("balance"))
+}
+
+/// A partner's month: version, approved sales (`u32`), commission.
+pub fn encode_month(m: &PartnerMonth) -> Vec<u8> {
+    let mut out = Vec::with_capacity(13);
+    out.push(V4_BINARY);
+    out.extend_from_slice(&m.approved_sales.to_le_bytes());
+    out.extend_from_slice(&m.commission_minor.to_le_bytes());
+    out
+}
+
+/// # Errors
+/// `Corrupt` when the bytes are neither [`encode_month`]'s nor JSON.
+pub fn decode_month(bytes: &[u8]) -> Result<PartnerMonth, StoreError> {
+    if bytes.first() != Some(&V4_BINARY) {
+        return decode(bytes);
+    }
+    let read = || {
+        let mut r = Reader(&bytes[1..]);
+        let m = PartnerMonth { approved_sales: u32::from_le_bytes(r.array()?), commission_minor: r.i64()? };
+        r.end().map(|()| m)
+    };
+    read().ok_or_else(|| corrupt("partner month"))
+}
+
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.push(V1_JSON);
@@ -185,6 +344,56 @@ mod tests {
         assert_eq!(decode::<Vec<u32>>(&bytes).unwrap(), vec![1, 2]);
         assert!(decode::<Vec<u32>>(&[9, b'[', b']']).is_err());
         assert!(decode::<Vec<u32>>(&[]).is_err());
+    }
+
+    #[test]
+    fn ledger_entries_balances_and_months_read_in_both_encodings() {
+        let entry = LedgerEntry {
+            entry_id: Ulid::from_parts(1_790_000_000_000, [3; 10]),
+            merchant_id: MerchantId::parse("shop").unwrap(),
+            partner_id: PartnerId::parse("ann").unwrap(),
+            kind: LedgerKind::Clawback,
+            txn_id: TxnId::parse("order #1/é").unwrap(),
+            conversion_id: Ulid::from_parts(1_789_000_000_000, [4; 10]),
+            amount: Money { minor: -1234, currency: Currency::parse("EUR").unwrap() },
+            at_ms: 1_790_000_000_123,
+            note: Some("refund r-1 on order #1/é".into()),
+        };
+        for e in [entry.clone(), LedgerEntry { note: None, kind: LedgerKind::Payout, ..entry.clone() }] {
+            let binary = encode_ledger(&e);
+            assert_eq!(binary[0], V4_BINARY);
+            assert_eq!(decode_ledger(&binary).unwrap(), e);
+            assert_eq!(decode_ledger(&encode(&e)).unwrap(), e, "JSON of earlier versions");
+            // Cut short or with a byte too many: refused, never misread.
+            assert!(decode_ledger(&binary[..binary.len() - 1]).is_err());
+            assert!(decode_ledger(&[binary.as_slice(), &[0]].concat()).is_err());
+        }
+        let b = Balance { pending: 1, approved: -2, reversed: i64::MAX, paid: i64::MIN, in_runs: 5 };
+        assert_eq!(decode_balance(&encode_balance(&b)).unwrap(), b);
+        assert_eq!(decode_balance(&encode(&b)).unwrap(), b);
+        assert!(decode_balance(&encode_balance(&b)[..40]).is_err());
+        let m = PartnerMonth { approved_sales: 7, commission_minor: -9 };
+        assert_eq!(decode_month(&encode_month(&m)).unwrap(), m);
+        assert_eq!(decode_month(&encode(&m)).unwrap(), m);
+    }
+
+    proptest::proptest! {
+        /// Any entry round-trips through the binary codec.
+        #[test]
+        fn ledger_entries_round_trip(minor: i64, at: i64, kind in 0usize..6, txn in "[a-zA-Z0-9#/._-][a-zA-Z0-9 #/._-]{0,63}", note in proptest::option::of(".{0,200}")) {
+            let e = LedgerEntry {
+                entry_id: Ulid::from_parts(1_790_000_000_000, [1; 10]),
+                merchant_id: MerchantId::parse("m").unwrap(),
+                partner_id: PartnerId::parse("p").unwrap(),
+                kind: LedgerKind::ALL[kind],
+                txn_id: TxnId::parse(&txn).unwrap(),
+                conversion_id: Ulid::from_parts(1, [2; 10]),
+                amount: Money { minor, currency: Currency::parse("USD").unwrap() },
+                at_ms: at,
+                note,
+            };
+            proptest::prop_assert_eq!(decode_ledger(&encode_ledger(&e)).unwrap(), e);
+        }
     }
 
     #[test]

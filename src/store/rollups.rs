@@ -243,7 +243,7 @@ fn export_inner(
                 if !k.starts_with(&prefix) {
                     break;
                 }
-                let e: LedgerEntry = codec::decode(v)?;
+                let e = codec::decode_ledger(v)?;
                 if !in_range(&e.entry_id) {
                     break;
                 }
@@ -281,7 +281,7 @@ fn export_inner(
                     let got = db.batched_multi_get_cf_opt(ledger, &wanted, false, &read());
                     for v in got {
                         let v = v?.ok_or_else(|| StoreError::Corrupt("ledger order names a missing entry".into()))?;
-                        chunk.push(codec::decode(&v)?);
+                        chunk.push(codec::decode_ledger(&v)?);
                     }
                     wanted.clear();
                     if !flush(&mut chunk) {
@@ -338,7 +338,7 @@ fn replay(
     }
     for item in db.iterator_cf(cf_of(db, Cf::Ledger)?, rocksdb::IteratorMode::Start) {
         let (_, v) = item?;
-        let e: LedgerEntry = codec::decode(&v)?;
+        let e = codec::decode_ledger(&v)?;
         n.ledger_entries += 1;
         let incs = rollup::of_ledger(&e);
         each(Some(Indexed::Entry(&e)), incs, &n)?;
@@ -412,7 +412,7 @@ pub(super) fn rebuild(db: &DB, progress: &mut dyn FnMut(&Rebuilt)) -> Result<Reb
         }
     }
     for (k, b) in &balances {
-        batch.put_cf(balances_cf, k, codec::encode(b));
+        batch.put_cf(balances_cf, k, codec::encode_balance(b));
     }
     for (k, e) in &earned {
         batch.put_cf(earned_cf, k, e.to_be_bytes());

@@ -95,11 +95,11 @@ impl State for View<'_, '_> {
     }
 
     fn partner_month(&self, m: &MerchantId, p: &PartnerId, month: u32) -> Result<Option<PartnerMonth>, StoreError> {
-        self.read(Cf::PartnerMonths, &keys::partner_month(m, p, month))
+        self.bytes(Cf::PartnerMonths, &keys::partner_month(m, p, month))?.map(|b| codec::decode_month(&b)).transpose()
     }
 
     fn balance(&self, m: &MerchantId, p: &PartnerId, currency: Currency) -> Result<Option<Balance>, StoreError> {
-        self.read(Cf::Balances, &keys::balance(m, p, currency))
+        self.bytes(Cf::Balances, &keys::balance(m, p, currency))?.map(|b| codec::decode_balance(&b)).transpose()
     }
 
     fn payout(&self, m: &MerchantId, payout_id: &str) -> Result<Option<PayoutRun>, StoreError> {
