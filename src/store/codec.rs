@@ -15,9 +15,9 @@ use super::StoreError;
 use crate::domain::account::PartnerMonth;
 use crate::domain::balance::Balance;
 use crate::domain::click::ClickRecord;
-use crate::domain::ledger::{LedgerEntry, LedgerKind};
 use crate::domain::conversion::ConversionStatus;
 use crate::domain::ids::{MerchantId, PartnerId, TxnId, Ulid};
+use crate::domain::ledger::{LedgerEntry, LedgerKind};
 use crate::domain::money::{Currency, Money};
 use crate::domain::outbound::{Delivery, DeliveryState, OutboundEvent};
 
@@ -196,10 +196,6 @@ impl<'a> Reader<'a> {
     fn id<T>(&mut self, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
         parse(self.text()??).ok()
     }
-
-    fn end(self) -> Option<()> {
-        self.0.is_empty().then_some(())
-    }
 }
 
 /// Writes what [`Reader::text`] reads. Ids, transaction ids and notes are far shorter
@@ -215,8 +211,19 @@ fn put_text(out: &mut Vec<u8>, text: Option<&str>) {
     }
 }
 
-fn corrupt(what: &str) -> StoreError {
-    StoreError::Corrupt(format!("{what}: a binary record that does not decode"))
+/// A version-4 record read by `read`, which must consume it all; JSON (version 1) of
+/// earlier versions is read as such.
+fn binary<T: DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+    read: impl FnOnce(&mut Reader<'_>) -> Option<T>,
+) -> Result<T, StoreError> {
+    let Some((&V4_BINARY, rest)) = bytes.split_first() else { return decode(bytes) };
+    let mut r = Reader(rest);
+    let value = read(&mut r);
+    value
+        .filter(|_| r.0.is_empty())
+        .ok_or_else(|| StoreError::Corrupt(format!("{what}: a binary record that does not decode")))
 }
 
 /// A ledger entry: version, kind, the two ids, time, amount and currency, then merchant,
@@ -241,18 +248,14 @@ pub fn encode_ledger(e: &LedgerEntry) -> Vec<u8> {
 /// # Errors
 /// `Corrupt` when the bytes are neither [`encode_ledger`]'s nor the JSON of earlier versions.
 pub fn decode_ledger(bytes: &[u8]) -> Result<LedgerEntry, StoreError> {
-    if bytes.first() != Some(&V4_BINARY) {
-        return decode(bytes);
-    }
-    let read = || {
-        let mut r = Reader(&bytes[1..]);
+    binary(bytes, "ledger entry", |r| {
         let kind = *LedgerKind::ALL.get(usize::from(r.array::<1>()?[0]))?;
         let entry_id = Ulid(r.array()?);
         let conversion_id = Ulid(r.array()?);
         let at_ms = r.i64()?;
         let minor = r.i64()?;
         let currency = Currency::parse(std::str::from_utf8(r.take(3)?).ok()?).ok()?;
-        let entry = LedgerEntry {
+        Some(LedgerEntry {
             entry_id,
             merchant_id: r.id(MerchantId::parse)?,
             partner_id: r.id(PartnerId::parse)?,
@@ -262,10 +265,8 @@ pub fn decode_ledger(bytes: &[u8]) -> Result<LedgerEntry, StoreError> {
             amount: Money { minor, currency },
             at_ms,
             note: r.text()?.map(str::to_string),
-        };
-        r.end().map(|()| entry)
-    };
-    read().ok_or_else(|| corrupt("ledger entry"))
+        })
+    })
 }
 
 /// A balance: version, then pending, approved, reversed, paid and in runs.
@@ -281,15 +282,9 @@ pub fn encode_balance(b: &Balance) -> Vec<u8> {
 /// # Errors
 /// `Corrupt` when the bytes are neither [`encode_balance`]'s nor JSON.
 pub fn decode_balance(bytes: &[u8]) -> Result<Balance, StoreError> {
-    if bytes.first() != Some(&V4_BINARY) {
-        return decode(bytes);
-    }
-    let read = || {
-        let mut r = Reader(&bytes[1..]);
-        let b = Balance { pending: r.i64()?, approved: r.i64()?, reversed: r.i64()?, paid: r.i64()?, in_runs: r.i64()? };
-        r.end().map(|()| b)
-    };
-    read().ok_or_else(|| corrupt("balance"))
+    binary(bytes, "balance", |r| {
+        Some(Balance { pending: r.i64()?, approved: r.i64()?, reversed: r.i64()?, paid: r.i64()?, in_runs: r.i64()? })
+    })
 }
 
 /// A partner's month: version, approved sales (`u32`), commission.
@@ -304,15 +299,9 @@ pub fn encode_month(m: &PartnerMonth) -> Vec<u8> {
 /// # Errors
 /// `Corrupt` when the bytes are neither [`encode_month`]'s nor JSON.
 pub fn decode_month(bytes: &[u8]) -> Result<PartnerMonth, StoreError> {
-    if bytes.first() != Some(&V4_BINARY) {
-        return decode(bytes);
-    }
-    let read = || {
-        let mut r = Reader(&bytes[1..]);
-        let m = PartnerMonth { approved_sales: u32::from_le_bytes(r.array()?), commission_minor: r.i64()? };
-        r.end().map(|()| m)
-    };
-    read().ok_or_else(|| corrupt("partner month"))
+    binary(bytes, "partner month", |r| {
+        Some(PartnerMonth { approved_sales: u32::from_le_bytes(r.array()?), commission_minor: r.i64()? })
+    })
 }
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
