@@ -107,9 +107,8 @@ pub(super) fn conversion<S: State + ?Sized>(
             let rules = plan.as_ref().map_or_else(|_| FraudRules::default(), |p| p.fraud);
             rec.review = review(tx, &rec, &partner, click.as_ref(), &rules)?;
             credit(tx, &mut rec, &partner, plan, d.received_ms, &d.entropy)?;
-            if rec.review.as_ref().is_some_and(|r| r.postbacks_held) {
-                // Sent when an admin approves the review.
-            } else {
+            // A held postback is sent when an admin approves the review.
+            if !rec.review.as_ref().is_some_and(|r| r.postbacks_held) {
                 let commission = rec.commission.as_ref().map(|c| c.amount);
                 super::outbox::notify(tx, &mut rec, OutboundEvent::Created, commission, d.received_ms, &d.entropy)?;
             }
