@@ -128,6 +128,20 @@ enum ReviewDecision {
 /// Most conversions in one page of the review list.
 const MAX_REVIEW_PAGE: usize = 500;
 
+/// A list's `after`: the id its page starts after.
+fn after_param(value: &str) -> Result<Ulid, ApiError> {
+    Ulid::parse(value).map_err(|e| ApiError::InvalidQuery(format!("after: {e}")))
+}
+
+/// A list's `limit`: 1 to `max`.
+fn limit_param(value: &str, max: usize) -> Result<usize, ApiError> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| ApiError::InvalidQuery(format!("limit must be 1..{max}")))
+}
+
 /// `review=open` (the only list there is), `after` and `limit`.
 fn review_query(query: &str) -> Result<(Option<Ulid>, usize), ApiError> {
     let bad = |d: String| ApiError::InvalidQuery(d);
@@ -136,14 +150,8 @@ fn review_query(query: &str) -> Result<(Option<Ulid>, usize), ApiError> {
         match &*name {
             "review" if value == "open" => review = true,
             "review" => return Err(bad(format!("review must be open, not {value:?}"))),
-            "after" => after = Some(Ulid::parse(&value).map_err(|e| bad(format!("after: {e}")))?),
-            "limit" => {
-                limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_REVIEW_PAGE).contains(n))
-                    .ok_or_else(|| bad(format!("limit must be 1..{MAX_REVIEW_PAGE}")))?;
-            }
+            "after" => after = Some(after_param(&value)?),
+            "limit" => limit = limit_param(&value, MAX_REVIEW_PAGE)?,
             other => return Err(bad(format!("unknown parameter {other:?}; known: review, after, limit"))),
         }
     }
@@ -327,14 +335,8 @@ fn delivery_filter(query: &str, catalog: &Catalog, merchant: &MerchantId) -> Res
                         bad(format!("state must be pending, parked, delivered or dead, not {value:?}"))
                     })?);
             }
-            "after" => f.after = Some(Ulid::parse(&value).map_err(|e| bad(format!("after: {e}")))?),
-            "limit" => {
-                f.limit = value
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_DELIVERY_PAGE).contains(n))
-                    .ok_or_else(|| bad(format!("limit must be 1..{MAX_DELIVERY_PAGE}")))?;
-            }
+            "after" => f.after = Some(after_param(&value)?),
+            "limit" => f.limit = limit_param(&value, MAX_DELIVERY_PAGE)?,
             other => return Err(bad(format!("unknown parameter {other:?}; known: partner_id, state, after, limit"))),
         }
     }
