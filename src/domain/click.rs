@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::binary::{put_text, Reader};
 use super::clock::UnixMillis;
 use super::ids::{LinkId, MerchantId, PartnerId, Ulid};
 
@@ -32,35 +33,23 @@ pub struct ClickRecord {
     pub visitor: [u8; 16],
 }
 
-/// Marks an absent `sub` in the binary encoding (no kept string is this long).
-const ABSENT: u16 = u16::MAX;
-
 impl ClickRecord {
     /// The compact binary encoding of a click (clicks are the bulk of the store, and JSON
     /// cost a tenth of a click's CPU): the click id, time, flags and visitor hash at fixed
-    /// offsets, then the ids, IP, user agent and subs, each as a little-endian `u16` length
-    /// and its bytes (`u16::MAX`: an absent sub).
+    /// offsets, then the ids, IP, user agent and subs as texts ([`put_text`]; an absent
+    /// sub is [`NO_TEXT`](super::binary::NO_TEXT)).
     pub fn encode_binary(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.click_id.0);
         out.extend_from_slice(&self.at_ms.to_be_bytes());
         out.push(u8::from(self.bot) | (u8::from(self.unique) << 1));
         out.extend_from_slice(&self.visitor);
-        let mut text = |t: Option<&str>| match t {
-            // Every kept string is far below the marker: ids, an IP, a 512-byte agent, subs.
-            Some(t) => {
-                let len = u16::try_from(t.len()).unwrap_or(ABSENT - 1).min(ABSENT - 1);
-                out.extend_from_slice(&len.to_le_bytes());
-                out.extend_from_slice(&t.as_bytes()[..usize::from(len)]);
-            }
-            None => out.extend_from_slice(&ABSENT.to_le_bytes()),
-        };
-        text(Some(self.link_id.as_str()));
-        text(Some(self.partner_id.as_str()));
-        text(Some(self.merchant_id.as_str()));
-        text(Some(&self.ip));
-        text(Some(&self.user_agent));
+        for text in
+            [self.link_id.as_str(), self.partner_id.as_str(), self.merchant_id.as_str(), &self.ip, &self.user_agent]
+        {
+            put_text(out, Some(text));
+        }
         for sub in &self.subs {
-            text(sub.as_deref());
+            put_text(out, sub.as_deref());
         }
     }
 
@@ -69,35 +58,22 @@ impl ClickRecord {
     /// # Errors
     /// What is wrong with the bytes.
     pub fn decode_binary(bytes: &[u8]) -> Result<ClickRecord, String> {
-        let mut rest = bytes;
-        let mut take = |n: usize| -> Result<&[u8], String> {
-            if rest.len() < n {
-                return Err("click record is cut short".into());
-            }
-            let (head, tail) = rest.split_at(n);
-            rest = tail;
-            Ok(head)
-        };
-        let click_id = Ulid(take(16)?.try_into().map_err(|_| "click id")?);
-        let at_ms = i64::from_be_bytes(take(8)?.try_into().map_err(|_| "click time")?);
-        let flags = take(1)?[0];
-        let visitor: [u8; 16] = take(16)?.try_into().map_err(|_| "visitor")?;
-        let mut text = || -> Result<Option<String>, String> {
-            let len = u16::from_le_bytes(take(2)?.try_into().map_err(|_| "length")?);
-            if len == ABSENT {
-                return Ok(None);
-            }
-            let raw = take(usize::from(len))?;
-            std::str::from_utf8(raw).map(|t| Some(t.to_string())).map_err(|_| "click text is not UTF-8".to_string())
-        };
-        let mut required = |what: &str| text()?.ok_or_else(|| format!("click {what} is missing"));
+        let mut r = Reader::new(bytes);
+        let cut = || "click record is cut short".to_string();
+        let click_id = Ulid(r.array().ok_or_else(cut)?);
+        let at_ms = i64::from_be_bytes(r.array().ok_or_else(cut)?);
+        let [flags] = r.array().ok_or_else(cut)?;
+        let visitor: [u8; 16] = r.array().ok_or_else(cut)?;
+        let mut text = || r.text().ok_or_else(|| "click record is cut short or a text is not UTF-8".to_string());
+        let mut required = |what: &str| text()?.map(str::to_string).ok_or_else(|| format!("click {what} is missing"));
         let link_id = LinkId::parse(&required("link id")?)?;
         let partner_id = PartnerId::parse(&required("partner id")?)?;
         let merchant_id = MerchantId::parse(&required("merchant id")?)?;
         let ip = required("ip")?;
         let user_agent = required("user agent")?;
-        let subs = [text()?, text()?, text()?, text()?, text()?];
-        if !rest.is_empty() {
+        let mut sub = || Ok::<_, String>(text()?.map(str::to_string));
+        let subs = [sub()?, sub()?, sub()?, sub()?, sub()?];
+        if !r.is_empty() {
             return Err("click record has trailing bytes".into());
         }
         Ok(ClickRecord {

@@ -5,6 +5,7 @@
 
 pub mod account;
 pub mod balance;
+pub mod binary;
 pub mod click;
 pub mod clock;
 pub mod conversion;

@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::StoreError;
 use crate::domain::account::PartnerMonth;
 use crate::domain::balance::Balance;
+use crate::domain::binary::{put_text, Reader};
 use crate::domain::click::ClickRecord;
 use crate::domain::conversion::ConversionStatus;
 use crate::domain::ids::{MerchantId, PartnerId, TxnId, Ulid};
@@ -27,8 +28,6 @@ const V3_FRESH_DELIVERY: u8 = 3;
 /// The records every conversion writes (ledger entries, balances, partner months) as
 /// fixed-layout binary: JSON cost about a tenth of a conversion's CPU.
 const V4_BINARY: u8 = 4;
-/// Marks an absent text in the binary records (no kept text is this long).
-const NO_TEXT: u16 = u16::MAX;
 
 /// Whether a new delivery can be kept in its due key only: pending, due when it was made,
 /// never attempted, nothing waiting behind it. (Only at its creation: once it changes it
@@ -166,51 +165,6 @@ pub fn decode_click(bytes: &[u8]) -> Result<ClickRecord, StoreError> {
     }
 }
 
-/// Reads a binary record front to back.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = self.0.split_at_checked(n)?;
-        self.0 = rest;
-        Some(head)
-    }
-
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        self.take(N)?.try_into().ok()
-    }
-
-    fn i64(&mut self) -> Option<i64> {
-        self.array().map(i64::from_le_bytes)
-    }
-
-    /// A `u16` length and UTF-8 bytes; `Some(None)` for an absent text.
-    fn text(&mut self) -> Option<Option<&'a str>> {
-        let len = u16::from_le_bytes(self.array()?);
-        if len == NO_TEXT {
-            return Some(None);
-        }
-        std::str::from_utf8(self.take(usize::from(len))?).ok().map(Some)
-    }
-
-    fn id<T>(&mut self, parse: impl FnOnce(&str) -> Result<T, String>) -> Option<T> {
-        parse(self.text()??).ok()
-    }
-}
-
-/// Writes what [`Reader::text`] reads. Ids, transaction ids and notes are far shorter
-/// than the marker.
-fn put_text(out: &mut Vec<u8>, text: Option<&str>) {
-    match text {
-        Some(t) => {
-            let len = u16::try_from(t.len()).unwrap_or(NO_TEXT - 1).min(NO_TEXT - 1);
-            out.extend_from_slice(&len.to_le_bytes());
-            out.extend_from_slice(&t.as_bytes()[..usize::from(len)]);
-        }
-        None => out.extend_from_slice(&NO_TEXT.to_le_bytes()),
-    }
-}
-
 /// A version-4 record read by `read`, which must consume it all; JSON (version 1) of
 /// earlier versions is read as such.
 fn binary<T: DeserializeOwned>(
@@ -219,10 +173,10 @@ fn binary<T: DeserializeOwned>(
     read: impl FnOnce(&mut Reader<'_>) -> Option<T>,
 ) -> Result<T, StoreError> {
     let Some((&V4_BINARY, rest)) = bytes.split_first() else { return decode(bytes) };
-    let mut r = Reader(rest);
+    let mut r = Reader::new(rest);
     let value = read(&mut r);
     value
-        .filter(|_| r.0.is_empty())
+        .filter(|_| r.is_empty())
         .ok_or_else(|| StoreError::Corrupt(format!("{what}: a binary record that does not decode")))
 }
 
