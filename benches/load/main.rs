@@ -3,7 +3,8 @@
 //!
 //! `cargo bench --bench load -- [--duration SECS] [--connections N] [--workload NAME] [--open-loop]`
 //! `cargo bench --bench load -- --scale 10000000 [--duration SECS]`: conversions attributed
-//! by stored clicks, 10,000 against N stored clicks, RSS, and restart time after kill -9.
+//! by stored clicks with 10,000 against N stored clicks and N stored conversions, RSS, and
+//! the restart time after kill -9 with 2 N stored events.
 //! `cargo bench --bench load -- --outbound [--duration SECS]`: SPEC 13's outbound rows:
 //! deliveries/s to a local sink answering 204 and their lag, and conversions/s with every
 //! partner endpoint dead (never answering) against the same run without outbound.
@@ -641,15 +642,76 @@ async fn ready_after(admin: SocketAddr, since: Instant) -> Duration {
     }
 }
 
-/// SPEC 13's scale rows: conversions attributed by stored clicks with a small store
-/// (10,000 clicks) and with `n` clicks, tally's RSS, and the time to ready after `kill -9`.
+/// Stores `n` conversions of partner `bp` (one commission entry each) through signed
+/// batches of 1,000 on 8 connections, as a merchant's backfill would; prints the rate.
+async fn store_conversions(public: SocketAddr, secret: &Arc<tally::signing::WebhookSecret>, n: u64) {
+    let loading = Instant::now();
+    let batches = n.div_ceil(1000);
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (next, secret) = (Arc::clone(&next), Arc::clone(secret));
+        tasks.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(public).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+            tokio::spawn(conn);
+            loop {
+                let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if b >= batches {
+                    break;
+                }
+                let items: Vec<String> = (0..1000.min(n - b * 1000))
+                    .map(|i| format!(r#"{{"txn_id":"x{b}-{i}","amount":"49.90","currency":"USD","partner_id":"bp"}}"#))
+                    .collect();
+                let body = format!(r#"{{"conversions":[{}]}}"#, items.join(","));
+                let (id, ts) = (format!("msg_b{b}"), now_secs());
+                let sig = tally::signing::sign(secret.key(), &id, ts, body.as_bytes());
+                let req = hyper::Request::post("/v1/merchants/bench/conversions/batch")
+                    .header("host", public.to_string())
+                    .header("content-type", "application/json")
+                    .header("webhook-id", id)
+                    .header("webhook-timestamp", ts.to_string())
+                    .header("webhook-signature", sig)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                let resp = sender.send_request(req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+                let _ = resp.into_body().collect().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = loading.elapsed().as_secs_f64();
+    println!("stored {n} conversions in {secs:.0} s ({:.0}/s)", n as f64 / secs);
+}
+
+/// SPEC 13's scale and restart rows. Two stores, one after the other: 10,000 clicks and
+/// 10,000 conversions, then `n` of each. Each store is loaded (clicks through the store,
+/// conversions through signed batches to a running tally), tally is killed with `kill -9`
+/// right after the load (its WAL holds the newest writes: the slow case) and restarted,
+/// the time to `/readyz` 200 is taken, and the conversions workload runs on the restarted
+/// tally with each conversion naming a stored click. Prints the rates, their ratio, RSS
+/// and the restart time with `2 n` stored events.
 async fn scale(n: u64, duration: Duration, connections: usize) {
     let mut rows = Vec::new();
     let mut small_rps = None;
-    for (label, clicks) in [("10k-clicks", 10_000u64), ("scale", n)] {
+    for (label, events) in [("10k", 10_000u64), ("scale", n)] {
         let dir = tempfile::tempdir_in(std::env::var("TALLY_BENCH_DIR").unwrap_or_else(|_| "/tmp".into())).unwrap();
-        let sample = load_clicks(&dir.path().join("db"), clicks).await;
-        let (child, public, _, secret) = start_tally_full(dir.path()).await;
+        let sample = load_clicks(&dir.path().join("db"), events).await;
+        let (mut loader, public, _, secret) = start_tally_full(dir.path()).await;
+        store_conversions(public, &secret, events).await;
+        let loaded_rss = loader.id().and_then(rss_mib);
+        loader.start_kill().unwrap();
+        loader.wait().await.unwrap();
+        let restarted = Instant::now();
+        let (child, public, admin, secret) = start_tally_full(dir.path()).await;
+        let ready = ready_after(admin, restarted).await;
+        println!(
+            "{events} clicks + {events} conversions stored (RSS after the load {loaded_rss:?} MiB): ready {:.2} s after a restart that followed kill -9",
+            ready.as_secs_f64()
+        );
         let t = Target { name: "tally", addr: public, secret: Some(secret), clicks: Arc::new(sample) };
         let (ok, errors, h, secs) = run(&t, Workload::Conversions, connections, duration, None).await;
         let rps = ok as f64 / secs;
@@ -657,27 +719,21 @@ async fn scale(n: u64, duration: Duration, connections: usize) {
         small_rps.get_or_insert(rps);
         let rss = child.id().and_then(rss_mib);
         println!(
-            "{clicks} stored clicks: {rps:.0} conversions/s, errors {errors}, p50 {} µs, p99 {} µs{}; RSS {:?} MiB (now, peak); store {} MiB",
+            "{events} clicks + {events} conversions stored: {rps:.0} conversions/s, errors {errors}, p50 {} µs, p99 {} µs{}; RSS {:?} MiB (now, peak); store {} MiB",
             h.value_at_quantile(0.5),
             h.value_at_quantile(0.99),
-            ratio.map(|r| format!(", {:.0}% of the 10k-click store", r * 100.0)).unwrap_or_default(),
+            ratio.map(|r| format!(", {:.0}% of the 10k store", r * 100.0)).unwrap_or_default(),
             rss,
             dir_size(&dir.path().join("db")) >> 20
         );
-        // kill -9 right after the load, then time the restart until /readyz is 200.
         let mut child = child;
         child.start_kill().unwrap();
-        child.wait().await.unwrap();
-        let restarted = Instant::now();
-        let (mut again, _, admin2, _) = start_tally_full(dir.path()).await;
-        let ready = ready_after(admin2, restarted).await;
-        println!("{clicks} stored clicks: ready {:.2} s after a restart that followed kill -9", ready.as_secs_f64());
-        again.start_kill().unwrap();
-        let _ = again.wait().await;
+        let _ = child.wait().await;
         rows.push(serde_json::json!({
-            "store": label, "clicks": clicks, "conversions_per_s": rps, "errors": errors,
+            "store": label, "clicks": events, "conversions": events, "conversions_per_s": rps, "errors": errors,
             "p50_us": h.value_at_quantile(0.5), "p99_us": h.value_at_quantile(0.99),
             "ratio_to_10k": ratio, "rss_mib": rss.map(|r| r.0), "peak_rss_mib": rss.map(|r| r.1),
+            "load_rss_mib": loaded_rss.map(|r| r.0), "load_peak_rss_mib": loaded_rss.map(|r| r.1),
             "restart_ready_s": ready.as_secs_f64(),
         }));
     }

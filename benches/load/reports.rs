@@ -96,52 +96,13 @@ pub async fn partner_report(n: u64) {
     );
 }
 
-/// Stores `n` conversions of partner `bp` (one commission entry each) through signed
-/// batches of 1,000, then streams the whole ledger once, sampling tally's RSS.
+/// Stores `n` conversions of partner `bp` (one commission entry each), then streams the
+/// whole ledger once, sampling tally's RSS.
 pub async fn export(n: u64) {
     let dir = bench_dir();
     let (mut child, public, admin, secret) = start_tally_full(dir.path()).await;
     let pid = child.id().unwrap();
-    let loading = Instant::now();
-    let batches = n.div_ceil(1000);
-    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let (next, secret) = (Arc::clone(&next), Arc::clone(&secret));
-        tasks.push(tokio::spawn(async move {
-            let stream = TcpStream::connect(public).await.unwrap();
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
-            tokio::spawn(conn);
-            loop {
-                let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if b >= batches {
-                    break;
-                }
-                let items: Vec<String> = (0..1000.min(n - b * 1000))
-                    .map(|i| format!(r#"{{"txn_id":"x{b}-{i}","amount":"49.90","currency":"USD","partner_id":"bp"}}"#))
-                    .collect();
-                let body = format!(r#"{{"conversions":[{}]}}"#, items.join(","));
-                let (id, ts) = (format!("msg_b{b}"), now_secs());
-                let sig = tally::signing::sign(secret.key(), &id, ts, body.as_bytes());
-                let req = hyper::Request::post("/v1/merchants/bench/conversions/batch")
-                    .header("host", public.to_string())
-                    .header("content-type", "application/json")
-                    .header("webhook-id", id)
-                    .header("webhook-timestamp", ts.to_string())
-                    .header("webhook-signature", sig)
-                    .body(Full::new(Bytes::from(body)))
-                    .unwrap();
-                let resp = sender.send_request(req).await.unwrap();
-                assert_eq!(resp.status(), 200);
-                let _ = resp.into_body().collect().await;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let secs = loading.elapsed().as_secs_f64();
-    println!("stored {n} conversions in {secs:.0} s ({:.0}/s)", n as f64 / secs);
+    store_conversions(public, &secret, n).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let before = rss_mib(pid).map_or(0, |r| r.0);
     let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
