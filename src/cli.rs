@@ -104,6 +104,37 @@ pub enum Command {
         #[command(subcommand)]
         action: RollupsAction,
     },
+    /// Cluster mode on NATS JetStream ([cluster] in the configuration; docs/cluster.md).
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+}
+
+/// `tally cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterAction {
+    /// Create the partition logs and buckets on the NATS servers of [cluster], or check
+    /// that an existing cluster has the configured partitions, replicas and wire format.
+    /// Safe to run again; exit 1 on a mismatch.
+    #[command(
+        after_help = "Example:\n  scripts/cluster start   # 3 NATS servers on loopback; prints a config\n  tally cluster init --config /tmp/tally-cluster/gw-1.toml"
+    )]
+    Init {
+        /// Config file [default: config/tally.toml, if present]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Show the cluster: each partition's log (its JetStream leader, replicas, last
+    /// position) and the node holding its lease.
+    Status {
+        /// Config file [default: config/tally.toml, if present]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `tally rollups ...`.
@@ -151,7 +182,63 @@ pub async fn run(cli: Cli) -> i32 {
         Command::Sign { secret, secret_file, id, timestamp } => sign(secret, secret_file, &id, timestamp),
         Command::SignUrl { secret, secret_file, timestamp, url } => sign_url(secret, secret_file, timestamp, &url),
         Command::Rollups { action } => rollups(action).await,
+        Command::Cluster { action } => cluster(action).await,
     }
+}
+
+/// `tally cluster init|status`.
+async fn cluster(action: ClusterAction) -> i32 {
+    let (path, json) = match &action {
+        ClusterAction::Init { config } => (config.clone(), false),
+        ClusterAction::Status { config, json } => (config.clone(), *json),
+    };
+    let loaded = match load_quietly(path) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let settings = &loaded.settings.cluster;
+    let result = match action {
+        ClusterAction::Init { .. } => crate::cluster::init(settings).await,
+        ClusterAction::Status { .. } => crate::cluster::status(settings).await,
+    };
+    let status = match result {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tally cluster: {e}");
+            return 1;
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status).expect("a status encodes"));
+        return 0;
+    }
+    let s = &status.shape;
+    println!(
+        "cluster: {} partitions, {} replicas, wire format {}; connected to {}",
+        s.partitions, s.replicas, s.format, status.connected_to
+    );
+    println!("{:<10} {:<12} {:<10} {:>10} {:<12} replicas (lag)", "partition", "stream", "leader", "last seq", "owner");
+    for p in &status.partitions {
+        let replicas: Vec<String> = p
+            .replicas
+            .iter()
+            .map(|r| format!("{}{} ({})", r.server, if r.current { "" } else { " behind" }, r.lag))
+            .collect();
+        if let Some(why) = &p.unavailable {
+            println!("{:<10} {:<12} unavailable: {why}", p.partition, p.stream);
+            continue;
+        }
+        println!(
+            "{:<10} {:<12} {:<10} {:>10} {:<12} {}",
+            p.partition,
+            p.stream,
+            p.leader.as_deref().unwrap_or("none"),
+            p.last_seq,
+            p.owner.as_deref().unwrap_or("none"),
+            replicas.join(", ")
+        );
+    }
+    0
 }
 
 /// `tally rollups rebuild|check`: opens the store (so tally must be stopped: RocksDB's
@@ -237,6 +324,15 @@ async fn serve(path: Option<PathBuf>) -> i32 {
     };
     crate::telemetry::init(loaded.settings.log.format, &loaded.settings.log.level);
     warn_ignored_env(&loaded.ignored_env);
+    if loaded.settings.cluster.enabled() {
+        // Refused rather than run as a lone node under a cluster's name: its answers would
+        // not be the cluster's (docs/cluster.md says what is built).
+        eprintln!(
+            "tally: [cluster] nats_urls is set, but serving in cluster mode is not built yet; \
+             `tally cluster init|status` work. Remove [cluster] nats_urls to run the single node."
+        );
+        return 2;
+    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %loaded.config_file.as_ref().map_or_else(|| "none (built-in defaults)".to_string(), |p| p.display().to_string()),

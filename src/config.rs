@@ -66,6 +66,7 @@ pub struct Settings {
     pub backup: BackupSettings,
     pub outbound: OutboundSettings,
     pub reports: ReportSettings,
+    pub cluster: ClusterSettings,
     pub merchants: Vec<serde_json::Map<String, serde_json::Value>>,
     pub partners: Vec<serde_json::Map<String, serde_json::Value>>,
     pub links: Vec<serde_json::Map<String, serde_json::Value>>,
@@ -174,6 +175,7 @@ impl Default for Settings {
             backup: BackupSettings::default(),
             outbound: OutboundSettings::default(),
             reports: ReportSettings::default(),
+            cluster: ClusterSettings::default(),
             merchants: Vec::new(),
             partners: Vec::new(),
             links: Vec::new(),
@@ -324,6 +326,70 @@ pub const DEFAULT_MAX_EXPORTS: usize = 4;
 impl Default for ReportSettings {
     fn default() -> Self {
         ReportSettings { rollups: true, max_exports: DEFAULT_MAX_EXPORTS }
+    }
+}
+
+/// Cluster mode on NATS JetStream (SPEC 14, `docs/cluster.md`). `nats_urls` empty (the
+/// default) is the single node on its embedded RocksDB, unchanged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// The NATS servers to connect to (`nats://host:4222`); empty: single node.
+    pub nats_urls: Vec<String>,
+    /// This node's name, unique in the cluster: letters, digits, `-` and `_`.
+    pub node_id: String,
+    /// Partitions of the merchants (one JetStream stream each); fixed when the cluster is
+    /// created.
+    pub partitions: u16,
+    /// Copies JetStream keeps of each partition's log (1, 3 or 5).
+    pub replicas: u8,
+}
+
+pub const DEFAULT_PARTITIONS: u16 = 16;
+pub const DEFAULT_REPLICAS: u8 = 3;
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            nats_urls: Vec::new(),
+            node_id: String::new(),
+            partitions: DEFAULT_PARTITIONS,
+            replicas: DEFAULT_REPLICAS,
+        }
+    }
+}
+
+impl ClusterSettings {
+    /// True when tally runs as one node of a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.nats_urls.is_empty()
+    }
+
+    fn validate(&self, p: &mut Vec<Problem>) {
+        let mut need = |ok: bool, key: &str, problem: String| {
+            if !ok {
+                p.push(Problem { key: key.into(), problem });
+            }
+        };
+        need((1..=1024).contains(&self.partitions), "cluster.partitions", "must be 1..1024".into());
+        need(
+            [1, 3, 5].contains(&self.replicas),
+            "cluster.replicas",
+            "must be 1, 3 or 5 (JetStream keeps an odd number of copies)".into(),
+        );
+        for url in &self.nats_urls {
+            let ok = url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "nats" | "tls") && u.host().is_some());
+            need(ok, "cluster.nats_urls", format!("{url:?} is not a NATS address such as nats://10.0.0.1:4222"));
+        }
+        if self.enabled() {
+            let id_ok = (1..=64).contains(&self.node_id.len())
+                && self.node_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            need(
+                id_ok,
+                "cluster.node_id",
+                "must name this node, unique in the cluster: 1..64 letters, digits, - or _".into(),
+            );
+        }
     }
 }
 
@@ -641,6 +707,7 @@ impl Settings {
         need(self.clicks.ipv6_prefix <= 128, "clicks.ipv6_prefix", "must be 0..128");
         check_addr("public_addr", &self.public_addr, &mut p);
         check_addr("admin_addr", &self.admin_addr, &mut p);
+        self.cluster.validate(&mut p);
         if let Err(seed_problems) = crate::seed::parse(self) {
             p.extend(seed_problems);
         }
@@ -679,6 +746,24 @@ mod tests {
         let f = write("[http]\nmax_conections = 5\n");
         let problems = load_from(Some(f.path()), &[]).unwrap_err();
         assert!(problems[0].problem.contains("max_conections"), "{problems:?}");
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_only_as_far_as_they_apply() {
+        assert!(!Settings::default().cluster.enabled(), "single node is the default");
+        let f =
+            write("[cluster]\nnats_urls = [\"nats://127.0.0.1:4222\", \"http://x\"]\npartitions = 0\nreplicas = 2\n");
+        let problems = load_from(Some(f.path()), &[]).unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["cluster.partitions", "cluster.replicas", "cluster.nats_urls", "cluster.node_id"],
+            "{problems:?}"
+        );
+        let f = write("[cluster]\nnats_urls = [\"nats://127.0.0.1:4222\"]\nnode_id = \"gw-1\"\n");
+        let loaded = load_from(Some(f.path()), &[]).unwrap();
+        assert!(loaded.settings.cluster.enabled());
+        assert_eq!((loaded.settings.cluster.partitions, loaded.settings.cluster.replicas), (16, 3));
     }
 
     #[test]

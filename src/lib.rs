@@ -17,6 +17,9 @@
 //! - [`store`]: the only module that names RocksDB, and it decides nothing: schema, keys,
 //!   codecs, the batching writer (group commit), the engine's state view over the
 //!   database, effects to write batches, the published catalog.
+//! - [`cluster`]: the only module that names NATS: cluster mode's partition logs on
+//!   JetStream (SPEC 14). So far it creates and reads them (`tally cluster init|status`);
+//!   serving through them is not built yet (`docs/cluster.md`).
 //! - [`http`]: the only module that names hyper: accept loop, routing, handlers,
 //!   statuses and errors as problem+json.
 //! - [`outbound`]: partner postbacks: where they may be sent (SSRF vetting), the client,
@@ -36,6 +39,8 @@ pub mod backend;
 pub mod backup;
 #[cfg(feature = "server")]
 pub mod cli;
+#[cfg(feature = "server")]
+pub mod cluster;
 pub mod commission;
 #[cfg(feature = "server")]
 pub mod config;

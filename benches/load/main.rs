@@ -252,7 +252,7 @@ fn now_secs() -> i64 {
 
 /// One request of `workload` number `n` from connection `conn`.
 fn request(target: &Target, workload: Workload, conn: usize, n: u64, ts: i64) -> hyper::Request<Full<Bytes>> {
-    let click = workload == Workload::Clicks || (workload == Workload::Mixed && n % 10 != 0);
+    let click = workload == Workload::Clicks || (workload == Workload::Mixed && !n.is_multiple_of(10));
     let builder = hyper::Request::builder().header("host", target.addr.to_string());
     if click {
         return builder

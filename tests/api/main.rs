@@ -8,6 +8,7 @@ mod admin;
 mod backup;
 mod cli;
 mod clicks;
+mod cluster;
 mod conversions;
 mod crash;
 mod engine;

@@ -226,7 +226,7 @@ fn setup() -> Vec<Command> {
 
 /// The click a conversion names: the newest for an even `pick`, else any.
 fn click_of(pick: u8, clicks: &[Ulid]) -> Option<String> {
-    let i = if pick % 2 == 0 { clicks.len().saturating_sub(1) } else { usize::from(pick) % clicks.len().max(1) };
+    let i = if pick.is_multiple_of(2) { clicks.len().saturating_sub(1) } else { usize::from(pick) % clicks.len().max(1) };
     clicks.get(i).map(|c| c.to_string())
 }
 
@@ -245,7 +245,7 @@ fn commands(steps: &[Step]) -> Vec<Vec<Command>> {
                 1 => AttributionKeys { account: Some(ACCOUNTS[usize::from(pick) % 3].into()), ..Default::default() },
                 2 => AttributionKeys {
                     customer_id: Some(format!("cust-{}", pick % 4)),
-                    partner_id: (pick % 2 == 0).then(|| pid(pick)),
+                    partner_id: pick.is_multiple_of(2).then(|| pid(pick)),
                     ..Default::default()
                 },
                 // Half of them name the newest click: a short click-to-conversion time.
@@ -283,7 +283,7 @@ fn commands(steps: &[Step]) -> Vec<Vec<Command>> {
     for s in prefix.iter().chain(steps) {
         seed += 1;
         // Every third command shares the previous one's millisecond, as concurrent requests do.
-        now += if seed % 3 == 0 { 0 } else { 1000 };
+        now += if seed.is_multiple_of(3) { 0 } else { 1000 };
         let command = match s {
             Step::Wait { hours } => {
                 now += i64::from(*hours) * 3_600_000;

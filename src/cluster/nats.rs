@@ -1,0 +1,302 @@
+//! Talking to JetStream: creating the partition logs and buckets, checking an existing
+//! cluster's shape, reading its state.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    lease_key, stream_name, subjects, DUPLICATE_WINDOW, FORMAT_VERSION, LEASES_BUCKET, LEASE_TTL, META_BUCKET,
+};
+use crate::config::ClusterSettings;
+
+/// How long one call to NATS may take before the command gives up.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long `status` waits for one partition's log.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The meta key holding the cluster's fixed shape.
+const SHAPE_KEY: &str = "shape";
+
+/// What went wrong talking to the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// `[cluster] nats_urls` is empty.
+    #[error("cluster mode is off: set [cluster] nats_urls (and node_id) in the configuration")]
+    Off,
+    /// No NATS server answered.
+    #[error("cannot reach NATS at {urls}: {reason}")]
+    Connect { urls: String, reason: String },
+    /// A JetStream call failed or timed out.
+    #[error("{what}: {reason}")]
+    Call { what: String, reason: String },
+    /// The cluster exists with another shape than this node's configuration.
+    #[error("{0}")]
+    Shape(String),
+    /// `tally cluster init` was never run against these servers.
+    #[error("the cluster has no partition logs yet: run `tally cluster init` once")]
+    NotInitialized,
+}
+
+/// The fixed shape of a cluster, kept in the meta bucket by the first `init`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shape {
+    pub partitions: u16,
+    pub replicas: u8,
+    pub format: u32,
+}
+
+/// One partition's log and lease, as `tally cluster status` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStatus {
+    pub partition: u16,
+    pub stream: String,
+    /// The JetStream server leading the stream's replication (`server_name`).
+    pub leader: Option<String>,
+    /// Every replica: its server, whether it is current, and how far behind it is.
+    pub replicas: Vec<ReplicaStatus>,
+    /// The log's last position (0: empty).
+    pub last_seq: u64,
+    pub messages: u64,
+    /// The node holding the partition's lease, if any.
+    pub owner: Option<String>,
+    /// Why the log could not be read just now (e.g. its leader is being elected).
+    pub unavailable: Option<String>,
+}
+
+/// One copy of a partition's log.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaStatus {
+    pub server: String,
+    pub current: bool,
+    pub lag: u64,
+}
+
+/// The whole cluster, as `tally cluster status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    pub shape: Shape,
+    /// The NATS server this command is connected to.
+    pub connected_to: String,
+    pub partitions: Vec<PartitionStatus>,
+}
+
+fn call<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> ClusterError {
+    let what = what.into();
+    move |e| ClusterError::Call { what, reason: e.to_string() }
+}
+
+/// Runs one NATS call with [`CALL_TIMEOUT`].
+async fn timed<T, E: std::fmt::Display>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, ClusterError> {
+    match tokio::time::timeout(CALL_TIMEOUT, f).await {
+        Ok(r) => r.map_err(call(what)),
+        Err(_) => Err(ClusterError::Call { what: what.into(), reason: format!("no answer in {CALL_TIMEOUT:?}") }),
+    }
+}
+
+async fn connect(settings: &ClusterSettings) -> Result<(async_nats::Client, jetstream::Context), ClusterError> {
+    if !settings.enabled() {
+        return Err(ClusterError::Off);
+    }
+    let urls = settings.nats_urls.join(", ");
+    let name = if settings.node_id.is_empty() { "tally".to_string() } else { format!("tally {}", settings.node_id) };
+    let options = async_nats::ConnectOptions::new().name(name).connection_timeout(Duration::from_secs(3));
+    let client = tokio::time::timeout(CALL_TIMEOUT, options.connect(settings.nats_urls.clone()))
+        .await
+        .map_err(|_| ClusterError::Connect { urls: urls.clone(), reason: "timed out".into() })?
+        .map_err(|e| ClusterError::Connect { urls, reason: e.to_string() })?;
+    let js = jetstream::new(client.clone());
+    Ok((client, js))
+}
+
+fn shape_of(settings: &ClusterSettings) -> Shape {
+    Shape { partitions: settings.partitions, replicas: settings.replicas, format: FORMAT_VERSION }
+}
+
+fn partition_stream(settings: &ClusterSettings, p: u16) -> stream::Config {
+    stream::Config {
+        name: stream_name(p),
+        subjects: vec![subjects(p)],
+        num_replicas: usize::from(settings.replicas),
+        storage: stream::StorageType::File,
+        duplicate_window: DUPLICATE_WINDOW,
+        allow_direct: true,
+        deny_delete: true,
+        ..Default::default()
+    }
+}
+
+async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
+    let name = config.bucket.clone();
+    if let Ok(store) = timed(&format!("open bucket {name}"), js.get_key_value(name.clone())).await {
+        return Ok(store);
+    }
+    timed(&format!("create bucket {name}"), js.create_key_value(config)).await
+}
+
+/// Creates the cluster's partition logs and buckets, or checks that those already there
+/// have the shape `settings` gives (partitions, replicas, wire format); idempotent.
+///
+/// # Errors
+/// NATS unreachable, JetStream refusing (too few servers for the replicas), or an existing
+/// cluster of another shape.
+pub async fn init(settings: &ClusterSettings) -> Result<ClusterStatus, ClusterError> {
+    let (_client, js) = connect(settings).await?;
+    let want = shape_of(settings);
+    let meta = bucket(
+        &js,
+        kv::Config {
+            bucket: META_BUCKET.into(),
+            history: 1,
+            num_replicas: usize::from(settings.replicas),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let encoded = serde_json::to_vec(&want).expect("a shape encodes");
+    match meta.create(SHAPE_KEY, encoded.into()).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            let have = read_shape(&meta).await?.ok_or(ClusterError::NotInitialized)?;
+            check_shape(&have, &want)?;
+        }
+        Err(e) => return Err(call("record the cluster's shape")(e)),
+    }
+    for p in 0..settings.partitions {
+        let config = partition_stream(settings, p);
+        match js.get_stream(&config.name).await {
+            Ok(mut existing) => {
+                let info = timed(&format!("read stream {}", config.name), existing.info()).await?;
+                if info.config.num_replicas != config.num_replicas || info.config.subjects != config.subjects {
+                    return Err(ClusterError::Shape(format!(
+                        "stream {} exists with {} replicas on {:?}; this cluster needs {} on {:?}",
+                        config.name,
+                        info.config.num_replicas,
+                        info.config.subjects,
+                        config.num_replicas,
+                        config.subjects
+                    )));
+                }
+            }
+            Err(_) => {
+                timed(&format!("create stream {}", config.name), js.create_stream(config.clone())).await?;
+            }
+        }
+    }
+    bucket(
+        &js,
+        kv::Config {
+            bucket: LEASES_BUCKET.into(),
+            history: 1,
+            max_age: LEASE_TTL,
+            num_replicas: usize::from(settings.replicas),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+    )
+    .await?;
+    status(settings).await
+}
+
+async fn read_shape(meta: &kv::Store) -> Result<Option<Shape>, ClusterError> {
+    let Some(bytes) = timed("read the cluster's shape", meta.get(SHAPE_KEY)).await? else { return Ok(None) };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| ClusterError::Shape(format!("the cluster's recorded shape does not read: {e}")))
+}
+
+fn check_shape(have: &Shape, want: &Shape) -> Result<(), ClusterError> {
+    if have.format != want.format {
+        return Err(ClusterError::Shape(format!(
+            "the cluster's logs use wire format {}; this tally writes format {}",
+            have.format, want.format
+        )));
+    }
+    if have.partitions != want.partitions || have.replicas != want.replicas {
+        return Err(ClusterError::Shape(format!(
+            "the cluster was created with {} partitions and {} replicas; this node's [cluster] says {} and {} (partitions are fixed when the cluster is created)",
+            have.partitions, have.replicas, want.partitions, want.replicas
+        )));
+    }
+    Ok(())
+}
+
+/// The cluster's shape, each partition's log (leader, replicas, last position) and lease.
+///
+/// # Errors
+/// NATS unreachable, or the cluster not initialized.
+pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, ClusterError> {
+    let (client, js) = connect(settings).await?;
+    let meta = js.get_key_value(META_BUCKET).await.map_err(|_| ClusterError::NotInitialized)?;
+    let shape = read_shape(&meta).await?.ok_or(ClusterError::NotInitialized)?;
+    check_shape(&shape, &shape_of(settings))?;
+    let leases = js.get_key_value(LEASES_BUCKET).await.map_err(|_| ClusterError::NotInitialized)?;
+    let mut partitions = Vec::with_capacity(usize::from(shape.partitions));
+    for p in 0..shape.partitions {
+        let name = stream_name(p);
+        let owner = timed(&format!("read lease {}", lease_key(p)), leases.get(lease_key(p)))
+            .await
+            .ok()
+            .flatten()
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        // One partition's log may be electing a leader (a NATS server just died): it is
+        // shown as unavailable, with the reason, and the others are still read.
+        let mut row = PartitionStatus {
+            partition: p,
+            stream: name.clone(),
+            leader: None,
+            replicas: Vec::new(),
+            last_seq: 0,
+            messages: 0,
+            owner,
+            unavailable: None,
+        };
+        match tokio::time::timeout(STREAM_TIMEOUT, js.get_stream(&name)).await {
+            Ok(Ok(stream)) => {
+                let info = stream.cached_info().clone();
+                row.leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+                row.replicas = info.cluster.map(copies).unwrap_or_default();
+                row.last_seq = info.state.last_sequence;
+                row.messages = info.state.messages;
+            }
+            Ok(Err(e)) => row.unavailable = Some(e.to_string()),
+            Err(_) => row.unavailable = Some(format!("no answer in {STREAM_TIMEOUT:?} (a leader election?)")),
+        }
+        partitions.push(row);
+    }
+    let connected_to = client.server_info().server_name;
+    Ok(ClusterStatus { shape, connected_to, partitions })
+}
+
+/// Every copy of a stream: JetStream lists the leader apart from its followers.
+fn copies(cluster: jetstream::stream::ClusterInfo) -> Vec<ReplicaStatus> {
+    let leader = cluster.leader.map(|server| ReplicaStatus { server, current: true, lag: 0 });
+    let followers = cluster.replicas.into_iter().map(|r| ReplicaStatus {
+        server: r.name,
+        current: r.current,
+        lag: r.lag.unwrap_or(0),
+    });
+    leader.into_iter().chain(followers).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_of_another_shape_is_named_in_the_refusal() {
+        let want = Shape { partitions: 16, replicas: 3, format: FORMAT_VERSION };
+        assert!(check_shape(&want, &want).is_ok());
+        let other = Shape { partitions: 8, ..want.clone() };
+        let e = check_shape(&other, &want).unwrap_err().to_string();
+        assert!(e.contains("created with 8 partitions") && e.contains("says 16"), "{e}");
+        let newer = Shape { format: FORMAT_VERSION + 1, ..want.clone() };
+        assert!(check_shape(&newer, &want).unwrap_err().to_string().contains("wire format"));
+    }
+}
