@@ -30,6 +30,7 @@ WORKDIR /src
 #    benches whose files must exist). This layer, RocksDB's ~20 minutes of C++ included, is reused
 #    until Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
 RUN mkdir -p src benches tests/api \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \

@@ -23,6 +23,10 @@ pub const CONVERSION_OUTCOMES: [&str; 7] =
 pub struct StorageStats {
     pub sst_bytes: u64,
     pub memtable_bytes: u64,
+    /// What the shared block cache holds (data, index and filter blocks, pinned ones too).
+    pub block_cache_bytes: u64,
+    /// Memory of the open SST files' readers outside the block cache.
+    pub table_readers_bytes: u64,
     pub estimated_keys: u64,
     pub write_stopped: bool,
     pub delayed_write_rate: u64,
@@ -64,6 +68,8 @@ pub struct Metrics {
     write_stalls: IntCounterVec,
     sst_bytes: IntGauge,
     memtable_bytes: IntGauge,
+    block_cache_bytes: IntGauge,
+    table_readers_bytes: IntGauge,
     estimated_keys: IntGauge,
     write_stopped: IntGauge,
     delayed_write_rate: IntGauge,
@@ -201,6 +207,16 @@ impl Metrics {
             ),
             sst_bytes: gauge(&r, "tally_storage_sst_bytes", "Bytes of RocksDB SST files."),
             memtable_bytes: gauge(&r, "tally_storage_memtable_bytes", "Bytes of RocksDB memtables."),
+            block_cache_bytes: gauge(
+                &r,
+                "tally_storage_block_cache_bytes",
+                "Bytes in RocksDB's block cache (bounded by storage.block_cache_mb; pinned index and filter blocks may exceed it).",
+            ),
+            table_readers_bytes: gauge(
+                &r,
+                "tally_storage_table_readers_bytes",
+                "Bytes RocksDB's open SST file readers hold outside the block cache.",
+            ),
             estimated_keys: gauge(&r, "tally_storage_estimated_keys", "RocksDB's estimate of stored keys."),
             write_stopped: gauge(&r, "tally_storage_write_stopped", "1 while RocksDB stops writes (stall)."),
             delayed_write_rate: gauge(
@@ -266,6 +282,8 @@ impl Metrics {
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.sst_bytes.set(g(s.sst_bytes));
         self.memtable_bytes.set(g(s.memtable_bytes));
+        self.block_cache_bytes.set(g(s.block_cache_bytes));
+        self.table_readers_bytes.set(g(s.table_readers_bytes));
         self.estimated_keys.set(g(s.estimated_keys));
         self.write_stopped.set(i64::from(s.write_stopped));
         self.delayed_write_rate.set(g(s.delayed_write_rate));

@@ -104,6 +104,24 @@ pub async fn export(n: u64) {
     let pid = child.id().unwrap();
     store_conversions(public, &secret, n).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
+    let (_, metrics) = admin_get(admin, "/metrics").await;
+    let storage: Vec<String> = String::from_utf8_lossy(&metrics)
+        .lines()
+        .filter(|l| {
+            ["tally_storage_memtable_bytes", "tally_storage_block_cache_bytes", "tally_storage_table_readers_bytes"]
+                .iter()
+                .any(|m| l.starts_with(m))
+        })
+        .map(|l| {
+            let (name, v) = l.split_once(' ').unwrap_or((l, "0"));
+            format!(
+                "{} {} MiB",
+                name.trim_start_matches("tally_storage_"),
+                v.parse::<f64>().unwrap_or(0.0) as u64 >> 20
+            )
+        })
+        .collect();
+    println!("after the load: {}", storage.join(", "));
     let before = rss_mib(pid).map_or(0, |r| r.0);
     let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
     let sampling = {

@@ -472,6 +472,12 @@ impl Store {
         StorageStats {
             sst_bytes: sum("rocksdb.total-sst-files-size"),
             memtable_bytes: sum("rocksdb.cur-size-all-mem-tables"),
+            // One cache shared by every column family: read through one of them.
+            block_cache_bytes: db
+                .cf_handle(Cf::Conversions.name())
+                .and_then(|h| db.property_int_value_cf(h, "rocksdb.block-cache-usage").ok().flatten())
+                .unwrap_or(0),
+            table_readers_bytes: sum("rocksdb.estimate-table-readers-mem"),
             estimated_keys: sum("rocksdb.estimate-num-keys"),
             write_stopped: db.property_int_value("rocksdb.is-write-stopped").ok().flatten().unwrap_or(0) > 0,
             delayed_write_rate: db.property_int_value("rocksdb.actual-delayed-write-rate").ok().flatten().unwrap_or(0),

@@ -226,7 +226,8 @@ fn setup() -> Vec<Command> {
 
 /// The click a conversion names: the newest for an even `pick`, else any.
 fn click_of(pick: u8, clicks: &[Ulid]) -> Option<String> {
-    let i = if pick.is_multiple_of(2) { clicks.len().saturating_sub(1) } else { usize::from(pick) % clicks.len().max(1) };
+    let i =
+        if pick.is_multiple_of(2) { clicks.len().saturating_sub(1) } else { usize::from(pick) % clicks.len().max(1) };
     clicks.get(i).map(|c| c.to_string())
 }
 
