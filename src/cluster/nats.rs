@@ -160,7 +160,13 @@ pub async fn init(settings: &ClusterSettings) -> Result<ClusterStatus, ClusterEr
     )
     .await?;
     let encoded = serde_json::to_vec(&want).expect("a shape encodes");
-    match meta.create(SHAPE_KEY, encoded.into()).await {
+    let created = tokio::time::timeout(CALL_TIMEOUT, meta.create(SHAPE_KEY, encoded.into())).await.map_err(|_| {
+        ClusterError::Call {
+            what: "record the cluster's shape".into(),
+            reason: format!("no answer in {CALL_TIMEOUT:?}"),
+        }
+    })?;
+    match created {
         Ok(_) => {}
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
             let have = read_shape(&meta).await?.ok_or(ClusterError::NotInitialized)?;
