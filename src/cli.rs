@@ -219,15 +219,15 @@ async fn cluster(action: ClusterAction) -> i32 {
     );
     println!("{:<10} {:<12} {:<10} {:>10} {:<12} replicas (lag)", "partition", "stream", "leader", "last seq", "owner");
     for p in &status.partitions {
+        if let Some(why) = &p.unavailable {
+            println!("{:<10} {:<12} unavailable: {why}", p.partition, p.stream);
+            continue;
+        }
         let replicas: Vec<String> = p
             .replicas
             .iter()
             .map(|r| format!("{}{} ({})", r.server, if r.current { "" } else { " behind" }, r.lag))
             .collect();
-        if let Some(why) = &p.unavailable {
-            println!("{:<10} {:<12} unavailable: {why}", p.partition, p.stream);
-            continue;
-        }
         println!(
             "{:<10} {:<12} {:<10} {:>10} {:<12} {}",
             p.partition,

@@ -88,15 +88,20 @@ fn call<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> Clus
     move |e| ClusterError::Call { what, reason: e.to_string() }
 }
 
-/// Runs one NATS call with [`CALL_TIMEOUT`].
+/// Waits at most [`CALL_TIMEOUT`] for one NATS call; what the call answered is the
+/// caller's to read.
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> Result<T, ClusterError> {
+    tokio::time::timeout(CALL_TIMEOUT, f)
+        .await
+        .map_err(|_| ClusterError::Call { what: what.into(), reason: format!("no answer in {CALL_TIMEOUT:?}") })
+}
+
+/// Runs one NATS call with [`CALL_TIMEOUT`]; its error is named by `what`.
 async fn timed<T, E: std::fmt::Display>(
     what: &str,
     f: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, ClusterError> {
-    match tokio::time::timeout(CALL_TIMEOUT, f).await {
-        Ok(r) => r.map_err(call(what)),
-        Err(_) => Err(ClusterError::Call { what: what.into(), reason: format!("no answer in {CALL_TIMEOUT:?}") }),
-    }
+    within(what, f).await?.map_err(call(what))
 }
 
 async fn connect(settings: &ClusterSettings) -> Result<(async_nats::Client, jetstream::Context), ClusterError> {
@@ -160,12 +165,7 @@ pub async fn init(settings: &ClusterSettings) -> Result<ClusterStatus, ClusterEr
     )
     .await?;
     let encoded = serde_json::to_vec(&want).expect("a shape encodes");
-    let created = tokio::time::timeout(CALL_TIMEOUT, meta.create(SHAPE_KEY, encoded.into())).await.map_err(|_| {
-        ClusterError::Call {
-            what: "record the cluster's shape".into(),
-            reason: format!("no answer in {CALL_TIMEOUT:?}"),
-        }
-    })?;
+    let created = within("record the cluster's shape", meta.create(SHAPE_KEY, encoded.into())).await?;
     match created {
         Ok(_) => {}
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -176,9 +176,10 @@ pub async fn init(settings: &ClusterSettings) -> Result<ClusterStatus, ClusterEr
     }
     for p in 0..settings.partitions {
         let config = partition_stream(settings, p);
-        match js.get_stream(&config.name).await {
-            Ok(mut existing) => {
-                let info = timed(&format!("read stream {}", config.name), existing.info()).await?;
+        match within(&format!("read stream {}", config.name), js.get_stream(&config.name)).await? {
+            Ok(existing) => {
+                // get_stream has just read the stream's info: no second request.
+                let info = existing.cached_info();
                 if info.config.num_replicas != config.num_replicas || info.config.subjects != config.subjects {
                     return Err(ClusterError::Shape(format!(
                         "stream {} exists with {} replicas on {:?}; this cluster needs {} on {:?}",
