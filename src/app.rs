@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::backend::Backend;
 use crate::config::Loaded;
 use crate::domain::clock::Clock;
 use crate::http::{self, Ctx, Listener};
@@ -22,7 +23,10 @@ use crate::store::{Store, StoreOptions};
 pub struct App {
     public_addr: SocketAddr,
     admin_addr: SocketAddr,
-    store: Store,
+    /// The single node's store; `None` in cluster mode.
+    store: Option<Store>,
+    /// The cluster node; `None` for the single node.
+    node: Option<crate::cluster::Node>,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     sweepers: Vec<JoinHandle<()>>,
@@ -37,6 +41,8 @@ pub enum StartError {
     Bind { what: &'static str, addr: String, source: std::io::Error },
     #[error("{0}")]
     Seed(String),
+    #[error("cluster mode: {0}")]
+    Cluster(String),
     #[error("cannot write {path}: {source}")]
     File { path: String, source: std::io::Error },
 }
@@ -53,14 +59,23 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         metrics.ratelimit_keys_max.set(i64::try_from(settings.limits.max_keys).unwrap_or(i64::MAX));
         let opts = store_options(&settings);
-        let store_metrics = Arc::clone(&metrics);
-        let store = tokio::task::spawn_blocking(move || Store::open(&opts, store_metrics))
-            .await
-            .map_err(|e| StartError::Seed(format!("storage open task failed: {e}")))?
-            .map_err(|source| StartError::Store { dir: settings.data_dir.display().to_string(), source })?;
+        let (store, node, backend): (Option<Store>, Option<crate::cluster::Node>, Arc<dyn Backend>) =
+            if settings.cluster.enabled() {
+                let node = crate::cluster::Node::start(&settings.cluster, &opts, Arc::clone(&metrics))
+                    .await
+                    .map_err(StartError::Cluster)?;
+                (None, Some(node.clone()), Arc::new(node))
+            } else {
+                let store_metrics = Arc::clone(&metrics);
+                let store = tokio::task::spawn_blocking(move || Store::open(&opts, store_metrics))
+                    .await
+                    .map_err(|e| StartError::Seed(format!("storage open task failed: {e}")))?
+                    .map_err(|source| StartError::Store { dir: settings.data_dir.display().to_string(), source })?;
+                (Some(store.clone()), None, Arc::new(store))
+            };
 
         let seeds = crate::seed::parse(&settings).map_err(|p| StartError::Seed(format!("{p:?}")))?;
-        crate::seed::apply(&store, seeds, &settings.data_dir, clock.now_ms(), settings.outbound.allow_private)
+        crate::seed::apply(&*backend, seeds, &settings.data_dir, clock.now_ms(), settings.outbound.allow_private)
             .await
             .map_err(StartError::Seed)?;
         let admin_token = match loaded.admin_token {
@@ -87,7 +102,7 @@ impl App {
         tracing::info!(public = %public_addr, admin = %admin_addr, data_dir = %settings.data_dir.display(), "tally is listening");
 
         let sweeper = tokio::spawn(sweep_holds(
-            store.clone(),
+            Arc::clone(&backend),
             Arc::clone(&clock),
             Duration::from_millis(settings.holds.sweep_interval_ms),
         ));
@@ -96,7 +111,7 @@ impl App {
         let sweep_every = Duration::from_millis(settings.limits.sweep_interval_ms);
         let settings_exports = settings.reports.max_exports;
         let ctx = Arc::new(Ctx {
-            backend: Arc::new(store.clone()),
+            backend,
             metrics,
             clock,
             settings,
@@ -132,6 +147,7 @@ impl App {
             public_addr,
             admin_addr,
             store,
+            node,
             shutdown,
             servers,
             sweepers: vec![sweeper, limiter_sweeper, deliveries],
@@ -146,8 +162,14 @@ impl App {
         self.admin_addr
     }
 
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The single node's store; `None` in cluster mode.
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    /// The cluster node; `None` for the single node.
+    pub fn node(&self) -> Option<&crate::cluster::Node> {
+        self.node.as_ref()
     }
 
     /// Stops accepting, lets in-flight requests finish (bounded by the shutdown grace),
@@ -160,8 +182,16 @@ impl App {
         for s in self.servers {
             let _ = s.await;
         }
-        let store = self.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
+        let (store, node) = (self.store.clone(), self.node.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(store) = store {
+                store.shutdown();
+            }
+            if let Some(node) = node {
+                node.shutdown();
+            }
+        })
+        .await;
         tracing::info!("tally stopped cleanly");
     }
 
@@ -188,12 +218,12 @@ async fn listen(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
 }
 
 /// Approves conversions whose hold ended, every `interval`, with the app's clock.
-async fn sweep_holds(store: Store, clock: Arc<dyn Clock>, interval: Duration) {
+async fn sweep_holds(backend: Arc<dyn Backend>, clock: Arc<dyn Clock>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match crate::backend::BackendExt::sweep_holds(&store, clock.now_ms()).await {
+        match crate::backend::BackendExt::sweep_holds(&*backend, clock.now_ms()).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(approved = n, "hold periods ended; conversions approved"),
             Err(e) => tracing::warn!(error = %e, "hold sweep failed; retrying at the next interval"),

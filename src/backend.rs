@@ -259,7 +259,7 @@ pub trait BackendExt: Backend {
         click: ClickRecord,
         unique_window_ms: i64,
     ) -> impl Future<Output = Result<ClickRecord, StoreError>> + Send {
-        let command = Command::Click { click: Box::new(click), unique_window_ms };
+        let command = Command::Click { click: Box::new(click), unique_window_ms, once: false };
         async move {
             match self.submit(command).await? {
                 Answer::Click(c) => Ok(*c),

@@ -324,20 +324,12 @@ async fn serve(path: Option<PathBuf>) -> i32 {
     };
     crate::telemetry::init(loaded.settings.log.format, &loaded.settings.log.level);
     warn_ignored_env(&loaded.ignored_env);
-    if loaded.settings.cluster.enabled() {
-        // Refused rather than run as a lone node under a cluster's name: its answers would
-        // not be the cluster's (docs/cluster.md says what is built).
-        eprintln!(
-            "tally: [cluster] nats_urls is set, but serving in cluster mode is not built yet; \
-             `tally cluster init|status` work. Remove [cluster] nats_urls to run the single node."
-        );
-        return 2;
-    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %loaded.config_file.as_ref().map_or_else(|| "none (built-in defaults)".to_string(), |p| p.display().to_string()),
         data_dir = %loaded.settings.data_dir.display(),
         durability = loaded.settings.storage.durability.as_str(),
+        cluster = %if loaded.settings.cluster.enabled() { loaded.settings.cluster.node_id.as_str() } else { "off (single node)" },
         "tally is starting"
     );
     raise_open_files_limit(loaded.settings.http.max_connections);

@@ -65,6 +65,14 @@ pub struct Metrics {
     pub outbound_attempt_duration: Histogram,
     /// Ledger entries sent by exports.
     pub exported_entries: IntCounter,
+    /// Cluster mode (SPEC 14): partitions whose lease this node holds.
+    pub cluster_partitions_owned: IntGauge,
+    /// Cluster mode: log entries this node has not applied yet, summed over partitions.
+    pub cluster_apply_lag: IntGauge,
+    /// Cluster mode: from a click taken to its acknowledgement in its partition's log.
+    pub cluster_forward_lag: Histogram,
+    /// Cluster mode: from an append to JetStream's acknowledgement.
+    pub cluster_append_duration: Histogram,
     write_stalls: IntCounterVec,
     sst_bytes: IntGauge,
     memtable_bytes: IntGauge,
@@ -256,6 +264,28 @@ impl Metrics {
                 &r,
                 "tally_ledger_exported_entries_total",
                 "Ledger entries streamed by ledger exports.",
+            ),
+            cluster_partitions_owned: gauge(
+                &r,
+                "tally_cluster_partitions_owned",
+                "Cluster mode: partitions whose lease this node holds (it sends their deliveries and runs their timers).",
+            ),
+            cluster_apply_lag: gauge(
+                &r,
+                "tally_cluster_apply_lag_entries",
+                "Cluster mode: partition log entries this node has not applied yet, summed over partitions.",
+            ),
+            cluster_forward_lag: histogram(
+                &r,
+                "tally_cluster_click_forward_lag_seconds",
+                "Cluster mode: time from a click taken to its acknowledgement in its partition's log.",
+                vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0],
+            ),
+            cluster_append_duration: histogram(
+                &r,
+                "tally_cluster_append_duration_seconds",
+                "Cluster mode: time from an append to its acknowledgement by JetStream (a quorum has it).",
+                vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
             ),
             registry: r,
         };

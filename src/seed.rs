@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::backend::{BackendExt, WriteError};
+use crate::backend::{Backend, BackendExt, WriteError};
 use crate::config::{Problem, Settings};
 use crate::domain::clock::UnixMillis;
 use crate::domain::entities::{Merchant, MerchantBody, Partner, PartnerBody};
@@ -17,7 +17,6 @@ use crate::domain::link::{Link, LinkBody};
 use crate::domain::plan::{Plan, PlanBody};
 use crate::engine::Saved;
 use crate::signing::WebhookSecret;
-use crate::store::Store;
 
 pub struct MerchantSeed {
     pub merchant: Merchant,
@@ -205,8 +204,8 @@ pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 ///
 /// # Errors
 /// A message naming the seed that could not be applied.
-pub async fn apply(
-    store: &Store,
+pub async fn apply<B: Backend + ?Sized>(
+    store: &B,
     seeds: Seeds,
     data_dir: &Path,
     now: UnixMillis,

@@ -14,10 +14,12 @@
 //! rather than run as a single node under a cluster's name.
 
 mod nats;
+mod node;
 
 use sha2::{Digest, Sha256};
 
 pub use nats::{init, status, ClusterError, ClusterStatus, PartitionStatus};
+pub use node::{Node, ANSWER_TIMEOUT};
 
 /// The wire format of the partition logs; a node refuses a cluster made with another one.
 pub const FORMAT_VERSION: u32 = 1;

@@ -97,14 +97,16 @@ async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> Resul
 }
 
 /// Runs one NATS call with [`CALL_TIMEOUT`]; its error is named by `what`.
-async fn timed<T, E: std::fmt::Display>(
+pub(super) async fn timed<T, E: std::fmt::Display>(
     what: &str,
     f: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<T, ClusterError> {
     within(what, f).await?.map_err(call(what))
 }
 
-async fn connect(settings: &ClusterSettings) -> Result<(async_nats::Client, jetstream::Context), ClusterError> {
+pub(super) async fn connect(
+    settings: &ClusterSettings,
+) -> Result<(async_nats::Client, jetstream::Context), ClusterError> {
     if !settings.enabled() {
         return Err(ClusterError::Off);
     }
@@ -119,7 +121,7 @@ async fn connect(settings: &ClusterSettings) -> Result<(async_nats::Client, jets
     Ok((client, js))
 }
 
-fn shape_of(settings: &ClusterSettings) -> Shape {
+pub(super) fn shape_of(settings: &ClusterSettings) -> Shape {
     Shape { partitions: settings.partitions, replicas: settings.replicas, format: FORMAT_VERSION }
 }
 
@@ -211,14 +213,14 @@ pub async fn init(settings: &ClusterSettings) -> Result<ClusterStatus, ClusterEr
     status(settings).await
 }
 
-async fn read_shape(meta: &kv::Store) -> Result<Option<Shape>, ClusterError> {
+pub(super) async fn read_shape(meta: &kv::Store) -> Result<Option<Shape>, ClusterError> {
     let Some(bytes) = timed("read the cluster's shape", meta.get(SHAPE_KEY)).await? else { return Ok(None) };
     serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|e| ClusterError::Shape(format!("the cluster's recorded shape does not read: {e}")))
 }
 
-fn check_shape(have: &Shape, want: &Shape) -> Result<(), ClusterError> {
+pub(super) fn check_shape(have: &Shape, want: &Shape) -> Result<(), ClusterError> {
     if have.format != want.format {
         return Err(ClusterError::Shape(format!(
             "the cluster's logs use wire format {}; this tally writes format {}",

@@ -69,7 +69,7 @@ pub struct AttributionKeys {
 }
 
 /// A validated conversion, ready for dedupe and attribution.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConversionInput {
     pub txn_id: TxnId,
     pub event: String,

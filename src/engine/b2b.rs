@@ -12,7 +12,7 @@ use crate::domain::ids::{MerchantId, PartnerId};
 use crate::domain::plan::DEFAULT_DEAL_TTL_DAYS;
 
 /// A deal registration as received, the account normalized.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DealDraft {
     pub merchant: MerchantId,
     pub partner: PartnerId,

@@ -27,6 +27,19 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// Adds `other`'s entities (cluster mode: each partition keeps its merchants' catalog;
+    /// a node serves their union).
+    pub fn extend(&mut self, other: &Catalog) {
+        self.merchants.extend(other.merchants.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.secrets.extend(other.secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.postback_tokens.extend(other.postback_tokens.iter().map(|(k, v)| (k.clone(), *v)));
+        self.partners.extend(other.partners.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.partner_secrets.extend(other.partner_secrets.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.links.extend(other.links.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.plans.extend(other.plans.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.coupons.extend(other.coupons.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+
     /// A partner of this merchant; another merchant's partner does not exist here.
     pub fn partner_of(&self, merchant: &MerchantId, id: &PartnerId) -> Option<&Partner> {
         self.partners.get(id).filter(|p| p.merchant_id == *merchant)

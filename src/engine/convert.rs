@@ -23,7 +23,7 @@ use crate::domain::rollup;
 pub(super) const DAY_MS: i64 = 86_400_000;
 
 /// A conversion as received, with its receipt time and the entropy its ids come from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ConversionDraft {
     pub merchant: MerchantId,
     pub input: ConversionInput,
@@ -47,7 +47,13 @@ pub(super) fn click<S: State + ?Sized>(
     tx: &mut Tx<'_, S>,
     mut click: ClickRecord,
     unique_window_ms: i64,
+    once: bool,
 ) -> Result<ClickRecord, S::Error> {
+    if once {
+        if let Some(stored) = tx.click(&click.click_id)? {
+            return Ok(stored);
+        }
+    }
     let mut visitor = tx.visitor(&click.link_id, &click.visitor)?;
     click.unique = !click.bot && visitor.last_unique_ms.is_none_or(|t| click.at_ms - t >= unique_window_ms);
     if click.unique {

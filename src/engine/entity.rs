@@ -12,7 +12,7 @@ use crate::domain::plan::Plan;
 use crate::signing::{SecretSet, WebhookSecret};
 
 /// Entity writes, checked against the catalog.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum EntityOp {
     /// Create or update; `secret` is used only when the merchant is new, `token_hash`
     /// only when the merchant is in token mode and has no token yet.

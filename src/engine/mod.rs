@@ -100,11 +100,18 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// An input to the state machine.
-#[derive(Debug, Clone)]
+/// An input to the state machine. It serializes (JSON) as cluster mode's log entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Command {
-    /// Records a click; the engine decides its `unique` flag.
-    Click { click: Box<ClickRecord>, unique_window_ms: i64 },
+    /// Records a click; the engine decides its `unique` flag. `once`: the click may come
+    /// again (cluster mode forwards clicks at least once); a click whose id is stored is
+    /// then answered as stored and changes nothing.
+    Click {
+        click: Box<ClickRecord>,
+        unique_window_ms: i64,
+        #[serde(default)]
+        once: bool,
+    },
     /// Dedupes, attributes, credits and stores a conversion.
     Conversion(Box<ConversionDraft>),
     /// Many conversions, in order, all or nothing.
@@ -379,8 +386,8 @@ pub struct Outcome {
 pub fn execute<S: State + ?Sized>(state: &S, command: Command) -> Result<Outcome, S::Error> {
     let mut tx = Tx::new(state);
     let answer = match command {
-        Command::Click { click, unique_window_ms } => {
-            Answer::Click(Box::new(convert::click(&mut tx, *click, unique_window_ms)?))
+        Command::Click { click, unique_window_ms, once } => {
+            Answer::Click(Box::new(convert::click(&mut tx, *click, unique_window_ms, once)?))
         }
         Command::Conversion(draft) => Answer::Conversion(convert::conversion(&mut tx, *draft)?),
         Command::Batch(drafts) => {

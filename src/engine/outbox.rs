@@ -19,7 +19,7 @@ use crate::domain::outbound::{AttemptLog, Delivery, DeliveryState, EndpointOff, 
 use crate::domain::retry;
 
 /// A command about deliveries, from the delivery worker or an admin.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum OutboxOp {
     /// The worker made an attempt; `window_ms` is the retry window of the settings.
     Attempted { merchant: MerchantId, id: Ulid, attempt: AttemptLog, window_ms: i64, entropy: Entropy },

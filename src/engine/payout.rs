@@ -12,7 +12,7 @@ use crate::domain::payout::{LineState, PayoutLine, PayoutRequest, PayoutRun};
 use crate::domain::rollup::DAY_MS;
 
 /// A payout command.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum PayoutOp {
     /// Runs a payout, idempotent by its id.
     Run { merchant: MerchantId, request: PayoutRequest, at: UnixMillis, entropy: Entropy },
@@ -27,7 +27,7 @@ pub enum PayoutOp {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Settlement {
     Paid { reference: String },
     Failed { reason: String },

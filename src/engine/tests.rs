@@ -462,7 +462,7 @@ fn click_at(at: i64, visitor: u8, bot: bool) -> (Command, Ulid) {
         visitor: [visitor; 16],
     };
     let id = click.click_id;
-    (Command::Click { click: Box::new(click), unique_window_ms: DAY }, id)
+    (Command::Click { click: Box::new(click), unique_window_ms: DAY, once: false }, id)
 }
 
 fn by_click(id: Ulid) -> AttributionKeys {

@@ -103,6 +103,19 @@ impl SecretSet {
     }
 }
 
+/// As text (`whsec_...`): a command that carries a secret is a log entry in cluster mode.
+impl Serialize for WebhookSecret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.expose_text().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for WebhookSecret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        WebhookSecret::parse(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct StoredEntry {
     secret: String,

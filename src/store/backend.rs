@@ -83,7 +83,7 @@ impl Backend for Store {
     fn submit(&self, command: Command) -> BoxFuture<'_, Result<Answer, StoreError>> {
         Box::pin(async move {
             let (tx, rx) = oneshot::channel();
-            self.tx.send(writer::Op::Command(Box::new(command), tx)).await.map_err(|_| StoreError::Closed)?;
+            self.tx.send(writer::Op::Command(Box::new(command), None, tx)).await.map_err(|_| StoreError::Closed)?;
             rx.await.map_err(|_| StoreError::Closed)?
         })
     }

@@ -21,6 +21,7 @@ pub mod keys;
 mod outbox;
 pub mod rollups;
 pub mod schema;
+pub mod spool;
 mod view;
 mod writer;
 
@@ -39,7 +40,7 @@ use crate::domain::entities::{Merchant, Partner};
 use crate::domain::ids::MerchantId;
 use crate::domain::link::Link;
 use crate::domain::plan::Plan;
-use crate::engine::Catalog;
+use crate::engine::{Answer, Catalog, Command};
 use crate::metrics::{Metrics, StorageStats};
 pub use catalog::CatalogCell;
 use schema::Cf;
@@ -512,6 +513,42 @@ impl Store {
 }
 
 impl Store {
+    /// Cluster mode: queues the command at `position` of the partition's log and returns
+    /// where its answer will come. The position is written in the same batch as the
+    /// command's effects, so after a crash [`Store::applied_position`] is exactly what the
+    /// database holds. Commands are applied in the order they are queued, so a caller may
+    /// queue the next before this one is answered.
+    ///
+    /// # Errors
+    /// `Closed` when the writer has stopped.
+    pub async fn enqueue_at(
+        &self,
+        command: Command,
+        position: u64,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<Answer, StoreError>>, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(writer::Op::Command(Box::new(command), Some(position), tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Cluster mode: the last log position whose effects this store holds (0: none). A
+    /// command without effects leaves no position behind; applying it again changes
+    /// nothing either.
+    ///
+    /// # Errors
+    /// Storage failures, a malformed stored position.
+    pub fn applied_position(&self) -> Result<u64, StoreError> {
+        match self.shared.get(Cf::Meta, keys::META_APPLIED)? {
+            None => Ok(0),
+            Some(v) => <[u8; 8]>::try_from(v.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt("applied log position".into())),
+        }
+    }
+
     /// [`Store::shutdown`] from inside an async context (tests): runs it on a blocking thread.
     pub fn shutdown_blocking_in_place(&self) {
         let store = self.clone();

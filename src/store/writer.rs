@@ -35,7 +35,8 @@ use crate::engine::{self, Answer, Catalog, Command, ConversionOutcome, Effect, O
 type Reply<T> = oneshot::Sender<T>;
 
 pub(super) enum Op {
-    Command(Box<Command>, Reply<Result<Answer, StoreError>>),
+    /// A command, and the log position it comes from in cluster mode (kept with its effects).
+    Command(Box<Command>, Option<u64>, Reply<Result<Answer, StoreError>>),
     Stop,
 }
 
@@ -66,6 +67,8 @@ pub(super) struct Pending<'a> {
     pub(super) outbox_due: bool,
     /// Rollup increments, summed by cell; staged as merges when the batch is written.
     pub(super) rollups: super::rollups::Staged,
+    /// Cluster mode: the last log position among this batch's commands, written with it.
+    position: Option<u64>,
 }
 
 impl<'a> Pending<'a> {
@@ -84,6 +87,7 @@ impl<'a> Pending<'a> {
             ledger_head: None,
             outbox_due: false,
             rollups: super::rollups::Staged::default(),
+            position: None,
         }
     }
 
@@ -241,8 +245,8 @@ impl Writer {
         let mut pending = Pending::new(shared);
         let mut stop = false;
         for op in ops {
-            let (command, reply) = match op {
-                Op::Command(command, reply) => (*command, reply),
+            let (command, position, reply) = match op {
+                Op::Command(command, position, reply) => (*command, position, reply),
                 Op::Stop => {
                     stop = true;
                     continue;
@@ -253,16 +257,20 @@ impl Writer {
                 // written on its own, synced, and the catalog published after it.
                 Command::Entity(_) => {
                     self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
-                    let _ = reply.send(self.entity(command));
+                    let _ = reply.send(self.entity(command, position));
                 }
                 // A sweep reads the hold index, an enable the parked deliveries and a prune
                 // the finished ones, from the database: nothing may be staged.
                 Command::SweepHolds { .. } | Command::Outbox(_) | Command::Payout(_) if reads_ranges(&command) => {
                     self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
                     self.execute(&mut pending, command, reply);
+                    pending.position = position.or(pending.position);
                     self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
                 }
-                _ => self.execute(&mut pending, command, reply),
+                _ => {
+                    self.execute(&mut pending, command, reply);
+                    pending.position = position.or(pending.position);
+                }
             }
         }
         self.commit(pending);
@@ -346,14 +354,33 @@ impl Writer {
     /// Writes the batch without fsync and answers what needs only the write; hands the
     /// answers that promise durability to the syncer (with `fsync` durability).
     fn commit(&self, pending: Pending<'_>) {
-        let Pending { db, mut batch, puts, sync, done, written, ops, ledger, ledger_head, outbox_due, rollups, .. } =
-            pending;
+        let Pending {
+            db,
+            mut batch,
+            puts,
+            sync,
+            done,
+            written,
+            ops,
+            ledger,
+            ledger_head,
+            outbox_due,
+            rollups,
+            position,
+            ..
+        } = pending;
         // A batch that cannot hold its puts is not written at all: its answers get the error.
         let staged = db.as_deref().map_or(Ok(()), |db| stage_puts(db, &mut batch, puts));
         if let (Some(head), Some(db)) = (ledger_head, db.as_deref()) {
             match super::cf_of(db, Cf::Meta) {
                 Ok(cf) => batch.put_cf(cf, super::keys::META_LEDGER_HEAD, head),
                 Err(e) => tracing::error!(error = %e, "ledger head not written"),
+            }
+        }
+        if let (Some(position), Some(db), true) = (position, db.as_deref(), ops > 0) {
+            match super::cf_of(db, Cf::Meta) {
+                Ok(cf) => batch.put_cf(cf, super::keys::META_APPLIED, position.to_be_bytes()),
+                Err(e) => tracing::error!(error = %e, "log position not written"),
             }
         }
         if let (false, Some(db)) = (rollups.is_empty(), db.as_deref()) {
@@ -450,7 +477,7 @@ impl Writer {
 
     /// Executes an entity command on a batch of its own, written synced; publishes the
     /// catalog its effects make.
-    fn entity(&self, command: Command) -> Result<Answer, StoreError> {
+    fn entity(&self, command: Command, position: Option<u64>) -> Result<Answer, StoreError> {
         let shared = &*self.shared;
         let catalog = shared.catalog.snapshot();
         let mut pending = Pending::new(shared);
@@ -468,6 +495,9 @@ impl Writer {
         let Pending { db, mut batch, puts, .. } = pending;
         let written = db.as_deref().ok_or_else(StoreError::reopening).and_then(|db| {
             stage_puts(db, &mut batch, puts)?;
+            if let Some(position) = position {
+                batch.put_cf(super::cf_of(db, Cf::Meta)?, super::keys::META_APPLIED, position.to_be_bytes());
+            }
             Ok(db.write_opt(batch, &opts)?)
         });
         if let Err(e) = written {

@@ -18,8 +18,16 @@ async fn click_redirects_with_a_fresh_click_id_and_records_it() {
     let id = click_id_of(location);
     assert_eq!(id.len(), 26);
 
-    let stored =
-        app.app.as_ref().unwrap().store().click(&tally::domain::ids::Ulid::parse(&id).unwrap()).await.unwrap().unwrap();
+    let stored = app
+        .app
+        .as_ref()
+        .unwrap()
+        .store()
+        .expect("single node")
+        .click(&tally::domain::ids::Ulid::parse(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.subs[0].as_deref(), Some("news letter"));
     assert_eq!(stored.subs[1].as_deref(), Some("a&b"));
     assert_eq!(stored.ip, "127.0.0.0/24", "IPs are stored reduced");
@@ -32,6 +40,7 @@ async fn click_redirects_with_a_fresh_click_id_and_records_it() {
         .as_ref()
         .unwrap()
         .store()
+        .expect("single node")
         .click(&tally::domain::ids::Ulid::parse(&again).unwrap())
         .await
         .unwrap()
@@ -82,7 +91,7 @@ async fn head_and_prefetch_redirect_without_recording() {
     assert_eq!(head.status, 302);
     let prefetch = app.get("/c/spring", &[("sec-purpose", "prefetch".into())]).await;
     assert_eq!(prefetch.status, 302);
-    let store = app.app.as_ref().unwrap().store();
+    let store = app.app.as_ref().unwrap().store().expect("single node");
     for loc in [head.header("location").unwrap(), prefetch.header("location").unwrap()] {
         let id = tally::domain::ids::Ulid::parse(&click_id_of(loc)).unwrap();
         assert!(store.click(&id).await.unwrap().is_none(), "HEAD and prefetch are not recorded");
@@ -97,7 +106,7 @@ async fn bots_are_redirected_but_flagged_and_never_unique() {
         let r = app.get("/c/spring", &[("user-agent", ua.into())]).await;
         assert_eq!(r.status, 302);
         let id = tally::domain::ids::Ulid::parse(&click_id_of(r.header("location").unwrap())).unwrap();
-        let c = app.app.as_ref().unwrap().store().click(&id).await.unwrap().unwrap();
+        let c = app.app.as_ref().unwrap().store().expect("single node").click(&id).await.unwrap().unwrap();
         assert!(c.bot && !c.unique, "{ua:?}");
     }
 }

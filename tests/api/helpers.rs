@@ -64,7 +64,9 @@ pub fn client() -> HttpClient {
 impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(app) = self.app.take() {
-            app.store().shutdown_blocking_in_place();
+            if let Some(store) = app.store() {
+                store.shutdown_blocking_in_place();
+            }
         }
     }
 }
@@ -187,7 +189,11 @@ impl TestApp {
 
     pub async fn stored_conversions(&self, merchant: &str) -> u64 {
         let app = self.app.as_ref().expect("running");
-        app.store().count_conversions(&tally::domain::ids::MerchantId::parse(merchant).unwrap()).await.unwrap()
+        app.store()
+            .expect("single node")
+            .count_conversions(&tally::domain::ids::MerchantId::parse(merchant).unwrap())
+            .await
+            .unwrap()
     }
 }
 

@@ -307,7 +307,7 @@ fn commands(steps: &[Step]) -> Vec<Vec<Command>> {
                     visitor: [*visitor; 16],
                 };
                 clicks.push(click.click_id);
-                Command::Click { click: Box::new(click), unique_window_ms: DAY }
+                Command::Click { click: Box::new(click), unique_window_ms: DAY, once: false }
             }
             Step::Convert { txn, key, pick, cents, event, variant } => {
                 let input = convert_input(*txn, *key, *pick, *cents, *event, *variant, now, &clicks);

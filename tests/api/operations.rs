@@ -288,7 +288,7 @@ async fn metadata_stored_by_an_earlier_version_never_crashes_a_view() {
         serde_json::from_str(r#"{"txn_id":"old-deep","event":"lead"}"#).unwrap();
     let mut input = body.into_input(app.clock.now_ms()).unwrap();
     input.metadata = Some(metadata.clone());
-    let store = app.app.as_ref().unwrap().store();
+    let store = app.app.as_ref().unwrap().store().expect("single node");
     let merchant = tally::domain::ids::MerchantId::parse("shop").unwrap();
     store.convert(merchant, input, app.clock.now_ms()).await.unwrap();
 

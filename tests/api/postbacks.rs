@@ -252,6 +252,7 @@ async fn a_server_side_click_attributes_like_a_redirect() {
         .as_ref()
         .unwrap()
         .store()
+        .expect("single node")
         .click(&tally::domain::ids::Ulid::parse(&click_id).unwrap())
         .await
         .unwrap()

@@ -401,7 +401,7 @@ async fn a_storage_error_mid_export_cuts_the_response_visibly() {
         let r = app.post_fresh("/v1/merchants/shop/conversions/batch", &body, &secret).await;
         assert_eq!(r.status, 200);
     }
-    let store = app.app.as_ref().unwrap().store().clone();
+    let store = app.app.as_ref().unwrap().store().expect("single node").clone();
     tokio::task::spawn_blocking(move || store.compact_all().unwrap()).await.unwrap();
     app.stop().await;
     // Overwrite the middle of every large table file: data blocks, not the index or

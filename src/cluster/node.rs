@@ -1,0 +1,862 @@
+//! A tally node in cluster mode: the [`Backend`] that serves requests through the
+//! partition logs (SPEC 14).
+//!
+//! - **Writes.** A state-changing command is appended to its partition's stream with a
+//!   fresh message id and this node's id in a header. JetStream acknowledges it once a
+//!   quorum has it; an append that timed out is retried with the same message id, so the
+//!   log holds it once. The answer is the engine's for that log position.
+//! - **Apply.** Every node applies every partition's log, in order, through the same engine
+//!   as a single node, into one RocksDB per partition (`data_dir/partitions/p0003`), writing
+//!   the log position with the effects. A node answers its own requests from its own
+//!   application of the log: the engine is deterministic, so every node computes the same
+//!   answer for the same position, and each can serve every read.
+//! - **Leases.** Each partition has one owner, holding its key in the `tally_leases` bucket
+//!   (renewed every second, lost after [`LEASE_TTL`]). Only the owner acts on its own:
+//!   it sends the partition's outbound deliveries and appends its timer commands (hold
+//!   sweeps, outbox retention).
+//! - **Clicks** are answered once they are in the node's click spool (a local RocksDB), and
+//!   forwarded to their partition's log in the background, in order, at least once: the
+//!   click id is the message id, and a click applied twice changes nothing the second time.
+//! - **Configuration** (merchants, partners, links, plans) is a command of its merchant's
+//!   partition like any other, so every node applies it within milliseconds; the node serves
+//!   the union of its partitions' catalogs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, kv};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+
+use super::nats::{check_shape, connect, read_shape, shape_of, timed, ClusterError};
+use super::{lease_key, partition_of, stream_name, LEASES_BUCKET, LEASE_TTL, META_BUCKET};
+use crate::backend::{
+    Backend, BoxFuture, DeliveryFilter, DeliveryPage, DueDelivery, LedgerQuery, OutboxGauges, Settled, StoreError,
+};
+use crate::config::ClusterSettings;
+use crate::domain::account::AccountRecord;
+use crate::domain::balance::Balance;
+use crate::domain::click::ClickRecord;
+use crate::domain::clock::UnixMillis;
+use crate::domain::conversion::ConversionRecord;
+use crate::domain::ids::{MerchantId, PartnerId, TxnId, Ulid};
+use crate::domain::ledger::LedgerEntry;
+use crate::domain::money::Currency;
+use crate::domain::outbound::{Delivery, EndpointOff};
+use crate::domain::payout::PayoutRun;
+use crate::domain::rollup::{Rows, Scope, Span};
+use crate::engine::{Answer, Catalog, Command, EntityOp, OutboxAnswer, OutboxOp, PayoutOp};
+use crate::metrics::{Metrics, StorageStats};
+use crate::store::spool::Spool;
+use crate::store::{Store, StoreOptions};
+
+/// How long a request waits for its append and its application before it is answered
+/// `503` (a retry is then a duplicate or the creation, never a second conversion).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a lease is renewed, and a free partition tried.
+const LEASE_EVERY: Duration = Duration::from_secs(1);
+
+/// The header naming the node that appended an entry: it answers the request.
+const NODE_HEADER: &str = "Tally-Node";
+
+/// The meta key holding the cluster-wide salt of visitor fingerprints.
+const SALT_KEY: &str = "visitor_salt";
+
+/// One log entry: a command, versioned with the cluster's wire format.
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    command: Command,
+}
+
+/// One entry of the click spool: the partition and the click's command.
+#[derive(Serialize, Deserialize)]
+struct Spooled {
+    partition: u16,
+    /// When the click was taken (the forward lag is measured from it).
+    taken_ms: UnixMillis,
+    command: Command,
+}
+
+type Waiter = oneshot::Sender<Result<Answer, StoreError>>;
+
+/// An entry queued to a partition store: where its answer comes, and who waits for it.
+type Applying = (oneshot::Receiver<Result<Answer, StoreError>>, Option<Waiter>);
+
+/// One partition as this node holds it.
+struct Part {
+    p: u16,
+    store: Store,
+    /// Requests of this node waiting for their entry to be applied, by message id.
+    waiters: Mutex<HashMap<String, Waiter>>,
+    /// The last log position queued to the store.
+    applied: AtomicU64,
+    /// The log's last position as last seen (for the apply lag).
+    last_seen: AtomicU64,
+    /// This node holds the partition's lease until this instant (monotonic ms), if it does.
+    owned_until: AtomicU64,
+    /// A storage failure while applying: the partition stops (see docs/cluster.md).
+    failed: AtomicBool,
+}
+
+struct Inner {
+    settings: ClusterSettings,
+    js: jetstream::Context,
+    parts: Vec<Part>,
+    spool: Spool,
+    spool_wake: Notify,
+    salt: [u8; 32],
+    /// The union of the partitions' catalogs, and the catalogs it was made from.
+    catalog: Mutex<(Vec<Arc<Catalog>>, Arc<Catalog>)>,
+    metrics: Arc<Metrics>,
+    /// Monotonic clock origin for lease deadlines.
+    started: Instant,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    outbox_wake: Notify,
+}
+
+/// A running cluster node; cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+/// The partition stores' options: the node's `[storage]` budget split between them;
+/// answers after the write, not the fsync (the log is what is durable; a store that lost
+/// its tail replays it).
+fn partition_options(base: &StoreOptions, dir: PathBuf, partitions: u16) -> StoreOptions {
+    let n = usize::from(partitions.max(1));
+    StoreOptions {
+        data_dir: dir,
+        durability: crate::store::Durability::Buffered,
+        block_cache_bytes: (base.block_cache_bytes / n).max(2 << 20),
+        write_buffer_bytes: (base.write_buffer_bytes / n).max(1 << 20),
+        memtable_budget_bytes: (base.memtable_budget_bytes / n).max(4 << 20),
+        recent_conversions: (base.recent_conversions / n).max(1024),
+        ..base.clone()
+    }
+}
+
+/// The merchant whose partition a command belongs to; `None` for timer commands that
+/// every owned partition runs (hold sweeps, outbox retention).
+fn merchant_of(command: &Command) -> Option<&MerchantId> {
+    match command {
+        Command::Click { click, .. } => Some(&click.merchant_id),
+        Command::Conversion(d) => Some(&d.merchant),
+        Command::Batch(drafts) => drafts.first().map(|d| &d.merchant),
+        Command::Adjust { merchant, .. }
+        | Command::Touch { merchant, .. }
+        | Command::Reassign { merchant, .. }
+        | Command::Review { merchant, .. } => Some(merchant),
+        Command::Deal(d) => Some(&d.merchant),
+        Command::SweepHolds { .. } => None,
+        Command::Entity(op) => Some(match &**op {
+            EntityOp::Merchant { merchant, .. } => &merchant.id,
+            EntityOp::RotatePostbackToken { merchant, .. }
+            | EntityOp::RotateMerchantSecret { merchant, .. }
+            | EntityOp::RotatePartnerSecret { merchant, .. }
+            | EntityOp::PausePartner { merchant, .. } => merchant,
+            EntityOp::Partner { partner, .. } => &partner.merchant_id,
+            EntityOp::Link(link) => &link.merchant_id,
+            EntityOp::Plan(plan) => &plan.merchant_id,
+        }),
+        Command::Outbox(op) => match &**op {
+            OutboxOp::Attempted { merchant, .. }
+            | OutboxOp::Park { merchant, .. }
+            | OutboxOp::Retry { merchant, .. }
+            | OutboxOp::Enable { merchant, .. } => Some(merchant),
+            OutboxOp::Prune { .. } => None,
+        },
+        Command::Payout(op) => match &**op {
+            PayoutOp::Run { merchant, .. } | PayoutOp::Settle { merchant, .. } => Some(merchant),
+        },
+    }
+}
+
+fn unavailable(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(format!("cluster: {what}"))
+}
+
+impl Node {
+    /// Connects to the cluster, checks its shape, opens this node's partition stores and
+    /// click spool under `base.data_dir`, and starts applying the logs, forwarding clicks
+    /// and taking leases.
+    ///
+    /// # Errors
+    /// NATS unreachable, a cluster never initialized or of another shape, a store that
+    /// will not open.
+    pub async fn start(settings: &ClusterSettings, base: &StoreOptions, metrics: Arc<Metrics>) -> Result<Node, String> {
+        let (_client, js) = connect(settings).await.map_err(|e| e.to_string())?;
+        let meta = js.get_key_value(META_BUCKET).await.map_err(|_| ClusterError::NotInitialized.to_string())?;
+        let shape =
+            read_shape(&meta).await.map_err(|e| e.to_string())?.ok_or(ClusterError::NotInitialized.to_string())?;
+        check_shape(&shape, &shape_of(settings)).map_err(|e| e.to_string())?;
+        let salt = cluster_salt(&meta).await.map_err(|e| e.to_string())?;
+        let leases = js.get_key_value(LEASES_BUCKET).await.map_err(|_| ClusterError::NotInitialized.to_string())?;
+
+        let mut parts = Vec::with_capacity(usize::from(settings.partitions));
+        for p in 0..settings.partitions {
+            let opts =
+                partition_options(base, base.data_dir.join("partitions").join(format!("p{p:04}")), settings.partitions);
+            let m = Arc::clone(&metrics);
+            let store = tokio::task::spawn_blocking(move || Store::open(&opts, m))
+                .await
+                .map_err(|e| format!("partition store open task: {e}"))?
+                .map_err(|e| format!("partition {p}: {e}"))?;
+            let applied = store.applied_position().map_err(|e| format!("partition {p}: {e}"))?;
+            parts.push(Part {
+                p,
+                store,
+                waiters: Mutex::new(HashMap::new()),
+                applied: AtomicU64::new(applied),
+                last_seen: AtomicU64::new(applied),
+                owned_until: AtomicU64::new(0),
+                failed: AtomicBool::new(false),
+            });
+        }
+        let spool_dir = base.data_dir.join("click-spool");
+        let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_dir))
+            .await
+            .map_err(|e| format!("click spool open task: {e}"))?
+            .map_err(|e| format!("click spool: {e}"))?;
+        let (stop, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            settings: settings.clone(),
+            js,
+            parts,
+            spool,
+            spool_wake: Notify::new(),
+            salt,
+            catalog: Mutex::new((Vec::new(), Arc::new(Catalog::default()))),
+            metrics,
+            started: Instant::now(),
+            stop,
+            tasks: Mutex::new(Vec::new()),
+            outbox_wake: Notify::new(),
+        });
+        let mut tasks = Vec::new();
+        for p in 0..settings.partitions {
+            tasks.push(tokio::spawn(apply_partition(Arc::clone(&inner), p)));
+        }
+        tasks.push(tokio::spawn(forward_clicks(Arc::clone(&inner))));
+        tasks.push(tokio::spawn(hold_leases(Arc::clone(&inner), leases)));
+        *inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = tasks;
+        tracing::info!(node = %settings.node_id, partitions = settings.partitions, "cluster node started");
+        Ok(Node { inner })
+    }
+
+    /// Stops applying and forwarding, gives up this node's leases by letting them expire,
+    /// and closes the partition stores. Blocks: call it off the reactor.
+    pub fn shutdown(&self) {
+        let _ = self.inner.stop.send(true);
+        for t in self.inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..) {
+            t.abort();
+        }
+        self.inner.spool.sync();
+        for part in &self.inner.parts {
+            part.store.shutdown();
+        }
+    }
+
+    /// Each partition's applied log position (tests and `/admin` diagnostics).
+    pub fn applied(&self) -> Vec<u64> {
+        self.inner.parts.iter().map(|p| p.applied.load(Ordering::SeqCst)).collect()
+    }
+
+    /// The partitions whose lease this node holds.
+    pub fn owned(&self) -> Vec<u16> {
+        self.inner.parts.iter().filter(|p| self.inner.owns(p)).map(|p| p.p).collect()
+    }
+
+    /// The store of partition `p` on this node (tests compare ledgers across nodes).
+    pub fn partition_store(&self, p: u16) -> Option<&Store> {
+        self.inner.parts.get(usize::from(p)).map(|part| &part.store)
+    }
+}
+
+impl Inner {
+    fn part(&self, merchant: &MerchantId) -> &Part {
+        &self.parts[usize::from(partition_of(merchant.as_str(), self.settings.partitions))]
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn owns(&self, part: &Part) -> bool {
+        part.owned_until.load(Ordering::SeqCst) > self.now_ms()
+    }
+
+    fn owned_parts(&self) -> impl Iterator<Item = &Part> {
+        self.parts.iter().filter(|p| self.owns(p))
+    }
+
+    /// Appends `command` to partition `part`'s log and answers with the engine's answer
+    /// for its position, as this node applied it.
+    async fn append(&self, part: &Part, command: Command) -> Result<Answer, StoreError> {
+        if part.failed.load(Ordering::SeqCst) {
+            return Err(unavailable(format!("partition {} stopped after a storage failure on this node", part.p)));
+        }
+        let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+        let id = Ulid::from_parts(0, crate::engine::Entropy::random().bits(0)).to_string();
+        let payload = serde_json::to_vec(&Entry { command }).map_err(|e| unavailable(format!("encode: {e}")))?;
+        let (tx, rx) = oneshot::channel();
+        part.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id.clone(), tx);
+        let forget = Forget { part, id: &id };
+        let subject = format!("tally.p.{}.cmd", part.p);
+        let started = Instant::now();
+        publish(&self.js, &subject, &id, Some(&self.settings.node_id), Bytes::from(payload), deadline).await?;
+        self.metrics.cluster_append_duration.observe(started.elapsed().as_secs_f64());
+        let answer = tokio::time::timeout_at(deadline, rx).await;
+        drop(forget);
+        match answer {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(StoreError::Closed),
+            Err(_) => Err(unavailable(format!(
+                "partition {} was not applied on this node within {ANSWER_TIMEOUT:?}; retry",
+                part.p
+            ))),
+        }
+    }
+
+    /// A timer command for every partition this node owns; the answers summed.
+    async fn on_owned(&self, command: Command) -> Result<Answer, StoreError> {
+        let mut swept = 0;
+        let mut pruned = 0;
+        for part in self.parts.iter().filter(|p| self.owns(p)) {
+            match self.append(part, command.clone()).await? {
+                Answer::Swept(n) => swept += n,
+                Answer::Outbox(OutboxAnswer::Pruned(n)) => pruned += n,
+                _ => {}
+            }
+        }
+        Ok(match command {
+            Command::SweepHolds { .. } => Answer::Swept(swept),
+            _ => Answer::Outbox(OutboxAnswer::Pruned(pruned)),
+        })
+    }
+
+    /// Spools a click; the forwarder sends it to its partition's log.
+    fn spool_click(&self, command: Command, click: &ClickRecord) -> Result<Answer, StoreError> {
+        let partition = partition_of(click.merchant_id.as_str(), self.settings.partitions);
+        let entry = Spooled { partition, taken_ms: click.at_ms, command };
+        let bytes = serde_json::to_vec(&entry).map_err(|e| unavailable(format!("encode: {e}")))?;
+        self.spool.push(&bytes)?;
+        self.spool_wake.notify_one();
+        Ok(Answer::Click(Box::new(click.clone())))
+    }
+}
+
+/// Takes a waiter back when its request gives up.
+struct Forget<'a> {
+    part: &'a Part,
+    id: &'a str,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.part.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(self.id);
+    }
+}
+
+/// Publishes with a message id until JetStream acknowledges it or `deadline` passes. A
+/// timed-out acknowledgement is ambiguous (the entry may be stored): the retry carries the
+/// same id, so JetStream keeps it once. "No responders" also means a stream leader is being
+/// elected: retried too.
+async fn publish(
+    js: &jetstream::Context,
+    subject: &str,
+    id: &str,
+    node: Option<&str>,
+    payload: Bytes,
+    deadline: tokio::time::Instant,
+) -> Result<u64, StoreError> {
+    let mut wait = Duration::from_millis(50);
+    loop {
+        let mut message = jetstream::message::PublishMessage::build().payload(payload.clone()).message_id(id);
+        if let Some(node) = node {
+            message = message.header(NODE_HEADER, node);
+        }
+        let attempt = async {
+            let ack = js.send_publish(subject.to_string(), message).await.map_err(|e| e.to_string())?;
+            ack.await.map_err(|e| e.to_string())
+        };
+        let error = match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(ack)) => return Ok(ack.sequence),
+            Ok(Err(e)) => e,
+            Err(_) => "no acknowledgement".to_string(),
+        };
+        if tokio::time::Instant::now() + wait >= deadline {
+            return Err(unavailable(format!("the append to {subject} was not acknowledged: {error}; retry")));
+        }
+        tracing::debug!(subject, error, "append not acknowledged; retrying with the same message id");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(800));
+    }
+}
+
+/// The cluster-wide visitor salt: made by the first node, read by the others, so a
+/// visitor has the same fingerprint on every node.
+async fn cluster_salt(meta: &kv::Store) -> Result<[u8; 32], ClusterError> {
+    let mut fresh = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut fresh);
+    if timed("record the visitor salt", meta.create(SALT_KEY, Bytes::copy_from_slice(&fresh))).await.is_ok() {
+        return Ok(fresh);
+    }
+    let stored = timed("read the visitor salt", meta.get(SALT_KEY)).await?;
+    stored
+        .and_then(|b| <[u8; 32]>::try_from(b.as_ref()).ok())
+        .ok_or_else(|| ClusterError::Shape("the cluster's visitor salt is missing or malformed".into()))
+}
+
+/// Applies partition `p`'s log on this node for as long as the node runs; a broken
+/// subscription is made again from the next position.
+async fn apply_partition(inner: Arc<Inner>, p: u16) {
+    let part = &inner.parts[usize::from(p)];
+    let (done_tx, done_rx) = mpsc::channel(4096);
+    let completion = tokio::spawn(complete(Arc::clone(&inner), p, done_rx));
+    let mut stop = inner.stop.subscribe();
+    loop {
+        if *stop.borrow() || part.failed.load(Ordering::SeqCst) {
+            break;
+        }
+        let from = part.applied.load(Ordering::SeqCst) + 1;
+        tokio::select! {
+            r = consume(&inner, part, from, &done_tx) => {
+                if let Err(e) = r {
+                    tracing::warn!(partition = p, from, error = %e, "partition log subscription ended; subscribing again");
+                }
+            }
+            _ = stop.changed() => break,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(done_tx);
+    let _ = completion.await;
+}
+
+/// Reads the log from `from` and queues each entry to the partition's store, in order.
+async fn consume(inner: &Inner, part: &Part, from: u64, done: &mpsc::Sender<Applying>) -> Result<(), String> {
+    let stream = inner.js.get_stream(stream_name(part.p)).await.map_err(|e| e.to_string())?;
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from },
+            ack_policy: consumer::AckPolicy::None,
+            memory_storage: true,
+            num_replicas: 1,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(512)
+        .heartbeat(Duration::from_secs(1))
+        .expires(Duration::from_secs(5))
+        .messages()
+        .await
+        .map_err(|e| e.to_string())?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| e.to_string())?;
+        let (seq, pending) = {
+            let info = message.info().map_err(|e| e.to_string())?;
+            (info.stream_sequence, info.pending)
+        };
+        let applied = part.applied.load(Ordering::SeqCst);
+        part.last_seen.store(seq + pending, Ordering::SeqCst);
+        if seq <= applied {
+            continue;
+        }
+        if seq != applied + 1 {
+            return Err(format!("gap in the log: expected position {}, got {seq}", applied + 1));
+        }
+        let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
+        let waiter = match (header(NODE_HEADER), header(async_nats::header::NATS_MESSAGE_ID.as_ref())) {
+            (Some(node), Some(id)) if node == inner.settings.node_id => {
+                part.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id)
+            }
+            _ => None,
+        };
+        let command = match serde_json::from_slice::<Entry>(&message.payload) {
+            Ok(entry) => entry.command,
+            Err(e) => {
+                // Every node skips the same unreadable entry: state stays the same everywhere.
+                tracing::error!(partition = part.p, position = seq, error = %e, "a log entry does not decode; skipped");
+                part.applied.store(seq, Ordering::SeqCst);
+                if let Some(w) = waiter {
+                    let _ = w.send(Err(StoreError::Corrupt(format!("log entry {seq} does not decode: {e}"))));
+                }
+                continue;
+            }
+        };
+        let rx = part.store.enqueue_at(command, seq).await.map_err(|e| e.to_string())?;
+        part.applied.store(seq, Ordering::SeqCst);
+        if done.send((rx, waiter)).await.is_err() {
+            return Ok(());
+        }
+    }
+    Err("the log subscription ended".into())
+}
+
+/// Routes each applied entry's answer to the request waiting for it, in log order. A
+/// storage failure stops the partition on this node: its later entries must not be
+/// applied over a hole.
+async fn complete(inner: Arc<Inner>, p: u16, mut done: mpsc::Receiver<Applying>) {
+    let part = &inner.parts[usize::from(p)];
+    while let Some((rx, waiter)) = done.recv().await {
+        let result = rx.await.unwrap_or(Err(StoreError::Closed));
+        if let Err(e) = &result {
+            if !part.failed.swap(true, Ordering::SeqCst) {
+                tracing::error!(partition = p, error = %e, "applying the partition's log failed; the partition stops on this node (restart the node; it replays from its last stored position)");
+            }
+        }
+        if let Some(w) = waiter {
+            let _ = w.send(result);
+        }
+        inner.outbox_wake.notify_waiters();
+    }
+}
+
+/// Sends spooled clicks to their partitions' logs, oldest first, and forgets each once
+/// JetStream acknowledged it.
+async fn forward_clicks(inner: Arc<Inner>) {
+    loop {
+        let batch = match inner.spool.oldest(256) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "click spool unreadable");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), inner.spool_wake.notified()).await;
+            continue;
+        }
+        for (key, bytes) in batch {
+            let Ok(entry) = serde_json::from_slice::<Spooled>(&bytes) else {
+                tracing::error!(key, "a spooled click does not decode; dropped");
+                let _ = inner.spool.remove(key);
+                continue;
+            };
+            let id = match &entry.command {
+                Command::Click { click, .. } => format!("click-{}", click.click_id),
+                _ => format!("spool-{key}"),
+            };
+            let payload = serde_json::to_vec(&Entry { command: entry.command }).unwrap_or_default();
+            let subject = format!("tally.p.{}.click", entry.partition);
+            let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
+            match publish(&inner.js, &subject, &id, None, Bytes::from(payload), deadline).await {
+                Ok(_) => {
+                    let now = crate::domain::clock::Clock::now_ms(&crate::domain::clock::SystemClock);
+                    inner.metrics.cluster_forward_lag.observe((now - entry.taken_ms).max(0) as f64 / 1000.0);
+                    let _ = inner.spool.remove(key);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "click forward failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Takes free partitions and renews the ones held, every [`LEASE_EVERY`]. A lease whose
+/// renewal failed is given up at once; one not renewed for `LEASE_TTL - 1 s` is no longer
+/// acted on, though JetStream keeps it until its TTL.
+async fn hold_leases(inner: Arc<Inner>, leases: kv::Store) {
+    let mut revisions: Vec<Option<u64>> = vec![None; inner.parts.len()];
+    let hold_for = u64::try_from((LEASE_TTL - Duration::from_secs(1)).as_millis()).unwrap_or(4000);
+    let node = Bytes::from(inner.settings.node_id.clone());
+    let mut tick = tokio::time::interval(LEASE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for part in &inner.parts {
+            let key = lease_key(part.p);
+            let asked = inner.now_ms();
+            let revision = match revisions[usize::from(part.p)] {
+                Some(rev) => tokio::time::timeout(LEASE_EVERY, leases.update(&key, node.clone(), rev))
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                None => {
+                    tokio::time::timeout(LEASE_EVERY, leases.create(&key, node.clone())).await.ok().and_then(Result::ok)
+                }
+            };
+            match revision {
+                Some(rev) => {
+                    if revisions[usize::from(part.p)].is_none() {
+                        tracing::info!(partition = part.p, revision = rev, "took the partition's lease");
+                    }
+                    revisions[usize::from(part.p)] = Some(rev);
+                    part.owned_until.store(asked + hold_for, Ordering::SeqCst);
+                }
+                None => {
+                    if revisions[usize::from(part.p)].take().is_some() {
+                        tracing::warn!(partition = part.p, "lost the partition's lease");
+                        part.owned_until.store(0, Ordering::SeqCst);
+                    }
+                }
+            }
+        }
+        let owned = inner.parts.iter().filter(|p| inner.owns(p)).count();
+        inner.metrics.cluster_partitions_owned.set(i64::try_from(owned).unwrap_or(i64::MAX));
+        let lag: u64 = inner
+            .parts
+            .iter()
+            .map(|p| p.last_seen.load(Ordering::SeqCst).saturating_sub(p.applied.load(Ordering::SeqCst)))
+            .sum();
+        inner.metrics.cluster_apply_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
+    }
+}
+
+impl Backend for Node {
+    fn submit(&self, command: Command) -> BoxFuture<'_, Result<Answer, StoreError>> {
+        Box::pin(async move {
+            let inner = &*self.inner;
+            if let Command::Click { click, unique_window_ms, .. } = &command {
+                let forwarded =
+                    Command::Click { click: click.clone(), unique_window_ms: *unique_window_ms, once: true };
+                return inner.spool_click(forwarded, click);
+            }
+            match merchant_of(&command) {
+                Some(merchant) => {
+                    let part = inner.part(merchant);
+                    inner.append(part, command).await
+                }
+                None => inner.on_owned(command).await,
+            }
+        })
+    }
+
+    fn settled_conversion(&self, merchant: &MerchantId, txn: &TxnId) -> Option<Arc<Settled>> {
+        self.inner.part(merchant).store.settled_conversion(merchant, txn)
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        let current: Vec<Arc<Catalog>> = self.inner.parts.iter().map(|p| p.store.catalog()).collect();
+        let mut cached = self.inner.catalog.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let same = cached.0.len() == current.len() && cached.0.iter().zip(&current).all(|(a, b)| Arc::ptr_eq(a, b));
+        if !same {
+            let mut merged = Catalog::default();
+            for c in &current {
+                merged.extend(c);
+            }
+            *cached = (current, Arc::new(merged));
+        }
+        Arc::clone(&cached.1)
+    }
+
+    fn visitor_salt(&self) -> &[u8] {
+        &self.inner.salt
+    }
+
+    fn is_ready(&self) -> bool {
+        self.inner.parts.iter().all(|p| !p.failed.load(Ordering::SeqCst) && p.store.is_ready())
+    }
+
+    fn conversion<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        txn: &'a TxnId,
+    ) -> BoxFuture<'a, Result<Option<ConversionRecord>, StoreError>> {
+        self.inner.part(merchant).store.conversion(merchant, txn)
+    }
+
+    fn ledger_entries<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        partner: &'a PartnerId,
+    ) -> BoxFuture<'a, Result<Vec<LedgerEntry>, StoreError>> {
+        self.inner.part(merchant).store.ledger_entries(merchant, partner)
+    }
+
+    fn partner_conversions<'a>(
+        &'a self,
+        partner: &'a PartnerId,
+        from: Ulid,
+        until: Ulid,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<ConversionRecord>, StoreError>> {
+        Box::pin(async move {
+            let Some(merchant) = self.catalog().partners.get(partner).map(|p| p.merchant_id.clone()) else {
+                return Ok(Vec::new());
+            };
+            self.inner.part(&merchant).store.partner_conversions(partner, from, until, limit).await
+        })
+    }
+
+    fn open_reviews<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        after: Option<Ulid>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<ConversionRecord>, StoreError>> {
+        self.inner.part(merchant).store.open_reviews(merchant, after, limit)
+    }
+
+    fn payout<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        payout_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<PayoutRun>, StoreError>> {
+        self.inner.part(merchant).store.payout(merchant, payout_id)
+    }
+
+    fn balances<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        partner: &'a PartnerId,
+    ) -> BoxFuture<'a, Result<Vec<(Currency, Balance)>, StoreError>> {
+        self.inner.part(merchant).store.balances(merchant, partner)
+    }
+
+    fn ledger_for_conversion<'a>(
+        &'a self,
+        rec: &'a ConversionRecord,
+    ) -> BoxFuture<'a, Result<Vec<LedgerEntry>, StoreError>> {
+        self.inner.part(&rec.merchant_id).store.ledger_for_conversion(rec)
+    }
+
+    fn account<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        account: &'a str,
+    ) -> BoxFuture<'a, Result<Option<AccountRecord>, StoreError>> {
+        self.inner.part(merchant).store.account(merchant, account)
+    }
+
+    /// A click is in the partition of its link's merchant, which its id does not say:
+    /// every partition is asked (a click still in this node's spool is not found yet).
+    fn click<'a>(&'a self, id: &'a Ulid) -> BoxFuture<'a, Result<Option<ClickRecord>, StoreError>> {
+        Box::pin(async move {
+            for part in &self.inner.parts {
+                if let Some(c) = part.store.click(id).await? {
+                    return Ok(Some(c));
+                }
+            }
+            Ok(None)
+        })
+    }
+
+    fn stats(&self) -> StorageStats {
+        let mut total = StorageStats::default();
+        for part in &self.inner.parts {
+            let s = part.store.stats();
+            total.sst_bytes += s.sst_bytes;
+            total.memtable_bytes += s.memtable_bytes;
+            total.block_cache_bytes += s.block_cache_bytes;
+            total.table_readers_bytes += s.table_readers_bytes;
+            total.estimated_keys += s.estimated_keys;
+            total.write_stopped |= s.write_stopped;
+            total.delayed_write_rate = total.delayed_write_rate.max(s.delayed_write_rate);
+            total.pending_compaction_bytes += s.pending_compaction_bytes;
+            total.stalls = (total.stalls.0 + s.stalls.0, total.stalls.1 + s.stalls.1);
+        }
+        total
+    }
+
+    fn delivery<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        id: &'a Ulid,
+    ) -> BoxFuture<'a, Result<Option<Delivery>, StoreError>> {
+        self.inner.part(merchant).store.delivery(merchant, id)
+    }
+
+    fn deliveries<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        filter: DeliveryFilter,
+    ) -> BoxFuture<'a, Result<DeliveryPage, StoreError>> {
+        self.inner.part(merchant).store.deliveries(merchant, filter)
+    }
+
+    /// Only the partitions this node owns: their owner sends their deliveries.
+    fn due_deliveries(
+        &self,
+        from: UnixMillis,
+        now: UnixMillis,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<DueDelivery>, StoreError>> {
+        Box::pin(async move {
+            let mut all = Vec::new();
+            for part in self.inner.owned_parts() {
+                all.extend(part.store.due_deliveries(from, now, limit).await?);
+            }
+            all.sort_by_key(|(due, _, _)| *due);
+            all.truncate(limit);
+            Ok(all)
+        })
+    }
+
+    fn endpoint<'a>(&'a self, partner: &'a PartnerId) -> BoxFuture<'a, Result<Option<EndpointOff>, StoreError>> {
+        Box::pin(async move {
+            let Some(merchant) = self.catalog().partners.get(partner).map(|p| p.merchant_id.clone()) else {
+                return Ok(None);
+            };
+            self.inner.part(&merchant).store.endpoint(partner).await
+        })
+    }
+
+    /// The backlog of the partitions this node owns.
+    fn outbox_gauges(&self) -> BoxFuture<'_, Result<OutboxGauges, StoreError>> {
+        Box::pin(async move {
+            let mut total = OutboxGauges::default();
+            for part in self.inner.owned_parts() {
+                let g = part.store.outbox_gauges().await?;
+                total.pending += g.pending;
+                total.parked += g.parked;
+                total.oldest_created_ms = match (total.oldest_created_ms, g.oldest_created_ms) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            Ok(total)
+        })
+    }
+
+    fn outbox_woken(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.inner.outbox_wake.notified())
+    }
+
+    fn rollups<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        scope: Scope,
+        spans: Vec<(u32, Span)>,
+    ) -> BoxFuture<'a, Result<Rows, StoreError>> {
+        self.inner.part(merchant).store.rollups(merchant, scope, spans)
+    }
+
+    fn first_conversions<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        partners: Vec<PartnerId>,
+    ) -> BoxFuture<'a, Result<Vec<Option<UnixMillis>>, StoreError>> {
+        self.inner.part(merchant).store.first_conversions(merchant, partners)
+    }
+
+    fn ledger_export(&self, query: LedgerQuery) -> mpsc::Receiver<Result<Vec<LedgerEntry>, StoreError>> {
+        self.inner.part(&query.merchant).store.ledger_export(query)
+    }
+
+    /// A cluster node's state is a copy of the logs: back up the JetStream servers (and
+    /// rebuild a node by starting it with an empty data directory).
+    fn backup_to(&self, _dir: &Path) -> Result<(), StoreError> {
+        Err(StoreError::Io(
+            "a cluster node has no backup of its own: its state is rebuilt from the partition logs; back up the JetStream servers"
+                .into(),
+        ))
+    }
+}
