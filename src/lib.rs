@@ -13,13 +13,13 @@
 //!   every money and identity decision is taken. Deterministic (time and entropy come in
 //!   the command); no I/O, no HTTP status. [`engine::memory`] is an in-memory backend.
 //! - [`backend`]: the [`backend::Backend`] trait (submit a command, a few queries) that
-//!   `http` talks to; the store implements it, cluster mode will too.
+//!   `http` talks to; the store (single node) and `cluster::Node` implement it.
 //! - [`store`]: the only module that names RocksDB, and it decides nothing: schema, keys,
 //!   codecs, the batching writer (group commit), the engine's state view over the
 //!   database, effects to write batches, the published catalog.
-//! - [`cluster`]: the only module that names NATS: cluster mode's partition logs on
-//!   JetStream (SPEC 14). So far it creates and reads them (`tally cluster init|status`);
-//!   serving through them is not built yet (`docs/cluster.md`).
+//! - [`cluster`]: the only module that names NATS: cluster mode (SPEC 14). Commands go
+//!   to per-merchant partition logs on JetStream; every node applies every log through
+//!   the engine into a store per partition (`docs/cluster.md`).
 //! - [`http`]: the only module that names hyper: accept loop, routing, handlers,
 //!   statuses and errors as problem+json.
 //! - [`outbound`]: partner postbacks: where they may be sent (SSRF vetting), the client,

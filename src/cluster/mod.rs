@@ -7,11 +7,9 @@
 //! ordered log. Leases on partitions live in the KV bucket `tally_leases`; the cluster's
 //! fixed shape (partitions, wire format) in `tally_meta`.
 //!
-//! What is built so far: the partition function, the names, creating the logs and checking
-//! that an existing cluster has the shape this node's configuration says (`tally cluster
-//! init`), and reading the cluster's state (`tally cluster status`). Serving requests
-//! through the logs is not built yet: `tally serve` refuses a `[cluster]` configuration
-//! rather than run as a single node under a cluster's name.
+//! [`init`] creates the logs and checks that an existing cluster has the shape this node's
+//! configuration says (`tally cluster init`), [`status`] reads them (`tally cluster
+//! status`), and [`Node`] is the backend `tally serve` runs on in cluster mode.
 
 mod nats;
 mod node;

@@ -629,6 +629,11 @@ impl Backend for Node {
                     Command::Click { click: click.clone(), unique_window_ms: *unique_window_ms, once: true };
                 return inner.spool_click(forwarded, click);
             }
+            if let Command::Entity(op) = &command {
+                if let Some(refusal) = crate::engine::id_taken(&self.catalog(), op) {
+                    return Ok(Answer::Entity(Err(refusal)));
+                }
+            }
             match merchant_of(&command) {
                 Some(merchant) => {
                     let part = inner.part(merchant);

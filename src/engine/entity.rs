@@ -65,6 +65,33 @@ fn refused(conflict: bool, code: &'static str, field: Option<&'static str>, deta
     Refusal::new(conflict, code, field, detail)
 }
 
+/// Partner and link ids are unique across merchants: the refusal when another merchant
+/// holds the id `op` writes. Cluster mode also asks it of a node's whole catalog before
+/// appending, since a partition's catalog holds its own merchants only.
+pub fn id_taken(catalog: &Catalog, op: &EntityOp) -> Option<Refusal> {
+    match op {
+        EntityOp::Partner { partner, .. } => partner_taken(catalog, partner),
+        EntityOp::Link(link) => link_taken(catalog, link),
+        _ => None,
+    }
+}
+
+fn partner_taken(catalog: &Catalog, partner: &Partner) -> Option<Refusal> {
+    let other = catalog.partners.get(&partner.id).is_some_and(|p| p.merchant_id != partner.merchant_id);
+    other.then(|| {
+        let detail = format!("partner id {} is taken; partner ids are unique across merchants", partner.id);
+        refused(true, "partner_id_taken", None, detail)
+    })
+}
+
+fn link_taken(catalog: &Catalog, link: &Link) -> Option<Refusal> {
+    let other = catalog.links.get(&link.id).is_some_and(|l| l.merchant_id != link.merchant_id);
+    other.then(|| {
+        let detail = format!("link id {} is taken; link ids are unique across merchants", link.id);
+        refused(true, "link_id_taken", None, detail)
+    })
+}
+
 /// Checks an entity write against the catalog and stages its effects; a backend
 /// publishes the new catalog ([`Catalog::apply`]) once they are written.
 pub(super) fn stage<S: State + ?Sized>(tx: &mut Tx<'_, S>, op: EntityOp) -> Result<Saved, Refusal> {
@@ -125,15 +152,10 @@ pub(super) fn stage<S: State + ?Sized>(tx: &mut Tx<'_, S>, op: EntityOp) -> Resu
             if !catalog.merchants.contains_key(&partner.merchant_id) {
                 return Err(no_merchant(&partner.merchant_id));
             }
+            if let Some(r) = partner_taken(catalog, &partner) {
+                return Err(r);
+            }
             let saved = match catalog.partners.get(&partner.id) {
-                Some(p) if p.merchant_id != partner.merchant_id => {
-                    return Err(refused(
-                        true,
-                        "partner_id_taken",
-                        None,
-                        format!("partner id {} is taken; partner ids are unique across merchants", partner.id),
-                    ));
-                }
                 Some(p) => {
                     partner.created_ms = p.created_ms;
                     Saved::Updated
@@ -180,15 +202,10 @@ pub(super) fn stage<S: State + ?Sized>(tx: &mut Tx<'_, S>, op: EntityOp) -> Resu
                 ));
             }
             check_plan_ref(catalog, &link.merchant_id, link.plan_id.as_ref())?;
+            if let Some(r) = link_taken(catalog, &link) {
+                return Err(r);
+            }
             let saved = match catalog.links.get(&link.id) {
-                Some(l) if l.merchant_id != link.merchant_id => {
-                    return Err(refused(
-                        true,
-                        "link_id_taken",
-                        None,
-                        format!("link id {} is taken; link ids are unique across merchants", link.id),
-                    ));
-                }
                 Some(l) => {
                     link.created_ms = l.created_ms;
                     Saved::Updated

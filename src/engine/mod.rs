@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 pub use b2b::{DealAnswer, DealDraft, DealOutcome};
 pub use catalog::Catalog;
 pub use convert::{ConversionDraft, ConversionOutcome};
-pub use entity::{EntityOp, Saved};
+pub use entity::{id_taken, EntityOp, Saved};
 pub use money::{AdjustOutcome, ReviewOutcome, SWEEP_LIMIT};
 pub use outbox::{OutboxAnswer, OutboxIndex, OutboxOp};
 pub use payout::{day_of, PayoutAnswer, PayoutOp, Settlement};

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http::Method;
+use serde_json::Value;
 use tally::signing::WebhookSecret;
 
 use crate::helpers::{
@@ -407,5 +408,203 @@ async fn three_nodes_share_configuration_dedupe_exactly_attribute_across_nodes_a
          rebuild of {} ledger bytes on a fresh node in {:?}",
         want.body.len(),
         rebuilt_at.elapsed()
+    );
+}
+
+/// Sets up merchant `shop` (plan, partner `ann` on it) through `node`; its signing key.
+async fn program(http: &HttpClient, node: &Proc) -> WebhookSecret {
+    let r = admin(http, node, Method::PUT, "/admin/v1/merchants/shop", Some(serde_json::json!({"name": "Shop"}))).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let key = WebhookSecret::parse(r.json()["secret"].as_str().unwrap()).unwrap();
+    let plan = serde_json::json!({"currency": "USD", "rules": [{"event": "sale", "percent": "20"}]});
+    assert_eq!(admin(http, node, Method::PUT, "/admin/v1/merchants/shop/plans/standard", Some(plan)).await.status, 201);
+    let partner = serde_json::json!({"name": "Ann", "kind": "affiliate", "plan_id": "standard"});
+    assert_eq!(
+        admin(http, node, Method::PUT, "/admin/v1/merchants/shop/partners/ann", Some(partner)).await.status,
+        201
+    );
+    key
+}
+
+/// A conversion sent by a client that retries: `None` when the node did not answer.
+async fn try_convert(http: &HttpClient, public: &str, key: &WebhookSecret, txn: &str) -> Option<(u16, Value)> {
+    let body = format!(r#"{{"txn_id":"{txn}","amount":"10.00","currency":"USD","partner_id":"ann"}}"#);
+    let headers = webhook_headers(key, &format!("msg_{txn}"), unix_now(), body.as_bytes());
+    let mut req =
+        http::Request::builder().method(Method::POST).uri(format!("http://{public}/v1/merchants/shop/conversions"));
+    for (k, v) in headers.iter() {
+        req = req.header(*k, v);
+    }
+    let req = req
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(15), http.request(req)).await.ok()?.ok()?;
+    let status = resp.status().as_u16();
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.ok()?.to_bytes();
+    Some((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+}
+
+/// 16 clients send unique conversions spread over the nodes while a JetStream server and
+/// then a tally node are killed with `kill -9`. A client retries a `503` or a dead node on
+/// the next node with the same `txn_id`, as SPEC 14 tells clients to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_a_log_leader_and_of_a_tally_owner_loses_and_doubles_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let _heavy = heavy_test().await;
+    let mut nats = Nats::start();
+    let partitions = 4;
+    let config = nats.config("gw-1", partitions);
+    init(&config);
+    let mut nodes = vec![
+        Some(node(&nats, "gw-1", partitions).await),
+        Some(node(&nats, "gw-2", partitions).await),
+        Some(node(&nats, "gw-3", partitions).await),
+    ];
+    let http = client();
+    let key = program(&http, nodes[0].as_ref().unwrap()).await;
+    let publics: Arc<Vec<String>> = Arc::new(nodes.iter().map(|n| n.as_ref().unwrap().public.clone()).collect());
+    let alive: Arc<Vec<AtomicBool>> = Arc::new((0..3).map(|_| AtomicBool::new(true)).collect());
+    let p = usize::from(tally::cluster::partition_of("shop", partitions));
+    // Every node holds a lease on something before the load starts.
+    wait_until(Duration::from_secs(20), || {
+        status_json(&config).is_some_and(|s| s["partitions"].as_array().unwrap().iter().all(|x| x["owner"].is_string()))
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // (txn, conversion_id, when acknowledged)
+    let acked: Arc<Mutex<Vec<(String, String, Instant)>>> = Arc::default();
+    let retried = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let t0 = Instant::now();
+    let mut clients = Vec::new();
+    for c in 0..16usize {
+        let (http, key, publics, alive, stop, acked, retried) = (
+            http.clone(),
+            key.clone(),
+            Arc::clone(&publics),
+            Arc::clone(&alive),
+            Arc::clone(&stop),
+            Arc::clone(&acked),
+            Arc::clone(&retried),
+        );
+        clients.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                let txn = format!("k{c}-{n}");
+                let mut target = c + n;
+                let started = Instant::now();
+                loop {
+                    while !alive[target % 3].load(Ordering::SeqCst) {
+                        target += 1;
+                    }
+                    match try_convert(&http, &publics[target % 3], &key, &txn).await {
+                        Some((201 | 200, j)) => {
+                            let id = j["conversion_id"].as_str().unwrap().to_string();
+                            acked.lock().unwrap().push((txn.clone(), id, Instant::now()));
+                            break;
+                        }
+                        Some((503, _)) | None => {
+                            retried.fetch_add(1, Ordering::SeqCst);
+                            assert!(started.elapsed() < Duration::from_secs(60), "{txn} never acknowledged");
+                            target += 1;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Some((status, j)) => panic!("{txn}: {status} {j}"),
+                    }
+                }
+                n += 1;
+            }
+        }));
+    }
+
+    // 2 s of load, then kill -9 the JetStream server leading shop's partition log.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let leader = status_json(&config).unwrap()["partitions"][p]["leader"].as_str().unwrap().to_string();
+    let nats_killed = t0.elapsed();
+    nats.kill(&leader);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    // Then kill -9 the tally node owning shop's partition.
+    let owner = status_json(&config).unwrap()["partitions"][p]["owner"].as_str().unwrap().to_string();
+    let i: usize = owner.trim_start_matches("gw-").parse::<usize>().unwrap() - 1;
+    alive[i].store(false, Ordering::SeqCst);
+    let mut killed = nodes[i].take().unwrap();
+    let tally_killed = t0.elapsed();
+    killed.child.start_kill().unwrap();
+    let _ = killed.child.wait().await;
+    let mut takeover = None;
+    wait_until(Duration::from_secs(15), || {
+        let o = status_json(&config).and_then(|s| s["partitions"][p]["owner"].as_str().map(str::to_string));
+        if o.as_ref().is_some_and(|o| *o != owner) && takeover.is_none() {
+            takeover = Some(t0.elapsed() - tally_killed);
+        }
+        takeover.is_some()
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.unwrap();
+    }
+
+    // Writes resumed: the longest time without an acknowledgement around each kill.
+    let acked = acked.lock().unwrap().clone();
+    let gap_after = |at: Duration| {
+        let mut times: Vec<Duration> = acked.iter().map(|a| a.2 - t0).collect();
+        times.sort();
+        times
+            .windows(2)
+            .filter(|w| w[1] > at && w[0] < at + Duration::from_secs(10))
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or_default()
+    };
+    let (log_gap, owner_gap) = (gap_after(nats_killed), gap_after(tally_killed));
+    assert!(log_gap < Duration::from_secs(10), "writes stopped for {log_gap:?} after the log leader's kill");
+    assert!(owner_gap < Duration::from_secs(10), "writes stopped for {owner_gap:?} after the owner's kill");
+    let takeover = takeover.unwrap();
+    assert!(takeover < Duration::from_secs(10), "takeover took {takeover:?}");
+
+    // Every acknowledged conversion is readable through every surviving node, with the
+    // same id; each has exactly one ledger entry, on every node.
+    let survivors: Vec<&Proc> = nodes.iter().flatten().collect();
+    let mut ledgers = Vec::new();
+    for n in &survivors {
+        let started = Instant::now();
+        let l = loop {
+            let l = ledger(&http, n).await;
+            let text = String::from_utf8_lossy(&l.body).into_owned();
+            let ids: std::collections::HashSet<String> = text
+                .lines()
+                .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                .filter_map(|e| e["conversion_id"].as_str().map(str::to_string))
+                .collect();
+            if acked.iter().all(|(_, id, _)| ids.contains(id)) {
+                break text;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "node {} misses acknowledged conversions", n.admin);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        for (txn, id, _) in acked.iter().step_by(97) {
+            let r = admin(&http, n, Method::GET, &format!("/admin/v1/merchants/shop/conversions/{txn}"), None).await;
+            assert_eq!(r.status, 200, "{txn} on {}", n.admin);
+            assert_eq!(r.json()["conversion"]["conversion_id"], id.as_str());
+            assert_eq!(r.json()["ledger"].as_array().map(Vec::len), Some(1), "{txn}: one ledger entry");
+        }
+        ledgers.push(l);
+    }
+    let lines = ledgers[0].lines().count();
+    let mut txns: Vec<&str> = acked.iter().map(|a| a.0.as_str()).collect();
+    txns.sort_unstable();
+    txns.dedup();
+    assert_eq!(txns.len(), acked.len(), "no txn acknowledged twice as created");
+    assert_eq!(lines, acked.len(), "one ledger entry per acknowledged conversion, none doubled");
+    assert!(ledgers.iter().all(|l| *l == ledgers[0]), "the surviving nodes hold identical ledgers");
+    eprintln!(
+        "cluster kills: {} conversions acknowledged, {} retries; log leader {leader} killed at {nats_killed:?}: longest gap {log_gap:?}; \
+         owner {owner} killed at {tally_killed:?}: partition {p} taken over after {takeover:?}, longest gap {owner_gap:?}",
+        acked.len(),
+        retried.load(Ordering::SeqCst)
     );
 }
