@@ -458,7 +458,7 @@ async fn kill_9_of_a_log_leader_and_of_a_tally_owner_loses_and_doubles_nothing()
     let partitions = 4;
     let config = nats.config("gw-1", partitions);
     init(&config);
-    let mut nodes = vec![
+    let mut nodes = [
         Some(node(&nats, "gw-1", partitions).await),
         Some(node(&nats, "gw-2", partitions).await),
         Some(node(&nats, "gw-3", partitions).await),
