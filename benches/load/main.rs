@@ -12,6 +12,8 @@
 //! with N stored clicks against an empty store. `--export 10000000`: the ledger export's
 //! entries/s and RSS growth. `--rollups-ab`: clicks and conversions with rollups on and
 //! off, in interleaved pairs.
+//! `--cluster DIR --nodes N` and `--cluster-single`: cluster mode's CPU per conversion and
+//! throughput (run by `scripts/bench-cluster`).
 //! Workloads: clicks, conversions (unique txn_ids, durability fsync), duplicates, mixed
 //! (90 % clicks / 10 % conversions), all (default). Needs the release binary:
 //! `cargo build --release` first (the bench target does not build it).
@@ -19,6 +21,7 @@
 
 #![allow(clippy::disallowed_methods)] // the load client reads its own responses
 
+mod cluster;
 mod reports;
 
 use std::net::SocketAddr;
@@ -376,6 +379,8 @@ async fn client() {
         || arg("--export").is_some()
         || flag("--rollups-ab")
         || flag("--outbound")
+        || arg("--cluster").is_some()
+        || flag("--cluster-single")
         || std::env::var("TALLY_LOAD").is_ok();
     if flag("--bench") && !asked {
         // `cargo bench` without arguments runs every bench target; keep this one opt-in.
@@ -414,6 +419,15 @@ async fn client() {
     }
     if flag("--outbound") {
         outbound(duration, connections).await;
+        return;
+    }
+    if let Some(cluster_dir) = arg("--cluster") {
+        let nodes = arg("--nodes").and_then(|n| n.parse().ok()).unwrap_or(3);
+        cluster::cluster(std::path::Path::new(&cluster_dir), nodes, duration, connections).await;
+        return;
+    }
+    if flag("--cluster-single") {
+        cluster::single(dir.path(), duration, connections).await;
         return;
     }
     let (bare_addr, _bare_child) = bare_server().await;

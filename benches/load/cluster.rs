@@ -1,0 +1,92 @@
+//! SPEC 13's cluster row: CPU per acknowledged conversion in cluster mode against the
+//! single node, and conversions/s with 1, 2 and 3 tally nodes, on this one box.
+//!
+//! `load --cluster DIR --nodes N` expects the NATS servers of `scripts/cluster start DIR`
+//! (with `TALLY_CLUSTER_NODES=0`: no tally node of its own) and a fresh `tally cluster
+//! init`; `load --cluster-single` is the single-node reference with the same client.
+//! `scripts/bench-cluster` runs them in interleaved rounds, each cluster run on fresh logs.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{run, start_tally, start_tally_env, Target, Workload, CONFIG};
+
+/// User + system CPU seconds of a process, all its threads (`/proc/<pid>/stat`, USER_HZ 100).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn total_cpu(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_seconds(*p)).sum()
+}
+
+/// One closed-loop conversions run spread over `targets`; the acknowledged count and seconds.
+async fn drive(targets: &[Target], connections: usize, duration: Duration) -> (u64, f64) {
+    let per = (connections / targets.len()).max(1);
+    let runs = targets.iter().map(|t| run(t, Workload::Conversions, per, duration, None));
+    let results = futures_util::future::join_all(runs).await;
+    let ok = results.iter().map(|r| r.0).sum();
+    let secs = results.iter().map(|r| r.3).fold(0.0, f64::max);
+    (ok, secs)
+}
+
+/// Prints one result line the script collects.
+fn report(mode: &str, nodes: usize, ok: u64, secs: f64, tally_cpu: f64, nats_cpu: f64) {
+    let per = |cpu: f64| if ok == 0 { f64::NAN } else { cpu * 1e6 / ok as f64 };
+    println!(
+        "RESULT mode={mode} nodes={nodes} conversions={ok} per_second={:.0} tally_cpu_us={:.0} nats_cpu_us={:.0} total_cpu_us={:.0}",
+        ok as f64 / secs,
+        per(tally_cpu),
+        per(nats_cpu),
+        per(tally_cpu + nats_cpu)
+    );
+}
+
+/// The single node with the bench config.
+pub async fn single(dir: &Path, duration: Duration, connections: usize) {
+    let (child, addr, secret) = start_tally(dir).await;
+    let pid = child.id().expect("tally's pid");
+    let target = Target { name: "tally", addr, secret: Some(secret), clicks: Arc::default() };
+    // A short warm-up, as in the cluster runs.
+    drive(std::slice::from_ref(&target), connections, Duration::from_secs(1)).await;
+    let before = cpu_seconds(pid);
+    let (ok, secs) = drive(std::slice::from_ref(&target), connections, duration).await;
+    report("single", 1, ok, secs, cpu_seconds(pid) - before, 0.0);
+}
+
+/// `nodes` tally nodes on the NATS servers of `scripts/cluster start <cluster_dir>`.
+pub async fn cluster(cluster_dir: &Path, nodes: usize, duration: Duration, connections: usize) {
+    let gw = std::fs::read_to_string(cluster_dir.join("gw-1.toml")).expect("scripts/cluster start wrote gw-1.toml");
+    let urls = gw.lines().find(|l| l.starts_with("nats_urls")).expect("nats_urls in gw-1.toml").to_string();
+    let nats_pids: Vec<u32> = (1..=3)
+        .filter_map(|i| std::fs::read_to_string(cluster_dir.join(format!("n{i}.pid"))).ok())
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    let dirs: Vec<tempfile::TempDir> = (0..nodes).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut children = Vec::new();
+    let mut targets = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        if i > 0 {
+            // The merchant's secret is the first node's: the others import it.
+            std::fs::copy(dirs[0].path().join("bench.whsec"), d.path().join("bench.whsec")).unwrap();
+        }
+        let config =
+            format!("{CONFIG}\n[cluster]\n{urls}\nnode_id = \"bench-{}\"\npartitions = 16\nreplicas = 3\n", i + 1);
+        let (child, addr, _, secret) = start_tally_env(d.path(), &config, &[]).await;
+        children.push(child);
+        targets.push(Target { name: "tally", addr, secret: Some(secret), clicks: Arc::default() });
+    }
+    let tally_pids: Vec<u32> = children.iter().filter_map(tokio::process::Child::id).collect();
+    drive(&targets, connections, Duration::from_secs(1)).await;
+    let (t0, n0) = (total_cpu(&tally_pids), total_cpu(&nats_pids));
+    let (ok, secs) = drive(&targets, connections, duration).await;
+    report("cluster", nodes, ok, secs, total_cpu(&tally_pids) - t0, total_cpu(&nats_pids) - n0);
+    drop(children);
+}
