@@ -282,6 +282,7 @@ pub fn store_options(settings: &crate::config::Settings) -> StoreOptions {
         recent_conversions: s.recent_conversions,
         memtable_budget_bytes: s.memtable_budget_mb << 20,
         rollups: settings.reports.rollups,
+        shared: None,
     }
 }
 

@@ -629,6 +629,7 @@ fn open_bench_store(data_dir: &std::path::Path) -> tally::store::Store {
         recent_conversions: tally::store::DEFAULT_RECENT_CONVERSIONS,
         memtable_budget_bytes: 64 << 20,
         rollups: true,
+        shared: None,
     };
     tally::store::Store::open(&opts, Arc::new(tally::metrics::Metrics::new())).expect("open the store")
 }

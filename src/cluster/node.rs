@@ -54,7 +54,7 @@ use crate::domain::rollup::{Rows, Scope, Span};
 use crate::engine::{Answer, Catalog, Command, EntityOp, OutboxAnswer, OutboxOp, PayoutOp};
 use crate::metrics::{Metrics, StorageStats};
 use crate::store::spool::Spool;
-use crate::store::{Store, StoreOptions};
+use crate::store::{SharedMemory, Store, StoreOptions};
 
 /// How long a request waits for its append and its application before it is answered
 /// `503` (a retry is then a duplicate or the creation, never a second conversion).
@@ -128,18 +128,18 @@ pub struct Node {
     inner: Arc<Inner>,
 }
 
-/// The partition stores' options: the node's `[storage]` budget split between them;
-/// answers after the write, not the fsync (the log is what is durable; a store that lost
-/// its tail replays it).
-fn partition_options(base: &StoreOptions, dir: PathBuf, partitions: u16) -> StoreOptions {
+/// The partition stores' options: one block cache and one memtable budget of the node's
+/// `[storage]` sizes, shared by all of them (a busy partition uses what idle ones do not;
+/// splitting them made 2 MiB memtables, and flushes and compactions took half of the
+/// node's CPU). They answer after the write, not the fsync: the log is what is durable,
+/// and a store that lost its tail replays it.
+fn partition_options(base: &StoreOptions, dir: PathBuf, partitions: u16, shared: &SharedMemory) -> StoreOptions {
     let n = usize::from(partitions.max(1));
     StoreOptions {
         data_dir: dir,
         durability: crate::store::Durability::Buffered,
-        block_cache_bytes: (base.block_cache_bytes / n).max(2 << 20),
-        write_buffer_bytes: (base.write_buffer_bytes / n).max(1 << 20),
-        memtable_budget_bytes: (base.memtable_budget_bytes / n).max(4 << 20),
         recent_conversions: (base.recent_conversions / n).max(1024),
+        shared: Some(shared.clone()),
         ..base.clone()
     }
 }
@@ -202,9 +202,10 @@ impl Node {
         let leases = js.get_key_value(LEASES_BUCKET).await.map_err(|_| ClusterError::NotInitialized.to_string())?;
 
         let mut parts = Vec::with_capacity(usize::from(settings.partitions));
+        let shared = SharedMemory::new(base.block_cache_bytes, base.memtable_budget_bytes.max(base.write_buffer_bytes));
         for p in 0..settings.partitions {
-            let opts =
-                partition_options(base, base.data_dir.join("partitions").join(format!("p{p:04}")), settings.partitions);
+            let dir = base.data_dir.join("partitions").join(format!("p{p:04}"));
+            let opts = partition_options(base, dir, settings.partitions, &shared);
             let m = Arc::clone(&metrics);
             let store = tokio::task::spawn_blocking(move || Store::open(&opts, m))
                 .await
@@ -760,7 +761,8 @@ impl Backend for Node {
             let s = part.store.stats();
             total.sst_bytes += s.sst_bytes;
             total.memtable_bytes += s.memtable_bytes;
-            total.block_cache_bytes += s.block_cache_bytes;
+            // One cache shared by every partition store: each reports all of it.
+            total.block_cache_bytes = total.block_cache_bytes.max(s.block_cache_bytes);
             total.table_readers_bytes += s.table_readers_bytes;
             total.estimated_keys += s.estimated_keys;
             total.write_stopped |= s.write_stopped;

@@ -95,6 +95,33 @@ pub struct StoreOptions {
     pub memtable_budget_bytes: usize,
     /// Keep the report rollups (`reports.rollups`; off only to measure their cost).
     pub rollups: bool,
+    /// A block cache and memtable budget shared with other stores (cluster mode's
+    /// partition stores); `None`: this store's own, of the sizes above.
+    pub shared: Option<SharedMemory>,
+}
+
+/// One block cache and one memtable budget for several stores of a process: cluster mode
+/// keeps a store per partition, and a node's memory is bounded by `[storage]` as a whole,
+/// while a busy partition may use what idle ones do not.
+#[derive(Clone)]
+pub struct SharedMemory {
+    cache: rocksdb::Cache,
+    write_buffers: rocksdb::WriteBufferManager,
+}
+
+impl SharedMemory {
+    pub fn new(block_cache_bytes: usize, memtable_budget_bytes: usize) -> Self {
+        SharedMemory {
+            cache: rocksdb::Cache::new_lru_cache(block_cache_bytes),
+            write_buffers: rocksdb::WriteBufferManager::new_write_buffer_manager(memtable_budget_bytes, false),
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedMemory")
+    }
 }
 
 /// State shared by the store handle, the writer and the WAL syncer.
@@ -299,22 +326,32 @@ fn db_options(opts: &StoreOptions) -> Options {
     // ledger, holds, partner months) plus those being flushed, a 10-minute soak reached
     // 322 MiB of RSS without it (BENCHMARKS.md). Past the budget RocksDB flushes the
     // largest memtable; writes never stall on it.
-    if opts.memtable_budget_bytes > 0 {
-        o.set_write_buffer_manager(&rocksdb::WriteBufferManager::new_write_buffer_manager(
-            opts.memtable_budget_bytes,
-            false,
-        ));
+    match &opts.shared {
+        Some(shared) => o.set_write_buffer_manager(&shared.write_buffers),
+        None if opts.memtable_budget_bytes > 0 => o.set_write_buffer_manager(
+            &rocksdb::WriteBufferManager::new_write_buffer_manager(opts.memtable_budget_bytes, false),
+        ),
+        None => {}
     }
     // A Bloom filter over the memtable's whole keys: the writer's lookups that miss (every
     // new conversion's dedupe check, customers and accounts seen for the first time) skip
     // the skiplist walk, which was a sixth of the writer's time (BENCHMARKS.md).
-    o.set_memtable_whole_key_filtering(true);
-    o.set_memtable_prefix_bloom_ratio(0.05);
+    // Stores sharing one budget (cluster mode's partitions) go without: each column
+    // family's filter is allocated with its memtable (`write_buffer_bytes` x 0.05, 1.6 MiB),
+    // so 16 partitions' empty memtables alone exceeded the budget and RocksDB flushed
+    // memtables of one or two entries without end (half of a node's CPU).
+    if opts.shared.is_none() {
+        o.set_memtable_whole_key_filtering(true);
+        o.set_memtable_prefix_bloom_ratio(0.05);
+    }
     o.set_max_total_wal_size(256 << 20);
     o.set_keep_log_file_num(5);
     o.set_recycle_log_file_num(4);
     let mut table = rocksdb::BlockBasedOptions::default();
-    let cache = rocksdb::Cache::new_lru_cache(opts.block_cache_bytes);
+    let cache = match &opts.shared {
+        Some(shared) => shared.cache.clone(),
+        None => rocksdb::Cache::new_lru_cache(opts.block_cache_bytes),
+    };
     table.set_block_cache(&cache);
     table.set_bloom_filter(10.0, false);
     // Index and filter blocks live in the block cache (memory stays bounded as data grows),

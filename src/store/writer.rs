@@ -612,6 +612,7 @@ mod tests {
             recent_conversions: crate::store::DEFAULT_RECENT_CONVERSIONS,
             memtable_budget_bytes: 64 << 20,
             rollups: true,
+            shared: None,
         };
         Store::open(&opts, Arc::new(crate::metrics::Metrics::new())).unwrap()
     }

@@ -117,6 +117,7 @@ async fn open(dir: &std::path::Path) -> Store {
         recent_conversions: tally::store::DEFAULT_RECENT_CONVERSIONS,
         memtable_budget_bytes: 64 << 20,
         rollups: true,
+        shared: None,
     };
     let store = Store::open(&opts, Arc::new(tally::metrics::Metrics::new())).unwrap();
     let merchant = Merchant {

@@ -401,6 +401,7 @@ fn open(dir: &std::path::Path) -> Store {
         recent_conversions: 64,
         memtable_budget_bytes: 64 << 20,
         rollups: true,
+        shared: None,
     };
     Store::open(&opts, Arc::new(tally::metrics::Metrics::new())).unwrap()
 }
