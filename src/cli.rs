@@ -238,6 +238,21 @@ async fn cluster(action: ClusterAction) -> i32 {
             replicas.join(", ")
         );
     }
+    let now = SystemClock.now_ms();
+    println!("{:<12} {:>6} {:>10} {:>10} owns", "node", "lag", "applied", "reported");
+    for n in &status.nodes {
+        println!(
+            "{:<12} {:>6} {:>10} {:>9}s {:?}",
+            n.node,
+            n.lag,
+            n.applied.iter().sum::<u64>(),
+            (now - n.at_ms) / 1000,
+            n.owned
+        );
+    }
+    if status.nodes.is_empty() {
+        println!("no tally node has reported in the last 30 s");
+    }
     0
 }
 

@@ -16,7 +16,7 @@ mod node;
 
 use sha2::{Digest, Sha256};
 
-pub use nats::{init, status, ClusterError, ClusterStatus, PartitionStatus};
+pub use nats::{init, status, ClusterError, ClusterStatus, NodeReport, PartitionStatus};
 pub use node::{Node, ANSWER_TIMEOUT};
 
 /// The wire format of the partition logs; a node refuses a cluster made with another one.
@@ -24,6 +24,13 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// The KV bucket holding each partition's lease (`p0003` → the owning node).
 pub const LEASES_BUCKET: &str = "tally_leases";
+
+/// The KV bucket where each running node reports its applied positions and leases every
+/// second (`gw-1` → JSON), for `tally cluster status`; a report expires after 30 s.
+pub const NODES_BUCKET: &str = "tally_nodes";
+
+/// How long a node's report lives without a newer one.
+pub const NODE_REPORT_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The KV bucket holding the cluster's fixed shape (`partitions`, `format`).
 pub const META_BUCKET: &str = "tally_meta";

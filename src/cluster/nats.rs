@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     lease_key, stream_name, subjects, DUPLICATE_WINDOW, FORMAT_VERSION, LEASES_BUCKET, LEASE_TTL, META_BUCKET,
+    NODES_BUCKET, NODE_REPORT_TTL,
 };
 use crate::config::ClusterSettings;
 
@@ -74,6 +75,20 @@ pub struct ReplicaStatus {
     pub lag: u64,
 }
 
+/// What a running node reports every second (bucket `tally_nodes`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub node: String,
+    /// The partitions whose lease it holds.
+    pub owned: Vec<u16>,
+    /// Its applied log position of each partition.
+    pub applied: Vec<u64>,
+    /// Log entries it has not applied yet, summed over partitions.
+    pub lag: u64,
+    /// When it reported (Unix ms).
+    pub at_ms: i64,
+}
+
 /// The whole cluster, as `tally cluster status` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterStatus {
@@ -81,6 +96,8 @@ pub struct ClusterStatus {
     /// The NATS server this command is connected to.
     pub connected_to: String,
     pub partitions: Vec<PartitionStatus>,
+    /// The nodes that reported within the last 30 s.
+    pub nodes: Vec<NodeReport>,
 }
 
 fn call<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> ClusterError {
@@ -138,7 +155,7 @@ fn partition_stream(settings: &ClusterSettings, p: u16) -> stream::Config {
     }
 }
 
-async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
+pub(super) async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
     let name = config.bucket.clone();
     if let Ok(store) = timed(&format!("open bucket {name}"), js.get_key_value(name.clone())).await {
         return Ok(store);
@@ -210,7 +227,46 @@ pub async fn init(settings: &ClusterSettings) -> Result<ClusterStatus, ClusterEr
         },
     )
     .await?;
+    nodes_bucket(&js, settings.replicas).await?;
     status(settings).await
+}
+
+/// The bucket of node reports (made by `init`, or by the first node of an older cluster).
+pub(super) async fn nodes_bucket(js: &jetstream::Context, replicas: u8) -> Result<kv::Store, ClusterError> {
+    bucket(
+        js,
+        kv::Config {
+            bucket: NODES_BUCKET.into(),
+            history: 1,
+            max_age: NODE_REPORT_TTL,
+            num_replicas: usize::from(replicas),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Every node report in the bucket, by node id.
+async fn node_reports(js: &jetstream::Context) -> Vec<NodeReport> {
+    let Ok(Ok(bucket)) = tokio::time::timeout(STREAM_TIMEOUT, js.get_key_value(NODES_BUCKET)).await else {
+        return Vec::new();
+    };
+    let Ok(Ok(mut keys)) = tokio::time::timeout(STREAM_TIMEOUT, bucket.keys()).await else { return Vec::new() };
+    let mut names = Vec::new();
+    while let Ok(Some(Ok(k))) = tokio::time::timeout(STREAM_TIMEOUT, futures_util::StreamExt::next(&mut keys)).await {
+        names.push(k);
+    }
+    let mut out = Vec::new();
+    for name in names {
+        if let Ok(Ok(Some(bytes))) = tokio::time::timeout(STREAM_TIMEOUT, bucket.get(&name)).await {
+            if let Ok(report) = serde_json::from_slice::<NodeReport>(&bytes) {
+                out.push(report);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.node.cmp(&b.node));
+    out
 }
 
 pub(super) async fn read_shape(meta: &kv::Store) -> Result<Option<Shape>, ClusterError> {
@@ -280,7 +336,8 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
         partitions.push(row);
     }
     let connected_to = client.server_info().server_name;
-    Ok(ClusterStatus { shape, connected_to, partitions })
+    let nodes = node_reports(&js).await;
+    Ok(ClusterStatus { shape, connected_to, partitions, nodes })
 }
 
 /// Every copy of a stream: JetStream lists the leader apart from its followers.

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::nats::{check_shape, connect, read_shape, shape_of, timed, ClusterError};
+use super::nats::{check_shape, connect, nodes_bucket, read_shape, shape_of, timed, ClusterError, NodeReport};
 use super::{lease_key, partition_of, stream_name, LEASES_BUCKET, LEASE_TTL, META_BUCKET};
 use crate::backend::{
     Backend, BoxFuture, DeliveryFilter, DeliveryPage, DueDelivery, LedgerQuery, OutboxGauges, Settled, StoreError,
@@ -200,6 +200,7 @@ impl Node {
         check_shape(&shape, &shape_of(settings)).map_err(|e| e.to_string())?;
         let salt = cluster_salt(&meta).await.map_err(|e| e.to_string())?;
         let leases = js.get_key_value(LEASES_BUCKET).await.map_err(|_| ClusterError::NotInitialized.to_string())?;
+        let reports = nodes_bucket(&js, settings.replicas).await.map_err(|e| e.to_string())?;
 
         let mut parts = Vec::with_capacity(usize::from(settings.partitions));
         let shared = SharedMemory::new(base.block_cache_bytes, base.memtable_budget_bytes.max(base.write_buffer_bytes));
@@ -247,7 +248,7 @@ impl Node {
             tasks.push(tokio::spawn(apply_partition(Arc::clone(&inner), p)));
         }
         tasks.push(tokio::spawn(forward_clicks(Arc::clone(&inner))));
-        tasks.push(tokio::spawn(hold_leases(Arc::clone(&inner), leases)));
+        tasks.push(tokio::spawn(hold_leases(Arc::clone(&inner), leases, reports)));
         *inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = tasks;
         tracing::info!(node = %settings.node_id, partitions = settings.partitions, "cluster node started");
         Ok(Node { inner })
@@ -574,7 +575,7 @@ async fn forward_clicks(inner: Arc<Inner>) {
 /// Takes free partitions and renews the ones held, every [`LEASE_EVERY`]. A lease whose
 /// renewal failed is given up at once; one not renewed for `LEASE_TTL - 1 s` is no longer
 /// acted on, though JetStream keeps it until its TTL.
-async fn hold_leases(inner: Arc<Inner>, leases: kv::Store) {
+async fn hold_leases(inner: Arc<Inner>, leases: kv::Store, reports: kv::Store) {
     let mut revisions: Vec<Option<u64>> = vec![None; inner.parts.len()];
     let hold_for = u64::try_from((LEASE_TTL - Duration::from_secs(1)).as_millis()).unwrap_or(4000);
     let node = Bytes::from(inner.settings.node_id.clone());
@@ -618,6 +619,17 @@ async fn hold_leases(inner: Arc<Inner>, leases: kv::Store) {
             .map(|p| p.last_seen.load(Ordering::SeqCst).saturating_sub(p.applied.load(Ordering::SeqCst)))
             .sum();
         inner.metrics.cluster_apply_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
+        let report = NodeReport {
+            node: inner.settings.node_id.clone(),
+            owned: inner.owned_parts().map(|p| p.p).collect(),
+            applied: inner.parts.iter().map(|p| p.applied.load(Ordering::SeqCst)).collect(),
+            lag,
+            at_ms: crate::domain::clock::Clock::now_ms(&crate::domain::clock::SystemClock),
+        };
+        if let Ok(bytes) = serde_json::to_vec(&report) {
+            let put = reports.put(&inner.settings.node_id, Bytes::from(bytes));
+            let _ = tokio::time::timeout(LEASE_EVERY, put).await;
+        }
     }
 }
 

@@ -210,7 +210,8 @@ fn init_creates_replicated_partition_logs_once_and_status_follows_a_leader_kille
 /// One cluster node: the real binary, public and admin listeners on free ports.
 async fn node(nats: &Nats, name: &str, partitions: u16) -> Proc {
     let config = format!(
-        "public_addr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"\n{}",
+        "public_addr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"\n{}\n\
+         [limits]\nclicks_per_ip_per_second = 100000\nclicks_burst = 100000\n",
         std::fs::read_to_string(nats.config(name, partitions)).unwrap()
     );
     let run = nats.dir.path().join(format!("{name}-run"));
@@ -392,6 +393,16 @@ async fn three_nodes_share_configuration_dedupe_exactly_attribute_across_nodes_a
         }
     }
 
+    // `tally cluster status` shows the three nodes, caught up, owning every partition.
+    let config = nats.config("gw-1", partitions);
+    wait_until(Duration::from_secs(10), || {
+        status_json(&config).is_some_and(|s| {
+            let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+            let owned: usize = nodes.iter().map(|n| n["owned"].as_array().map_or(0, Vec::len)).sum();
+            nodes.len() == 3 && nodes.iter().all(|n| n["lag"] == 0) && owned == usize::from(partitions)
+        })
+    });
+
     // A fresh node rebuilds every partition from the logs: a byte-identical ledger.
     let rebuilt_at = Instant::now();
     let d = node(&nats, "gw-4", partitions).await;
@@ -542,6 +553,12 @@ async fn kill_9_of_a_log_leader_and_of_a_tally_owner_loses_and_doubles_nothing()
         }
         takeover.is_some()
     });
+    // Refused conversions (a forged signature) during the load are stored nowhere.
+    let forged = WebhookSecret::generate();
+    for (i, n) in nodes.iter().flatten().enumerate() {
+        let r = try_convert(&http, &n.public, &forged, &format!("forged-{i}")).await;
+        assert_eq!(r.map(|r| r.0), Some(401));
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::SeqCst);
     for c in clients {
@@ -591,6 +608,10 @@ async fn kill_9_of_a_log_leader_and_of_a_tally_owner_loses_and_doubles_nothing()
             assert_eq!(r.status, 200, "{txn} on {}", n.admin);
             assert_eq!(r.json()["conversion"]["conversion_id"], id.as_str());
             assert_eq!(r.json()["ledger"].as_array().map(Vec::len), Some(1), "{txn}: one ledger entry");
+        }
+        for i in 0..survivors.len() {
+            let path = format!("/admin/v1/merchants/shop/conversions/forged-{i}");
+            assert_eq!(admin(&http, n, Method::GET, &path, None).await.status, 404, "a refused conversion is stored");
         }
         ledgers.push(l);
     }
