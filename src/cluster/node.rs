@@ -333,6 +333,13 @@ impl Inner {
         let mut swept = 0;
         let mut pruned = 0;
         for part in self.parts.iter().filter(|p| self.owns(p)) {
+            // A sweep with nothing due would only lengthen the log (one entry per partition
+            // per sweep interval): it is appended when the partition holds a due hold.
+            if let Command::SweepHolds { now, .. } = &command {
+                if !part.store.first_hold_at()?.is_some_and(|at| at <= *now) {
+                    continue;
+                }
+            }
             match self.append(part, command.clone()).await? {
                 Answer::Swept(n) => swept += n,
                 Answer::Outbox(OutboxAnswer::Pruned(n)) => pruned += n,

@@ -586,6 +586,17 @@ impl Store {
         }
     }
 
+    /// When the soonest hold ends, if any conversion is held (cluster mode appends a hold
+    /// sweep to a partition's log only when one is due). Blocks briefly: one seek.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn first_hold_at(&self) -> Result<Option<crate::domain::clock::UnixMillis>, StoreError> {
+        let db = self.shared.db()?;
+        let first = db.iterator_cf(cf_of(&db, Cf::Holds)?, rocksdb::IteratorMode::Start).next().transpose()?;
+        Ok(first.and_then(|(k, _)| keys::parse_hold(&k)).map(|(at, _, _)| at))
+    }
+
     /// [`Store::shutdown`] from inside an async context (tests): runs it on a blocking thread.
     pub fn shutdown_blocking_in_place(&self) {
         let store = self.clone();

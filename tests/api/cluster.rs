@@ -211,7 +211,8 @@ fn init_creates_replicated_partition_logs_once_and_status_follows_a_leader_kille
 async fn node(nats: &Nats, name: &str, partitions: u16) -> Proc {
     let config = format!(
         "public_addr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"\n{}\n\
-         [limits]\nclicks_per_ip_per_second = 100000\nclicks_burst = 100000\n",
+         [limits]\nclicks_per_ip_per_second = 100000\nclicks_burst = 100000\n\
+         [outbound]\nallow_private = true\npoll_interval_ms = 50\n",
         std::fs::read_to_string(nats.config(name, partitions)).unwrap()
     );
     let run = nats.dir.path().join(format!("{name}-run"));
@@ -392,6 +393,29 @@ async fn three_nodes_share_configuration_dedupe_exactly_attribute_across_nodes_a
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    // Outbound postbacks are sent by the partition's owner only: once each, though every
+    // node applies the conversions that make them.
+    let rx = crate::outbound::Receiver::start(200).await;
+    let bob = serde_json::json!({
+        "name": "Bob", "kind": "affiliate", "plan_id": "standard",
+        "outbound": {"url": rx.url("/pb?t={txn_id}&w={webhook_id}"), "method": "GET"}
+    });
+    let r = admin(&http, b, Method::PUT, "/admin/v1/merchants/shop/partners/bob", Some(bob)).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..20 {
+        let body = format!(r#"{{"txn_id":"pb-{i}","amount":"10.00","currency":"USD","partner_id":"bob"}}"#);
+        let r = convert(&http, &nodes[i % 3], &key, &format!("msg_pb{i}"), &body).await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    }
+    rx.wait_for(20).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut sent: Vec<String> = rx.seen().iter().map(|r| r.target.split('&').next().unwrap().to_string()).collect();
+    sent.sort();
+    let total = sent.len();
+    sent.dedup();
+    assert_eq!((total, sent.len()), (20, 20), "each postback sent once, by the owner: {sent:?}");
 
     // `tally cluster status` shows the three nodes, caught up, owning every partition.
     let config = nats.config("gw-1", partitions);
