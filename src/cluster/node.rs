@@ -60,6 +60,16 @@ use crate::store::{SharedMemory, Store, StoreOptions};
 /// `503` (a retry is then a duplicate or the creation, never a second conversion).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a partition's subscription may deliver nothing while requests wait for it.
+const STALL: Duration = Duration::from_secs(2);
+
+/// How long after its acknowledgement an entry may stay undelivered to this node before
+/// the subscription is made again (spurious ones only cost a consumer's creation).
+const UNDELIVERED: Duration = Duration::from_millis(500);
+
+/// How long an append waits for JetStream's acknowledgement before it is retried.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How often a lease is renewed, and a free partition tried.
 const LEASE_EVERY: Duration = Duration::from_secs(1);
 
@@ -103,11 +113,15 @@ struct Part {
     owned_until: AtomicU64,
     /// A storage failure while applying: the partition stops (see docs/cluster.md).
     failed: AtomicBool,
+    /// An acknowledged append was not delivered in time: the subscription is made again.
+    stuck: Notify,
 }
 
 struct Inner {
     settings: ClusterSettings,
     js: jetstream::Context,
+    /// The same connection with [`APPEND_TIMEOUT`] for appends.
+    appends: jetstream::Context,
     parts: Vec<Part>,
     spool: Spool,
     spool_wake: Notify,
@@ -194,6 +208,11 @@ impl Node {
     /// will not open.
     pub async fn start(settings: &ClusterSettings, base: &StoreOptions, metrics: Arc<Metrics>) -> Result<Node, String> {
         let (_client, js) = connect(settings).await.map_err(|e| e.to_string())?;
+        // An append sent to a stream leader that just died waits this long for its
+        // acknowledgement before it is retried (same message id): JetStream's 5 s default
+        // made writes stall for 8 s around a leader's kill -9. Other calls keep 5 s.
+        let mut appends = js.clone();
+        appends.set_timeout(APPEND_TIMEOUT);
         let meta = js.get_key_value(META_BUCKET).await.map_err(|_| ClusterError::NotInitialized.to_string())?;
         let shape =
             read_shape(&meta).await.map_err(|e| e.to_string())?.ok_or(ClusterError::NotInitialized.to_string())?;
@@ -221,6 +240,7 @@ impl Node {
                 last_seen: AtomicU64::new(applied),
                 owned_until: AtomicU64::new(0),
                 failed: AtomicBool::new(false),
+                stuck: Notify::new(),
             });
         }
         let spool_dir = base.data_dir.join("click-spool");
@@ -232,6 +252,7 @@ impl Node {
         let inner = Arc::new(Inner {
             settings: settings.clone(),
             js,
+            appends,
             parts,
             spool,
             spool_wake: Notify::new(),
@@ -314,9 +335,22 @@ impl Inner {
         let forget = Forget { part, id: &id };
         let subject = format!("tally.p.{}.cmd", part.p);
         let started = Instant::now();
-        publish(&self.js, &subject, &id, Some(&self.settings.node_id), Bytes::from(payload), deadline).await?;
+        let seq =
+            publish(&self.appends, &subject, &id, Some(&self.settings.node_id), Bytes::from(payload), deadline).await?;
         self.metrics.cluster_append_duration.observe(started.elapsed().as_secs_f64());
-        let answer = tokio::time::timeout_at(deadline, rx).await;
+        let mut rx = rx;
+        let answer = match tokio::time::timeout(UNDELIVERED, &mut rx).await {
+            Ok(answer) => Ok(answer),
+            Err(_) => {
+                // The log has the entry but this node's subscription has not delivered it:
+                // after a NATS server's kill -9 a subscription can hang without reporting
+                // missed heartbeats.
+                if part.applied.load(Ordering::SeqCst) < seq {
+                    part.stuck.notify_one();
+                }
+                tokio::time::timeout_at(deadline, rx).await
+            }
+        };
         drop(forget);
         match answer {
             Ok(Ok(result)) => result,
@@ -336,7 +370,7 @@ impl Inner {
             // A sweep with nothing due would only lengthen the log (one entry per partition
             // per sweep interval): it is appended when the partition holds a due hold.
             if let Command::SweepHolds { now, .. } = &command {
-                if !part.store.first_hold_at()?.is_some_and(|at| at <= *now) {
+                if part.store.first_hold_at()?.is_none_or(|at| at > *now) {
                     continue;
                 }
             }
@@ -443,6 +477,9 @@ async fn apply_partition(inner: Arc<Inner>, p: u16) {
                     tracing::warn!(partition = p, from, error = %e, "partition log subscription ended; subscribing again");
                 }
             }
+            _ = part.stuck.notified() => {
+                tracing::warn!(partition = p, from, "an acknowledged entry was not delivered within {UNDELIVERED:?}; subscribing again");
+            }
             _ = stop.changed() => break,
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -473,8 +510,16 @@ async fn consume(inner: &Inner, part: &Part, from: u64, done: &mpsc::Sender<Appl
         .messages()
         .await
         .map_err(|e| e.to_string())?;
-    while let Some(message) = messages.next().await {
-        let message = message.map_err(|e| e.to_string())?;
+    loop {
+        // After a NATS server's kill -9 a subscription can hang without reporting missed
+        // heartbeats (seen for 12 s while the client reconnected): one that delivers
+        // nothing while this node's requests wait for the partition is made again.
+        let message = match tokio::time::timeout(STALL, messages.next()).await {
+            Ok(Some(message)) => message.map_err(|e| e.to_string())?,
+            Ok(None) => return Err("the log subscription ended".into()),
+            Err(_) if part.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty() => continue,
+            Err(_) => return Err(format!("nothing delivered for {STALL:?} while requests wait")),
+        };
         let (seq, pending) = {
             let info = message.info().map_err(|e| e.to_string())?;
             (info.stream_sequence, info.pending)
@@ -512,7 +557,6 @@ async fn consume(inner: &Inner, part: &Part, from: u64, done: &mpsc::Sender<Appl
             return Ok(());
         }
     }
-    Err("the log subscription ended".into())
 }
 
 /// Routes each applied entry's answer to the request waiting for it, in log order. A
@@ -550,6 +594,11 @@ async fn forward_clicks(inner: Arc<Inner>) {
             let _ = tokio::time::timeout(Duration::from_secs(1), inner.spool_wake.notified()).await;
             continue;
         }
+        // The batch's appends are pipelined (one round trip, not one per click), then their
+        // acknowledgements read in order; the first that fails leaves it and the clicks
+        // after it in the spool for the next pass (JetStream drops the re-sent ones it
+        // already has by their message id).
+        let mut acks = Vec::with_capacity(batch.len());
         for (key, bytes) in batch {
             let Ok(entry) = serde_json::from_slice::<Spooled>(&bytes) else {
                 tracing::error!(key, "a spooled click does not decode; dropped");
@@ -561,20 +610,34 @@ async fn forward_clicks(inner: Arc<Inner>) {
                 _ => format!("spool-{key}"),
             };
             let payload = serde_json::to_vec(&Entry { command: entry.command }).unwrap_or_default();
-            let subject = format!("tally.p.{}.click", entry.partition);
-            let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
-            match publish(&inner.js, &subject, &id, None, Bytes::from(payload), deadline).await {
-                Ok(_) => {
-                    let now = crate::domain::clock::Clock::now_ms(&crate::domain::clock::SystemClock);
-                    inner.metrics.cluster_forward_lag.observe((now - entry.taken_ms).max(0) as f64 / 1000.0);
-                    let _ = inner.spool.remove(key);
-                }
+            let message = jetstream::message::PublishMessage::build().payload(Bytes::from(payload)).message_id(id);
+            match inner.appends.send_publish(format!("tally.p.{}.click", entry.partition), message).await {
+                Ok(ack) => acks.push((key, entry.taken_ms, ack)),
                 Err(e) => {
                     tracing::warn!(error = %e, "click forward failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
                     break;
                 }
             }
+        }
+        let mut failed = acks.is_empty();
+        for (key, taken_ms, ack) in acks {
+            if failed {
+                break;
+            }
+            match ack.await {
+                Ok(_) => {
+                    let now = crate::domain::clock::Clock::now_ms(&crate::domain::clock::SystemClock);
+                    inner.metrics.cluster_forward_lag.observe((now - taken_ms).max(0) as f64 / 1000.0);
+                    let _ = inner.spool.remove(key);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "click forward not acknowledged; retrying");
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 }
