@@ -1,7 +1,6 @@
 //! Click redirects (SPEC 5.1, 11).
 
 use http::Method;
-use tally::backend::Backend;
 
 use crate::helpers::{click_id_of, TestApp, BROWSER};
 
@@ -18,16 +17,7 @@ async fn click_redirects_with_a_fresh_click_id_and_records_it() {
     let id = click_id_of(location);
     assert_eq!(id.len(), 26);
 
-    let stored = app
-        .app
-        .as_ref()
-        .unwrap()
-        .store()
-        .expect("single node")
-        .click(&tally::domain::ids::Ulid::parse(&id).unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = app.stored_click(&id).await.unwrap();
     assert_eq!(stored.subs[0].as_deref(), Some("news letter"));
     assert_eq!(stored.subs[1].as_deref(), Some("a&b"));
     assert_eq!(stored.ip, "127.0.0.0/24", "IPs are stored reduced");
@@ -35,16 +25,7 @@ async fn click_redirects_with_a_fresh_click_id_and_records_it() {
 
     let again = app.click("spring").await;
     assert_ne!(again, id, "every click gets its own id");
-    let second = app
-        .app
-        .as_ref()
-        .unwrap()
-        .store()
-        .expect("single node")
-        .click(&tally::domain::ids::Ulid::parse(&again).unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let second = app.stored_click(&again).await.unwrap();
     assert!(!second.unique, "a repeat click of the same visitor inside 24 h is not unique");
 }
 
@@ -91,10 +72,8 @@ async fn head_and_prefetch_redirect_without_recording() {
     assert_eq!(head.status, 302);
     let prefetch = app.get("/c/spring", &[("sec-purpose", "prefetch".into())]).await;
     assert_eq!(prefetch.status, 302);
-    let store = app.app.as_ref().unwrap().store().expect("single node");
     for loc in [head.header("location").unwrap(), prefetch.header("location").unwrap()] {
-        let id = tally::domain::ids::Ulid::parse(&click_id_of(loc)).unwrap();
-        assert!(store.click(&id).await.unwrap().is_none(), "HEAD and prefetch are not recorded");
+        assert!(app.stored_click(&click_id_of(loc)).await.is_none(), "HEAD and prefetch are not recorded");
     }
 }
 
@@ -105,8 +84,7 @@ async fn bots_are_redirected_but_flagged_and_never_unique() {
     for ua in ["", "Googlebot/2.1 (+http://www.google.com/bot.html)"] {
         let r = app.get("/c/spring", &[("user-agent", ua.into())]).await;
         assert_eq!(r.status, 302);
-        let id = tally::domain::ids::Ulid::parse(&click_id_of(r.header("location").unwrap())).unwrap();
-        let c = app.app.as_ref().unwrap().store().expect("single node").click(&id).await.unwrap().unwrap();
+        let c = app.stored_click(&click_id_of(r.header("location").unwrap())).await.unwrap();
         assert!(c.bot && !c.unique, "{ua:?}");
     }
 }

@@ -187,6 +187,12 @@ impl TestApp {
         click_id_of(r.header("location").expect("location"))
     }
 
+    /// The stored click with id `id`, if any.
+    pub async fn stored_click(&self, id: &str) -> Option<tally::domain::click::ClickRecord> {
+        let store = self.app.as_ref().expect("running").store().expect("single node");
+        tally::backend::Backend::click(store, &tally::domain::ids::Ulid::parse(id).unwrap()).await.unwrap()
+    }
+
     pub async fn stored_conversions(&self, merchant: &str) -> u64 {
         let app = self.app.as_ref().expect("running");
         app.store()

@@ -3,7 +3,6 @@
 
 use http::Method;
 use serde_json::json;
-use tally::backend::Backend;
 
 use crate::helpers::{client, send, start_binary, TestApp, ADMIN_TOKEN, BROWSER};
 
@@ -247,16 +246,7 @@ async fn a_server_side_click_attributes_like_a_redirect() {
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let click_id = r.json()["click_id"].as_str().unwrap().to_string();
     assert_eq!(r.json()["destination"], format!("https://shop.example.com/spring?ref={click_id}&s1=app"));
-    let stored = app
-        .app
-        .as_ref()
-        .unwrap()
-        .store()
-        .expect("single node")
-        .click(&tally::domain::ids::Ulid::parse(&click_id).unwrap())
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = app.stored_click(&click_id).await.unwrap();
     assert_eq!(stored.ip, "198.51.100.0/24");
 
     let conv = app
