@@ -949,3 +949,63 @@ impl Backend for Node {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::conversion::{AttributionKeys, ConversionInput};
+    use crate::domain::entities::Merchant;
+    use crate::domain::money::Money;
+    use crate::engine::{ConversionDraft, Entropy};
+    use crate::signing::WebhookSecret;
+
+    fn round_trip(command: Command) -> Command {
+        let bytes = serde_json::to_vec(&Entry { command }).unwrap();
+        serde_json::from_slice::<Entry>(&bytes).unwrap().command
+    }
+
+    #[test]
+    fn log_entries_carry_the_whole_command_and_route_by_merchant() {
+        let merchant = MerchantId::parse("shop").unwrap();
+        let input = ConversionInput {
+            txn_id: TxnId::parse("order-1").unwrap(),
+            event: "sale".into(),
+            amount: Some(Money { minor: 14_990, currency: Currency::parse("USD").unwrap() }),
+            occurred_ms: 1_795_000_000_123,
+            keys: AttributionKeys { partner_id: Some(PartnerId::parse("ann").unwrap()), ..Default::default() },
+            metadata: Some(r#"{"plan":"pro","n":1.50}"#.into()),
+        };
+        let draft = ConversionDraft {
+            merchant: merchant.clone(),
+            input,
+            received_ms: 1_795_000_000_456,
+            entropy: Entropy([7; 16]),
+        };
+        let back = round_trip(Command::Conversion(Box::new(draft.clone())));
+        let Command::Conversion(got) = &back else { panic!("{back:?}") };
+        assert_eq!(got.input, draft.input);
+        assert_eq!((got.received_ms, got.entropy, &got.merchant), (draft.received_ms, draft.entropy, &draft.merchant));
+        assert_eq!(merchant_of(&back), Some(&merchant));
+
+        // A secret travels whole: every node must verify with the same key.
+        let secret = WebhookSecret::generate();
+        let m = Merchant {
+            id: merchant.clone(),
+            name: "Shop".into(),
+            postback_token: false,
+            allowed_ips: Vec::new(),
+            default_plan_id: None,
+            created_ms: 1,
+        };
+        let op = EntityOp::Merchant { merchant: m, secret: secret.clone(), token_hash: Some([9; 32]) };
+        let back = round_trip(Command::Entity(Box::new(op)));
+        let Command::Entity(op) = &back else { panic!("{back:?}") };
+        let EntityOp::Merchant { secret: got, token_hash, .. } = &**op else { panic!("{op:?}") };
+        assert_eq!((got.expose_text(), *token_hash), (secret.expose_text(), Some([9; 32])));
+        assert_eq!(merchant_of(&back), Some(&merchant));
+
+        // Timer commands belong to no merchant: each owner runs them on its partitions.
+        let sweep = round_trip(Command::SweepHolds { now: 5, limit: 10, entropy: Entropy([1; 16]) });
+        assert_eq!(merchant_of(&sweep), None);
+    }
+}
