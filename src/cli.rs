@@ -239,15 +239,17 @@ async fn cluster(action: ClusterAction) -> i32 {
         );
     }
     let now = SystemClock.now_ms();
-    println!("{:<12} {:>6} {:>10} {:>10} owns", "node", "lag", "applied", "reported");
+    println!("{:<12} {:>6} {:>9} {:<24} applied position by partition", "node", "lag", "reported", "owns");
     for n in &status.nodes {
+        let owns: Vec<String> = n.owned.iter().map(u16::to_string).collect();
+        let applied: Vec<String> = n.applied.iter().map(u64::to_string).collect();
         println!(
-            "{:<12} {:>6} {:>10} {:>9}s {:?}",
+            "{:<12} {:>6} {:>8}s {:<24} {}",
             n.node,
             n.lag,
-            n.applied.iter().sum::<u64>(),
             (now - n.at_ms) / 1000,
-            n.owned
+            owns.join(","),
+            applied.join(" ")
         );
     }
     if status.nodes.is_empty() {
