@@ -167,11 +167,6 @@ impl App {
         self.store.as_ref()
     }
 
-    /// The cluster node; `None` for the single node.
-    pub fn node(&self) -> Option<&crate::cluster::Node> {
-        self.node.as_ref()
-    }
-
     /// Stops accepting, lets in-flight requests finish (bounded by the shutdown grace),
     /// then stops the writer and syncs the WAL.
     pub async fn shutdown(self) {

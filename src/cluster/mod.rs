@@ -17,7 +17,7 @@ mod node;
 use sha2::{Digest, Sha256};
 
 pub use nats::{init, status, ClusterError, ClusterStatus, NodeReport, PartitionStatus};
-pub use node::{Node, ANSWER_TIMEOUT};
+pub use node::Node;
 
 /// The wire format of the partition logs; a node refuses a cluster made with another one.
 pub const FORMAT_VERSION: u32 = 1;

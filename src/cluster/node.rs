@@ -58,10 +58,7 @@ use crate::store::{SharedMemory, Store, StoreOptions};
 
 /// How long a request waits for its append and its application before it is answered
 /// `503` (a retry is then a duplicate or the creation, never a second conversion).
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a partition's subscription may deliver nothing while requests wait for it.
-const STALL: Duration = Duration::from_secs(2);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long after its acknowledgement an entry may stay undelivered to this node before
 /// the subscription is made again (spurious ones only cost a consumer's creation).
@@ -287,21 +284,6 @@ impl Node {
             part.store.shutdown();
         }
     }
-
-    /// Each partition's applied log position (tests and `/admin` diagnostics).
-    pub fn applied(&self) -> Vec<u64> {
-        self.inner.parts.iter().map(|p| p.applied.load(Ordering::SeqCst)).collect()
-    }
-
-    /// The partitions whose lease this node holds.
-    pub fn owned(&self) -> Vec<u16> {
-        self.inner.parts.iter().filter(|p| self.inner.owns(p)).map(|p| p.p).collect()
-    }
-
-    /// The store of partition `p` on this node (tests compare ledgers across nodes).
-    pub fn partition_store(&self, p: u16) -> Option<&Store> {
-        self.inner.parts.get(usize::from(p)).map(|part| &part.store)
-    }
 }
 
 impl Inner {
@@ -335,8 +317,7 @@ impl Inner {
         let forget = Forget { part, id: &id };
         let subject = format!("tally.p.{}.cmd", part.p);
         let started = Instant::now();
-        let seq =
-            publish(&self.appends, &subject, &id, Some(&self.settings.node_id), Bytes::from(payload), deadline).await?;
+        let seq = publish(&self.appends, &subject, &id, &self.settings.node_id, Bytes::from(payload), deadline).await?;
         self.metrics.cluster_append_duration.observe(started.elapsed().as_secs_f64());
         let mut rx = rx;
         let answer = match tokio::time::timeout(UNDELIVERED, &mut rx).await {
@@ -366,7 +347,7 @@ impl Inner {
     async fn on_owned(&self, command: Command) -> Result<Answer, StoreError> {
         let mut swept = 0;
         let mut pruned = 0;
-        for part in self.parts.iter().filter(|p| self.owns(p)) {
+        for part in self.owned_parts() {
             // A sweep with nothing due would only lengthen the log (one entry per partition
             // per sweep interval): it is appended when the partition holds a due hold.
             if let Command::SweepHolds { now, .. } = &command {
@@ -417,16 +398,16 @@ async fn publish(
     js: &jetstream::Context,
     subject: &str,
     id: &str,
-    node: Option<&str>,
+    node: &str,
     payload: Bytes,
     deadline: tokio::time::Instant,
 ) -> Result<u64, StoreError> {
     let mut wait = Duration::from_millis(50);
     loop {
-        let mut message = jetstream::message::PublishMessage::build().payload(payload.clone()).message_id(id);
-        if let Some(node) = node {
-            message = message.header(NODE_HEADER, node);
-        }
+        let message = jetstream::message::PublishMessage::build()
+            .payload(payload.clone())
+            .message_id(id)
+            .header(NODE_HEADER, node);
         let attempt = async {
             let ack = js.send_publish(subject.to_string(), message).await.map_err(|e| e.to_string())?;
             ack.await.map_err(|e| e.to_string())
@@ -510,16 +491,10 @@ async fn consume(inner: &Inner, part: &Part, from: u64, done: &mpsc::Sender<Appl
         .messages()
         .await
         .map_err(|e| e.to_string())?;
-    loop {
-        // After a NATS server's kill -9 a subscription can hang without reporting missed
-        // heartbeats (seen for 12 s while the client reconnected): one that delivers
-        // nothing while this node's requests wait for the partition is made again.
-        let message = match tokio::time::timeout(STALL, messages.next()).await {
-            Ok(Some(message)) => message.map_err(|e| e.to_string())?,
-            Ok(None) => return Err("the log subscription ended".into()),
-            Err(_) if part.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty() => continue,
-            Err(_) => return Err(format!("nothing delivered for {STALL:?} while requests wait")),
-        };
+    // A subscription that hangs without reporting missed heartbeats (seen after a NATS
+    // server's kill -9) is made again by `Part::stuck`, which `Inner::append` raises.
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| e.to_string())?;
         let (seq, pending) = {
             let info = message.info().map_err(|e| e.to_string())?;
             (info.stream_sequence, info.pending)
@@ -557,6 +532,7 @@ async fn consume(inner: &Inner, part: &Part, from: u64, done: &mpsc::Sender<Appl
             return Ok(());
         }
     }
+    Err("the log subscription ended".into())
 }
 
 /// Routes each applied entry's answer to the request waiting for it, in log order. A
@@ -681,8 +657,8 @@ async fn hold_leases(inner: Arc<Inner>, leases: kv::Store, reports: kv::Store) {
                 }
             }
         }
-        let owned = inner.parts.iter().filter(|p| inner.owns(p)).count();
-        inner.metrics.cluster_partitions_owned.set(i64::try_from(owned).unwrap_or(i64::MAX));
+        let owned: Vec<u16> = inner.owned_parts().map(|p| p.p).collect();
+        inner.metrics.cluster_partitions_owned.set(i64::try_from(owned.len()).unwrap_or(i64::MAX));
         let lag: u64 = inner
             .parts
             .iter()
@@ -691,7 +667,7 @@ async fn hold_leases(inner: Arc<Inner>, leases: kv::Store, reports: kv::Store) {
         inner.metrics.cluster_apply_lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
         let report = NodeReport {
             node: inner.settings.node_id.clone(),
-            owned: inner.owned_parts().map(|p| p.p).collect(),
+            owned,
             applied: inner.parts.iter().map(|p| p.applied.load(Ordering::SeqCst)).collect(),
             lag,
             at_ms: crate::domain::clock::Clock::now_ms(&crate::domain::clock::SystemClock),

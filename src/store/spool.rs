@@ -67,11 +67,6 @@ impl Spool {
         Ok(self.db.delete(seq.to_be_bytes())?)
     }
 
-    /// Entries not yet forwarded (an estimate from RocksDB, for the metric).
-    pub fn backlog(&self) -> u64 {
-        self.db.property_int_value("rocksdb.estimate-num-keys").ok().flatten().unwrap_or(0)
-    }
-
     /// Fsyncs the WAL (shutdown).
     pub fn sync(&self) {
         let _ = self.db.flush_wal(true);
