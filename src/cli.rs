@@ -217,7 +217,10 @@ async fn cluster(action: ClusterAction) -> i32 {
         "cluster: {} partitions, {} replicas, wire format {}; connected to {}",
         s.partitions, s.replicas, s.format, status.connected_to
     );
-    println!("{:<10} {:<12} {:<10} {:>10} {:<12} replicas (lag)", "partition", "stream", "leader", "last seq", "owner");
+    println!(
+        "{:<10} {:<12} {:<10} {:>10} {:>10} {:>10} {:<12} replicas (lag)",
+        "partition", "stream", "leader", "first seq", "last seq", "snapshot", "owner"
+    );
     for p in &status.partitions {
         if let Some(why) = &p.unavailable {
             println!("{:<10} {:<12} unavailable: {why}", p.partition, p.stream);
@@ -229,11 +232,13 @@ async fn cluster(action: ClusterAction) -> i32 {
             .map(|r| format!("{}{} ({})", r.server, if r.current { "" } else { " behind" }, r.lag))
             .collect();
         println!(
-            "{:<10} {:<12} {:<10} {:>10} {:<12} {}",
+            "{:<10} {:<12} {:<10} {:>10} {:>10} {:>10} {:<12} {}",
             p.partition,
             p.stream,
             p.leader.as_deref().unwrap_or("none"),
+            p.first_seq,
             p.last_seq,
+            p.snapshot.map_or_else(|| "none".to_string(), |s| s.to_string()),
             p.owner.as_deref().unwrap_or("none"),
             replicas.join(", ")
         );

@@ -343,10 +343,14 @@ pub struct ClusterSettings {
     pub partitions: u16,
     /// Copies JetStream keeps of each partition's log (1, 3 or 5).
     pub replicas: u8,
+    /// The owner snapshots a partition once this many log entries were applied since its
+    /// last snapshot, and the log is then trimmed to what no node still needs; 0: never.
+    pub snapshot_every: u64,
 }
 
 pub const DEFAULT_PARTITIONS: u16 = 16;
 pub const DEFAULT_REPLICAS: u8 = 3;
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100_000;
 
 impl Default for ClusterSettings {
     fn default() -> Self {
@@ -355,6 +359,7 @@ impl Default for ClusterSettings {
             node_id: String::new(),
             partitions: DEFAULT_PARTITIONS,
             replicas: DEFAULT_REPLICAS,
+            snapshot_every: DEFAULT_SNAPSHOT_EVERY,
         }
     }
 }

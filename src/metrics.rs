@@ -73,6 +73,8 @@ pub struct Metrics {
     pub cluster_forward_lag: Histogram,
     /// Cluster mode: from an append to JetStream's acknowledgement.
     pub cluster_append_duration: Histogram,
+    /// Cluster mode: partition snapshots this node took, by outcome (`ok`, `failed`).
+    pub cluster_snapshots: IntCounterVec,
     write_stalls: IntCounterVec,
     sst_bytes: IntGauge,
     memtable_bytes: IntGauge,
@@ -287,10 +289,19 @@ impl Metrics {
                 "Cluster mode: time from an append to its acknowledgement by JetStream (a quorum has it).",
                 vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
             ),
+            cluster_snapshots: counter_vec(
+                &r,
+                "tally_cluster_snapshots_total",
+                "Cluster mode: partition snapshots this node took as their owner, by outcome (ok, failed).",
+                &["outcome"],
+            ),
             registry: r,
         };
         for o in OUTBOUND_OUTCOMES {
             m.outbound_deliveries.with_label_values(&[o]);
+        }
+        for o in ["ok", "failed"] {
+            m.cluster_snapshots.with_label_values(&[o]);
         }
         m.storage_ready.set(1);
         for kind in ["delay", "stop"] {

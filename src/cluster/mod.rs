@@ -5,7 +5,8 @@
 //! partition's commands go to a JetStream stream of its own (`TALLY_P0000`, ...), replicated
 //! `replicas` times, so everything one merchant's money rules read and write lives in one
 //! ordered log. Leases on partitions live in the KV bucket `tally_leases`; the cluster's
-//! fixed shape (partitions, wire format) in `tally_meta`.
+//! fixed shape (partitions, wire format) in `tally_meta`; each partition's newest snapshot
+//! in the object store `tally_snapshots` ([`snapshot`]).
 //!
 //! [`init`] creates the logs and checks that an existing cluster has the shape this node's
 //! configuration says (`tally cluster init`), [`status`] reads them (`tally cluster
@@ -13,6 +14,7 @@
 
 mod nats;
 mod node;
+mod snapshot;
 
 use sha2::{Digest, Sha256};
 
@@ -31,6 +33,9 @@ pub const NODES_BUCKET: &str = "tally_nodes";
 
 /// How long a node's report lives without a newer one.
 pub const NODE_REPORT_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The object store bucket holding each partition's newest snapshot (`p0003`).
+pub const SNAPSHOTS_BUCKET: &str = "tally_snapshots";
 
 /// The KV bucket holding the cluster's fixed shape (`partitions`, `format`).
 pub const META_BUCKET: &str = "tally_meta";

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     lease_key, stream_name, subjects, DUPLICATE_WINDOW, FORMAT_VERSION, LEASES_BUCKET, LEASE_TTL, META_BUCKET,
-    NODES_BUCKET, NODE_REPORT_TTL,
+    NODES_BUCKET, NODE_REPORT_TTL, SNAPSHOTS_BUCKET,
 };
 use crate::config::ClusterSettings;
 
@@ -58,9 +58,13 @@ pub struct PartitionStatus {
     pub leader: Option<String>,
     /// Every replica: its server, whether it is current, and how far behind it is.
     pub replicas: Vec<ReplicaStatus>,
+    /// The log's first position still held (earlier ones were trimmed after a snapshot).
+    pub first_seq: u64,
     /// The log's last position (0: empty).
     pub last_seq: u64,
     pub messages: u64,
+    /// The log position of the partition's newest snapshot, if it has one.
+    pub snapshot: Option<u64>,
     /// The node holding the partition's lease, if any.
     pub owner: Option<String>,
     /// Why the log could not be read just now (e.g. its leader is being elected).
@@ -228,6 +232,7 @@ pub async fn init(settings: &ClusterSettings) -> Result<ClusterStatus, ClusterEr
     )
     .await?;
     nodes_bucket(&js, settings.replicas).await?;
+    super::snapshot::bucket(&js, settings.replicas).await?;
     status(settings).await
 }
 
@@ -248,7 +253,7 @@ pub(super) async fn nodes_bucket(js: &jetstream::Context, replicas: u8) -> Resul
 }
 
 /// Every node report in the bucket, by node id.
-async fn node_reports(js: &jetstream::Context) -> Vec<NodeReport> {
+pub(super) async fn node_reports(js: &jetstream::Context) -> Vec<NodeReport> {
     let Ok(Ok(bucket)) = tokio::time::timeout(STREAM_TIMEOUT, js.get_key_value(NODES_BUCKET)).await else {
         return Vec::new();
     };
@@ -302,6 +307,8 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
     let shape = read_shape(&meta).await?.ok_or(ClusterError::NotInitialized)?;
     check_shape(&shape, &shape_of(settings))?;
     let leases = js.get_key_value(LEASES_BUCKET).await.map_err(|_| ClusterError::NotInitialized)?;
+    let snapshots =
+        tokio::time::timeout(STREAM_TIMEOUT, js.get_object_store(SNAPSHOTS_BUCKET)).await.ok().and_then(Result::ok);
     let mut partitions = Vec::with_capacity(usize::from(shape.partitions));
     for p in 0..shape.partitions {
         let name = stream_name(p);
@@ -317,8 +324,10 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
             stream: name.clone(),
             leader: None,
             replicas: Vec::new(),
+            first_seq: 0,
             last_seq: 0,
             messages: 0,
+            snapshot: None,
             owner,
             unavailable: None,
         };
@@ -327,11 +336,15 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
                 let info = stream.cached_info().clone();
                 row.leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
                 row.replicas = info.cluster.map(copies).unwrap_or_default();
+                row.first_seq = info.state.first_sequence;
                 row.last_seq = info.state.last_sequence;
                 row.messages = info.state.messages;
             }
             Ok(Err(e)) => row.unavailable = Some(e.to_string()),
             Err(_) => row.unavailable = Some(format!("no answer in {STREAM_TIMEOUT:?} (a leader election?)")),
+        }
+        if let Some(bucket) = &snapshots {
+            row.snapshot = super::snapshot::latest(bucket, p).await.ok().flatten();
         }
         partitions.push(row);
     }

@@ -20,6 +20,9 @@
 //! - **Configuration** (merchants, partners, links, plans) is a command of its merchant's
 //!   partition like any other, so every node applies it within milliseconds; the node serves
 //!   the union of its partitions' catalogs.
+//! - **Snapshots** ([`super::snapshot`]): the owner snapshots its partitions every
+//!   `snapshot_every` entries and trims their logs; a starting node restores a snapshot
+//!   when the log no longer holds what it needs, or when it holds nothing yet.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,14 +30,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer, kv};
+use async_nats::jetstream::{self, consumer, kv, object_store};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::nats::{check_shape, connect, nodes_bucket, read_shape, shape_of, timed, ClusterError, NodeReport};
+use super::nats::{
+    check_shape, connect, node_reports, nodes_bucket, read_shape, shape_of, timed, ClusterError, NodeReport,
+};
+use super::snapshot;
 use super::{lease_key, partition_of, stream_name, LEASES_BUCKET, LEASE_TTL, META_BUCKET};
 use crate::backend::{
     Backend, BoxFuture, DeliveryFilter, DeliveryPage, DueDelivery, LedgerQuery, OutboxGauges, Settled, StoreError,
@@ -69,6 +75,9 @@ const APPEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often a lease is renewed, and a free partition tried.
 const LEASE_EVERY: Duration = Duration::from_secs(1);
+
+/// How often the owner looks whether a partition is due for a snapshot or a trim.
+const SNAPSHOT_CHECK: Duration = Duration::from_secs(2);
 
 /// The header naming the node that appended an entry: it answers the request.
 const NODE_HEADER: &str = "Tally-Node";
@@ -112,6 +121,10 @@ struct Part {
     failed: AtomicBool,
     /// An acknowledged append was not delivered in time: the subscription is made again.
     stuck: Notify,
+    /// The log position of the partition's newest snapshot, as last known.
+    snapshot_at: AtomicU64,
+    /// The log was trimmed below this position by this node.
+    trimmed: AtomicU64,
 }
 
 struct Inner {
@@ -122,6 +135,9 @@ struct Inner {
     parts: Vec<Part>,
     spool: Spool,
     spool_wake: Notify,
+    snapshots: object_store::ObjectStore,
+    /// Where snapshots are packed and unpacked (`data_dir/snapshots`).
+    work: PathBuf,
     salt: [u8; 32],
     /// The union of the partitions' catalogs, and the catalogs it was made from.
     catalog: Mutex<(Vec<Arc<Catalog>>, Arc<Catalog>)>,
@@ -217,18 +233,15 @@ impl Node {
         let salt = cluster_salt(&meta).await.map_err(|e| e.to_string())?;
         let leases = js.get_key_value(LEASES_BUCKET).await.map_err(|_| ClusterError::NotInitialized.to_string())?;
         let reports = nodes_bucket(&js, settings.replicas).await.map_err(|e| e.to_string())?;
+        let snapshots = snapshot::bucket(&js, settings.replicas).await.map_err(|e| e.to_string())?;
+        let work = base.data_dir.join("snapshots");
 
         let mut parts = Vec::with_capacity(usize::from(settings.partitions));
         let shared = SharedMemory::new(base.block_cache_bytes, base.memtable_budget_bytes.max(base.write_buffer_bytes));
         for p in 0..settings.partitions {
             let dir = base.data_dir.join("partitions").join(format!("p{p:04}"));
             let opts = partition_options(base, dir, settings.partitions, &shared);
-            let m = Arc::clone(&metrics);
-            let store = tokio::task::spawn_blocking(move || Store::open(&opts, m))
-                .await
-                .map_err(|e| format!("partition store open task: {e}"))?
-                .map_err(|e| format!("partition {p}: {e}"))?;
-            let applied = store.applied_position().map_err(|e| format!("partition {p}: {e}"))?;
+            let (store, applied, snapshot_at) = open_partition(&js, &snapshots, &opts, &work, p, &metrics).await?;
             parts.push(Part {
                 p,
                 store,
@@ -238,6 +251,8 @@ impl Node {
                 owned_until: AtomicU64::new(0),
                 failed: AtomicBool::new(false),
                 stuck: Notify::new(),
+                snapshot_at: AtomicU64::new(snapshot_at.unwrap_or(0)),
+                trimmed: AtomicU64::new(0),
             });
         }
         let spool_dir = base.data_dir.join("click-spool");
@@ -253,6 +268,8 @@ impl Node {
             parts,
             spool,
             spool_wake: Notify::new(),
+            snapshots,
+            work,
             salt,
             catalog: Mutex::new((Vec::new(), Arc::new(Catalog::default()))),
             metrics,
@@ -267,6 +284,7 @@ impl Node {
         }
         tasks.push(tokio::spawn(forward_clicks(Arc::clone(&inner))));
         tasks.push(tokio::spawn(hold_leases(Arc::clone(&inner), leases, reports)));
+        tasks.push(tokio::spawn(snapshot_owned(Arc::clone(&inner))));
         *inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = tasks;
         tracing::info!(node = %settings.node_id, partitions = settings.partitions, "cluster node started");
         Ok(Node { inner })
@@ -284,6 +302,67 @@ impl Node {
             part.store.shutdown();
         }
     }
+}
+
+/// Opens partition `p`'s store, first restoring the partition's snapshot when the log no
+/// longer holds the entries after the store's position (they were trimmed while this node
+/// was away), or when the store is empty and a snapshot exists (quicker than replaying the
+/// whole log). Returns the store, its position and the snapshot's position.
+async fn open_partition(
+    js: &jetstream::Context,
+    snapshots: &object_store::ObjectStore,
+    opts: &StoreOptions,
+    work: &Path,
+    p: u16,
+    metrics: &Arc<Metrics>,
+) -> Result<(Store, u64, Option<u64>), String> {
+    let open = || {
+        let (opts, m) = (opts.clone(), Arc::clone(metrics));
+        async move {
+            let store = tokio::task::spawn_blocking(move || Store::open(&opts, m))
+                .await
+                .map_err(|e| format!("partition store open task: {e}"))?
+                .map_err(|e| format!("partition {p}: {e}"))?;
+            let applied = store.applied_position().map_err(|e| format!("partition {p}: {e}"))?;
+            Ok::<_, String>((store, applied))
+        }
+    };
+    let (store, applied) = open().await?;
+    let stream = timed(&format!("read stream {}", stream_name(p)), js.get_stream(stream_name(p)))
+        .await
+        .map_err(|e| e.to_string())?;
+    let first = stream.cached_info().state.first_sequence;
+    let latest = snapshot::latest(snapshots, p).await?;
+    let trimmed_past = first > applied + 1;
+    let fresh = applied == 0 && latest.is_some_and(|s| s > 0);
+    if !(trimmed_past || fresh) {
+        return Ok((store, applied, latest));
+    }
+    if latest.is_none_or(|s| s + 1 < first) {
+        return Err(format!(
+            "partition {p}: its log starts at position {first}, this node's store holds position {applied}, and no snapshot covers the entries between (docs/cluster.md, operations)"
+        ));
+    }
+    let closing = store.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.shutdown()).await;
+    drop(store);
+    let started = Instant::now();
+    let restored = snapshot::restore(snapshots, p, &opts.data_dir, work)
+        .await?
+        .ok_or_else(|| format!("partition {p}: its snapshot disappeared while it was being restored"))?;
+    let (store, applied) = open().await?;
+    if applied != restored {
+        return Err(format!(
+            "partition {p}: the restored snapshot holds position {applied}, its metadata says {restored}"
+        ));
+    }
+    tracing::info!(
+        partition = p,
+        position = applied,
+        ms = started.elapsed().as_millis() as u64,
+        "restored the partition's snapshot"
+    );
+    Ok((store, applied, Some(restored)))
 }
 
 impl Inner {
@@ -505,7 +584,18 @@ async fn consume(inner: &Inner, part: &Part, from: u64, done: &mpsc::Sender<Appl
             continue;
         }
         if seq != applied + 1 {
-            return Err(format!("gap in the log: expected position {}, got {seq}", applied + 1));
+            let first = inner.js.get_stream(stream_name(part.p)).await.map(|s| s.cached_info().state.first_sequence);
+            if first.as_ref().is_ok_and(|first| *first > applied + 1) {
+                // The entries after this node's position were trimmed (after a snapshot,
+                // while this node was cut off): applying past the hole would diverge from
+                // every other node. A restart restores the snapshot.
+                part.failed.store(true, Ordering::SeqCst);
+                tracing::error!(partition = part.p, expected = applied + 1, got = seq, "the partition's log no longer holds the entries after this node's position; the partition stops on this node (restart the node: it restores the partition's snapshot)");
+                return Ok(());
+            }
+            // A delivery that skipped entries (seen around a NATS server's kill -9): the
+            // subscription is made again from the next position.
+            return Err(format!("gap in the delivery: expected position {}, got {seq}", applied + 1));
         }
         let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
         let waiter = match (header(NODE_HEADER), header(async_nats::header::NATS_MESSAGE_ID.as_ref())) {
@@ -676,6 +766,88 @@ async fn hold_leases(inner: Arc<Inner>, leases: kv::Store, reports: kv::Store) {
             let put = reports.put(&inner.settings.node_id, Bytes::from(bytes));
             let _ = tokio::time::timeout(LEASE_EVERY, put).await;
         }
+    }
+}
+
+/// Snapshots each partition this node owns once `snapshot_every` entries were applied
+/// since its newest snapshot, then trims its log below what every live node has applied.
+async fn snapshot_owned(inner: Arc<Inner>) {
+    let every = inner.settings.snapshot_every;
+    if every == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(SNAPSHOT_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for part in inner.owned_parts() {
+            if part.failed.load(Ordering::SeqCst) {
+                continue;
+            }
+            let due = || part.applied.load(Ordering::SeqCst) >= part.snapshot_at.load(Ordering::SeqCst) + every;
+            if due() {
+                // Another owner may have taken one since (this node took the lease over).
+                if let Ok(Some(at)) = snapshot::latest(&inner.snapshots, part.p).await {
+                    part.snapshot_at.fetch_max(at, Ordering::SeqCst);
+                }
+            }
+            if due() {
+                let started = Instant::now();
+                match snapshot::take(&part.store, &inner.snapshots, part.p, &inner.work, &inner.settings.node_id).await
+                {
+                    Ok(taken) => {
+                        inner.metrics.cluster_snapshots.with_label_values(&["ok"]).inc();
+                        part.snapshot_at.fetch_max(taken.position, Ordering::SeqCst);
+                        tracing::info!(
+                            partition = part.p,
+                            position = taken.position,
+                            bytes = taken.bytes,
+                            ms = started.elapsed().as_millis() as u64,
+                            "snapshot taken"
+                        );
+                    }
+                    Err(e) => {
+                        inner.metrics.cluster_snapshots.with_label_values(&["failed"]).inc();
+                        tracing::warn!(partition = part.p, error = %e, "snapshot failed; the log is kept whole until one succeeds");
+                    }
+                }
+            }
+            if part.snapshot_at.load(Ordering::SeqCst) > part.trimmed.load(Ordering::SeqCst) {
+                trim(&inner, part).await;
+            }
+        }
+    }
+}
+
+/// Purges partition `part`'s log below the smallest of its snapshot's position and the
+/// positions every live node reported: a node that is still applying keeps its entries,
+/// and one away for longer than its report lives restores the snapshot when it starts.
+async fn trim(inner: &Inner, part: &Part) {
+    let mut keep_after = part.snapshot_at.load(Ordering::SeqCst).min(part.applied.load(Ordering::SeqCst));
+    for report in node_reports(&inner.js).await {
+        if let Some(applied) = report.applied.get(usize::from(part.p)) {
+            keep_after = keep_after.min(*applied);
+        }
+    }
+    if keep_after <= part.trimmed.load(Ordering::SeqCst) {
+        return;
+    }
+    let purged = async {
+        let stream = inner.js.get_stream(stream_name(part.p)).await.map_err(|e| e.to_string())?;
+        stream.purge().sequence(keep_after + 1).await.map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), purged).await {
+        Ok(Ok(response)) => {
+            part.trimmed.store(keep_after, Ordering::SeqCst);
+            tracing::info!(
+                partition = part.p,
+                below = keep_after + 1,
+                purged = response.purged,
+                "trimmed the partition's log"
+            );
+        }
+        Ok(Err(e)) => tracing::warn!(partition = part.p, error = %e, "trimming the partition's log failed"),
+        Err(_) => tracing::warn!(partition = part.p, "trimming the partition's log timed out"),
     }
 }
 

@@ -578,12 +578,19 @@ impl Store {
     /// # Errors
     /// Storage failures, a malformed stored position.
     pub fn applied_position(&self) -> Result<u64, StoreError> {
-        match self.shared.get(Cf::Meta, keys::META_APPLIED)? {
-            None => Ok(0),
-            Some(v) => <[u8; 8]>::try_from(v.as_slice())
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt("applied log position".into())),
-        }
+        stored_position(self.shared.get(Cf::Meta, keys::META_APPLIED)?)
+    }
+
+    /// Cluster mode: a checkpoint of the store in `dir` (which must not exist), taken by
+    /// the writer between two batches, and the log position it holds: a partition
+    /// snapshot. See [`Store::checkpoint`] for what the copy is.
+    ///
+    /// # Errors
+    /// `Closed` when the writer has stopped; `Io` when RocksDB cannot create the checkpoint.
+    pub async fn checkpoint_applied(&self, dir: std::path::PathBuf) -> Result<u64, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(writer::Op::Checkpoint(dir, tx)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// When the soonest hold ends, if any conversion is held (cluster mode appends a hold
@@ -601,6 +608,16 @@ impl Store {
     pub fn shutdown_blocking_in_place(&self) {
         let store = self.clone();
         let _ = std::thread::spawn(move || store.shutdown()).join();
+    }
+}
+
+/// A stored log position (absent: 0).
+fn stored_position(value: Option<Vec<u8>>) -> Result<u64, StoreError> {
+    match value {
+        None => Ok(0),
+        Some(v) => <[u8; 8]>::try_from(v.as_slice())
+            .map(u64::from_be_bytes)
+            .map_err(|_| StoreError::Corrupt("applied log position".into())),
     }
 }
 

@@ -37,6 +37,9 @@ type Reply<T> = oneshot::Sender<T>;
 pub(super) enum Op {
     /// A command, and the log position it comes from in cluster mode (kept with its effects).
     Command(Box<Command>, Option<u64>, Reply<Result<Answer, StoreError>>),
+    /// Cluster mode: a checkpoint into the directory, taken between two batches, and the
+    /// log position it holds.
+    Checkpoint(std::path::PathBuf, Reply<Result<u64, StoreError>>),
     Stop,
 }
 
@@ -251,6 +254,11 @@ impl Writer {
                     stop = true;
                     continue;
                 }
+                Op::Checkpoint(dir, reply) => {
+                    self.commit(std::mem::replace(&mut pending, Pending::new(shared)));
+                    let _ = reply.send(self.checkpoint(&dir));
+                    continue;
+                }
             };
             match command {
                 // Entity writes change the catalog every later command reads: each is
@@ -275,6 +283,15 @@ impl Writer {
         }
         self.commit(pending);
         stop
+    }
+
+    /// A checkpoint of the database as every batch written so far left it, and the log
+    /// position stored with the last of them: nothing is written while it is taken.
+    fn checkpoint(&self, dir: &std::path::Path) -> Result<u64, StoreError> {
+        let db = self.shared.db()?;
+        db.flush_wal(true)?;
+        rocksdb::checkpoint::Checkpoint::new(&*db)?.create_checkpoint(dir)?;
+        super::stored_position(self.shared.get(Cf::Meta, super::keys::META_APPLIED)?)
     }
 
     /// Runs one command through the engine against the database plus the batch, stages

@@ -84,12 +84,17 @@ impl Nats {
 
     /// A tally config naming the three servers.
     fn config(&self, node: &str, partitions: u16) -> PathBuf {
+        self.config_with(node, partitions, "")
+    }
+
+    /// [`Nats::config`] with more `[cluster]` lines.
+    fn config_with(&self, node: &str, partitions: u16, cluster: &str) -> PathBuf {
         let urls: Vec<String> = self.client_ports.iter().map(|p| format!("\"nats://127.0.0.1:{p}\"")).collect();
         let path = self.dir.path().join(format!("{node}-{partitions}.toml"));
         std::fs::write(
             &path,
             format!(
-                "data_dir = \"{}\"\n[cluster]\nnats_urls = [{}]\nnode_id = \"{node}\"\npartitions = {partitions}\nreplicas = 3\n",
+                "data_dir = \"{}\"\n[cluster]\nnats_urls = [{}]\nnode_id = \"{node}\"\npartitions = {partitions}\nreplicas = 3\n{cluster}",
                 self.dir.path().join(node).display(),
                 urls.join(", ")
             ),
@@ -209,11 +214,16 @@ fn init_creates_replicated_partition_logs_once_and_status_follows_a_leader_kille
 
 /// One cluster node: the real binary, public and admin listeners on free ports.
 async fn node(nats: &Nats, name: &str, partitions: u16) -> Proc {
+    node_with(nats, name, partitions, "").await
+}
+
+/// [`node`] with more `[cluster]` lines.
+async fn node_with(nats: &Nats, name: &str, partitions: u16, cluster: &str) -> Proc {
     let config = format!(
         "public_addr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"\n{}\n\
          [limits]\nclicks_per_ip_per_second = 100000\nclicks_burst = 100000\n\
          [outbound]\nallow_private = true\npoll_interval_ms = 50\n",
-        std::fs::read_to_string(nats.config(name, partitions)).unwrap()
+        std::fs::read_to_string(nats.config_with(name, partitions, cluster)).unwrap()
     );
     let run = nats.dir.path().join(format!("{name}-run"));
     std::fs::create_dir_all(&run).unwrap();
@@ -461,6 +471,17 @@ async fn program(http: &HttpClient, node: &Proc) -> WebhookSecret {
     key
 }
 
+/// Waits until every node has applied [`program`]'s configuration (within 1 s).
+async fn known_everywhere(http: &HttpClient, nodes: impl IntoIterator<Item = &Proc>) {
+    for n in nodes {
+        let started = Instant::now();
+        while admin(http, n, Method::GET, "/admin/v1/merchants/shop/partners/ann", None).await.status != 200 {
+            assert!(started.elapsed() < Duration::from_secs(1), "the program did not reach {} within 1 s", n.admin);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
 /// A conversion sent by a client that retries: `None` when the node did not answer.
 async fn try_convert(http: &HttpClient, public: &str, key: &WebhookSecret, txn: &str) -> Option<(u16, Value)> {
     let body = format!(r#"{{"txn_id":"{txn}","amount":"10.00","currency":"USD","partner_id":"ann"}}"#);
@@ -503,14 +524,8 @@ async fn kill_9_of_a_log_leader_and_of_a_tally_owner_loses_and_doubles_nothing()
     let publics: Arc<Vec<String>> = Arc::new(nodes.iter().map(|n| n.as_ref().unwrap().public.clone()).collect());
     let alive: Arc<Vec<AtomicBool>> = Arc::new((0..3).map(|_| AtomicBool::new(true)).collect());
     let p = usize::from(tally::cluster::partition_of("shop", partitions));
-    // Every node knows the merchant, and holds a lease on something, before the load.
-    for n in nodes.iter().flatten() {
-        let started = Instant::now();
-        while admin(&http, n, Method::GET, "/admin/v1/merchants/shop", None).await.status != 200 {
-            assert!(started.elapsed() < Duration::from_secs(1), "the merchant did not reach {} within 1 s", n.admin);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
+    // Every node knows the program, and holds a lease on something, before the load.
+    known_everywhere(&http, nodes.iter().flatten()).await;
     wait_until(Duration::from_secs(20), || {
         status_json(&config).is_some_and(|s| s["partitions"].as_array().unwrap().iter().all(|x| x["owner"].is_string()))
     });
@@ -669,4 +684,121 @@ async fn kill_9_of_a_log_leader_and_of_a_tally_owner_loses_and_doubles_nothing()
         acked.len(),
         retried.load(Ordering::SeqCst)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshots_trim_the_log_and_a_fresh_node_restores_one_to_an_identical_ledger() {
+    let _heavy = heavy_test().await;
+    let nats = Nats::start();
+    let partitions = 2;
+    let every = "snapshot_every = 50\n";
+    let config = nats.config_with("gw-1", partitions, every);
+    init(&config);
+    let nodes = [
+        node_with(&nats, "gw-1", partitions, every).await,
+        node_with(&nats, "gw-2", partitions, every).await,
+        node_with(&nats, "gw-3", partitions, every).await,
+    ];
+    let http = client();
+    let key = program(&http, &nodes[0]).await;
+    known_everywhere(&http, &nodes).await;
+    let p = usize::from(tally::cluster::partition_of("shop", partitions));
+    for i in 0..240 {
+        let body = format!(r#"{{"txn_id":"snap-{i}","amount":"10.00","currency":"USD","partner_id":"ann"}}"#);
+        let r = convert(&http, &nodes[i % 3], &key, &format!("msg_snap{i}"), &body).await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    }
+
+    // The owner snapshots shop's partition and trims its log: the entries that made the
+    // merchant, its plan and partner are gone from the log.
+    let trimmed_at = Instant::now();
+    wait_until(Duration::from_secs(20), || {
+        status_json(&config).is_some_and(|s| {
+            let row = &s["partitions"][p];
+            row["snapshot"].as_u64().is_some_and(|at| at >= 200) && row["first_seq"].as_u64().is_some_and(|f| f > 100)
+        })
+    });
+    let row = status_json(&config).unwrap()["partitions"][p].clone();
+    eprintln!(
+        "cluster: partition {p} snapshot at {} and its log trimmed to start at {} after {:?}",
+        row["snapshot"],
+        row["first_seq"],
+        trimmed_at.elapsed()
+    );
+    let table = String::from_utf8_lossy(&tally(&["cluster", "status"], &config).stdout).into_owned();
+    assert!(table.contains("snapshot") && table.contains("first seq"), "{table}");
+    let mut taken = 0.0;
+    for n in &nodes {
+        let r = send(&http, Method::GET, format!("http://{}/metrics", n.admin), &[], Vec::new()).await;
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        taken += text
+            .lines()
+            .find_map(|l| l.strip_prefix("tally_cluster_snapshots_total{outcome=\"ok\"} "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    }
+    assert!(taken >= 1.0, "the owner counts its snapshots");
+
+    // A fresh node cannot replay what was trimmed: it restores the snapshot, replays the
+    // rest, holds the same ledger, and goes on applying.
+    let want = ledger(&http, &nodes[0]).await;
+    assert_eq!(want.status, 200);
+    let restored_at = Instant::now();
+    let d = node_with(&nats, "gw-4", partitions, every).await;
+    loop {
+        let got = ledger(&http, &d).await;
+        if got.status == 200 && got.body == want.body {
+            break;
+        }
+        assert!(restored_at.elapsed() < Duration::from_secs(20), "the restored node's ledger differs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    assert!(log.contains("restored the partition's snapshot"), "{log}");
+    let body = r#"{"txn_id":"after-restore","amount":"10.00","currency":"USD","partner_id":"ann"}"#;
+    let r = convert(&http, &d, &key, "msg_after_restore", body).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let r = convert(&http, &nodes[1], &key, "msg_after_restore_2", body).await;
+    assert_eq!(r.status, 200, "a duplicate on another node: {}", String::from_utf8_lossy(&r.body));
+    let want = ledger(&http, &nodes[2]).await;
+    let got = ledger(&http, &d).await;
+    assert_eq!(got.body, want.body, "the restored node and an old one agree after the restore");
+    eprintln!(
+        "cluster: a fresh node restored the snapshot and matched the ledger ({} bytes) in {:?}",
+        want.body.len(),
+        restored_at.elapsed()
+    );
+
+    // A node away while the log is trimmed past its position restores the snapshot over
+    // its own store when it comes back. (Its report is removed as if it had expired, which
+    // takes 30 s: until then the trim keeps what it had still to apply.)
+    let [n1, n2, mut n3] = nodes;
+    n3.child.kill().await.unwrap();
+    let js = async_nats::jetstream::new(
+        async_nats::connect(format!("nats://127.0.0.1:{}", nats.client_ports[0])).await.unwrap(),
+    );
+    js.get_key_value("tally_nodes").await.unwrap().purge("gw-3").await.unwrap();
+    let before = status_json(&config).unwrap()["partitions"][p]["last_seq"].as_u64().unwrap();
+    for i in 0..120 {
+        let body = format!(r#"{{"txn_id":"away-{i}","amount":"10.00","currency":"USD","partner_id":"ann"}}"#);
+        let node = if i % 2 == 0 { &n1 } else { &n2 };
+        let r = convert(&http, node, &key, &format!("msg_away{i}"), &body).await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    }
+    wait_until(Duration::from_secs(20), || {
+        status_json(&config).is_some_and(|s| s["partitions"][p]["first_seq"].as_u64().is_some_and(|f| f > before + 1))
+    });
+    let back = node_with(&nats, "gw-3", partitions, every).await;
+    let want = ledger(&http, &n1).await;
+    let back_at = Instant::now();
+    loop {
+        let got = ledger(&http, &back).await;
+        if got.status == 200 && got.body == want.body {
+            break;
+        }
+        assert!(back_at.elapsed() < Duration::from_secs(20), "the node back from away differs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&back.log).unwrap();
+    assert!(log.contains("restored the partition's snapshot"), "{log}");
 }
