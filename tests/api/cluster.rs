@@ -512,12 +512,14 @@ async fn kill_9_of_a_log_leader_and_of_a_tally_owner_loses_and_doubles_nothing()
     let _heavy = heavy_test().await;
     let mut nats = Nats::start();
     let partitions = 4;
-    let config = nats.config("gw-1", partitions);
+    // Snapshots and trims run under the load and through the kills too.
+    let every = "snapshot_every = 20000\n";
+    let config = nats.config_with("gw-1", partitions, every);
     init(&config);
     let mut nodes = [
-        Some(node(&nats, "gw-1", partitions).await),
-        Some(node(&nats, "gw-2", partitions).await),
-        Some(node(&nats, "gw-3", partitions).await),
+        Some(node_with(&nats, "gw-1", partitions, every).await),
+        Some(node_with(&nats, "gw-2", partitions, every).await),
+        Some(node_with(&nats, "gw-3", partitions, every).await),
     ];
     let http = client();
     let key = program(&http, nodes[0].as_ref().unwrap()).await;
@@ -678,11 +680,16 @@ async fn kill_9_of_a_log_leader_and_of_a_tally_owner_loses_and_doubles_nothing()
     assert_eq!(txns.len(), acked.len(), "no txn acknowledged twice as created");
     assert_eq!(lines, acked.len(), "one ledger entry per acknowledged conversion, none doubled");
     assert!(ledgers.iter().all(|l| *l == ledgers[0]), "the surviving nodes hold identical ledgers");
+    let row = status_json(&config).map(|s| s["partitions"][p].clone()).unwrap_or_default();
     eprintln!(
         "cluster kills: {} conversions acknowledged, {} retries; log leader {leader} killed at {nats_killed:?}: longest gap {log_gap:?}; \
-         owner {owner} killed at {tally_killed:?}: partition {p} taken over after {takeover:?}, longest gap {owner_gap:?}",
+         owner {owner} killed at {tally_killed:?}: partition {p} taken over after {takeover:?}, longest gap {owner_gap:?}; \
+         its log holds {}..{}, snapshot at {}",
         acked.len(),
-        retried.load(Ordering::SeqCst)
+        retried.load(Ordering::SeqCst),
+        row["first_seq"],
+        row["last_seq"],
+        row["snapshot"]
     );
 }
 
