@@ -73,6 +73,8 @@ pub struct Metrics {
     pub cluster_forward_lag: Histogram,
     /// Cluster mode: from an append to JetStream's acknowledgement.
     pub cluster_append_duration: Histogram,
+    /// Cluster mode: commands per log entry this node appended (group commit).
+    pub cluster_entry_commands: Histogram,
     /// Cluster mode: partition snapshots this node took, by outcome (`ok`, `failed`).
     pub cluster_snapshots: IntCounterVec,
     write_stalls: IntCounterVec,
@@ -288,6 +290,12 @@ impl Metrics {
                 "tally_cluster_append_duration_seconds",
                 "Cluster mode: time from an append to its acknowledgement by JetStream (a quorum has it).",
                 vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
+            ),
+            cluster_entry_commands: histogram(
+                &r,
+                "tally_cluster_entry_commands",
+                "Cluster mode: commands carried by each log entry this node appended (requests queued while earlier appends were in flight share one entry).",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
             ),
             cluster_snapshots: counter_vec(
                 &r,

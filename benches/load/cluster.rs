@@ -37,16 +37,33 @@ async fn drive(targets: &[Target], connections: usize, duration: Duration) -> (u
     (ok, secs)
 }
 
-/// Prints one result line the script collects.
-fn report(mode: &str, nodes: usize, ok: u64, secs: f64, tally_cpu: f64, nats_cpu: f64) {
+/// Prints one result line the script collects; `per_entry` is the mean number of commands
+/// per log entry the nodes appended (0 for the single node).
+fn report(mode: &str, nodes: usize, ok: u64, secs: f64, cpu: (f64, f64), per_entry: f64) {
+    let (tally_cpu, nats_cpu) = cpu;
     let per = |cpu: f64| if ok == 0 { f64::NAN } else { cpu * 1e6 / ok as f64 };
     println!(
-        "RESULT mode={mode} nodes={nodes} conversions={ok} per_second={:.0} tally_cpu_us={:.0} nats_cpu_us={:.0} total_cpu_us={:.0}",
+        "RESULT mode={mode} nodes={nodes} conversions={ok} per_second={:.0} tally_cpu_us={:.0} nats_cpu_us={:.0} total_cpu_us={:.0} per_entry={per_entry:.1}",
         ok as f64 / secs,
         per(tally_cpu),
         per(nats_cpu),
         per(tally_cpu + nats_cpu)
     );
+}
+
+/// Commands and entries the nodes appended, from their `tally_cluster_entry_commands`.
+async fn entries(admins: &[std::net::SocketAddr]) -> (f64, f64) {
+    let mut total = (0.0, 0.0);
+    for admin in admins {
+        let (_, body) = super::reports::admin_get(*admin, "/metrics").await;
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let value = |name: &str| {
+            text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
+        };
+        total.0 += value("tally_cluster_entry_commands_sum ");
+        total.1 += value("tally_cluster_entry_commands_count ");
+    }
+    total
 }
 
 /// The single node with the bench config.
@@ -58,7 +75,7 @@ pub async fn single(dir: &Path, duration: Duration, connections: usize) {
     drive(std::slice::from_ref(&target), connections, Duration::from_secs(1)).await;
     let before = cpu_seconds(pid);
     let (ok, secs) = drive(std::slice::from_ref(&target), connections, duration).await;
-    report("single", 1, ok, secs, cpu_seconds(pid) - before, 0.0);
+    report("single", 1, ok, secs, (cpu_seconds(pid) - before, 0.0), 0.0);
 }
 
 /// `nodes` tally nodes on the NATS servers of `scripts/cluster start <cluster_dir>`.
@@ -72,6 +89,7 @@ pub async fn cluster(cluster_dir: &Path, nodes: usize, duration: Duration, conne
     let dirs: Vec<tempfile::TempDir> = (0..nodes).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut children = Vec::new();
     let mut targets = Vec::new();
+    let mut admins = Vec::new();
     for (i, d) in dirs.iter().enumerate() {
         if i > 0 {
             // The merchant's secret is the first node's: the others import it.
@@ -79,14 +97,19 @@ pub async fn cluster(cluster_dir: &Path, nodes: usize, duration: Duration, conne
         }
         let config =
             format!("{CONFIG}\n[cluster]\n{urls}\nnode_id = \"bench-{}\"\npartitions = 16\nreplicas = 3\n", i + 1);
-        let (child, addr, _, secret) = start_tally_env(d.path(), &config, &[]).await;
+        let (child, addr, admin, secret) = start_tally_env(d.path(), &config, &[]).await;
         children.push(child);
+        admins.push(admin);
         targets.push(Target { name: "tally", addr, secret: Some(secret), clicks: Arc::default() });
     }
     let tally_pids: Vec<u32> = children.iter().filter_map(tokio::process::Child::id).collect();
     drive(&targets, connections, Duration::from_secs(1)).await;
     let (t0, n0) = (total_cpu(&tally_pids), total_cpu(&nats_pids));
+    let e0 = entries(&admins).await;
     let (ok, secs) = drive(&targets, connections, duration).await;
-    report("cluster", nodes, ok, secs, total_cpu(&tally_pids) - t0, total_cpu(&nats_pids) - n0);
+    let cpu = (total_cpu(&tally_pids) - t0, total_cpu(&nats_pids) - n0);
+    let e1 = entries(&admins).await;
+    let per_entry = if e1.1 > e0.1 { (e1.0 - e0.0) / (e1.1 - e0.1) } else { 0.0 };
+    report("cluster", nodes, ok, secs, cpu, per_entry);
     drop(children);
 }

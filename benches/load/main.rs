@@ -175,7 +175,11 @@ destination = "https://shop.example.com/?ref={click_id}&s1={sub1}"
 plan_id = "std"
 "#;
 
+/// The release build, or `TALLY_BIN` (another build, for A/B runs).
 fn tally_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TALLY_BIN") {
+        return PathBuf::from(bin);
+    }
     let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("target"));
     let bin = target.join("release").join("tally");
     assert!(bin.exists(), "{} is missing: run `cargo build --release` first", bin.display());

@@ -5,7 +5,7 @@
 use super::*;
 
 /// One admin GET on a fresh connection; the status and the whole body.
-async fn admin_get(admin: SocketAddr, path: &str) -> (u16, Bytes) {
+pub(crate) async fn admin_get(admin: SocketAddr, path: &str) -> (u16, Bytes) {
     let stream = TcpStream::connect(admin).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);

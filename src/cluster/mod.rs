@@ -22,7 +22,8 @@ pub use nats::{init, status, ClusterError, ClusterStatus, NodeReport, PartitionS
 pub use node::Node;
 
 /// The wire format of the partition logs; a node refuses a cluster made with another one.
-pub const FORMAT_VERSION: u32 = 1;
+/// Format 2: an entry carries several commands (`{"commands": [...]}`).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The KV bucket holding each partition's lease (`p0003` → the owning node).
 pub const LEASES_BUCKET: &str = "tally_leases";
@@ -53,6 +54,21 @@ pub fn partition_of(merchant: &str, partitions: u16) -> u16 {
     let mut head = [0u8; 8];
     head.copy_from_slice(&digest[..8]);
     (u64::from_be_bytes(head) % u64::from(partitions.max(1))) as u16
+}
+
+/// A command's position in its partition's log is `seq << INDEX_BITS | index`: the
+/// entry's sequence and the command's index in it (an entry holds at most
+/// `1 << INDEX_BITS` commands).
+pub(crate) const INDEX_BITS: u32 = 10;
+
+/// The position of command `index` of entry `seq`.
+pub(crate) fn position(seq: u64, index: usize) -> u64 {
+    (seq << INDEX_BITS) | index as u64
+}
+
+/// The entry a position is in.
+pub(crate) fn entry_of(position: u64) -> u64 {
+    position >> INDEX_BITS
 }
 
 /// The JetStream stream of partition `p`.

@@ -63,7 +63,8 @@ pub struct PartitionStatus {
     /// The log's last position (0: empty).
     pub last_seq: u64,
     pub messages: u64,
-    /// The log position of the partition's newest snapshot, if it has one.
+    /// The log entry of the partition's newest snapshot (it holds that entry's commands
+    /// up to some index), if it has one.
     pub snapshot: Option<u64>,
     /// The node holding the partition's lease, if any.
     pub owner: Option<String>,
@@ -344,7 +345,7 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
             Err(_) => row.unavailable = Some(format!("no answer in {STREAM_TIMEOUT:?} (a leader election?)")),
         }
         if let Some(bucket) = &snapshots {
-            row.snapshot = super::snapshot::latest(bucket, p).await.ok().flatten();
+            row.snapshot = super::snapshot::latest(bucket, p).await.ok().flatten().map(super::entry_of);
         }
         partitions.push(row);
     }
