@@ -579,7 +579,9 @@ async fn publish(
         }
         tracing::debug!(subject, error, "append not acknowledged; retrying with the same message id");
         tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_millis(800));
+        // Capped at 250 ms: once a new leader is elected the entry goes within a quarter
+        // second (one entry per partition retries, not every request).
+        wait = (wait * 2).min(Duration::from_millis(250));
     }
 }
 

@@ -440,20 +440,26 @@ async fn three_nodes_share_configuration_dedupe_exactly_attribute_across_nodes_a
     // A fresh node rebuilds every partition from the logs: a byte-identical ledger.
     let rebuilt_at = Instant::now();
     let d = node(&nats, "gw-4", partitions).await;
-    loop {
-        let got = ledger(&http, &d).await;
-        if got.status == 200 && got.body == want.body {
-            break;
-        }
-        assert!(rebuilt_at.elapsed() < Duration::from_secs(20), "the rebuilt node's ledger differs");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ledger_reaches(&http, &d, &want.body, "the rebuilt node").await;
     eprintln!(
         "cluster: link reached node C after {reached:?}; click forward lag p99 by node {lags:?} s; \
          rebuild of {} ledger bytes on a fresh node in {:?}",
         want.body.len(),
         rebuilt_at.elapsed()
     );
+}
+
+/// Waits (at most 20 s) until `node`'s ledger of partner ann is byte-identical to `want`.
+async fn ledger_reaches(http: &HttpClient, node: &Proc, want: &[u8], who: &str) {
+    let started = Instant::now();
+    loop {
+        let got = ledger(http, node).await;
+        if got.status == 200 && got.body == want {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{who}'s ledger differs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Sets up merchant `shop` (plan, partner `ann` on it) through `node`; its signing key.
@@ -752,14 +758,7 @@ async fn snapshots_trim_the_log_and_a_fresh_node_restores_one_to_an_identical_le
     assert_eq!(want.status, 200);
     let restored_at = Instant::now();
     let d = node_with(&nats, "gw-4", partitions, every).await;
-    loop {
-        let got = ledger(&http, &d).await;
-        if got.status == 200 && got.body == want.body {
-            break;
-        }
-        assert!(restored_at.elapsed() < Duration::from_secs(20), "the restored node's ledger differs");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ledger_reaches(&http, &d, &want.body, "the restored node").await;
     let log = std::fs::read_to_string(&d.log).unwrap();
     assert!(log.contains("restored the partition's snapshot"), "{log}");
     let body = r#"{"txn_id":"after-restore","amount":"10.00","currency":"USD","partner_id":"ann"}"#;
@@ -796,16 +795,7 @@ async fn snapshots_trim_the_log_and_a_fresh_node_restores_one_to_an_identical_le
         status_json(&config).is_some_and(|s| s["partitions"][p]["first_seq"].as_u64().is_some_and(|f| f > before + 1))
     });
     let back = node_with(&nats, "gw-3", partitions, every).await;
-    let want = ledger(&http, &n1).await;
-    let back_at = Instant::now();
-    loop {
-        let got = ledger(&http, &back).await;
-        if got.status == 200 && got.body == want.body {
-            break;
-        }
-        assert!(back_at.elapsed() < Duration::from_secs(20), "the node back from away differs");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ledger_reaches(&http, &back, &ledger(&http, &n1).await.body, "the node back from away").await;
     let log = std::fs::read_to_string(&back.log).unwrap();
     assert!(log.contains("restored the partition's snapshot"), "{log}");
 }
