@@ -491,10 +491,7 @@ impl Store {
     /// # Errors
     /// `Io` when RocksDB cannot create the checkpoint (an existing `dir`, a full disk).
     pub fn checkpoint(&self, dir: &std::path::Path) -> Result<(), StoreError> {
-        let db = self.shared.db()?;
-        db.flush_wal(true)?;
-        rocksdb::checkpoint::Checkpoint::new(&*db)?.create_checkpoint(dir)?;
-        Ok(())
+        checkpoint_into(&*self.shared.db()?, dir)
     }
 
     /// Figures for `/metrics`.
@@ -609,6 +606,13 @@ impl Store {
         let store = self.clone();
         let _ = std::thread::spawn(move || store.shutdown()).join();
     }
+}
+
+/// A RocksDB checkpoint of `db` in `dir`, its WAL synced first.
+fn checkpoint_into(db: &DB, dir: &std::path::Path) -> Result<(), StoreError> {
+    db.flush_wal(true)?;
+    rocksdb::checkpoint::Checkpoint::new(db)?.create_checkpoint(dir)?;
+    Ok(())
 }
 
 /// A stored log position (absent: 0).

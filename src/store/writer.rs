@@ -288,9 +288,7 @@ impl Writer {
     /// A checkpoint of the database as every batch written so far left it, and the log
     /// position stored with the last of them: nothing is written while it is taken.
     fn checkpoint(&self, dir: &std::path::Path) -> Result<u64, StoreError> {
-        let db = self.shared.db()?;
-        db.flush_wal(true)?;
-        rocksdb::checkpoint::Checkpoint::new(&*db)?.create_checkpoint(dir)?;
+        super::checkpoint_into(&*self.shared.db()?, dir)?;
         super::stored_position(self.shared.get(Cf::Meta, super::keys::META_APPLIED)?)
     }
 
