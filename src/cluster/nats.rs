@@ -253,26 +253,31 @@ pub(super) async fn nodes_bucket(js: &jetstream::Context, replicas: u8) -> Resul
     .await
 }
 
-/// Every node report in the bucket, by node id.
-pub(super) async fn node_reports(js: &jetstream::Context) -> Vec<NodeReport> {
+/// Every node report in `bucket`, by node id, each decoded or why not. Fails when the
+/// bucket cannot be read whole: the owner's trim must not mistake a missed report for
+/// a node that is gone.
+pub(super) async fn read_reports(bucket: &kv::Store) -> Result<Vec<Result<NodeReport, String>>, ClusterError> {
+    let mut keys = timed("list the node reports", bucket.keys()).await?;
+    let mut names = Vec::new();
+    while let Some(key) = within("list the node reports", futures_util::StreamExt::next(&mut keys)).await? {
+        names.push(key.map_err(call("list the node reports"))?);
+    }
+    names.sort();
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        if let Some(bytes) = timed("read a node report", bucket.get(&name)).await? {
+            out.push(serde_json::from_slice::<NodeReport>(&bytes).map_err(|e| format!("the report of {name}: {e}")));
+        }
+    }
+    Ok(out)
+}
+
+/// The node reports that can be read now, for `status` (none when the bucket is absent).
+async fn node_reports(js: &jetstream::Context) -> Vec<NodeReport> {
     let Ok(Ok(bucket)) = tokio::time::timeout(STREAM_TIMEOUT, js.get_key_value(NODES_BUCKET)).await else {
         return Vec::new();
     };
-    let Ok(Ok(mut keys)) = tokio::time::timeout(STREAM_TIMEOUT, bucket.keys()).await else { return Vec::new() };
-    let mut names = Vec::new();
-    while let Ok(Some(Ok(k))) = tokio::time::timeout(STREAM_TIMEOUT, futures_util::StreamExt::next(&mut keys)).await {
-        names.push(k);
-    }
-    let mut out = Vec::new();
-    for name in names {
-        if let Ok(Ok(Some(bytes))) = tokio::time::timeout(STREAM_TIMEOUT, bucket.get(&name)).await {
-            if let Ok(report) = serde_json::from_slice::<NodeReport>(&bytes) {
-                out.push(report);
-            }
-        }
-    }
-    out.sort_by(|a, b| a.node.cmp(&b.node));
-    out
+    read_reports(&bucket).await.map(|all| all.into_iter().flatten().collect()).unwrap_or_default()
 }
 
 pub(super) async fn read_shape(meta: &kv::Store) -> Result<Option<Shape>, ClusterError> {

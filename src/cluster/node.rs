@@ -44,7 +44,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore}
 use tokio::task::JoinHandle;
 
 use super::nats::{
-    check_shape, connect, node_reports, nodes_bucket, read_shape, shape_of, timed, ClusterError, NodeReport,
+    check_shape, connect, nodes_bucket, read_reports, read_shape, shape_of, timed, ClusterError, NodeReport,
 };
 use super::snapshot;
 use super::{
@@ -176,6 +176,8 @@ struct Inner {
     parts: Vec<Part>,
     spool: Spool,
     spool_wake: Notify,
+    /// The bucket every node reports its positions to (`tally_nodes`).
+    reports: kv::Store,
     snapshots: object_store::ObjectStore,
     /// Where snapshots are packed and unpacked (`data_dir/snapshots`).
     work: PathBuf,
@@ -313,6 +315,7 @@ impl Node {
             parts,
             spool,
             spool_wake: Notify::new(),
+            reports,
             snapshots,
             work,
             salt,
@@ -329,7 +332,7 @@ impl Node {
             tasks.push(tokio::spawn(append_entries(Arc::clone(&inner), p, queued)));
         }
         tasks.push(tokio::spawn(forward_clicks(Arc::clone(&inner))));
-        tasks.push(tokio::spawn(hold_leases(Arc::clone(&inner), leases, reports)));
+        tasks.push(tokio::spawn(hold_leases(Arc::clone(&inner), leases)));
         tasks.push(tokio::spawn(snapshot_owned(Arc::clone(&inner))));
         *inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = tasks;
         tracing::info!(node = %settings.node_id, partitions = settings.partitions, "cluster node started");
@@ -804,7 +807,7 @@ async fn forward_clicks(inner: Arc<Inner>) {
 /// Takes free partitions and renews the ones held, every [`LEASE_EVERY`]. A lease whose
 /// renewal failed is given up at once; one not renewed for `LEASE_TTL - 1 s` is no longer
 /// acted on, though JetStream keeps it until its TTL.
-async fn hold_leases(inner: Arc<Inner>, leases: kv::Store, reports: kv::Store) {
+async fn hold_leases(inner: Arc<Inner>, leases: kv::Store) {
     let mut revisions: Vec<Option<u64>> = vec![None; inner.parts.len()];
     let hold_for = u64::try_from((LEASE_TTL - Duration::from_secs(1)).as_millis()).unwrap_or(4000);
     let node = Bytes::from(inner.settings.node_id.clone());
@@ -856,7 +859,7 @@ async fn hold_leases(inner: Arc<Inner>, leases: kv::Store, reports: kv::Store) {
             at_ms: crate::domain::clock::Clock::now_ms(&crate::domain::clock::SystemClock),
         };
         if let Ok(bytes) = serde_json::to_vec(&report) {
-            let put = reports.put(&inner.settings.node_id, Bytes::from(bytes));
+            let put = inner.reports.put(&inner.settings.node_id, Bytes::from(bytes));
             let _ = tokio::time::timeout(LEASE_EVERY, put).await;
         }
     }
@@ -922,7 +925,21 @@ async fn snapshot_owned(inner: Arc<Inner>) {
 async fn trim(inner: &Inner, part: &Part) {
     let mut keep_from =
         entry_of(part.snapshot_at.load(Ordering::SeqCst)).min(entry_of(part.applied.load(Ordering::SeqCst)));
-    for report in node_reports(&inner.js).await {
+    let reports = match read_reports(&inner.reports).await {
+        Ok(reports) => reports,
+        Err(e) => {
+            tracing::warn!(partition = part.p, error = %e, "the node reports could not be read; the log is not trimmed now");
+            return;
+        }
+    };
+    for report in reports {
+        let report = match report {
+            Ok(report) => report,
+            Err(e) => {
+                tracing::warn!(partition = part.p, error = %e, "a node report does not decode; the log is not trimmed now");
+                return;
+            }
+        };
         if let Some(applied) = report.applied.get(usize::from(part.p)) {
             keep_from = keep_from.min(*applied);
         }
