@@ -13,7 +13,7 @@ use std::time::Duration;
 use super::{run, start_tally, start_tally_env, Target, Workload, CONFIG};
 
 /// User + system CPU seconds of a process, all its threads (`/proc/<pid>/stat`, USER_HZ 100).
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
     // The fields after the command name (which may hold spaces) in parentheses.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);

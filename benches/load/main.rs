@@ -74,6 +74,8 @@ struct Row {
     p99_us: u64,
     p999_us: u64,
     ratio_to_bare: Option<f64>,
+    /// tally's user + system CPU over the run, per answered request (µs).
+    cpu_us_per_request: Option<f64>,
 }
 
 /// True when the command line holds `name`.
@@ -456,8 +458,8 @@ async fn client() {
         if open_loop { "open loop at half the bare server's closed-loop maximum" } else { "closed loop" }
     );
     println!(
-        "{:<12} {:<11} {:>10} {:>7} {:>10} {:>8} {:>8} {:>9} {:>8}",
-        "workload", "target", "requests", "errors", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "ratio"
+        "{:<12} {:<11} {:>10} {:>7} {:>10} {:>8} {:>8} {:>9} {:>8} {:>8}",
+        "workload", "target", "requests", "errors", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "ratio", "cpu µs"
     );
     let mut rows = Vec::new();
     for w in workloads {
@@ -469,7 +471,13 @@ async fn client() {
             None
         };
         for target in [&bare, &tally] {
+            // tally's own CPU per answered request: steadier than req/s on a shared box,
+            // where the load generator and other tenants take cores from run to run.
+            let cpu_before = tally_pid.filter(|_| target.name == "tally").map(cluster::cpu_seconds);
             let (ok, errors, h, secs) = run(target, w, connections, duration, rate).await;
+            let cpu_us = cpu_before
+                .zip(tally_pid)
+                .map(|(before, pid)| (cluster::cpu_seconds(pid) - before) * 1e6 / ok.max(1) as f64);
             let rps = ok as f64 / secs;
             let ratio = bare_rps.map(|b: f64| rps / b);
             if target.name == "bare-hyper" {
@@ -485,9 +493,10 @@ async fn client() {
                 p99_us: h.value_at_quantile(0.99),
                 p999_us: h.value_at_quantile(0.999),
                 ratio_to_bare: ratio,
+                cpu_us_per_request: cpu_us,
             };
             println!(
-                "{:<12} {:<11} {:>10} {:>7} {:>10.0} {:>8} {:>8} {:>9} {:>8}",
+                "{:<12} {:<11} {:>10} {:>7} {:>10.0} {:>8} {:>8} {:>9} {:>8} {:>8}",
                 row.workload,
                 row.target,
                 row.requests,
@@ -496,7 +505,8 @@ async fn client() {
                 row.p50_us,
                 row.p99_us,
                 row.p999_us,
-                row.ratio_to_bare.map(|r| format!("{:.0}%", r * 100.0)).unwrap_or_else(|| "-".into())
+                row.ratio_to_bare.map(|r| format!("{:.0}%", r * 100.0)).unwrap_or_else(|| "-".into()),
+                row.cpu_us_per_request.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into())
             );
             rows.push(row);
         }

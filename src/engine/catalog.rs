@@ -2,28 +2,27 @@
 //! engine reads them: every backend keeps them in memory and publishes a new catalog
 //! after each committed entity write, built by [`Catalog::apply`] from the write's effects.
 
-use std::collections::HashMap;
-
 use crate::domain::clock::UnixMillis;
 use crate::domain::entities::{Merchant, Partner};
 use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId};
 use crate::domain::link::Link;
 use crate::domain::plan::Plan;
+use crate::domain::FastMap;
 use crate::signing::SecretSet;
 
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
-    pub merchants: HashMap<MerchantId, Merchant>,
-    pub secrets: HashMap<MerchantId, SecretSet>,
+    pub merchants: FastMap<MerchantId, Merchant>,
+    pub secrets: FastMap<MerchantId, SecretSet>,
     /// SHA-256 of each merchant's postback token (token mode, SPEC 4.2).
-    pub postback_tokens: HashMap<MerchantId, [u8; 32]>,
-    pub partners: HashMap<PartnerId, Partner>,
-    pub partner_secrets: HashMap<PartnerId, SecretSet>,
-    pub links: HashMap<LinkId, Link>,
+    pub postback_tokens: FastMap<MerchantId, [u8; 32]>,
+    pub partners: FastMap<PartnerId, Partner>,
+    pub partner_secrets: FastMap<PartnerId, SecretSet>,
+    pub links: FastMap<LinkId, Link>,
     /// Versions of each plan, oldest first.
-    pub plans: HashMap<(MerchantId, PlanId), Vec<Plan>>,
+    pub plans: FastMap<(MerchantId, PlanId), Vec<Plan>>,
     /// `(merchant, coupon)` -> partner.
-    pub coupons: HashMap<(MerchantId, String), PartnerId>,
+    pub coupons: FastMap<(MerchantId, String), PartnerId>,
 }
 
 impl Catalog {

@@ -1,7 +1,7 @@
 //! A command's transaction: the state it reads, overlaid with what it has written so far,
 //! and the effects in the order they were made.
 
-use std::collections::HashMap;
+use crate::domain::FastMap;
 
 use super::{Catalog, DealAnswer, Effect, Entropy, Hold, OutboxIndex, State};
 use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth};
@@ -76,7 +76,7 @@ const SCAN_LIMIT: usize = 16;
 pub struct Tx<'s, S: State + ?Sized> {
     base: &'s S,
     /// Key hash -> positions in `effects`, built once the command has many effects.
-    index: HashMap<u64, Vec<usize>>,
+    index: FastMap<u64, Vec<usize>>,
     head: Option<Option<Ulid>>,
     /// Ids derived from entropy so far: 0 is the conversion's own, ledger entries count on.
     minted: u32,
@@ -87,7 +87,7 @@ impl<'s, S: State + ?Sized> Tx<'s, S> {
     pub fn new(base: &'s S) -> Self {
         // A credited conversion makes five or six effects: one allocation for them all.
         let effects = Vec::with_capacity(8);
-        Tx { base, index: HashMap::new(), head: None, minted: 0, effects }
+        Tx { base, index: FastMap::default(), head: None, minted: 0, effects }
     }
 
     /// The latest effect this command wrote under `key`.

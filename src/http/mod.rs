@@ -303,12 +303,14 @@ async fn dispatch(
     // Built only when request logs are on: this runs for every click.
     let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| (req.method().clone(), redacted_target(req.uri())));
     let span = tracing::info_span!("request", request_id = %request_id);
-    let handled = async {
+    // Boxed: the handlers' futures are kilobytes, and every move of this one (into the
+    // panic guard, into hyper's connection) would copy them (17 KB per request unboxed).
+    let handled = Box::pin(async {
         match kind {
             Listener::Public => public::handle(&ctx, client, req).await,
             Listener::Admin => admin::handle(&ctx, req).await,
         }
-    };
+    });
     let (route, result) = guarded(&ctx.metrics, &span, handled).await;
     let mut resp = result.unwrap_or_else(ApiError::into_response);
     if resp.status() == StatusCode::METHOD_NOT_ALLOWED {

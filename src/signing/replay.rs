@@ -2,11 +2,12 @@
 //! sender with a different body is refused. Memory is bounded: at most `capacity`
 //! ids are remembered, oldest dropped first (counted, so an operator can raise it).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use sha2::{Digest, Sha256};
 
 use crate::domain::clock::UnixMillis;
+use crate::domain::FastMap;
 
 /// Default window of the replay guard (SPEC 4.1: 10 minutes).
 pub const DEFAULT_WINDOW_MS: i64 = 600_000;
@@ -16,7 +17,7 @@ pub const DEFAULT_CAPACITY: usize = 200_000;
 pub struct ReplayGuard {
     window_ms: i64,
     capacity: usize,
-    seen: HashMap<Key, ([u8; 32], UnixMillis)>,
+    seen: FastMap<Key, ([u8; 32], UnixMillis)>,
     order: VecDeque<(Key, UnixMillis)>,
     /// Ids dropped before their window ended because the guard was full.
     pub evicted_early: u64,
@@ -31,7 +32,7 @@ pub struct Replay;
 
 impl ReplayGuard {
     pub fn new(window_ms: i64, capacity: usize) -> Self {
-        ReplayGuard { window_ms, capacity, seen: HashMap::new(), order: VecDeque::new(), evicted_early: 0 }
+        ReplayGuard { window_ms, capacity, seen: FastMap::default(), order: VecDeque::new(), evicted_early: 0 }
     }
 
     /// 128 bits of SHA-256 over the sender's scope and the id: a fixed 16 bytes per entry

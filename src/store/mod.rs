@@ -267,7 +267,7 @@ struct RecentConversion {
 /// conversion records, so it keeps this exact: a staged put or delete of a key drops it,
 /// and a failed write or a reopen drops everything. The oldest entries go first.
 struct RecentConversions {
-    records: std::collections::HashMap<Vec<u8>, RecentConversion>,
+    records: crate::domain::FastMap<Vec<u8>, RecentConversion>,
     order: std::collections::VecDeque<Vec<u8>>,
     capacity: usize,
 }

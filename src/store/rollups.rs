@@ -117,8 +117,8 @@ pub(super) fn operands(inc: &Increment) -> Vec<(Vec<u8>, Vec<u8>)> {
 /// the click rate, BENCHMARKS.md.) Summing first is exact: the merge operator adds.
 #[derive(Default)]
 pub(super) struct Staged {
-    cells: std::collections::HashMap<rollup::Cell, Counters>,
-    firsts: std::collections::HashMap<(MerchantId, PartnerId), UnixMillis>,
+    cells: crate::domain::FastMap<rollup::Cell, Counters>,
+    firsts: crate::domain::FastMap<(MerchantId, PartnerId), UnixMillis>,
 }
 
 impl Staged {

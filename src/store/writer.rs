@@ -15,8 +15,8 @@
 //! such data (a duplicate of a conversion whose batch is still syncing) waits for the
 //! next sync too: a `2xx` never reports something that is not durable.
 
+use crate::domain::FastMap;
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -54,7 +54,7 @@ pub(super) struct Pending<'a> {
     db: Option<Arc<rocksdb::DB>>,
     batch: WriteBatch,
     /// What this batch staged by key: a value, or `None` for a delete.
-    puts: HashMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
+    puts: FastMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
     /// Some answer of this batch promises durability: `done` waits for the WAL sync.
     pub(super) sync: bool,
     /// Answers sent once the batch is durable.
@@ -81,7 +81,7 @@ impl<'a> Pending<'a> {
             shared,
             db: shared.db().ok().filter(|_| usable),
             batch: WriteBatch::default(),
-            puts: HashMap::new(),
+            puts: FastMap::default(),
             sync: false,
             done: Vec::new(),
             written: Vec::new(),
@@ -152,7 +152,7 @@ impl<'a> Pending<'a> {
 fn stage_puts(
     db: &rocksdb::DB,
     batch: &mut WriteBatch,
-    puts: HashMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
+    puts: FastMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
 ) -> Result<(), StoreError> {
     for ((cf, key), value) in puts {
         let handle = super::cf_of(db, cf)?;

@@ -219,10 +219,15 @@ async fn node(nats: &Nats, name: &str, partitions: u16) -> Proc {
 
 /// [`node`] with more `[cluster]` lines.
 async fn node_with(nats: &Nats, name: &str, partitions: u16, cluster: &str) -> Proc {
+    node_full(nats, name, partitions, cluster, "").await
+}
+
+/// [`node_with`] with more sections after the cluster's (`extra`: whole TOML sections).
+async fn node_full(nats: &Nats, name: &str, partitions: u16, cluster: &str, extra: &str) -> Proc {
     let config = format!(
         "public_addr = \"127.0.0.1:0\"\nadmin_addr = \"127.0.0.1:0\"\n{}\n\
          [limits]\nclicks_per_ip_per_second = 100000\nclicks_burst = 100000\n\
-         [outbound]\nallow_private = true\npoll_interval_ms = 50\n",
+         [outbound]\nallow_private = true\npoll_interval_ms = 50\n{extra}",
         std::fs::read_to_string(nats.config_with(name, partitions, cluster)).unwrap()
     );
     let run = nats.dir.path().join(format!("{name}-run"));
@@ -798,4 +803,109 @@ async fn snapshots_trim_the_log_and_a_fresh_node_restores_one_to_an_identical_le
     ledger_reaches(&http, &back, &ledger(&http, &n1).await.body, "the node back from away").await;
     let log = std::fs::read_to_string(&back.log).unwrap();
     assert!(log.contains("restored the partition's snapshot"), "{log}");
+}
+
+/// `txn`'s status on `node` (admin read), or `None` while the node does not know it.
+async fn status_of(http: &HttpClient, node: &Proc, txn: &str) -> Option<(String, Value)> {
+    let r = admin(http, node, Method::GET, &format!("/admin/v1/merchants/shop/conversions/{txn}"), None).await;
+    (r.status == 200).then(|| {
+        let v = r.json();
+        (v["conversion"]["status"].as_str().unwrap_or_default().to_string(), v)
+    })
+}
+
+/// Waits until every node in `nodes` shows `txn` approved by the hold sweep; the time taken.
+async fn approved_everywhere(http: &HttpClient, nodes: &[&Proc], txn: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    for n in nodes {
+        loop {
+            if status_of(http, n, txn).await.is_some_and(|(s, _)| s == "approved") {
+                break;
+            }
+            assert!(started.elapsed() < limit, "{txn} was not approved on {} within {limit:?}", n.admin);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    started.elapsed()
+}
+
+/// SPEC 14: timer commands are the partition owner's. With `hold_days = 0` a conversion is
+/// due at once, and the owner's hold sweep approves it through the log: once, on every
+/// node, whichever node took it (one `approved` step in its history, identical records and
+/// ledgers everywhere). After the owner's `kill -9` the node that takes the partition over
+/// sweeps in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_owner_sweeps_holds_once_for_every_node_and_its_successor_sweeps_after_a_kill() {
+    let _heavy = heavy_test().await;
+    let nats = Nats::start();
+    let partitions = 2;
+    let config = nats.config("gw-1", partitions);
+    init(&config);
+    let holds = "[holds]\nsweep_interval_ms = 200\n";
+    let mut nodes = Vec::new();
+    for name in ["gw-1", "gw-2", "gw-3"] {
+        nodes.push(node_full(&nats, name, partitions, "", holds).await);
+    }
+    let http = client();
+    let r = admin(&http, &nodes[0], Method::PUT, "/admin/v1/merchants/shop", Some(serde_json::json!({"name": "Shop"})))
+        .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let key = WebhookSecret::parse(r.json()["secret"].as_str().unwrap()).unwrap();
+    let plan = serde_json::json!({"currency": "USD", "hold_days": 0, "rules": [{"event": "sale", "percent": "20"}]});
+    let r = admin(&http, &nodes[0], Method::PUT, "/admin/v1/merchants/shop/plans/standard", Some(plan)).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let partner = serde_json::json!({"name": "Ann", "kind": "affiliate", "plan_id": "standard"});
+    let r = admin(&http, &nodes[0], Method::PUT, "/admin/v1/merchants/shop/partners/ann", Some(partner)).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    known_everywhere(&http, &nodes).await;
+    let p = usize::from(tally::cluster::partition_of("shop", partitions));
+    wait_until(Duration::from_secs(15), || {
+        status_json(&config).is_some_and(|s| s["partitions"][p]["owner"].is_string())
+    });
+
+    // One conversion through each node: each is approved once, on every node.
+    let all: Vec<&Proc> = nodes.iter().collect();
+    for (i, n) in nodes.iter().enumerate() {
+        let txn = format!("held-{i}");
+        let body = format!(r#"{{"txn_id":"{txn}","amount":"10.00","currency":"USD","partner_id":"ann"}}"#);
+        let r = convert(&http, n, &key, &format!("msg_{txn}"), &body).await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["status"], "pending", "held until the sweep: {}", String::from_utf8_lossy(&r.body));
+        let took = approved_everywhere(&http, &all, &txn, Duration::from_secs(10)).await;
+        eprintln!("cluster: {txn} (taken by {}) approved by the owner's sweep on every node after {took:?}", n.admin);
+    }
+    for i in 0..3 {
+        let txn = format!("held-{i}");
+        let (_, first) = status_of(&http, &nodes[0], &txn).await.unwrap();
+        let approvals = first["status_history"].as_array().unwrap().iter().filter(|h| h["to"] == "approved").count();
+        assert_eq!(approvals, 1, "approved once: {first}");
+        for n in &nodes[1..] {
+            let (_, other) = status_of(&http, n, &txn).await.unwrap();
+            assert_eq!(other, first, "every node holds the same record of {txn}");
+        }
+    }
+    let want = ledger(&http, &nodes[0]).await;
+    for n in &nodes[1..] {
+        ledger_reaches(&http, n, &want.body, "a node's ledger after the sweeps").await;
+    }
+
+    // kill -9 the owner: the node that takes the partition over sweeps from then on.
+    let owner = status_json(&config).unwrap()["partitions"][p]["owner"].as_str().unwrap().to_string();
+    let i: usize = owner.trim_start_matches("gw-").parse::<usize>().unwrap() - 1;
+    let mut dead = nodes.remove(i);
+    dead.child.kill().await.unwrap();
+    let killed = Instant::now();
+    let body = r#"{"txn_id":"held-after","amount":"10.00","currency":"USD","partner_id":"ann"}"#;
+    let r = convert(&http, &nodes[0], &key, "msg_held_after", body).await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let survivors: Vec<&Proc> = nodes.iter().collect();
+    approved_everywhere(&http, &survivors, "held-after", Duration::from_secs(20)).await;
+    let successor = status_json(&config).unwrap()["partitions"][p]["owner"].as_str().unwrap_or_default().to_string();
+    assert_ne!(successor, owner, "another node owns the partition");
+    eprintln!(
+        "cluster: owner {owner} killed; {successor} took the partition over and its sweep approved a new conversion {:?} after the kill",
+        killed.elapsed()
+    );
+    let want = ledger(&http, &nodes[0]).await;
+    ledger_reaches(&http, &nodes[1], &want.body, "the survivors' ledgers").await;
 }
