@@ -346,11 +346,16 @@ pub struct ClusterSettings {
     /// The owner snapshots a partition once this many log entries were applied since its
     /// last snapshot, and the log is then trimmed to what no node still needs; 0: never.
     pub snapshot_every: u64,
+    /// Under load (the partition's previous entry carried more than one command), how long
+    /// its appender may wait after the first queued command for as many commands as the
+    /// previous entry had, before it sends the entry; 0: never wait.
+    pub append_linger_us: u64,
 }
 
 pub const DEFAULT_PARTITIONS: u16 = 16;
 pub const DEFAULT_REPLICAS: u8 = 3;
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100_000;
+pub const DEFAULT_APPEND_LINGER_US: u64 = 2_000;
 
 impl Default for ClusterSettings {
     fn default() -> Self {
@@ -360,6 +365,7 @@ impl Default for ClusterSettings {
             partitions: DEFAULT_PARTITIONS,
             replicas: DEFAULT_REPLICAS,
             snapshot_every: DEFAULT_SNAPSHOT_EVERY,
+            append_linger_us: DEFAULT_APPEND_LINGER_US,
         }
     }
 }
@@ -381,6 +387,11 @@ impl ClusterSettings {
             [1, 3, 5].contains(&self.replicas),
             "cluster.replicas",
             "must be 1, 3 or 5 (JetStream keeps an odd number of copies)".into(),
+        );
+        need(
+            self.append_linger_us <= 100_000,
+            "cluster.append_linger_us",
+            "must be 0..100000 (microseconds; 2000 is the default)".into(),
         );
         for url in &self.nats_urls {
             let ok = url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "nats" | "tls") && u.host().is_some());

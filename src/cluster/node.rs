@@ -3,8 +3,9 @@
 //!
 //! - **Writes.** A state-changing command is queued to its partition's appender, which
 //!   sends what was queued as one log entry (group commit: one command when the partition
-//!   is idle, up to [`ENTRY_COMMANDS`] under load, at most [`IN_FLIGHT`] entries in flight)
-//!   with a fresh message id and this node's id in a header. JetStream acknowledges it
+//!   is idle, up to [`ENTRY_COMMANDS`] under load, at most [`IN_FLIGHT`] entries in flight;
+//!   under load an entry waits up to `cluster.append_linger_us` for as many commands as the
+//!   entry before it carried) with a fresh message id and this node's id in a header. JetStream acknowledges it
 //!   once a quorum has it; an append that timed out is retried with the same message id,
 //!   so the log holds it once. The answer is the engine's for that command's position.
 //! - **Positions.** A command's position is its entry's sequence and its index in the
@@ -94,6 +95,10 @@ const _: () = assert!(ENTRY_COMMANDS <= 1 << INDEX_BITS);
 /// at a time: with 4, entries carried 8 commands on average under the load bench and
 /// NATS took 85 µs per conversion; with 1, 22 commands and 60 µs (BENCHMARKS.md).
 const IN_FLIGHT: usize = 1;
+
+/// A partition whose last entry was sent longer ago than this is idle: its next request
+/// goes at once, without the append linger (`cluster.append_linger_us`).
+const IDLE_AFTER: Duration = Duration::from_millis(50);
 
 /// A request's command, encoded, and where its answer goes.
 type Queued = (Box<RawValue>, Waiter);
@@ -492,23 +497,38 @@ impl Inner {
 
 /// Sends the requests queued for partition `p` as log entries: each entry carries what
 /// was queued while the entries before it were in flight (one request alone when the
-/// partition is idle), and at most [`IN_FLIGHT`] are in flight at once.
+/// partition is idle), plus, under load, what arrives within the linger until it holds as
+/// many commands as the entry before it; at most [`IN_FLIGHT`] are in flight at once.
 async fn append_entries(inner: Arc<Inner>, p: u16, mut queue: mpsc::Receiver<Queued>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let linger = Duration::from_micros(inner.settings.append_linger_us);
+    // Commands in the entry sent before, and when: the load this node's requests put on
+    // the partition (a partition idle since then sends its next request at once).
+    let mut last = (0, Instant::now());
     loop {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { break };
         let Some(first) = queue.recv().await else { break };
         let mut bytes = first.0.get().len();
         let mut batch = vec![first];
+        let until = tokio::time::Instant::now() + linger;
+        let expect = if last.1.elapsed() < IDLE_AFTER && !linger.is_zero() { last.0 } else { 0 };
         while batch.len() < ENTRY_COMMANDS && bytes < ENTRY_BYTES {
-            match queue.try_recv() {
-                Ok(next) => {
-                    bytes += next.0.get().len();
-                    batch.push(next);
-                }
+            // What is queued goes in; under load, the entry also waits (up to the linger)
+            // for as many commands as the one before carried: the requests answered by
+            // that entry come back within a millisecond or two, and JetStream's per-entry
+            // cost is then shared by all of them (BENCHMARKS.md, the append linger).
+            let next = match queue.try_recv() {
+                Ok(next) => next,
+                Err(_) if batch.len() < expect => match tokio::time::timeout_at(until, queue.recv()).await {
+                    Ok(Some(next)) => next,
+                    _ => break,
+                },
                 Err(_) => break,
-            }
+            };
+            bytes += next.0.get().len();
+            batch.push(next);
         }
+        last = (batch.len(), Instant::now());
         tokio::spawn(append_entry(Arc::clone(&inner), p, batch, slot));
     }
 }

@@ -524,7 +524,7 @@ async fn kill_9_of_a_log_leader_and_of_a_tally_owner_loses_and_doubles_nothing()
     let mut nats = Nats::start();
     let partitions = 4;
     // Snapshots and trims run under the load and through the kills too.
-    let every = "snapshot_every = 20000\n";
+    let every = "snapshot_every = 4000\n";
     let config = nats.config_with("gw-1", partitions, every);
     init(&config);
     let mut nodes = [
