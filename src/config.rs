@@ -346,9 +346,10 @@ pub struct ClusterSettings {
     /// The owner snapshots a partition once this many log entries were applied since its
     /// last snapshot, and the log is then trimmed to what no node still needs; 0: never.
     pub snapshot_every: u64,
-    /// Under load (the partition's previous entry carried more than one command), how long
-    /// its appender may wait after the first queued command for as many commands as the
-    /// previous entry had, before it sends the entry; 0: never wait.
+    /// Under load (the partition's previous entry from this node carried more than one
+    /// command and went less than 50 ms ago), how long its appender may wait after the
+    /// first queued command for as many commands as that entry had, before it sends the
+    /// entry (µs); 0: never wait.
     pub append_linger_us: u64,
 }
 

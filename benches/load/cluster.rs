@@ -27,23 +27,37 @@ fn total_cpu(pids: &[u32]) -> f64 {
     pids.iter().map(|p| cpu_seconds(*p)).sum()
 }
 
-/// One closed-loop conversions run spread over `targets`; the acknowledged count and seconds.
-async fn drive(targets: &[Target], connections: usize, duration: Duration) -> (u64, f64) {
+/// What one run measured: acknowledged conversions, seconds, and latency p50 and p99 (µs).
+#[derive(Clone, Copy)]
+struct Driven {
+    ok: u64,
+    secs: f64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+/// One closed-loop conversions run spread over `targets`.
+async fn drive(targets: &[Target], connections: usize, duration: Duration) -> Driven {
     let per = (connections / targets.len()).max(1);
     let runs = targets.iter().map(|t| run(t, Workload::Conversions, per, duration, None));
     let results = futures_util::future::join_all(runs).await;
     let ok = results.iter().map(|r| r.0).sum();
     let secs = results.iter().map(|r| r.3).fold(0.0, f64::max);
-    (ok, secs)
+    let mut all = results[0].2.clone();
+    for r in &results[1..] {
+        let _ = all.add(&r.2);
+    }
+    Driven { ok, secs, p50_us: all.value_at_quantile(0.5), p99_us: all.value_at_quantile(0.99) }
 }
 
 /// Prints one result line the script collects; `per_entry` is the mean number of commands
 /// per log entry the nodes appended (0 for the single node).
-fn report(mode: &str, nodes: usize, ok: u64, secs: f64, cpu: (f64, f64), per_entry: f64) {
+fn report(mode: &str, nodes: usize, run: &Driven, cpu: (f64, f64), per_entry: f64) {
+    let Driven { ok, secs, p50_us, p99_us } = *run;
     let (tally_cpu, nats_cpu) = cpu;
     let per = |cpu: f64| if ok == 0 { f64::NAN } else { cpu * 1e6 / ok as f64 };
     println!(
-        "RESULT mode={mode} nodes={nodes} conversions={ok} per_second={:.0} tally_cpu_us={:.0} nats_cpu_us={:.0} total_cpu_us={:.0} per_entry={per_entry:.1}",
+        "RESULT mode={mode} nodes={nodes} conversions={ok} per_second={:.0} tally_cpu_us={:.0} nats_cpu_us={:.0} total_cpu_us={:.0} per_entry={per_entry:.1} p50_us={p50_us} p99_us={p99_us}",
         ok as f64 / secs,
         per(tally_cpu),
         per(nats_cpu),
@@ -74,8 +88,8 @@ pub async fn single(dir: &Path, duration: Duration, connections: usize) {
     // A short warm-up, as in the cluster runs.
     drive(std::slice::from_ref(&target), connections, Duration::from_secs(1)).await;
     let before = cpu_seconds(pid);
-    let (ok, secs) = drive(std::slice::from_ref(&target), connections, duration).await;
-    report("single", 1, ok, secs, (cpu_seconds(pid) - before, 0.0), 0.0);
+    let driven = drive(std::slice::from_ref(&target), connections, duration).await;
+    report("single", 1, &driven, (cpu_seconds(pid) - before, 0.0), 0.0);
 }
 
 /// `nodes` tally nodes on the NATS servers of `scripts/cluster start <cluster_dir>`.
@@ -106,10 +120,10 @@ pub async fn cluster(cluster_dir: &Path, nodes: usize, duration: Duration, conne
     drive(&targets, connections, Duration::from_secs(1)).await;
     let (t0, n0) = (total_cpu(&tally_pids), total_cpu(&nats_pids));
     let e0 = entries(&admins).await;
-    let (ok, secs) = drive(&targets, connections, duration).await;
+    let driven = drive(&targets, connections, duration).await;
     let cpu = (total_cpu(&tally_pids) - t0, total_cpu(&nats_pids) - n0);
     let e1 = entries(&admins).await;
     let per_entry = if e1.1 > e0.1 { (e1.0 - e0.0) / (e1.1 - e0.1) } else { 0.0 };
-    report("cluster", nodes, ok, secs, cpu, per_entry);
+    report("cluster", nodes, &driven, cpu, per_entry);
     drop(children);
 }

@@ -4,9 +4,9 @@
 //! - **Writes.** A state-changing command is queued to its partition's appender, which
 //!   sends what was queued as one log entry (group commit: one command when the partition
 //!   is idle, up to [`ENTRY_COMMANDS`] under load, at most [`IN_FLIGHT`] entries in flight;
-//!   under load an entry waits up to `cluster.append_linger_us` for as many commands as the
-//!   entry before it carried) with a fresh message id and this node's id in a header. JetStream acknowledges it
-//!   once a quorum has it; an append that timed out is retried with the same message id,
+//!   under load an entry waits up to `cluster.append_linger_us` for as many commands as
+//!   the entry before it carried) with a fresh message id and this node's id in a header.
+//!   JetStream acknowledges it once a quorum has it; an append that timed out is retried with the same message id,
 //!   so the log holds it once. The answer is the engine's for that command's position.
 //! - **Positions.** A command's position is its entry's sequence and its index in the
 //!   entry (`seq << INDEX_BITS | index`): the store keeps the position of the last command

@@ -27,6 +27,8 @@ use std::fmt;
 /// A hash map with a fast, per-process randomly seeded hasher (foldhash), for the maps
 /// every request touches: the catalog, the writer's staged keys, the engine's overlay,
 /// the replay guard. SipHash, std's default, was 2.5 % of a conversion's CPU (issue 13).
+/// Their keys are configuration, ids from signed requests, ids tally mints, or digests
+/// (the replay guard's, visitors'): no unauthenticated client chooses what they hash.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A value that failed validation, naming the field it came from.

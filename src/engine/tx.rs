@@ -1,8 +1,6 @@
 //! A command's transaction: the state it reads, overlaid with what it has written so far,
 //! and the effects in the order they were made.
 
-use crate::domain::FastMap;
-
 use super::{Catalog, DealAnswer, Effect, Entropy, Hold, OutboxIndex, State};
 use crate::domain::account::{AccountRecord, CustomerBinding, PartnerMonth};
 use crate::domain::balance::Balance;
@@ -15,6 +13,7 @@ use crate::domain::ledger::LedgerEntry;
 use crate::domain::money::Currency;
 use crate::domain::outbound::{Delivery, EndpointOff};
 use crate::domain::payout::PayoutRun;
+use crate::domain::FastMap;
 
 /// What an effect is stored under, for reading a command's own writes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -15,7 +15,6 @@
 //! such data (a duplicate of a conversion whose batch is still syncing) waits for the
 //! next sync too: a `2xx` never reports something that is not durable.
 
-use crate::domain::FastMap;
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -30,6 +29,7 @@ use super::view::View;
 use super::{codec, Durability, Shared, StoreError};
 use crate::domain::conversion::ConversionRecord;
 use crate::domain::ledger::LedgerKind;
+use crate::domain::FastMap;
 use crate::engine::{self, Answer, Catalog, Command, ConversionOutcome, Effect, OutboxOp};
 
 type Reply<T> = oneshot::Sender<T>;
