@@ -70,7 +70,7 @@ pub fn empty_or_absent(dir: &Path) -> Result<bool, BackupError> {
 }
 
 /// Syncs a file or a directory to disk.
-fn sync(path: &Path) -> Result<(), BackupError> {
+pub(crate) fn sync(path: &Path) -> Result<(), BackupError> {
     std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io("sync", path))
 }
 

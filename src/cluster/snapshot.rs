@@ -177,16 +177,14 @@ fn unpack_into(archive: &Path, dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("unpack {}: {e}", archive.display()))?;
     for entry in std::fs::read_dir(&staging).map_err(|e| format!("read {}: {e}", staging.display()))? {
         let path = entry.map_err(|e| format!("read {}: {e}", staging.display()))?.path();
-        std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| format!("sync {}: {e}", path.display()))?;
+        crate::backup::sync(&path).map_err(|e| e.to_string())?;
     }
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| format!("remove {}: {e}", dir.display()))?;
     }
     std::fs::rename(&staging, dir).map_err(|e| format!("move {} into place: {e}", staging.display()))?;
     if let Some(parent) = dir.parent() {
-        std::fs::File::open(parent)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| format!("sync {}: {e}", parent.display()))?;
+        crate::backup::sync(parent).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -469,10 +469,15 @@ async fn ledger_reaches(http: &HttpClient, node: &Proc, want: &[u8], who: &str) 
 
 /// Sets up merchant `shop` (plan, partner `ann` on it) through `node`; its signing key.
 async fn program(http: &HttpClient, node: &Proc) -> WebhookSecret {
+    program_with(http, node, serde_json::json!({"currency": "USD", "rules": [{"event": "sale", "percent": "20"}]}))
+        .await
+}
+
+/// [`program`] with plan `standard` as given.
+async fn program_with(http: &HttpClient, node: &Proc, plan: Value) -> WebhookSecret {
     let r = admin(http, node, Method::PUT, "/admin/v1/merchants/shop", Some(serde_json::json!({"name": "Shop"}))).await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let key = WebhookSecret::parse(r.json()["secret"].as_str().unwrap()).unwrap();
-    let plan = serde_json::json!({"currency": "USD", "rules": [{"event": "sale", "percent": "20"}]});
     assert_eq!(admin(http, node, Method::PUT, "/admin/v1/merchants/shop/plans/standard", Some(plan)).await.status, 201);
     let partner = serde_json::json!({"name": "Ann", "kind": "affiliate", "plan_id": "standard"});
     assert_eq!(
@@ -847,16 +852,8 @@ async fn the_owner_sweeps_holds_once_for_every_node_and_its_successor_sweeps_aft
         nodes.push(node_full(&nats, name, partitions, "", holds).await);
     }
     let http = client();
-    let r = admin(&http, &nodes[0], Method::PUT, "/admin/v1/merchants/shop", Some(serde_json::json!({"name": "Shop"})))
-        .await;
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let key = WebhookSecret::parse(r.json()["secret"].as_str().unwrap()).unwrap();
     let plan = serde_json::json!({"currency": "USD", "hold_days": 0, "rules": [{"event": "sale", "percent": "20"}]});
-    let r = admin(&http, &nodes[0], Method::PUT, "/admin/v1/merchants/shop/plans/standard", Some(plan)).await;
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let partner = serde_json::json!({"name": "Ann", "kind": "affiliate", "plan_id": "standard"});
-    let r = admin(&http, &nodes[0], Method::PUT, "/admin/v1/merchants/shop/partners/ann", Some(partner)).await;
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let key = program_with(&http, &nodes[0], plan).await;
     known_everywhere(&http, &nodes).await;
     let p = usize::from(tally::cluster::partition_of("shop", partitions));
     wait_until(Duration::from_secs(15), || {
