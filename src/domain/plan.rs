@@ -251,3 +251,32 @@ impl PlanBody {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rule_reads_as_its_event_rate_flat_fee_and_partner_kind() {
+        let usd = Currency::parse("USD").unwrap();
+        let rule = |percent: Option<&str>, flat: Option<i64>, kind: Option<PartnerKind>| Rule {
+            event: "sale".into(),
+            flat: flat.map(|minor| Money { minor, currency: usd }),
+            percent: percent.map(|p| Percent::parse(p).unwrap()),
+            partner_kind: kind,
+            recurring_months: None,
+        };
+        let cases = [
+            (rule(Some("20"), None, None), "sale 20%"),
+            (rule(Some("12.5"), None, None), "sale 12.5%"),
+            (rule(Some("0.000001"), None, None), "sale 0.000001%"),
+            (rule(None, Some(1500), None), "sale 15.00"),
+            (rule(Some("10"), Some(500), Some(PartnerKind::Reseller)), "sale 10% + 5.00 (reseller)"),
+            (rule(None, Some(1), Some(PartnerKind::Affiliate)), "sale 0.01 (affiliate)"),
+            (rule(None, None, None), "sale "),
+        ];
+        for (rule, want) in cases {
+            assert_eq!(rule.label(), want);
+        }
+    }
+}
