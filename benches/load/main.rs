@@ -271,7 +271,13 @@ fn request(target: &Target, workload: Workload, conn: usize, n: u64, ts: i64) ->
             .body(Full::new(Bytes::new()))
             .unwrap();
     }
-    let txn = if workload == Workload::Duplicates { format!("dup-{}", n % 100) } else { format!("t{ts}-{conn}-{n}") };
+    // Unique across targets too: a cluster run drives every node with connections 0..k
+    // at the same second, and without the port their txn_ids were each other's duplicates.
+    let txn = if workload == Workload::Duplicates {
+        format!("dup-{}", n % 100)
+    } else {
+        format!("t{ts}-{}-{conn}-{n}", target.addr.port())
+    };
     let body = if target.clicks.is_empty() {
         format!(r#"{{"txn_id":"{txn}","amount":"49.90","currency":"USD","partner_id":"bp"}}"#)
     } else {
