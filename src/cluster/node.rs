@@ -1204,7 +1204,7 @@ impl Backend for Node {
 
     /// Wakes when an owned partition's store made a delivery due, or this node took a
     /// partition over. Not on every applied entry: the worker's scan reads every owned
-    /// partition, and scanning after each entry took 3 % of a node's CPU under load.
+    /// partition, and scanning after each entry took 5.8 % of a node's CPU under load.
     fn outbox_woken(&self) -> BoxFuture<'_, ()> {
         let mut waits: Vec<BoxFuture<'_, ()>> = self.inner.owned_parts().map(|p| p.store.outbox_woken()).collect();
         waits.push(Box::pin(self.inner.outbox_wake.notified()));

@@ -351,7 +351,8 @@ fn db_options(opts: &StoreOptions) -> Options {
     // Stores sharing one budget (cluster mode's partitions) go without: each column
     // family's filter is allocated with its memtable (`write_buffer_bytes` x 0.05, 1.6 MiB),
     // so 16 partitions' empty memtables alone exceeded the budget and RocksDB flushed
-    // memtables of one or two entries without end (half of a node's CPU).
+    // memtables of one or two entries without end (half of a node's CPU). Their
+    // conversions family has a small one ([`open_db`]).
     if opts.shared.is_none() {
         o.set_memtable_whole_key_filtering(true);
         o.set_memtable_prefix_bloom_ratio(0.05);
