@@ -27,10 +27,12 @@ fn total_cpu(pids: &[u32]) -> f64 {
     pids.iter().map(|p| cpu_seconds(*p)).sum()
 }
 
-/// What one run measured: acknowledged conversions, seconds, and latency p50 and p99 (µs).
+/// What one run measured: acknowledged (created) conversions, errors (any other answer,
+/// duplicates included), seconds, and latency p50 and p99 (µs).
 #[derive(Clone, Copy)]
 struct Driven {
     ok: u64,
+    errors: u64,
     secs: f64,
     p50_us: u64,
     p99_us: u64,
@@ -42,22 +44,23 @@ async fn drive(targets: &[Target], connections: usize, duration: Duration) -> Dr
     let runs = targets.iter().map(|t| run(t, Workload::Conversions, per, duration, None));
     let results = futures_util::future::join_all(runs).await;
     let ok = results.iter().map(|r| r.0).sum();
+    let errors = results.iter().map(|r| r.1).sum();
     let secs = results.iter().map(|r| r.3).fold(0.0, f64::max);
     let mut all = results[0].2.clone();
     for r in &results[1..] {
         let _ = all.add(&r.2);
     }
-    Driven { ok, secs, p50_us: all.value_at_quantile(0.5), p99_us: all.value_at_quantile(0.99) }
+    Driven { ok, errors, secs, p50_us: all.value_at_quantile(0.5), p99_us: all.value_at_quantile(0.99) }
 }
 
 /// Prints one result line the script collects; `per_entry` is the mean number of commands
 /// per log entry the nodes appended (0 for the single node).
 fn report(mode: &str, nodes: usize, run: &Driven, cpu: (f64, f64), per_entry: f64) {
-    let Driven { ok, secs, p50_us, p99_us } = *run;
+    let Driven { ok, errors, secs, p50_us, p99_us } = *run;
     let (tally_cpu, nats_cpu) = cpu;
     let per = |cpu: f64| if ok == 0 { f64::NAN } else { cpu * 1e6 / ok as f64 };
     println!(
-        "RESULT mode={mode} nodes={nodes} conversions={ok} per_second={:.0} tally_cpu_us={:.0} nats_cpu_us={:.0} total_cpu_us={:.0} per_entry={per_entry:.1} p50_us={p50_us} p99_us={p99_us}",
+        "RESULT mode={mode} nodes={nodes} conversions={ok} errors={errors} per_second={:.0} tally_cpu_us={:.0} nats_cpu_us={:.0} total_cpu_us={:.0} per_entry={per_entry:.1} p50_us={p50_us} p99_us={p99_us}",
         ok as f64 / secs,
         per(tally_cpu),
         per(nats_cpu),
