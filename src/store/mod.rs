@@ -161,18 +161,30 @@ fn cf_of(db: &DB, cf: Cf) -> Result<&rocksdb::ColumnFamily, StoreError> {
     db.cf_handle(cf.name()).ok_or_else(|| StoreError::Corrupt(format!("column family {} missing", cf.name())))
 }
 
-/// `shared_memory`: the store is one of cluster mode's partition stores, whose memtables
-/// have no Bloom filter (see [`db_options`]) except the conversions': each applied
-/// conversion's dedupe check misses there, and without a filter that miss walked the
-/// skiplist (a third of the check's time on every node). Its filter is a fifth of the
-/// single node's (`write_buffer_bytes` x 0.01, 330 KiB with the default 32 MiB, 5 MiB for
-/// 16 partitions), still over 30 bits per key for conversion records.
+/// Opens the database with `db_opts` and each column family's own options.
+///
+/// Memtable Bloom filters over whole keys: the writer's lookups that miss (every new
+/// conversion's dedupe check, customers and accounts seen for the first time) skip the
+/// skiplist walk, which was a sixth of the writer's time (BENCHMARKS.md). A filter is
+/// allocated with its memtable (`write_buffer_bytes` x the ratio). `shared_memory` (one of
+/// cluster mode's partition stores, sharing one memtable budget): with filters on every
+/// family, 16 partitions' empty memtables alone exceeded the budget and RocksDB flushed
+/// memtables of one or two entries without end (half of a node's CPU), so there only the
+/// conversions family has one, at a fifth of the size (330 KiB with the default 32 MiB,
+/// 5 MiB for 16 partitions; still over 30 bits per key for conversion records): each
+/// applied conversion's dedupe check misses there, and without it the miss walked the
+/// skiplist on every node.
 fn open_db(data_dir: &std::path::Path, db_opts: &Options, shared_memory: bool) -> Result<DB, StoreError> {
     let cfs = Cf::ALL.iter().map(|&cf| {
         let mut o = db_opts.clone();
-        if shared_memory && cf == Cf::Conversions {
+        let filter_ratio = match (shared_memory, cf) {
+            (false, _) => Some(0.05),
+            (true, Cf::Conversions) => Some(0.01),
+            (true, _) => None,
+        };
+        if let Some(ratio) = filter_ratio {
             o.set_memtable_whole_key_filtering(true);
-            o.set_memtable_prefix_bloom_ratio(0.01);
+            o.set_memtable_prefix_bloom_ratio(ratio);
         }
         if cf == Cf::Rollups {
             o.set_merge_operator_associative(rollups::MERGE_NAME, rollups::merge);
@@ -345,18 +357,7 @@ fn db_options(opts: &StoreOptions) -> Options {
         ),
         None => {}
     }
-    // A Bloom filter over the memtable's whole keys: the writer's lookups that miss (every
-    // new conversion's dedupe check, customers and accounts seen for the first time) skip
-    // the skiplist walk, which was a sixth of the writer's time (BENCHMARKS.md).
-    // Stores sharing one budget (cluster mode's partitions) go without: each column
-    // family's filter is allocated with its memtable (`write_buffer_bytes` x 0.05, 1.6 MiB),
-    // so 16 partitions' empty memtables alone exceeded the budget and RocksDB flushed
-    // memtables of one or two entries without end (half of a node's CPU). Their
-    // conversions family has a small one ([`open_db`]).
-    if opts.shared.is_none() {
-        o.set_memtable_whole_key_filtering(true);
-        o.set_memtable_prefix_bloom_ratio(0.05);
-    }
+    // Memtable Bloom filters are set per column family ([`open_db`]).
     o.set_max_total_wal_size(256 << 20);
     o.set_keep_log_file_num(5);
     o.set_recycle_log_file_num(4);
