@@ -5,9 +5,16 @@
 //!   sends what was queued as one log entry (group commit: one command when the partition
 //!   is idle, up to [`ENTRY_COMMANDS`] under load, at most [`IN_FLIGHT`] entries in flight;
 //!   under load an entry waits up to `cluster.append_linger_us` for as many commands as
-//!   the entry before it carried) with a fresh message id and this node's id in a header.
-//!   JetStream acknowledges it once a quorum has it; an append that timed out is retried with the same message id,
-//!   so the log holds it once. The answer is the engine's for that command's position.
+//!   the entry before it carried) with a fresh message id and, in a header, which nodes'
+//!   requests are at which indexes. JetStream acknowledges it once a quorum has it; an
+//!   append that timed out is retried with the same message id, so the log holds it once.
+//!   The answer is the engine's for that command's position.
+//! - **Owner-routed appends.** Only a partition's owner appends to its log: another node
+//!   forwards each batch it queued to the owner (core NATS request, [`forward_subject`]),
+//!   which puts it in its next entry with the other nodes' batches and replies once the
+//!   entry is acknowledged. Entries then carry every node's requests, and JetStream's cost
+//!   per entry is shared by several times the commands. With no owner (none holds the
+//!   lease, or it died) a node appends its batch itself: the log, not the lease, orders.
 //! - **Positions.** A command's position is its entry's sequence and its index in the
 //!   entry (`seq << INDEX_BITS | index`): the store keeps the position of the last command
 //!   applied, so a node that stopped inside an entry resumes after the right command.
@@ -85,6 +92,13 @@ const UNDELIVERED: Duration = Duration::from_millis(500);
 /// this is added to the election's 4-9 s. Under load an acknowledgement takes 5-15 ms.
 const APPEND_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// How long a batch forwarded to a partition's owner waits for its reply (under load,
+/// 5-15 ms). An owner killed with the batch in hand never replies: its requests answer
+/// `503` after this (a retry is a duplicate or the creation), and the next batch finds no
+/// owner and is appended by this node itself, so writes resume without waiting for the
+/// lease to pass to another node.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The most commands one log entry carries, and about the most bytes (NATS refuses
 /// messages over 1 MiB by default).
 const ENTRY_COMMANDS: usize = 256;
@@ -103,8 +117,40 @@ const IN_FLIGHT: usize = 1;
 /// goes at once, without the append linger (`cluster.append_linger_us`).
 const IDLE_AFTER: Duration = Duration::from_millis(50);
 
-/// A request's command, encoded, and where its answer goes.
-type Queued = (Box<RawValue>, Waiter);
+/// What a partition's appender puts in an entry: a request of this node (its command,
+/// encoded, and where its answer goes), or a batch another node forwarded because this
+/// node owns the partition.
+enum Queued {
+    Local(Box<RawValue>, Waiter),
+    Forwarded(Forwarded),
+}
+
+/// A batch of commands forwarded by another node to this partition's owner, which appends
+/// it in its next entry and replies once the entry is acknowledged. The node that sent it
+/// answers its requests from its own application of that entry, finding them by the
+/// [`BATCHES_HEADER`].
+struct Forwarded {
+    node: String,
+    batch: String,
+    commands: Vec<Box<RawValue>>,
+    reply: async_nats::Subject,
+}
+
+impl Queued {
+    fn commands(&self) -> usize {
+        match self {
+            Queued::Local(..) => 1,
+            Queued::Forwarded(f) => f.commands.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Queued::Local(c, _) => c.get().len(),
+            Queued::Forwarded(f) => f.commands.iter().map(|c| c.get().len()).sum(),
+        }
+    }
+}
 
 /// How often a lease is renewed, and a free partition tried.
 const LEASE_EVERY: Duration = Duration::from_secs(1);
@@ -112,8 +158,27 @@ const LEASE_EVERY: Duration = Duration::from_secs(1);
 /// How often the owner looks whether a partition is due for a snapshot or a trim.
 const SNAPSHOT_CHECK: Duration = Duration::from_secs(2);
 
-/// The header naming the node that appended an entry: it answers the request.
+/// The header of a log entry saying whose requests it carries: `node batch start count`
+/// spans, comma-separated. The node named answers the requests it queued as `batch`, the
+/// entry's commands `start..start + count`, from its own application of the entry.
+const BATCHES_HEADER: &str = "Tally-Batches";
+
+/// The headers of a forwarded batch: the node that sent it and the batch's id.
 const NODE_HEADER: &str = "Tally-Node";
+const BATCH_HEADER: &str = "Tally-Batch";
+
+/// The subject a partition's owner takes forwarded batches on (queue group [`OWNERS`], so
+/// that one subscriber gets each even while a lease changes hands).
+fn forward_subject(p: u16) -> String {
+    format!("tally.fwd.{p}")
+}
+const OWNERS: &str = "owner";
+
+/// The replies to a forwarded batch: appended at an entry, refused because the node does
+/// not own the partition (nothing was appended: the sender appends it itself), or failed.
+const REPLY_APPENDED: &str = "appended ";
+const REPLY_NOT_OWNER: &str = "not-owner";
+const REPLY_FAILED: &str = "failed ";
 
 /// The meta key holding the cluster-wide salt of visitor fingerprints.
 const SALT_KEY: &str = "visitor_salt";
@@ -122,6 +187,12 @@ const SALT_KEY: &str = "visitor_salt";
 #[derive(Deserialize)]
 struct Entry {
     commands: Vec<Command>,
+}
+
+/// An entry as a forwarded batch carries it: the commands left encoded.
+#[derive(Deserialize)]
+struct RawEntry {
+    commands: Vec<Box<RawValue>>,
 }
 
 /// An entry of already encoded commands (each request encodes its own, in parallel).
@@ -178,6 +249,7 @@ struct Part {
 
 struct Inner {
     settings: ClusterSettings,
+    client: async_nats::Client,
     js: jetstream::Context,
     /// The same connection with [`APPEND_TIMEOUT`] for appends.
     appends: jetstream::Context,
@@ -271,7 +343,7 @@ impl Node {
     /// NATS unreachable, a cluster never initialized or of another shape, a store that
     /// will not open.
     pub async fn start(settings: &ClusterSettings, base: &StoreOptions, metrics: Arc<Metrics>) -> Result<Node, String> {
-        let (_client, js) = connect(settings).await.map_err(|e| e.to_string())?;
+        let (client, js) = connect(settings).await.map_err(|e| e.to_string())?;
         // An append sent to a stream leader that just died waits this long for its
         // acknowledgement before it is retried (same message id): JetStream's 5 s default
         // made writes stall for 8 s around a leader's kill -9. Other calls keep 5 s.
@@ -318,6 +390,7 @@ impl Node {
         let (stop, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             settings: settings.clone(),
+            client,
             js,
             appends,
             parts,
@@ -450,7 +523,7 @@ impl Inner {
         let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
         let encoded = serde_json::value::to_raw_value(&command).map_err(|e| unavailable(format!("encode: {e}")))?;
         let (tx, rx) = oneshot::channel();
-        if !matches!(tokio::time::timeout_at(deadline, part.queue.send((encoded, tx))).await, Ok(Ok(()))) {
+        if !matches!(tokio::time::timeout_at(deadline, part.queue.send(Queued::Local(encoded, tx))).await, Ok(Ok(()))) {
             return Err(unavailable(format!("partition {}'s appender is not taking requests; retry", part.p)));
         }
         match tokio::time::timeout_at(deadline, rx).await {
@@ -502,59 +575,123 @@ impl Inner {
 /// was queued while the entries before it were in flight (one request alone when the
 /// partition is idle), plus, under load, what arrives within the linger until it holds as
 /// many commands as the entry before it; at most [`IN_FLIGHT`] are in flight at once.
+///
+/// On a node that does not own the partition, what was queued goes to the owner as one
+/// forwarded batch instead, which the owner puts in its own next entry with the other
+/// nodes' batches: every request of a partition then shares the owner's entries, which
+/// carry several times the commands that one node's would (JetStream's cost is per entry).
 async fn append_entries(inner: Arc<Inner>, p: u16, mut queue: mpsc::Receiver<Queued>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let linger = Duration::from_micros(inner.settings.append_linger_us);
     // Commands in the entry sent before, and when: the load this node's requests put on
     // the partition (a partition idle since then sends its next request at once).
     let mut last = (0, Instant::now());
+    // What did not fit in the entry before.
+    let mut carried: Option<Queued> = None;
     loop {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { break };
-        let Some(first) = queue.recv().await else { break };
-        let mut bytes = first.0.get().len();
+        let first = match carried.take() {
+            Some(first) => first,
+            None => match queue.recv().await {
+                Some(first) => first,
+                None => break,
+            },
+        };
+        let (mut commands, mut bytes) = (first.commands(), first.bytes());
         let mut batch = vec![first];
         let until = tokio::time::Instant::now() + linger;
-        let expect = if last.1.elapsed() < IDLE_AFTER && !linger.is_zero() { last.0 } else { 0 };
-        while batch.len() < ENTRY_COMMANDS && bytes < ENTRY_BYTES {
+        // Only the owner lingers: a forwarded batch waits in the owner's queue anyway.
+        let owner = inner.owns(&inner.parts[usize::from(p)]);
+        let expect = if owner && last.1.elapsed() < IDLE_AFTER && !linger.is_zero() { last.0 } else { 0 };
+        while commands < ENTRY_COMMANDS && bytes < ENTRY_BYTES {
             // What is queued goes in; under load, the entry also waits (up to the linger)
             // for as many commands as the one before carried: the requests answered by
             // that entry come back within a millisecond or two, and JetStream's per-entry
             // cost is then shared by all of them (BENCHMARKS.md, the append linger).
             let next = match queue.try_recv() {
                 Ok(next) => next,
-                Err(_) if batch.len() < expect => match tokio::time::timeout_at(until, queue.recv()).await {
+                Err(_) if commands < expect => match tokio::time::timeout_at(until, queue.recv()).await {
                     Ok(Some(next)) => next,
                     _ => break,
                 },
                 Err(_) => break,
             };
-            bytes += next.0.get().len();
+            if commands + next.commands() > ENTRY_COMMANDS || bytes + next.bytes() > ENTRY_BYTES + (64 << 10) {
+                carried = Some(next);
+                break;
+            }
+            commands += next.commands();
+            bytes += next.bytes();
             batch.push(next);
         }
-        last = (batch.len(), Instant::now());
+        last = (commands, Instant::now());
         tokio::spawn(append_entry(Arc::clone(&inner), p, batch, slot));
     }
 }
 
-/// Appends one entry; its requests are answered as this node applies it, or with the
-/// append's failure.
+/// Appends one entry (or, on a node that does not own the partition, forwards it to the
+/// owner); its requests are answered as this node applies it, or with the append's
+/// failure; the forwarded batches in it are replied to once it is acknowledged.
 async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: OwnedSemaphorePermit) {
     let part = &inner.parts[usize::from(p)];
     let id = Ulid::from_parts(0, crate::engine::Entropy::random().bits(0)).to_string();
-    let payload = encode_entry(batch.iter().map(|(c, _)| &**c));
-    let commands = batch.len();
-    let waiters = batch.into_iter().map(|(_, w)| w).collect();
+    let node = &inner.settings.node_id;
+    // This node's requests first (one span, answered by `id`), then the forwarded batches.
+    let mut commands = Vec::with_capacity(batch.iter().map(Queued::commands).sum());
+    let mut waiters = Vec::new();
+    let mut batches = Vec::new();
+    for queued in batch {
+        match queued {
+            Queued::Local(command, waiter) => {
+                commands.push(command);
+                waiters.push(waiter);
+            }
+            Queued::Forwarded(f) => batches.push(f),
+        }
+    }
+    let mut spans = if waiters.is_empty() { String::new() } else { span(node, &id, 0, waiters.len()) };
+    let mut replies = Vec::with_capacity(batches.len());
+    for f in batches {
+        if !spans.is_empty() {
+            spans.push(',');
+        }
+        spans.push_str(&span(&f.node, &f.batch, commands.len(), f.commands.len()));
+        commands.extend(f.commands);
+        replies.push(f.reply);
+    }
+    let count = commands.len();
+    let payload = Bytes::from(encode_entry(commands.iter().map(|c| &**c)));
+    drop(commands);
     part.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id.clone(), waiters);
     let subject = format!("tally.p.{p}.cmd");
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
-    let published =
-        publish(&inner.appends, &subject, &id, &inner.settings.node_id, Bytes::from(payload), deadline).await;
+    let forward = replies.is_empty() && !inner.owns(part);
+    let appended = match forward {
+        true => match forward_batch(&inner, p, &id, payload.clone(), deadline).await {
+            Forwarding::Appended(seq) => Ok(seq),
+            Forwarding::Failed(e) => Err(e),
+            // Nothing was appended: this node appends its requests itself.
+            Forwarding::NoOwner => publish(&inner.appends, &subject, &id, &spans, payload, deadline).await,
+        },
+        false => publish(&inner.appends, &subject, &id, &spans, payload, deadline).await,
+    };
     drop(slot);
-    match published {
+    for reply in replies {
+        let answer = match &appended {
+            Ok(seq) => format!("{REPLY_APPENDED}{seq}"),
+            Err(e) => format!("{REPLY_FAILED}{e}"),
+        };
+        if let Err(e) = inner.client.publish(reply, Bytes::from(answer)).await {
+            tracing::warn!(partition = p, error = %e, "could not reply to a forwarded batch; its sender answers 503");
+        }
+    }
+    match appended {
         Ok(seq) => {
-            inner.metrics.cluster_append_duration.observe(started.elapsed().as_secs_f64());
-            inner.metrics.cluster_entry_commands.observe(commands as f64);
+            if !forward {
+                inner.metrics.cluster_append_duration.observe(started.elapsed().as_secs_f64());
+                inner.metrics.cluster_entry_commands.observe(count as f64);
+            }
             // The log has the entry but this node's subscription may not deliver it: after
             // a NATS server's kill -9 a subscription can hang without reporting missed
             // heartbeats.
@@ -573,6 +710,90 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
     }
 }
 
+/// What became of a batch forwarded to a partition's owner.
+enum Forwarding {
+    /// The owner appended it in this entry.
+    Appended(u64),
+    /// No node owns the partition, or the one asked no longer does: nothing was appended.
+    NoOwner,
+    /// The owner's append failed or went unanswered: the batch may be in the log or not
+    /// (its requests answer `503`; a retry is a duplicate or the creation).
+    Failed(StoreError),
+}
+
+/// Sends a batch of this node's requests to partition `p`'s owner, which appends it in its
+/// next entry (with the other nodes' batches) and replies once JetStream acknowledged it.
+async fn forward_batch(
+    inner: &Inner,
+    p: u16,
+    batch: &str,
+    payload: Bytes,
+    deadline: tokio::time::Instant,
+) -> Forwarding {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(NODE_HEADER, inner.settings.node_id.as_str());
+    headers.insert(BATCH_HEADER, batch);
+    let timeout = deadline.saturating_duration_since(tokio::time::Instant::now()).min(FORWARD_TIMEOUT);
+    let request = async_nats::Request::new().payload(payload).headers(headers).timeout(Some(timeout));
+    match inner.client.send_request(forward_subject(p), request).await {
+        Ok(reply) => {
+            let text = String::from_utf8_lossy(&reply.payload);
+            if let Some(seq) = text.strip_prefix(REPLY_APPENDED).and_then(|s| s.parse().ok()) {
+                Forwarding::Appended(seq)
+            } else if text == REPLY_NOT_OWNER {
+                Forwarding::NoOwner
+            } else {
+                let why = text.strip_prefix(REPLY_FAILED).unwrap_or(&text);
+                Forwarding::Failed(unavailable(format!("partition {p}'s owner could not append: {why}")))
+            }
+        }
+        Err(e) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => Forwarding::NoOwner,
+        Err(e) => Forwarding::Failed(unavailable(format!("partition {p}'s owner did not answer: {e}; retry"))),
+    }
+}
+
+/// Takes the batches other nodes forward to partition `p` while this node owns it, and
+/// queues them to the partition's appender; ends (unsubscribing) when the lease is lost.
+async fn serve_forwards(inner: Arc<Inner>, p: u16) {
+    let part = &inner.parts[usize::from(p)];
+    let mut forwards = match inner.client.queue_subscribe(forward_subject(p), OWNERS.to_string()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(partition = p, error = %e, "cannot take forwarded requests; the other nodes append their own");
+            return;
+        }
+    };
+    let mut stop = inner.stop.subscribe();
+    let mut tick = tokio::time::interval(LEASE_EVERY);
+    loop {
+        let message = tokio::select! {
+            m = forwards.next() => match m { Some(m) => m, None => break },
+            _ = tick.tick() => if inner.owns(part) { continue } else { break },
+            _ = stop.changed() => break,
+        };
+        let Some(reply) = message.reply.clone() else { continue };
+        let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
+        let entry = serde_json::from_slice::<RawEntry>(&message.payload);
+        let answer = match (inner.owns(part), header(NODE_HEADER), header(BATCH_HEADER), entry) {
+            (false, ..) => REPLY_NOT_OWNER.to_string(),
+            (true, Some(node), Some(batch), Ok(entry)) => {
+                let forwarded = Forwarded { node, batch, commands: entry.commands, reply: reply.clone() };
+                if part.queue.send(Queued::Forwarded(forwarded)).await.is_ok() {
+                    continue;
+                }
+                format!("{REPLY_FAILED}this node is stopping")
+            }
+            _ => format!("{REPLY_FAILED}a forwarded batch without its node, its id or readable commands"),
+        };
+        let not_owner = answer == REPLY_NOT_OWNER;
+        let _ = inner.client.publish(reply, Bytes::from(answer)).await;
+        if not_owner {
+            break;
+        }
+    }
+    tracing::info!(partition = p, "no longer taking forwarded requests");
+}
+
 /// Publishes with a message id until JetStream acknowledges it or `deadline` passes. A
 /// timed-out acknowledgement is ambiguous (the entry may be stored): the retry carries the
 /// same id, so JetStream keeps it once. "No responders" also means a stream leader is being
@@ -581,7 +802,7 @@ async fn publish(
     js: &jetstream::Context,
     subject: &str,
     id: &str,
-    node: &str,
+    spans: &str,
     payload: Bytes,
     deadline: tokio::time::Instant,
 ) -> Result<u64, StoreError> {
@@ -590,7 +811,7 @@ async fn publish(
         let message = jetstream::message::PublishMessage::build()
             .payload(payload.clone())
             .message_id(id)
-            .header(NODE_HEADER, node);
+            .header(BATCHES_HEADER, spans);
         let attempt = async {
             let ack = js.send_publish(subject.to_string(), message).await.map_err(|e| e.to_string())?;
             ack.await.map_err(|e| e.to_string())
@@ -708,27 +929,21 @@ async fn consume(inner: &Inner, part: &Part, from: u64, done: &mpsc::Sender<Appl
         }
         expected = seq + 1;
         let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
-        let waiters = match (header(NODE_HEADER), header(async_nats::header::NATS_MESSAGE_ID.as_ref())) {
-            (Some(node), Some(id)) if node == inner.settings.node_id => {
-                part.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id)
-            }
-            _ => None,
-        };
-        let mut waiters = waiters.unwrap_or_default().into_iter();
+        let mut waiters = header(BATCHES_HEADER).map(|spans| own_waiters(inner, part, &spans)).unwrap_or_default();
         let commands = match serde_json::from_slice::<Entry>(&message.payload) {
             Ok(entry) => entry.commands,
             Err(e) => {
                 // Every node skips the same unreadable entry: state stays the same everywhere.
                 tracing::error!(partition = part.p, entry = seq, error = %e, "a log entry does not decode; skipped");
                 part.applied.store(position(seq, (1 << INDEX_BITS) - 1), Ordering::SeqCst);
-                for w in waiters {
+                for w in waiters.into_iter().flatten() {
                     let _ = w.send(Err(StoreError::Corrupt(format!("log entry {seq} does not decode: {e}"))));
                 }
                 continue;
             }
         };
         for (index, command) in commands.into_iter().enumerate() {
-            let waiter = waiters.next();
+            let waiter = waiters.get_mut(index).and_then(Option::take);
             let at = position(seq, index);
             if at <= applied {
                 continue;
@@ -741,6 +956,41 @@ async fn consume(inner: &Inner, part: &Part, from: u64, done: &mpsc::Sender<Appl
         }
     }
     Err("the log subscription ended".into())
+}
+
+/// One span of an entry's [`BATCHES_HEADER`]: `count` commands from `start` are the
+/// batch `batch` of node `node`.
+fn span(node: &str, batch: &str, start: usize, count: usize) -> String {
+    format!("{node} {batch} {start} {count}")
+}
+
+/// The batches of `node` an entry's [`BATCHES_HEADER`] names, with the index of each
+/// batch's first command; spans that do not parse are skipped (their requests answer
+/// `503` when their wait ends).
+fn spans_of<'a>(header: &'a str, node: &'a str) -> impl Iterator<Item = (&'a str, usize)> + 'a {
+    header.split(',').filter_map(move |span| {
+        let mut fields = span.split(' ');
+        let (n, batch, start) = (fields.next()?, fields.next()?, fields.next()?.parse().ok()?);
+        (n == node).then_some((batch, start))
+    })
+}
+
+/// The requests of this node an entry carries, by the entry's [`BATCHES_HEADER`]: each
+/// waiter at its command's index.
+fn own_waiters(inner: &Inner, part: &Part, header: &str) -> Vec<Option<Waiter>> {
+    let mut at = Vec::new();
+    for (batch, start) in spans_of(header, &inner.settings.node_id) {
+        let Some(waiters) = part.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(batch) else {
+            continue;
+        };
+        for (index, w) in (start..1 << INDEX_BITS).zip(waiters) {
+            if at.len() <= index {
+                at.resize_with(index + 1, || None);
+            }
+            at[index] = Some(w);
+        }
+    }
+    at
 }
 
 /// Routes each applied entry's answer to the request waiting for it, in log order. A
@@ -831,6 +1081,8 @@ async fn forward_clicks(inner: Arc<Inner>) {
 /// acted on, though JetStream keeps it until its TTL.
 async fn hold_leases(inner: Arc<Inner>, leases: kv::Store) {
     let mut revisions: Vec<Option<u64>> = vec![None; inner.parts.len()];
+    // Each owned partition's task taking forwarded batches ([`serve_forwards`]).
+    let mut forwards: Vec<Option<JoinHandle<()>>> = (0..inner.parts.len()).map(|_| None).collect();
     let hold_for = u64::try_from((LEASE_TTL - Duration::from_secs(1)).as_millis()).unwrap_or(4000);
     let node = Bytes::from(inner.settings.node_id.clone());
     let mut tick = tokio::time::interval(LEASE_EVERY);
@@ -851,13 +1103,18 @@ async fn hold_leases(inner: Arc<Inner>, leases: kv::Store) {
             };
             match revision {
                 Some(rev) => {
-                    if revisions[usize::from(part.p)].is_none() {
+                    let taken = revisions[usize::from(part.p)].is_none();
+                    revisions[usize::from(part.p)] = Some(rev);
+                    part.owned_until.store(asked + hold_for, Ordering::SeqCst);
+                    if taken {
                         tracing::info!(partition = part.p, revision = rev, "took the partition's lease");
                         // Its deliveries are this node's to send now: the worker looks at once.
                         inner.outbox_wake.notify_waiters();
                     }
-                    revisions[usize::from(part.p)] = Some(rev);
-                    part.owned_until.store(asked + hold_for, Ordering::SeqCst);
+                    let serving = &mut forwards[usize::from(part.p)];
+                    if serving.as_ref().is_none_or(JoinHandle::is_finished) {
+                        *serving = Some(tokio::spawn(serve_forwards(Arc::clone(&inner), part.p)));
+                    }
                 }
                 None => {
                     if revisions[usize::from(part.p)].take().is_some() {
@@ -1258,6 +1515,25 @@ mod tests {
         let mut commands = serde_json::from_slice::<Entry>(&encode_entry([&*encoded, &*encoded])).unwrap().commands;
         assert_eq!(commands.len(), 2);
         commands.remove(1)
+    }
+
+    #[test]
+    fn an_entry_names_each_nodes_batches_by_their_first_command() {
+        let header = [span("gw-1", "01A", 0, 3), span("gw-2", "01B", 3, 5), span("gw-1", "01C", 8, 1)].join(",");
+        assert_eq!(header, "gw-1 01A 0 3,gw-2 01B 3 5,gw-1 01C 8 1");
+        type Case<'a> = (&'a str, &'a str, Vec<(&'a str, usize)>);
+        let cases: [Case; 5] = [
+            (&header, "gw-1", vec![("01A", 0), ("01C", 8)]),
+            (&header, "gw-2", vec![("01B", 3)]),
+            (&header, "gw-3", vec![]),
+            // A node whose id is a prefix of another's is not confused with it.
+            ("gw-10 01D 0 2", "gw-1", vec![]),
+            // Unreadable spans are skipped, readable ones kept.
+            ("gw-1 01E x 2,gw-1,gw-1 01F 4 1", "gw-1", vec![("01F", 4)]),
+        ];
+        for (header, node, want) in cases {
+            assert_eq!(spans_of(header, node).collect::<Vec<_>>(), want, "{header} for {node}");
+        }
     }
 
     #[test]
