@@ -93,11 +93,14 @@ const UNDELIVERED: Duration = Duration::from_millis(500);
 const APPEND_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How long a batch forwarded to a partition's owner waits for its reply (under load,
-/// 5-15 ms). An owner killed with the batch in hand never replies: its requests answer
+/// 5-15 ms): as long as the owner's own append waits for JetStream's acknowledgement, so a
+/// reply later than this means the owner is retrying its append (a log leader's election)
+/// or is dead. An owner killed with the batch in hand never replies: its requests answer
 /// `503` after this (a retry is a duplicate or the creation), and the next batch finds no
 /// owner and is appended by this node itself, so writes resume without waiting for the
-/// lease to pass to another node.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
+/// lease to pass to another node. With 2 s, the kill test's writes through the other
+/// nodes stopped for 1.9-2.0 s after the owner's kill.
+const FORWARD_TIMEOUT: Duration = APPEND_TIMEOUT;
 
 /// The most commands one log entry carries, and about the most bytes (NATS refuses
 /// messages over 1 MiB by default).
