@@ -18,7 +18,8 @@
 //!   codecs, the batching writer (group commit), the engine's state view over the
 //!   database, effects to write batches, the published catalog.
 //! - [`cluster`]: the only module that names NATS: cluster mode (SPEC 14). Commands go
-//!   to per-merchant partition logs on JetStream; every node applies every log through
+//!   to per-merchant partition logs on JetStream, appended by each partition's owner
+//!   (other nodes forward their batches to it); every node applies every log through
 //!   the engine into a store per partition (`docs/cluster.md`).
 //! - [`http`]: the only module that names hyper: accept loop, routing, handlers,
 //!   statuses and errors as problem+json.

@@ -77,6 +77,7 @@ pub struct Metrics {
     pub cluster_entry_commands: Histogram,
     /// Cluster mode: partition snapshots this node took, by outcome (`ok`, `failed`).
     pub cluster_snapshots: IntCounterVec,
+    pub cluster_forwards: IntCounterVec,
     write_stalls: IntCounterVec,
     sst_bytes: IntGauge,
     memtable_bytes: IntGauge,
@@ -301,6 +302,12 @@ impl Metrics {
                 &r,
                 "tally_cluster_snapshots_total",
                 "Cluster mode: partition snapshots this node took as their owner, by outcome (ok, failed).",
+                &["outcome"],
+            ),
+            cluster_forwards: counter_vec(
+                &r,
+                "tally_cluster_forwards_total",
+                "Cluster mode: batches of requests this node forwarded to their partition's owner, by outcome (appended; no_owner: appended by this node itself; failed: answered 503).",
                 &["outcome"],
             ),
             registry: r,

@@ -671,12 +671,21 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
     let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
     let forward = replies.is_empty() && !inner.owns(part);
     let appended = match forward {
-        true => match forward_batch(&inner, p, &id, payload.clone(), deadline).await {
-            Forwarding::Appended(seq) => Ok(seq),
-            Forwarding::Failed(e) => Err(e),
-            // Nothing was appended: this node appends its requests itself.
-            Forwarding::NoOwner => publish(&inner.appends, &subject, &id, &spans, payload, deadline).await,
-        },
+        true => {
+            let forwarding = forward_batch(&inner, p, &id, payload.clone(), deadline).await;
+            let outcome = match &forwarding {
+                Forwarding::Appended(_) => "appended",
+                Forwarding::NoOwner => "no_owner",
+                Forwarding::Failed(_) => "failed",
+            };
+            inner.metrics.cluster_forwards.with_label_values(&[outcome]).inc();
+            match forwarding {
+                Forwarding::Appended(seq) => Ok(seq),
+                Forwarding::Failed(e) => Err(e),
+                // Nothing was appended: this node appends its requests itself.
+                Forwarding::NoOwner => publish(&inner.appends, &subject, &id, &spans, payload, deadline).await,
+            }
+        }
         false => publish(&inner.appends, &subject, &id, &spans, payload, deadline).await,
     };
     drop(slot);

@@ -280,6 +280,13 @@ async fn histogram(http: &HttpClient, node: &Proc, name: &str) -> Vec<(f64, f64)
         .collect()
 }
 
+/// A counter's value, with its labels as written in `/metrics` (`name{outcome="ok"}`).
+async fn counter(http: &HttpClient, node: &Proc, series: &str) -> f64 {
+    let r = send(http, Method::GET, format!("http://{}/metrics", node.admin), &[], Vec::new()).await;
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    text.lines().filter_map(|l| l.strip_prefix(&format!("{series} "))).find_map(|v| v.parse().ok()).unwrap_or(0.0)
+}
+
 /// The smallest bucket bound holding `q` of the observations.
 fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
     let total = buckets.last().map_or(0.0, |b| b.1);
@@ -397,6 +404,15 @@ async fn three_nodes_share_configuration_dedupe_exactly_attribute_across_nodes_a
         assert!(commissions.iter().all(|x| *x == commissions[0]), "t-{i}: {commissions:?}");
         created_ids.push(ids[0].clone());
     }
+    // The merchant's partition has one owner; the two other nodes sent their requests to
+    // it, to be appended in its entries, rather than appending entries of their own.
+    let mut forwarding = 0;
+    for n in &nodes {
+        if counter(&http, n, r#"tally_cluster_forwards_total{outcome="appended"}"#).await >= 10.0 {
+            forwarding += 1;
+        }
+    }
+    assert_eq!(forwarding, 2, "two nodes forward their batches to the partition's owner");
 
     // Every node holds the same ledger: one entry per conversion.
     let want = ledger(&http, a).await;
