@@ -2,6 +2,7 @@
 //! and the time-ordered unguessable ids tally mints (click, conversion, ledger entry).
 
 use std::fmt;
+use std::sync::Arc;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -23,12 +24,42 @@ fn check_slug(text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Serialization of an id kept as `Arc<str>`: written as its text without a copy, read
+/// from text through `$parse` (one allocation, no intermediate `String`).
+macro_rules! text_serde {
+    ($name:ident, $parse:path) => {
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct Text;
+                impl serde::de::Visitor<'_> for Text {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str(concat!("a ", stringify!($name), " as a string"))
+                    }
+                    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<$name, E> {
+                        $parse(text).map_err(E::custom)
+                    }
+                }
+                deserializer.deserialize_str(Text)
+            }
+        }
+    };
+}
+
+/// A slug id. Kept as `Arc<str>`: ids are cloned into records, effects, keys' owners and
+/// answers many times per conversion, and a clone is then a count, not an allocation
+/// and a copy (BENCHMARKS.md, instructions per conversion).
 macro_rules! slug_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Parses a slug of 1..64 `[A-Za-z0-9_-]`.
@@ -37,7 +68,7 @@ macro_rules! slug_id {
             /// Says what a valid id looks like.
             pub fn parse(text: &str) -> Result<Self, String> {
                 check_slug(text)?;
-                Ok($name(text.to_string()))
+                Ok($name(Arc::from(text)))
             }
 
             pub fn as_str(&self) -> &str {
@@ -45,17 +76,18 @@ macro_rules! slug_id {
             }
         }
 
+        text_serde!($name, $name::parse);
+
         impl TryFrom<String> for $name {
             type Error = String;
             fn try_from(text: String) -> Result<Self, String> {
-                check_slug(&text)?;
-                Ok($name(text))
+                $name::parse(&text)
             }
         }
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.to_string()
             }
         }
 
@@ -85,9 +117,11 @@ slug_id!(
 );
 
 /// The merchant's own unique id for a conversion: the dedupe key within the merchant.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct TxnId(String);
+/// Kept as `Arc<str>`, like the slug ids.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TxnId(Arc<str>);
+
+text_serde!(TxnId, TxnId::parse);
 
 impl TxnId {
     /// # Errors
@@ -102,7 +136,7 @@ impl TxnId {
         if text.chars().any(char::is_control) {
             return Err("must not contain control characters".into());
         }
-        Ok(TxnId(text.to_string()))
+        Ok(TxnId(Arc::from(text)))
     }
 
     pub fn as_str(&self) -> &str {
@@ -119,7 +153,7 @@ impl TryFrom<String> for TxnId {
 
 impl From<TxnId> for String {
     fn from(id: TxnId) -> String {
-        id.0
+        id.0.to_string()
     }
 }
 

@@ -84,8 +84,10 @@ pub struct Tx<'s, S: State + ?Sized> {
 
 impl<'s, S: State + ?Sized> Tx<'s, S> {
     pub fn new(base: &'s S) -> Self {
-        // A credited conversion makes five or six effects: one allocation for them all.
-        let effects = Vec::with_capacity(8);
+        // A credited conversion makes about a dozen effects (the record, its dedupe key,
+        // ledger entries, balance, partner month, pace, rollups, outbox): one allocation
+        // for them all (with 8 the vector grew once per conversion).
+        let effects = Vec::with_capacity(16);
         Tx { base, index: FastMap::default(), head: None, minted: 0, effects }
     }
 

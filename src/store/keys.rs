@@ -3,7 +3,7 @@
 //! id byte, so all keys of one prefix are contiguous and in id order. Numbers are
 //! big-endian so byte order is numeric order.
 
-use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId, TxnId, Ulid};
+use crate::domain::ids::{LinkId, MerchantId, PartnerId, PlanId, TxnId, Ulid, MAX_SLUG_LEN};
 use crate::domain::money::Currency;
 use crate::domain::rollup::{Level, Scope};
 
@@ -258,7 +258,9 @@ fn rollup_tag(scope: Scope, level: Level) -> u8 {
 /// The start of a rollup range: `merchant, tag bucket` (the bucket as 4 bytes, big-endian).
 /// Every cell of `bucket` and later buckets of that scope and level sorts at or after it.
 pub fn rollup_from(merchant: &MerchantId, scope: Scope, level: Level, bucket: u32) -> Vec<u8> {
-    let mut key = merchant.as_str().as_bytes().to_vec();
+    // Sized for a cell key (`rollup` appends a partner and a currency): one allocation.
+    let mut key = Vec::with_capacity(merchant.as_str().len() + 6 + MAX_SLUG_LEN + 1 + 3);
+    key.extend_from_slice(merchant.as_str().as_bytes());
     key.push(SEP);
     key.push(rollup_tag(scope, level));
     key.extend_from_slice(&bucket.to_be_bytes());
@@ -294,7 +296,8 @@ pub fn parse_rollup(key: &[u8], merchant_len: usize) -> Option<(u32, Option<Part
 
 /// A partner's first attributed conversion: `merchant, f partner` -> its time (min-merged).
 pub fn rollup_first(merchant: &MerchantId, partner: &PartnerId) -> Vec<u8> {
-    let mut key = merchant.as_str().as_bytes().to_vec();
+    let mut key = Vec::with_capacity(merchant.as_str().len() + 2 + partner.as_str().len());
+    key.extend_from_slice(merchant.as_str().as_bytes());
     key.push(SEP);
     key.push(ROLLUP_FIRST);
     key.extend_from_slice(partner.as_str().as_bytes());
