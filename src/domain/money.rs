@@ -134,14 +134,26 @@ fn parse_scaled(text: &str, scale: u32, allow_negative: bool) -> Result<i128, St
     Ok(if negative { -value } else { value })
 }
 
+/// `value / 10^scale` as decimal text, every fractional digit written. Built in one
+/// allocation, with 64-bit integer formatting whenever the parts fit (money always does):
+/// this runs several times per conversion.
 fn format_scaled(value: i128, scale: u32) -> String {
-    let sign = if value < 0 { "-" } else { "" };
-    let abs = value.unsigned_abs();
-    if scale == 0 {
-        return format!("{sign}{abs}");
+    use std::fmt::Write;
+    let mut out = String::with_capacity(48);
+    if value < 0 {
+        out.push('-');
     }
+    let abs = value.unsigned_abs();
     let div = 10u128.pow(scale);
-    format!("{sign}{}.{:0width$}", abs / div, abs % div, width = scale as usize)
+    let (whole, fraction) = (abs / div, abs % div);
+    let width = scale as usize;
+    let _ = match (u64::try_from(whole), u64::try_from(fraction)) {
+        (Ok(w), _) if scale == 0 => write!(out, "{w}"),
+        (Ok(w), Ok(f)) => write!(out, "{w}.{f:0width$}"),
+        _ if scale == 0 => write!(out, "{whole}"),
+        _ => write!(out, "{whole}.{fraction:0width$}"),
+    };
+    out
 }
 
 /// An exact amount of a currency, in minor units (cents for USD, yen for JPY, fils for BHD).
@@ -206,8 +218,10 @@ impl Percent {
 
     /// The shortest decimal text (`"20"`, `"12.5"`).
     pub fn text(&self) -> String {
-        let full = format_scaled(i128::from(self.micros), Self::SCALE);
-        full.trim_end_matches('0').trim_end_matches('.').to_string()
+        let mut text = format_scaled(i128::from(self.micros), Self::SCALE);
+        let kept = text.trim_end_matches('0').trim_end_matches('.').len();
+        text.truncate(kept);
+        text
     }
 }
 
@@ -230,6 +244,29 @@ mod tests {
 
     fn usd() -> Currency {
         Currency::parse("USD").unwrap()
+    }
+
+    #[test]
+    fn scaled_values_are_written_with_every_fractional_digit() {
+        let big = i128::from(u64::MAX) * 1000 + 7;
+        let cases: [(i128, u32, &str); 10] = [
+            (0, 2, "0.00"),
+            (5, 2, "0.05"),
+            (-5, 2, "-0.05"),
+            (12_345, 2, "123.45"),
+            (100, 0, "100"),
+            (-7, 0, "-7"),
+            (1_500_000, 6, "1.500000"),
+            (-1_234_567, 3, "-1234.567"),
+            (big, 3, "18446744073709551615.007"),
+            (-big, 0, "-18446744073709551615007"),
+        ];
+        for (value, scale, want) in cases {
+            assert_eq!(format_scaled(value, scale), want, "{value} at scale {scale}");
+        }
+        for (text, want) in [("20", "20"), ("12.5", "12.5"), ("0", "0"), ("100", "100"), ("0.000001", "0.000001")] {
+            assert_eq!(Percent::parse(text).unwrap().text(), want);
+        }
     }
 
     #[test]

@@ -92,15 +92,24 @@ pub struct Tier {
 impl Rule {
     /// How the rule reads in answers: `sale 20%`, `lead 15.00`, `sale 10% + 5.00 (reseller)`.
     pub fn label(&self) -> String {
-        let mut parts = Vec::new();
+        use std::fmt::Write;
+        // One allocation: the label goes into every credited conversion's answer and record.
+        let mut label = String::with_capacity(64);
+        let _ = write!(label, "{} ", self.event);
         if let Some(p) = self.percent {
-            parts.push(format!("{}%", p.text()));
+            label.push_str(&p.text());
+            label.push('%');
         }
         if let Some(f) = self.flat {
-            parts.push(f.amount_text());
+            if self.percent.is_some() {
+                label.push_str(" + ");
+            }
+            label.push_str(&f.amount_text());
         }
-        let kind = self.partner_kind.map(|k| format!(" ({})", kind_name(k))).unwrap_or_default();
-        format!("{} {}{kind}", self.event, parts.join(" + "))
+        if let Some(k) = self.partner_kind {
+            let _ = write!(label, " ({})", kind_name(k));
+        }
+        label
     }
 }
 
