@@ -106,6 +106,9 @@ const FORWARD_TIMEOUT: Duration = APPEND_TIMEOUT;
 /// messages over 1 MiB by default).
 const ENTRY_COMMANDS: usize = 256;
 const ENTRY_BYTES: usize = 512 << 10;
+/// An entry stops taking commands at [`ENTRY_BYTES`]; the last one taken (a request, or a
+/// forwarded batch, itself at most this) may bring it to this, under NATS's 1 MiB.
+const ENTRY_MAX_BYTES: usize = ENTRY_BYTES + (64 << 10);
 const _: () = assert!(ENTRY_COMMANDS <= 1 << INDEX_BITS);
 
 /// Log entries of one partition being appended at once by this node. Requests queued
@@ -619,7 +622,8 @@ async fn append_entries(inner: Arc<Inner>, p: u16, mut queue: mpsc::Receiver<Que
                 },
                 Err(_) => break,
             };
-            if commands + next.commands() > ENTRY_COMMANDS || bytes + next.bytes() > ENTRY_BYTES + (64 << 10) {
+            // A forwarded batch is kept whole: one that would overfill the entry opens the next.
+            if commands + next.commands() > ENTRY_COMMANDS || bytes + next.bytes() > ENTRY_MAX_BYTES {
                 carried = Some(next);
                 break;
             }
@@ -670,23 +674,22 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
     let forward = replies.is_empty() && !inner.owns(part);
-    let appended = match forward {
-        true => {
-            let forwarding = forward_batch(&inner, p, &id, payload.clone(), deadline).await;
-            let outcome = match &forwarding {
-                Forwarding::Appended(_) => "appended",
-                Forwarding::NoOwner => "no_owner",
-                Forwarding::Failed(_) => "failed",
-            };
-            inner.metrics.cluster_forwards.with_label_values(&[outcome]).inc();
-            match forwarding {
-                Forwarding::Appended(seq) => Ok(seq),
-                Forwarding::Failed(e) => Err(e),
-                // Nothing was appended: this node appends its requests itself.
-                Forwarding::NoOwner => publish(&inner.appends, &subject, &id, &spans, payload, deadline).await,
-            }
+    let appended = if forward {
+        let forwarding = forward_batch(&inner, p, &id, payload.clone(), deadline).await;
+        let outcome = match &forwarding {
+            Forwarding::Appended(_) => "appended",
+            Forwarding::NoOwner => "no_owner",
+            Forwarding::Failed(_) => "failed",
+        };
+        inner.metrics.cluster_forwards.with_label_values(&[outcome]).inc();
+        match forwarding {
+            Forwarding::Appended(seq) => Ok(seq),
+            Forwarding::Failed(e) => Err(e),
+            // Nothing was appended: this node appends its requests itself.
+            Forwarding::NoOwner => publish(&inner.appends, &subject, &id, &spans, payload, deadline).await,
         }
-        false => publish(&inner.appends, &subject, &id, &spans, payload, deadline).await,
+    } else {
+        publish(&inner.appends, &subject, &id, &spans, payload, deadline).await
     };
     drop(slot);
     for reply in replies {
