@@ -336,6 +336,11 @@ fn merchant_of(command: &Command) -> Option<&MerchantId> {
     }
 }
 
+/// A header of a NATS message (a log entry or a forwarded batch), if it has it.
+fn header(message: &async_nats::Message, name: &str) -> Option<String> {
+    message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string())
+}
+
 fn unavailable(what: impl std::fmt::Display) -> StoreError {
     StoreError::Io(format!("cluster: {what}"))
 }
@@ -623,12 +628,13 @@ async fn append_entries(inner: Arc<Inner>, p: u16, mut queue: mpsc::Receiver<Que
                 Err(_) => break,
             };
             // A forwarded batch is kept whole: one that would overfill the entry opens the next.
-            if commands + next.commands() > ENTRY_COMMANDS || bytes + next.bytes() > ENTRY_MAX_BYTES {
+            let (more, more_bytes) = (next.commands(), next.bytes());
+            if commands + more > ENTRY_COMMANDS || bytes + more_bytes > ENTRY_MAX_BYTES {
                 carried = Some(next);
                 break;
             }
-            commands += next.commands();
-            bytes += next.bytes();
+            commands += more;
+            bytes += more_bytes;
             batch.push(next);
         }
         last = (commands, Instant::now());
@@ -787,9 +793,8 @@ async fn serve_forwards(inner: Arc<Inner>, p: u16) {
             _ = stop.changed() => break,
         };
         let Some(reply) = message.reply.clone() else { continue };
-        let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
         let entry = serde_json::from_slice::<RawEntry>(&message.payload);
-        let answer = match (inner.owns(part), header(NODE_HEADER), header(BATCH_HEADER), entry) {
+        let answer = match (inner.owns(part), header(&message, NODE_HEADER), header(&message, BATCH_HEADER), entry) {
             (false, ..) => REPLY_NOT_OWNER.to_string(),
             (true, Some(node), Some(batch), Ok(entry)) => {
                 let forwarded = Forwarded { node, batch, commands: entry.commands, reply: reply.clone() };
@@ -943,8 +948,8 @@ async fn consume(inner: &Inner, part: &Part, from: u64, done: &mpsc::Sender<Appl
             return Err(format!("gap in the delivery: expected entry {expected}, got {seq}"));
         }
         expected = seq + 1;
-        let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
-        let mut waiters = header(BATCHES_HEADER).map(|spans| own_waiters(inner, part, &spans)).unwrap_or_default();
+        let mut waiters =
+            header(&message, BATCHES_HEADER).map(|spans| own_waiters(inner, part, &spans)).unwrap_or_default();
         let commands = match serde_json::from_slice::<Entry>(&message.payload) {
             Ok(entry) => entry.commands,
             Err(e) => {

@@ -78,18 +78,6 @@ macro_rules! slug_id {
 
         text_serde!($name, $name::parse);
 
-        impl TryFrom<String> for $name {
-            type Error = String;
-            fn try_from(text: String) -> Result<Self, String> {
-                $name::parse(&text)
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(id: $name) -> String {
-                id.0.to_string()
-            }
-        }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -141,19 +129,6 @@ impl TxnId {
 
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-}
-
-impl TryFrom<String> for TxnId {
-    type Error = String;
-    fn try_from(text: String) -> Result<Self, String> {
-        TxnId::parse(&text)
-    }
-}
-
-impl From<TxnId> for String {
-    fn from(id: TxnId) -> String {
-        id.0.to_string()
     }
 }
 

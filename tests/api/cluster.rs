@@ -267,10 +267,15 @@ async fn convert(http: &HttpClient, node: &Proc, key: &WebhookSecret, id: &str, 
     send(http, Method::POST, url, &all, body.as_bytes().to_vec()).await
 }
 
+/// A node's `/metrics` text.
+async fn metrics_text(http: &HttpClient, node: &Proc) -> String {
+    let r = send(http, Method::GET, format!("http://{}/metrics", node.admin), &[], Vec::new()).await;
+    String::from_utf8_lossy(&r.body).into_owned()
+}
+
 /// `name`'s count and buckets from a node's `/metrics`.
 async fn histogram(http: &HttpClient, node: &Proc, name: &str) -> Vec<(f64, f64)> {
-    let r = send(http, Method::GET, format!("http://{}/metrics", node.admin), &[], Vec::new()).await;
-    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let text = metrics_text(http, node).await;
     text.lines()
         .filter_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"")))
         .filter_map(|rest| {
@@ -282,8 +287,7 @@ async fn histogram(http: &HttpClient, node: &Proc, name: &str) -> Vec<(f64, f64)
 
 /// A counter's value, with its labels as written in `/metrics` (`name{outcome="ok"}`).
 async fn counter(http: &HttpClient, node: &Proc, series: &str) -> f64 {
-    let r = send(http, Method::GET, format!("http://{}/metrics", node.admin), &[], Vec::new()).await;
-    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let text = metrics_text(http, node).await;
     text.lines().filter_map(|l| l.strip_prefix(&format!("{series} "))).find_map(|v| v.parse().ok()).unwrap_or(0.0)
 }
 
@@ -776,13 +780,7 @@ async fn snapshots_trim_the_log_and_a_fresh_node_restores_one_to_an_identical_le
     assert!(table.contains("snapshot") && table.contains("first seq"), "{table}");
     let mut taken = 0.0;
     for n in &nodes {
-        let r = send(&http, Method::GET, format!("http://{}/metrics", n.admin), &[], Vec::new()).await;
-        let text = String::from_utf8_lossy(&r.body).into_owned();
-        taken += text
-            .lines()
-            .find_map(|l| l.strip_prefix("tally_cluster_snapshots_total{outcome=\"ok\"} "))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        taken += counter(&http, n, r#"tally_cluster_snapshots_total{outcome="ok"}"#).await;
     }
     assert!(taken >= 1.0, "the owner counts its snapshots");
 
