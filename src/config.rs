@@ -347,9 +347,10 @@ pub struct ClusterSettings {
     /// last snapshot, and the log is then trimmed to what no node still needs; 0: never.
     pub snapshot_every: u64,
     /// Under load (the partition's previous entry from this node carried more than one
-    /// command and went less than 50 ms ago), how long its appender may wait after the
-    /// first queued command for as many commands as that entry had, before it sends the
-    /// entry (µs); 0: never wait.
+    /// command and went less than 50 ms ago), how long its owner's appender may wait for
+    /// the partition's concurrent requests (those that entry carried, and those queued
+    /// while it was in flight) before it sends the next entry (µs); another node's batch
+    /// waits up to half of it; 0: never wait.
     pub append_linger_us: u64,
 }
 

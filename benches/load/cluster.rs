@@ -54,23 +54,26 @@ async fn drive(targets: &[Target], connections: usize, duration: Duration) -> Dr
 }
 
 /// Prints one result line the script collects; `per_entry` is the mean number of commands
-/// per log entry the nodes appended (0 for the single node).
-fn report(mode: &str, nodes: usize, run: &Driven, cpu: (f64, f64), per_entry: f64) {
+/// per log entry the nodes appended and `forwards` the batches they forwarded to owners
+/// (0 for the single node).
+fn report(mode: &str, nodes: usize, run: &Driven, cpu: (f64, f64), per_entry: f64, forwards: f64) {
     let Driven { ok, errors, secs, p50_us, p99_us } = *run;
     let (tally_cpu, nats_cpu) = cpu;
     let per = |cpu: f64| if ok == 0 { f64::NAN } else { cpu * 1e6 / ok as f64 };
     println!(
-        "RESULT mode={mode} nodes={nodes} conversions={ok} errors={errors} per_second={:.0} tally_cpu_us={:.0} nats_cpu_us={:.0} total_cpu_us={:.0} per_entry={per_entry:.1} p50_us={p50_us} p99_us={p99_us}",
+        "RESULT mode={mode} nodes={nodes} conversions={ok} errors={errors} per_second={:.0} tally_cpu_us={:.0} nats_cpu_us={:.0} total_cpu_us={:.0} per_entry={per_entry:.1} per_forward={:.1} p50_us={p50_us} p99_us={p99_us}",
         ok as f64 / secs,
         per(tally_cpu),
         per(nats_cpu),
-        per(tally_cpu + nats_cpu)
+        per(tally_cpu + nats_cpu),
+        if forwards > 0.0 { ok as f64 / forwards } else { 0.0 }
     );
 }
 
-/// Commands and entries the nodes appended, from their `tally_cluster_entry_commands`.
-async fn entries(admins: &[std::net::SocketAddr]) -> (f64, f64) {
-    let mut total = (0.0, 0.0);
+/// Commands and entries the nodes appended, from their `tally_cluster_entry_commands`,
+/// and the batches they forwarded to owners (`tally_cluster_forwards_total`).
+async fn entries(admins: &[std::net::SocketAddr]) -> (f64, f64, f64) {
+    let mut total = (0.0, 0.0, 0.0);
     for admin in admins {
         let (_, body) = super::reports::admin_get(*admin, "/metrics").await;
         let text = String::from_utf8_lossy(&body).into_owned();
@@ -79,6 +82,11 @@ async fn entries(admins: &[std::net::SocketAddr]) -> (f64, f64) {
         };
         total.0 += value("tally_cluster_entry_commands_sum ");
         total.1 += value("tally_cluster_entry_commands_count ");
+        total.2 += text
+            .lines()
+            .filter(|l| l.starts_with("tally_cluster_forwards_total{"))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum::<f64>();
     }
     total
 }
@@ -92,7 +100,7 @@ pub async fn single(dir: &Path, duration: Duration, connections: usize) {
     drive(std::slice::from_ref(&target), connections, Duration::from_secs(1)).await;
     let before = cpu_seconds(pid);
     let driven = drive(std::slice::from_ref(&target), connections, duration).await;
-    report("single", 1, &driven, (cpu_seconds(pid) - before, 0.0), 0.0);
+    report("single", 1, &driven, (cpu_seconds(pid) - before, 0.0), 0.0, 0.0);
 }
 
 /// `nodes` tally nodes on the NATS servers of `scripts/cluster start <cluster_dir>`.
@@ -127,6 +135,6 @@ pub async fn cluster(cluster_dir: &Path, nodes: usize, duration: Duration, conne
     let cpu = (total_cpu(&tally_pids) - t0, total_cpu(&nats_pids) - n0);
     let e1 = entries(&admins).await;
     let per_entry = if e1.1 > e0.1 { (e1.0 - e0.0) / (e1.1 - e0.1) } else { 0.0 };
-    report("cluster", nodes, &driven, cpu, per_entry);
+    report("cluster", nodes, &driven, cpu, per_entry, e1.2 - e0.2);
     drop(children);
 }

@@ -4,8 +4,8 @@
 //! - **Writes.** A state-changing command is queued to its partition's appender, which
 //!   sends what was queued as one log entry (group commit: one command when the partition
 //!   is idle, up to [`ENTRY_COMMANDS`] under load, at most [`IN_FLIGHT`] entries in flight;
-//!   under load an entry waits up to `cluster.append_linger_us` for as many commands as
-//!   the entry before it carried) with a fresh message id and, in a header, which nodes'
+//!   under load an entry waits up to `cluster.append_linger_us` for the partition's
+//!   concurrent requests, [`gather`]) with a fresh message id and, in a header, which nodes'
 //!   requests are at which indexes. JetStream acknowledges it once a quorum has it; an
 //!   append that timed out is retried with the same message id, so the log holds it once.
 //!   The answer is the engine's for that command's position.
@@ -592,15 +592,19 @@ impl Inner {
 /// nodes' batches: every request of a partition then shares the owner's entries, which
 /// carry several times the commands that one node's would (JetStream's cost is per entry).
 async fn append_entries(inner: Arc<Inner>, p: u16, mut queue: mpsc::Receiver<Queued>) {
+    let part = &inner.parts[usize::from(p)];
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let linger = Duration::from_micros(inner.settings.append_linger_us);
-    // Commands in the entry sent before, and when: the load this node's requests put on
-    // the partition (a partition idle since then sends its next request at once).
+    // Commands in the entry (or forwarded batch) sent before, and when: the load this
+    // node's requests put on the partition (a partition idle since then sends its next
+    // request at once).
     let mut last = (0, Instant::now());
     // What did not fit in the entry before.
     let mut carried: Option<Queued> = None;
     loop {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { break };
+        let owner = inner.owns(part);
+        let waited = carried.is_some() || !queue.is_empty();
         let first = match carried.take() {
             Some(first) => first,
             None => match queue.recv().await {
@@ -610,22 +614,26 @@ async fn append_entries(inner: Arc<Inner>, p: u16, mut queue: mpsc::Receiver<Que
         };
         let (mut commands, mut bytes) = (first.commands(), first.bytes());
         let mut batch = vec![first];
-        let until = tokio::time::Instant::now() + linger;
-        // Only the owner lingers: a forwarded batch waits in the owner's queue anyway.
-        let owner = inner.owns(&inner.parts[usize::from(p)]);
-        let expect = if owner && last.1.elapsed() < IDLE_AFTER && !linger.is_zero() { last.0 } else { 0 };
+        let loaded = last.1.elapsed() < IDLE_AFTER;
+        let mut expect = None;
         while commands < ENTRY_COMMANDS && bytes < ENTRY_BYTES {
-            // What is queued goes in; under load, the entry also waits (up to the linger)
-            // for as many commands as the one before carried: the requests answered by
-            // that entry come back within a millisecond or two, and JetStream's per-entry
-            // cost is then shared by all of them (BENCHMARKS.md, the append linger).
             let next = match queue.try_recv() {
                 Ok(next) => next,
-                Err(_) if commands < expect => match tokio::time::timeout_at(until, queue.recv()).await {
-                    Ok(Some(next)) => next,
-                    _ => break,
-                },
-                Err(_) => break,
+                Err(_) => {
+                    // What was queued is in: `commands` waited for the slot (if any did).
+                    let (expect, until) = *expect.get_or_insert_with(|| {
+                        let queued = if waited { commands } else { 0 };
+                        let (expect, window) = gather(loaded.then_some(last.0), queued, owner, linger);
+                        (expect, tokio::time::Instant::now() + window)
+                    });
+                    if commands >= expect {
+                        break;
+                    }
+                    match tokio::time::timeout_at(until, queue.recv()).await {
+                        Ok(Some(next)) => next,
+                        _ => break,
+                    }
+                }
             };
             // A forwarded batch is kept whole: one that would overfill the entry opens the next.
             let (more, more_bytes) = (next.commands(), next.bytes());
@@ -639,6 +647,24 @@ async fn append_entries(inner: Arc<Inner>, p: u16, mut queue: mpsc::Receiver<Que
         }
         last = (commands, Instant::now());
         tokio::spawn(append_entry(Arc::clone(&inner), p, batch, slot));
+    }
+}
+
+/// How many commands a partition's next entry (or, on another node, its next forwarded
+/// batch) waits for, and for how long, once what was queued is taken: `last` is what the
+/// one before carried when it went under load (`None`: the partition was idle), `queued`
+/// what queued while it was in flight.
+///
+/// Under load it waits for the partition's concurrent requests: those the entry before
+/// carried, whose answers bring them back within a millisecond or two, and those that
+/// queued meanwhile. Counting only the former, the requests settled into two groups
+/// taking turns, each entry carrying about half of them (BENCHMARKS.md, "entries that
+/// wait for every request"). The owner waits up to the whole linger; another node half
+/// of it, so that its batch reaches the owner while the owner's entry still waits.
+fn gather(last: Option<usize>, queued: usize, owner: bool, linger: Duration) -> (usize, Duration) {
+    match last {
+        Some(last) if last > 1 && !linger.is_zero() => (last + queued, if owner { linger } else { linger / 2 }),
+        _ => (0, Duration::ZERO),
     }
 }
 
@@ -1553,6 +1579,27 @@ mod tests {
         ];
         for (header, node, want) in cases {
             assert_eq!(spans_of(header, node).collect::<Vec<_>>(), want, "{header} for {node}");
+        }
+    }
+
+    #[test]
+    fn an_entry_under_load_waits_for_every_concurrent_request_and_an_idle_one_for_none() {
+        let linger = Duration::from_millis(2);
+        let half = Duration::from_millis(1);
+        // (last entry under load, queued while it was in flight, owner, linger) -> (commands, window)
+        let cases = [
+            (None, 0, true, linger, (0, Duration::ZERO)),
+            (None, 30, true, linger, (0, Duration::ZERO)),
+            (Some(1), 0, true, linger, (0, Duration::ZERO)),
+            (Some(1), 5, true, linger, (0, Duration::ZERO)),
+            (Some(30), 0, true, linger, (30, linger)),
+            // Two groups taking turns: the entry waits for both.
+            (Some(30), 34, true, linger, (64, linger)),
+            (Some(12), 9, false, linger, (21, half)),
+            (Some(30), 34, true, Duration::ZERO, (0, Duration::ZERO)),
+        ];
+        for (last, queued, owner, linger, want) in cases {
+            assert_eq!(gather(last, queued, owner, linger), want, "{last:?} {queued} {owner} {linger:?}");
         }
     }
 
