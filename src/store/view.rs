@@ -158,6 +158,9 @@ impl State for View<'_, '_> {
             self.read_staged.set(true);
             return Ok(Some(Ulid(head)));
         }
+        if let Some(head) = self.writer.written_head() {
+            return Ok(Some(Ulid(head)));
+        }
         let head = self.bytes(Cf::Meta, keys::META_LEDGER_HEAD)?;
         Ok(head.and_then(|v| <[u8; 16]>::try_from(v.as_slice()).ok()).map(Ulid))
     }

@@ -184,6 +184,12 @@ pub(super) struct Writer {
     durability: Durability,
     max_batch: usize,
     last_reopen: Cell<Option<Instant>>,
+    /// The ledger head the last written batch stored, and the database generation it
+    /// went to: the engine reads the head for every command that appends to the ledger,
+    /// and only this thread writes it, so it is read from here instead of the database.
+    /// A failed write forgets it; a reopen (after a failed WAL sync, which may lose the
+    /// write) starts a new generation, where it is read from the database again.
+    head: Cell<Option<(u64, [u8; 16])>>,
 }
 
 /// Whether a command reads a range of an index, which sees the database only.
@@ -208,6 +214,7 @@ impl Writer {
             durability,
             max_batch: max_batch.max(1),
             last_reopen: Default::default(),
+            head: Cell::new(None),
         }
     }
 
@@ -386,9 +393,13 @@ impl Writer {
         } = pending;
         // A batch that cannot hold its puts is not written at all: its answers get the error.
         let staged = db.as_deref().map_or(Ok(()), |db| stage_puts(db, &mut batch, puts));
+        let mut head_staged = None;
         if let (Some(head), Some(db)) = (ledger_head, db.as_deref()) {
             match super::cf_of(db, Cf::Meta) {
-                Ok(cf) => batch.put_cf(cf, super::keys::META_LEDGER_HEAD, head),
+                Ok(cf) => {
+                    batch.put_cf(cf, super::keys::META_LEDGER_HEAD, head);
+                    head_staged = Some(head);
+                }
                 Err(e) => tracing::error!(error = %e, "ledger head not written"),
             }
         }
@@ -403,11 +414,17 @@ impl Writer {
                 tracing::error!(error = %e, "rollups not written");
             }
         }
+        let generation = self.shared.generation.load(Ordering::SeqCst);
         let result = match staged {
             Err(e) => Err(e),
             Ok(()) if ops == 0 => Ok(()),
             Ok(()) => self.write(db.as_deref(), batch, ops),
         };
+        match (&result, head_staged) {
+            (Ok(()), Some(head)) if ops > 0 => self.head.set(Some((generation, head))),
+            (Ok(()), _) => {}
+            (Err(_), _) => self.head.set(None),
+        }
         if result.is_err() {
             // It may hold records of this batch, which is not stored.
             self.shared.recent().clear();
@@ -462,6 +479,13 @@ impl Writer {
             }
         }
         result
+    }
+
+    /// The ledger head as the last written batch of the current database generation
+    /// stored it; `None`: read it from the database.
+    pub(super) fn written_head(&self) -> Option<[u8; 16]> {
+        let generation = self.shared.generation.load(Ordering::SeqCst);
+        self.head.get().filter(|(g, _)| *g == generation).map(|(_, head)| head)
     }
 
     /// Keeps a record among the recent ones, durable once the next batch handed to the
