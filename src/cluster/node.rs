@@ -584,8 +584,8 @@ impl Inner {
 
 /// Sends the requests queued for partition `p` as log entries: each entry carries what
 /// was queued while the entries before it were in flight (one request alone when the
-/// partition is idle), plus, under load, what arrives within the linger until it holds as
-/// many commands as the entry before it; at most [`IN_FLIGHT`] are in flight at once.
+/// partition is idle), plus, under load, what arrives within the linger until it holds the
+/// partition's concurrent requests ([`gather`]); at most [`IN_FLIGHT`] are in flight at once.
 ///
 /// On a node that does not own the partition, what was queued goes to the owner as one
 /// forwarded batch instead, which the owner puts in its own next entry with the other
