@@ -122,6 +122,13 @@ pub(super) struct Staged {
 }
 
 impl Staged {
+    pub(super) fn with_capacity(cells: usize) -> Self {
+        Staged {
+            cells: crate::domain::FastMap::with_capacity_and_hasher(cells, Default::default()),
+            firsts: Default::default(),
+        }
+    }
+
     pub(super) fn add(&mut self, inc: &Increment) {
         match inc {
             Increment::Add(cell, c) => match self.cells.get_mut(cell) {

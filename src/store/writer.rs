@@ -74,6 +74,12 @@ pub(super) struct Pending<'a> {
     position: Option<u64>,
 }
 
+/// The keys and rollup cells a batch's maps start with room for: what one credited
+/// conversion stages (its record, dedupe key, ledger entries, balance, partner month, pace,
+/// outbox; six rollup cells).
+const STAGED_KEYS: usize = 16;
+const STAGED_CELLS: usize = 8;
+
 impl<'a> Pending<'a> {
     fn new(shared: &'a Shared) -> Self {
         let usable = !shared.needs_reopen.load(Ordering::SeqCst);
@@ -81,7 +87,9 @@ impl<'a> Pending<'a> {
             shared,
             db: shared.db().ok().filter(|_| usable),
             batch: WriteBatch::default(),
-            puts: FastMap::default(),
+            // A conversion stages about ten keys: the map is made at that size, not grown
+            // three times to it.
+            puts: FastMap::with_capacity_and_hasher(STAGED_KEYS, Default::default()),
             sync: false,
             done: Vec::new(),
             written: Vec::new(),
@@ -89,7 +97,7 @@ impl<'a> Pending<'a> {
             ledger: Vec::new(),
             ledger_head: None,
             outbox_due: false,
-            rollups: super::rollups::Staged::default(),
+            rollups: super::rollups::Staged::with_capacity(STAGED_CELLS),
             position: None,
         }
     }

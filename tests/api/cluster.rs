@@ -43,7 +43,24 @@ struct Nats {
 }
 
 impl Nats {
+    /// Three servers on free ports. A port is free when picked and may be taken before the
+    /// server binds it (the suite starts many processes at once): a server that exits at
+    /// start is retried on other ports, twice at most.
     fn start() -> Nats {
+        let mut attempt = 1;
+        loop {
+            match Nats::try_start() {
+                Ok(nats) => return nats,
+                Err(why) if attempt < 3 => {
+                    eprintln!("NATS cluster start {attempt} failed, retrying on other ports: {why}")
+                }
+                Err(why) => panic!("the NATS cluster did not start: {why}"),
+            }
+            attempt += 1;
+        }
+    }
+
+    fn try_start() -> Result<Nats, String> {
         let bin = nats_server();
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (free_port(), free_port(), free_port())).collect();
@@ -68,18 +85,27 @@ impl Nats {
             let child = Command::new(&bin).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(log).spawn().unwrap();
             servers.push(Some(child));
         }
-        let nats = Nats {
+        let mut nats = Nats {
             dir,
             servers,
             client_ports: ports.iter().map(|p| p.0).collect(),
             monitor_ports: ports.iter().map(|p| p.2).collect(),
         };
-        for port in &nats.monitor_ports {
-            wait_until(Duration::from_secs(30), || {
-                http_get(*port, "/healthz?js-enabled-only=true").is_some_and(|b| b.contains("ok"))
-            });
+        let started = Instant::now();
+        for (i, port) in nats.monitor_ports.clone().into_iter().enumerate() {
+            while !http_get(port, "/healthz?js-enabled-only=true").is_some_and(|b| b.contains("ok")) {
+                let exited = nats.servers[i].as_mut().and_then(|c| c.try_wait().ok().flatten());
+                if exited.is_some() || started.elapsed() > Duration::from_secs(30) {
+                    let log =
+                        std::fs::read_to_string(nats.dir.path().join(format!("n{}.log", i + 1))).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                    let state = if exited.is_some() { "exited" } else { "not healthy within 30 s" };
+                    return Err(format!("n{} {state}; its log ends: {}", i + 1, tail.join(" | ")));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
-        nats
+        Ok(nats)
     }
 
     /// A tally config naming the three servers.
