@@ -44,8 +44,9 @@ struct Nats {
 
 impl Nats {
     /// Three servers on free ports. A port is free when picked and may be taken before the
-    /// server binds it (the suite starts many processes at once): a server that exits at
-    /// start is retried on other ports, twice at most.
+    /// server binds it (the suite starts many processes at once): when a server exits at
+    /// start, or the three are not healthy within 30 s, they are started again on other
+    /// ports, twice at most.
     fn start() -> Nats {
         let mut attempt = 1;
         loop {
