@@ -77,16 +77,17 @@ async fn entries(admins: &[std::net::SocketAddr]) -> (f64, f64, f64) {
     for admin in admins {
         let (_, body) = super::reports::admin_get(*admin, "/metrics").await;
         let text = String::from_utf8_lossy(&body).into_owned();
-        let value = |name: &str| {
-            text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
+        // The sum of the samples whose line starts with `prefix` (a name and its space, or
+        // a name and `{` for all its labels).
+        let sum = |prefix: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+                .sum::<f64>()
         };
-        total.0 += value("tally_cluster_entry_commands_sum ");
-        total.1 += value("tally_cluster_entry_commands_count ");
-        total.2 += text
-            .lines()
-            .filter(|l| l.starts_with("tally_cluster_forwards_total{"))
-            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-            .sum::<f64>();
+        total.0 += sum("tally_cluster_entry_commands_sum ");
+        total.1 += sum("tally_cluster_entry_commands_count ");
+        total.2 += sum("tally_cluster_forwards_total{");
     }
     total
 }

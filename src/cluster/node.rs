@@ -603,7 +603,6 @@ async fn append_entries(inner: Arc<Inner>, p: u16, mut queue: mpsc::Receiver<Que
     let mut carried: Option<Queued> = None;
     loop {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { break };
-        let owner = inner.owns(part);
         let waited = carried.is_some() || !queue.is_empty();
         let first = match carried.take() {
             Some(first) => first,
@@ -612,6 +611,9 @@ async fn append_entries(inner: Arc<Inner>, p: u16, mut queue: mpsc::Receiver<Que
                 None => break,
             },
         };
+        // Asked once the entry has its first command: an idle partition may change hands
+        // while it waits for one.
+        let owner = inner.owns(part);
         let (mut commands, mut bytes) = (first.commands(), first.bytes());
         let mut batch = vec![first];
         let loaded = last.1.elapsed() < IDLE_AFTER;
