@@ -825,12 +825,14 @@ async fn snapshots_trim_the_log_and_a_fresh_node_restores_one_to_an_identical_le
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let r = convert(&http, &nodes[1], &key, "msg_after_restore_2", body).await;
     assert_eq!(r.status, 200, "a duplicate on another node: {}", String::from_utf8_lossy(&r.body));
-    let want = ledger(&http, &nodes[2]).await;
+    // Every node applies the log on its own: the restored node answered the new entry, an
+    // old one may apply it a moment later (seen in CI: its ledger lacked the last entry).
     let got = ledger(&http, &d).await;
-    assert_eq!(got.body, want.body, "the restored node and an old one agree after the restore");
+    assert_eq!(got.status, 200);
+    ledger_reaches(&http, &nodes[2], &got.body, "an old node, against the restored node after the restore").await;
     eprintln!(
         "cluster: a fresh node restored the snapshot and matched the ledger ({} bytes) in {:?}",
-        want.body.len(),
+        got.body.len(),
         restored_at.elapsed()
     );
 
