@@ -65,6 +65,15 @@ pub enum Cf {
     Signals,
 }
 
+// `Cf::index` is a family's place in `Cf::ALL`: the list is in declaration order.
+const _: () = {
+    let mut i = 0;
+    while i < Cf::ALL.len() {
+        assert!(Cf::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 impl Cf {
     pub const ALL: [Cf; 25] = [
         Cf::Meta,
@@ -93,6 +102,11 @@ impl Cf {
         Cf::PartnerConversions,
         Cf::Signals,
     ];
+
+    /// The family's place in [`Cf::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
 
     pub fn name(self) -> &'static str {
         match self {

@@ -2,6 +2,7 @@
 //! what earlier commands of the same batch staged. The view also tells the writer whether
 //! a command read anything staged (then its answer waits for the batch to be durable).
 
+use std::borrow::Cow;
 use std::cell::Cell;
 
 use super::schema::Cf;
@@ -37,7 +38,7 @@ impl<'v, 'a> View<'v, 'a> {
         self.read_staged.get()
     }
 
-    fn bytes(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    fn bytes(&self, cf: Cf, key: &[u8]) -> Result<Option<Cow<'_, [u8]>>, StoreError> {
         Ok(self.pending.get(cf, key)?.map(|(v, staged)| {
             if staged {
                 self.read_staged.set(true);
@@ -162,7 +163,7 @@ impl State for View<'_, '_> {
             return Ok(Some(Ulid(head)));
         }
         let head = self.bytes(Cf::Meta, keys::META_LEDGER_HEAD)?;
-        Ok(head.and_then(|v| <[u8; 16]>::try_from(v.as_slice()).ok()).map(Ulid))
+        Ok(head.and_then(|v| <[u8; 16]>::try_from(&v[..]).ok()).map(Ulid))
     }
 
     /// Its record, else the fresh delivery kept in its due key.
