@@ -39,9 +39,16 @@ impl<'v, 'a> View<'v, 'a> {
     }
 
     fn bytes(&self, cf: Cf, key: &[u8]) -> Result<Option<Cow<'_, [u8]>>, StoreError> {
+        if self.pending.staged(cf, key).is_none() {
+            if let Some(kept) = self.writer.hot_record(cf, key) {
+                return Ok(Some(Cow::Owned(kept)));
+            }
+        }
         Ok(self.pending.get(cf, key)?.map(|(v, staged)| {
             if staged {
                 self.read_staged.set(true);
+            } else {
+                self.writer.keep_read(cf, key, &v);
             }
             v
         }))

@@ -16,7 +16,7 @@
 //! next sync too: a `2xx` never reports something that is not durable.
 
 use std::borrow::Cow;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -177,16 +177,16 @@ impl hashbrown::Equivalent<(Cf, Vec<u8>)> for StagedKey<'_> {
 /// Writes the staged puts and deletes into the batch, one per key. Each family's handle
 /// is looked up once (a lookup by name compares strings: 8 per conversion cost 2.6k
 /// instructions).
-fn stage_puts(db: &rocksdb::DB, batch: &mut WriteBatch, puts: Staged) -> Result<(), StoreError> {
+fn stage_puts(db: &rocksdb::DB, batch: &mut WriteBatch, puts: &Staged) -> Result<(), StoreError> {
     let mut handles: [Option<&rocksdb::ColumnFamily>; Cf::ALL.len()] = [None; Cf::ALL.len()];
     for ((cf, key), value) in puts {
         let handle = match handles[cf.index()] {
             Some(h) => h,
-            None => *handles[cf.index()].insert(super::cf_of(db, cf)?),
+            None => *handles[cf.index()].insert(super::cf_of(db, *cf)?),
         };
         match value {
-            Some(v) => batch.put_cf(handle, &key, &v),
-            None => batch.delete_cf(handle, &key),
+            Some(v) => batch.put_cf(handle, key, v),
+            None => batch.delete_cf(handle, key),
         }
     }
     Ok(())
@@ -218,6 +218,38 @@ pub(super) struct Writer {
     /// A failed write forgets it; a reopen (after a failed WAL sync, which may lose the
     /// write) starts a new generation, where it is read from the database again.
     head: Cell<Option<(u64, [u8; 16])>>,
+    /// Records of the small families every conversion reads and rewrites (see [`Hot`]).
+    hot: RefCell<Hot>,
+}
+
+/// The families whose records the writer keeps once it has read them: every credited
+/// conversion reads and rewrites its partner's month figures, balance and pace, three
+/// database reads (about 3.3k instructions each) of values this thread wrote itself.
+const HOT_FAMILIES: [Cf; 3] = [Cf::PartnerMonths, Cf::Balances, Cf::Signals];
+/// At most this many are kept per store (about 1.3 MiB; cluster mode has one store per
+/// partition); past it they are all forgotten at once.
+const HOT_MAX: usize = 8_192;
+
+/// Records of [`HOT_FAMILIES`] as the database of `generation` holds them: a record is
+/// kept when the writer reads it from the database, replaced when a written batch
+/// rewrote it, dropped when one deleted it. Only this thread writes these families, so
+/// a kept record is what a database read would return. A failed write forgets them all,
+/// and a reopen (a new generation) does too.
+#[derive(Default)]
+struct Hot {
+    generation: u64,
+    records: hashbrown::HashMap<(Cf, Vec<u8>), Vec<u8>, foldhash::fast::RandomState>,
+}
+
+impl Hot {
+    /// The records, emptied when they were kept for another database generation.
+    fn of(&mut self, generation: u64) -> &mut hashbrown::HashMap<(Cf, Vec<u8>), Vec<u8>, foldhash::fast::RandomState> {
+        if self.generation != generation {
+            self.records.clear();
+            self.generation = generation;
+        }
+        &mut self.records
+    }
 }
 
 /// Whether a command reads a range of an index, which sees the database only.
@@ -243,6 +275,7 @@ impl Writer {
             max_batch: max_batch.max(1),
             last_reopen: Default::default(),
             head: Cell::new(None),
+            hot: RefCell::default(),
         }
     }
 
@@ -420,7 +453,7 @@ impl Writer {
             ..
         } = pending;
         // A batch that cannot hold its puts is not written at all: its answers get the error.
-        let staged = db.as_deref().map_or(Ok(()), |db| stage_puts(db, &mut batch, puts));
+        let staged = db.as_deref().map_or(Ok(()), |db| stage_puts(db, &mut batch, &puts));
         let mut head_staged = None;
         if let (Some(head), Some(db)) = (ledger_head, db.as_deref()) {
             match super::cf_of(db, Cf::Meta) {
@@ -453,6 +486,7 @@ impl Writer {
             (Ok(()), _) => {}
             (Err(_), _) => self.head.set(None),
         }
+        self.keep_written(&result, generation, puts);
         if result.is_err() {
             // It may hold records of this batch, which is not stored.
             self.shared.recent().clear();
@@ -516,6 +550,51 @@ impl Writer {
         self.head.get().filter(|(g, _)| *g == generation).map(|(_, head)| head)
     }
 
+    /// A record of a hot family as the database of the current generation holds it, if
+    /// this thread keeps it; `None`: read the database.
+    pub(super) fn hot_record(&self, cf: Cf, key: &[u8]) -> Option<Vec<u8>> {
+        let generation = self.shared.generation.load(Ordering::SeqCst);
+        let mut hot = self.hot.borrow_mut();
+        hot.of(generation).get(&StagedKey(cf, key)).cloned()
+    }
+
+    /// Keeps a record of a hot family just read from the database.
+    pub(super) fn keep_read(&self, cf: Cf, key: &[u8], value: &[u8]) {
+        if !HOT_FAMILIES.contains(&cf) {
+            return;
+        }
+        let generation = self.shared.generation.load(Ordering::SeqCst);
+        let mut hot = self.hot.borrow_mut();
+        let records = hot.of(generation);
+        if records.len() >= HOT_MAX {
+            records.clear();
+        }
+        records.insert((cf, key.to_vec()), value.to_vec());
+    }
+
+    /// After a batch's write: the kept records it rewrote take their new values (and
+    /// deleted ones go); a failed write forgets every kept record.
+    fn keep_written(&self, result: &Result<(), StoreError>, generation: u64, puts: Staged) {
+        let mut hot = self.hot.borrow_mut();
+        let records = hot.of(generation);
+        if result.is_err() {
+            records.clear();
+            return;
+        }
+        for ((cf, key), value) in puts {
+            if !HOT_FAMILIES.contains(&cf) {
+                continue;
+            }
+            match (records.get_mut(&StagedKey(cf, &key)), value) {
+                (Some(kept), Some(value)) => *kept = value,
+                (Some(_), None) => {
+                    records.remove(&StagedKey(cf, &key));
+                }
+                (None, _) => {}
+            }
+        }
+    }
+
     /// Keeps a record among the recent ones, durable once the next batch handed to the
     /// syncer is synced: the one being built, which stores it or comes after its read.
     fn remember(&self, key: Vec<u8>, rec: ConversionRecord) {
@@ -560,13 +639,15 @@ impl Writer {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         let Pending { db, mut batch, puts, .. } = pending;
+        let generation = shared.generation.load(Ordering::SeqCst);
         let written = db.as_deref().ok_or_else(StoreError::reopening).and_then(|db| {
-            stage_puts(db, &mut batch, puts)?;
+            stage_puts(db, &mut batch, &puts)?;
             if let Some(position) = position {
                 batch.put_cf(super::cf_of(db, Cf::Meta)?, super::keys::META_APPLIED, position.to_be_bytes());
             }
             Ok(db.write_opt(batch, &opts)?)
         });
+        self.keep_written(&written, generation, puts);
         if let Err(e) = written {
             tracing::error!(error = %e, "entity write failed");
             shared.failed();
