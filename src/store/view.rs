@@ -39,7 +39,7 @@ impl<'v, 'a> View<'v, 'a> {
     }
 
     fn bytes(&self, cf: Cf, key: &[u8]) -> Result<Option<Cow<'_, [u8]>>, StoreError> {
-        if self.pending.staged(cf, key).is_none() {
+        if Writer::keeps(cf) && self.pending.staged(cf, key).is_none() {
             if let Some(kept) = self.writer.hot_record(cf, key) {
                 return Ok(Some(Cow::Owned(kept)));
             }

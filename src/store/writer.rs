@@ -558,9 +558,14 @@ impl Writer {
         hot.of(generation).get(&StagedKey(cf, key)).cloned()
     }
 
+    /// Whether this thread keeps the records of `cf` it reads ([`HOT_FAMILIES`]).
+    pub(super) fn keeps(cf: Cf) -> bool {
+        HOT_FAMILIES.contains(&cf)
+    }
+
     /// Keeps a record of a hot family just read from the database.
     pub(super) fn keep_read(&self, cf: Cf, key: &[u8], value: &[u8]) {
-        if !HOT_FAMILIES.contains(&cf) {
+        if !Self::keeps(cf) {
             return;
         }
         let generation = self.shared.generation.load(Ordering::SeqCst);
@@ -582,7 +587,7 @@ impl Writer {
             return;
         }
         for ((cf, key), value) in puts {
-            if !HOT_FAMILIES.contains(&cf) {
+            if !Self::keeps(cf) {
                 continue;
             }
             match (records.get_mut(&StagedKey(cf, &key)), value) {
