@@ -26,6 +26,12 @@ enabled = false
 id = "crash"
 name = "Disk Shop"
 secret_file = "SECRET_FILE"
+default_plan_id = "standard"
+[[plans]]
+merchant_id = "crash"
+id = "standard"
+currency = "USD"
+rules = [{ event = "lead", flat = "1.00" }]
 [[partners]]
 merchant_id = "crash"
 id = "cp"
@@ -178,6 +184,16 @@ async fn a_full_disk_answers_503_stores_nothing_acknowledged_falsely_and_recover
         let url = format!("http://{}/admin/v1/merchants/crash/conversions/{txn}", proc.admin);
         assert_eq!(send(&http, Method::GET, url, &auth, Vec::new()).await.status, 200, "{txn} was acknowledged");
     }
+    // And the partner's balance holds the 1.00 of each of them, no more: a batch that failed
+    // while the disk was full left nothing in the figures later conversions build on.
+    let url = format!("http://{}/admin/v1/merchants/crash/partners/cp/balance", proc.admin);
+    let balance = send(&http, Method::GET, url, &auth, Vec::new()).await.json();
+    let cents = |field: &str| -> i64 {
+        let text = balance["balances"][0][field].as_str().unwrap_or_else(|| panic!("{field} in {balance}"));
+        let (units, hundredths) = text.split_once('.').unwrap();
+        units.parse::<i64>().unwrap() * 100 + hundredths.parse::<i64>().unwrap()
+    };
+    assert_eq!(cents("pending") + cents("approved"), 100 * acked.len() as i64, "{balance}");
     println!(
         "full disk: {filled} filler bytes; first 503 after {first_503} more conversions ({statuses:?}); then {still_full:?}; recovered {recovered:?} after space returned; {} acknowledged all stored",
         acked.len()
