@@ -160,11 +160,14 @@ impl<'a> Pending<'a> {
 /// A value read through the batch, and whether it is only in the batch.
 pub(super) type ReadThrough<'b> = (Cow<'b, [u8]>, bool);
 
-/// A batch's staged puts and deletes, by column family and key.
-type Staged = hashbrown::HashMap<(Cf, Vec<u8>), Option<Vec<u8>>, foldhash::fast::RandomState>;
+/// Values by column family and key, looked up by a borrowed [`StagedKey`].
+type ByKey<V> = hashbrown::HashMap<(Cf, Vec<u8>), V, foldhash::fast::RandomState>;
 
-/// A staged key looked up without copying it: it hashes and compares as the map's
-/// `(Cf, Vec<u8>)` (a tuple hashes its fields in order, a `Vec<u8>` as its slice).
+/// A batch's staged puts and deletes, by column family and key.
+type Staged = ByKey<Option<Vec<u8>>>;
+
+/// A key looked up in a [`ByKey`] map without copying it: it hashes and compares as the
+/// map's `(Cf, Vec<u8>)` (a tuple hashes its fields in order, a `Vec<u8>` as its slice).
 #[derive(Hash)]
 struct StagedKey<'k>(Cf, &'k [u8]);
 
@@ -223,8 +226,8 @@ pub(super) struct Writer {
 }
 
 /// The families whose records the writer keeps once it has read them: every credited
-/// conversion reads and rewrites its partner's month figures, balance and pace, three
-/// database reads (about 3.3k instructions each) of values this thread wrote itself.
+/// conversion reads and rewrites its partner's month figures, balance and pace: three
+/// database reads of values this thread wrote itself.
 const HOT_FAMILIES: [Cf; 3] = [Cf::PartnerMonths, Cf::Balances, Cf::Signals];
 /// At most this many are kept per store (about 1.3 MiB; cluster mode has one store per
 /// partition); past it they are all forgotten at once.
@@ -238,12 +241,12 @@ const HOT_MAX: usize = 8_192;
 #[derive(Default)]
 struct Hot {
     generation: u64,
-    records: hashbrown::HashMap<(Cf, Vec<u8>), Vec<u8>, foldhash::fast::RandomState>,
+    records: ByKey<Vec<u8>>,
 }
 
 impl Hot {
     /// The records, emptied when they were kept for another database generation.
-    fn of(&mut self, generation: u64) -> &mut hashbrown::HashMap<(Cf, Vec<u8>), Vec<u8>, foldhash::fast::RandomState> {
+    fn of(&mut self, generation: u64) -> &mut ByKey<Vec<u8>> {
         if self.generation != generation {
             self.records.clear();
             self.generation = generation;
