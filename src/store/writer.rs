@@ -253,6 +253,42 @@ impl Hot {
         }
         &mut self.records
     }
+
+    /// The kept record at `key` in `generation`.
+    fn get(&mut self, generation: u64, cf: Cf, key: &[u8]) -> Option<Vec<u8>> {
+        self.of(generation).get(&StagedKey(cf, key)).cloned()
+    }
+
+    /// Keeps a record of a kept family just read from the database of `generation`.
+    fn read(&mut self, generation: u64, cf: Cf, key: &[u8], value: &[u8]) {
+        if !HOT_FAMILIES.contains(&cf) {
+            return;
+        }
+        let records = self.of(generation);
+        if records.len() >= HOT_MAX {
+            records.clear();
+        }
+        records.insert((cf, key.to_vec()), value.to_vec());
+    }
+
+    /// After a batch's write to `generation`: the kept records it rewrote take their new
+    /// values and deleted ones go; a failed write forgets every kept record.
+    fn written(&mut self, generation: u64, ok: bool, puts: Staged) {
+        let records = self.of(generation);
+        if !ok {
+            records.clear();
+            return;
+        }
+        for ((cf, key), value) in puts {
+            match (records.get_mut(&StagedKey(cf, &key)), value) {
+                (Some(kept), Some(value)) => *kept = value,
+                (Some(_), None) => {
+                    records.remove(&StagedKey(cf, &key));
+                }
+                (None, _) => {}
+            }
+        }
+    }
 }
 
 /// Whether a command reads a range of an index, which sees the database only.
@@ -489,7 +525,7 @@ impl Writer {
             (Ok(()), _) => {}
             (Err(_), _) => self.head.set(None),
         }
-        self.keep_written(&result, generation, puts);
+        self.hot.borrow_mut().written(generation, result.is_ok(), puts);
         if result.is_err() {
             // It may hold records of this batch, which is not stored.
             self.shared.recent().clear();
@@ -553,12 +589,10 @@ impl Writer {
         self.head.get().filter(|(g, _)| *g == generation).map(|(_, head)| head)
     }
 
-    /// A record of a hot family as the database of the current generation holds it, if
+    /// A record of a kept family as the database of the current generation holds it, if
     /// this thread keeps it; `None`: read the database.
     pub(super) fn hot_record(&self, cf: Cf, key: &[u8]) -> Option<Vec<u8>> {
-        let generation = self.shared.generation.load(Ordering::SeqCst);
-        let mut hot = self.hot.borrow_mut();
-        hot.of(generation).get(&StagedKey(cf, key)).cloned()
+        self.hot.borrow_mut().get(self.shared.generation.load(Ordering::SeqCst), cf, key)
     }
 
     /// Whether this thread keeps the records of `cf` it reads ([`HOT_FAMILIES`]).
@@ -566,41 +600,9 @@ impl Writer {
         HOT_FAMILIES.contains(&cf)
     }
 
-    /// Keeps a record of a hot family just read from the database.
+    /// Keeps a record of a kept family just read from the database.
     pub(super) fn keep_read(&self, cf: Cf, key: &[u8], value: &[u8]) {
-        if !Self::keeps(cf) {
-            return;
-        }
-        let generation = self.shared.generation.load(Ordering::SeqCst);
-        let mut hot = self.hot.borrow_mut();
-        let records = hot.of(generation);
-        if records.len() >= HOT_MAX {
-            records.clear();
-        }
-        records.insert((cf, key.to_vec()), value.to_vec());
-    }
-
-    /// After a batch's write: the kept records it rewrote take their new values (and
-    /// deleted ones go); a failed write forgets every kept record.
-    fn keep_written(&self, result: &Result<(), StoreError>, generation: u64, puts: Staged) {
-        let mut hot = self.hot.borrow_mut();
-        let records = hot.of(generation);
-        if result.is_err() {
-            records.clear();
-            return;
-        }
-        for ((cf, key), value) in puts {
-            if !Self::keeps(cf) {
-                continue;
-            }
-            match (records.get_mut(&StagedKey(cf, &key)), value) {
-                (Some(kept), Some(value)) => *kept = value,
-                (Some(_), None) => {
-                    records.remove(&StagedKey(cf, &key));
-                }
-                (None, _) => {}
-            }
-        }
+        self.hot.borrow_mut().read(self.shared.generation.load(Ordering::SeqCst), cf, key, value);
     }
 
     /// Keeps a record among the recent ones, durable once the next batch handed to the
@@ -655,7 +657,7 @@ impl Writer {
             }
             Ok(db.write_opt(batch, &opts)?)
         });
-        self.keep_written(&written, generation, puts);
+        self.hot.borrow_mut().written(generation, written.is_ok(), puts);
         if let Err(e) = written {
             tracing::error!(error = %e, "entity write failed");
             shared.failed();
@@ -736,6 +738,54 @@ fn sync_wal(shared: &Shared, db: &rocksdb::DB) -> Result<(), StoreError> {
             shared.failed();
             Err(e.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod hot_tests {
+    use super::{Hot, Staged, HOT_MAX};
+    use crate::store::schema::Cf;
+
+    fn puts(entries: &[(Cf, &str, Option<&str>)]) -> Staged {
+        entries.iter().map(|(cf, k, v)| ((*cf, k.as_bytes().to_vec()), v.map(|v| v.as_bytes().to_vec()))).collect()
+    }
+
+    /// The kept records follow what the database holds: replaced by a written batch,
+    /// dropped by a delete, all forgotten by a failed write or another generation; keys
+    /// only written are not kept (a read finds them in the database), nor other families.
+    #[test]
+    fn kept_records_follow_the_database() {
+        let get = |hot: &mut Hot, g, key: &str| {
+            hot.get(g, Cf::Balances, key.as_bytes()).map(|v| String::from_utf8(v).unwrap())
+        };
+        let mut hot = Hot::default();
+        hot.read(0, Cf::Balances, b"b1", b"10");
+        hot.read(0, Cf::PartnerMonths, b"m1", b"1");
+        hot.read(0, Cf::Conversions, b"c1", b"rec");
+        assert_eq!(get(&mut hot, 0, "b1").as_deref(), Some("10"));
+        assert_eq!(hot.get(0, Cf::Conversions, b"c1"), None, "only the kept families");
+
+        hot.written(0, true, puts(&[(Cf::Balances, "b1", Some("15")), (Cf::Balances, "b2", Some("5"))]));
+        assert_eq!(get(&mut hot, 0, "b1").as_deref(), Some("15"), "replaced by the written value");
+        assert_eq!(get(&mut hot, 0, "b2"), None, "written, never read: the database answers");
+
+        hot.written(0, true, puts(&[(Cf::PartnerMonths, "m1", None)]));
+        assert_eq!(hot.get(0, Cf::PartnerMonths, b"m1"), None, "a delete drops it");
+
+        hot.written(0, false, puts(&[(Cf::Balances, "b1", Some("99"))]));
+        assert_eq!(get(&mut hot, 0, "b1"), None, "a failed write forgets everything");
+
+        hot.read(0, Cf::Balances, b"b1", b"15");
+        assert_eq!(get(&mut hot, 1, "b1"), None, "another generation (a reopen) starts empty");
+        assert_eq!(get(&mut hot, 0, "b1"), None, "and the old generation's records are gone");
+
+        for i in 0..HOT_MAX {
+            hot.read(2, Cf::Signals, format!("p{i}").as_bytes(), b"x");
+        }
+        assert!(hot.get(2, Cf::Signals, b"p0").is_some());
+        hot.read(2, Cf::Signals, b"one-more", b"y");
+        assert_eq!(hot.get(2, Cf::Signals, b"p0"), None, "past HOT_MAX all are forgotten");
+        assert_eq!(hot.get(2, Cf::Signals, b"one-more").as_deref(), Some(b"y".as_slice()));
     }
 }
 
