@@ -38,20 +38,27 @@ impl<'v, 'a> View<'v, 'a> {
         self.read_staged.get()
     }
 
+    /// Reads through the batch: what it staged (a staged value is borrowed, not copied),
+    /// else what the writer keeps, else the database.
     fn bytes(&self, cf: Cf, key: &[u8]) -> Result<Option<Cow<'_, [u8]>>, StoreError> {
-        if Writer::keeps(cf) && self.pending.staged(cf, key).is_none() {
+        match self.pending.staged(cf, key) {
+            Some(Some(v)) => {
+                self.read_staged.set(true);
+                return Ok(Some(Cow::Borrowed(v.as_slice())));
+            }
+            Some(None) => return Ok(None),
+            None => {}
+        }
+        if Writer::keeps(cf) {
             if let Some(kept) = self.writer.hot_record(cf, key) {
                 return Ok(Some(Cow::Owned(kept)));
             }
         }
-        Ok(self.pending.get(cf, key)?.map(|(v, staged)| {
-            if staged {
-                self.read_staged.set(true);
-            } else {
-                self.writer.keep_read(cf, key, &v);
-            }
-            v
-        }))
+        let stored = self.pending.stored(cf, key)?;
+        if let Some(v) = &stored {
+            self.writer.keep_read(cf, key, v);
+        }
+        Ok(stored.map(Cow::Owned))
     }
 
     fn read<T: serde::de::DeserializeOwned>(&self, cf: Cf, key: &[u8]) -> Result<Option<T>, StoreError> {

@@ -15,7 +15,6 @@
 //! such data (a duplicate of a conversion whose batch is still syncing) waits for the
 //! next sync too: a `2xx` never reports something that is not durable.
 
-use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -112,16 +111,11 @@ impl<'a> Pending<'a> {
         self.puts.get(&StagedKey(cf, key)).map(Option::as_ref)
     }
 
-    /// Reads through the batch: `(value, true)` when the value is only in this batch (then
-    /// it is borrowed from the batch, not copied).
-    pub(super) fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<ReadThrough<'_>>, StoreError> {
-        match self.staged(cf, key) {
-            Some(Some(v)) => return Ok(Some((Cow::Borrowed(v.as_slice()), true))),
-            Some(None) => return Ok(None),
-            None => {}
-        }
+    /// The value at `key` in the database, as written before this batch (see [`Self::staged`]
+    /// for what the batch holds).
+    pub(super) fn stored(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let db = self.db()?;
-        Ok(db.get_cf(super::cf_of(db, cf)?, key)?.map(|v| (Cow::Owned(v), false)))
+        Ok(db.get_cf(super::cf_of(db, cf)?, key)?)
     }
 
     /// Stages a put. Puts and deletes are kept by key and written to the batch when it is
@@ -156,9 +150,6 @@ impl<'a> Pending<'a> {
         self.put(cf, key, codec::encode(value))
     }
 }
-
-/// A value read through the batch, and whether it is only in the batch.
-pub(super) type ReadThrough<'b> = (Cow<'b, [u8]>, bool);
 
 /// Values by column family and key, looked up by a borrowed [`StagedKey`].
 type ByKey<V> = hashbrown::HashMap<(Cf, Vec<u8>), V, foldhash::fast::RandomState>;
@@ -215,13 +206,8 @@ pub(super) struct Writer {
     durability: Durability,
     max_batch: usize,
     last_reopen: Cell<Option<Instant>>,
-    /// The ledger head the last written batch stored, and the database generation it
-    /// went to: the engine reads the head for every command that appends to the ledger,
-    /// and only this thread writes it, so it is read from here instead of the database.
-    /// A failed write forgets it; a reopen (after a failed WAL sync, which may lose the
-    /// write) starts a new generation, where it is read from the database again.
-    head: Cell<Option<(u64, [u8; 16])>>,
-    /// Records of the small families every conversion reads and rewrites (see [`Hot`]).
+    /// The ledger head it last wrote and records of the small families every conversion
+    /// reads and rewrites, as the database holds them (see [`Hot`]).
     hot: RefCell<Hot>,
 }
 
@@ -233,30 +219,40 @@ const HOT_FAMILIES: [Cf; 3] = [Cf::PartnerMonths, Cf::Balances, Cf::Signals];
 /// partition); past it they are all forgotten at once.
 const HOT_MAX: usize = 8_192;
 
-/// Records of [`HOT_FAMILIES`] as the database of `generation` holds them: a record is
-/// kept when the writer reads it from the database, replaced when a written batch
-/// rewrote it, dropped when one deleted it. Only this thread writes these families, so
-/// a kept record is what a database read would return. A failed write forgets them all,
-/// and a reopen (a new generation) does too.
+/// Values only the writer thread writes, as the database of `generation` holds them, so
+/// they are read from here instead of the database:
+/// - the ledger head the last written batch stored (the engine reads it for every command
+///   that appends to the ledger);
+/// - records of [`HOT_FAMILIES`]: kept when the writer reads one from the database,
+///   replaced when a written batch rewrote it, dropped when one deleted it.
+///
+/// A failed write forgets them all; so does a reopen (after a failed WAL sync, which may
+/// lose the write), which starts a new generation.
 #[derive(Default)]
 struct Hot {
     generation: u64,
+    head: Option<[u8; 16]>,
     records: ByKey<Vec<u8>>,
 }
 
 impl Hot {
-    /// The records, emptied when they were kept for another database generation.
-    fn of(&mut self, generation: u64) -> &mut ByKey<Vec<u8>> {
+    /// What is kept for `generation`: emptied when it was kept for another one.
+    fn current(&mut self, generation: u64) -> &mut Self {
         if self.generation != generation {
-            self.records.clear();
+            self.forget();
             self.generation = generation;
         }
-        &mut self.records
+        self
+    }
+
+    fn forget(&mut self) {
+        self.head = None;
+        self.records.clear();
     }
 
     /// The kept record at `key` in `generation`.
     fn get(&mut self, generation: u64, cf: Cf, key: &[u8]) -> Option<Vec<u8>> {
-        self.of(generation).get(&StagedKey(cf, key)).cloned()
+        self.current(generation).records.get(&StagedKey(cf, key)).cloned()
     }
 
     /// Keeps a record of a kept family just read from the database of `generation`.
@@ -264,21 +260,24 @@ impl Hot {
         if !HOT_FAMILIES.contains(&cf) {
             return;
         }
-        let records = self.of(generation);
+        let records = &mut self.current(generation).records;
         if records.len() >= HOT_MAX {
             records.clear();
         }
         records.insert((cf, key.to_vec()), value.to_vec());
     }
 
-    /// After a batch's write to `generation`: the kept records it rewrote take their new
-    /// values and deleted ones go; a failed write forgets every kept record.
-    fn written(&mut self, generation: u64, ok: bool, puts: Staged) {
-        let records = self.of(generation);
+    /// After a batch's write to `generation`: its ledger head (if it stored one) and the
+    /// kept records it rewrote take their new values, and deleted ones go; a failed write
+    /// forgets everything.
+    fn written(&mut self, generation: u64, ok: bool, puts: Staged, head: Option<[u8; 16]>) {
+        let this = self.current(generation);
         if !ok {
-            records.clear();
+            this.forget();
             return;
         }
+        this.head = head.or(this.head);
+        let records = &mut this.records;
         for ((cf, key), value) in puts {
             match (records.get_mut(&StagedKey(cf, &key)), value) {
                 (Some(kept), Some(value)) => *kept = value,
@@ -313,7 +312,6 @@ impl Writer {
             durability,
             max_batch: max_batch.max(1),
             last_reopen: Default::default(),
-            head: Cell::new(None),
             hot: RefCell::default(),
         }
     }
@@ -520,12 +518,7 @@ impl Writer {
             Ok(()) if ops == 0 => Ok(()),
             Ok(()) => self.write(db.as_deref(), batch, ops),
         };
-        match (&result, head_staged) {
-            (Ok(()), Some(head)) if ops > 0 => self.head.set(Some((generation, head))),
-            (Ok(()), _) => {}
-            (Err(_), _) => self.head.set(None),
-        }
-        self.hot.borrow_mut().written(generation, result.is_ok(), puts);
+        self.hot.borrow_mut().written(generation, result.is_ok(), puts, head_staged.filter(|_| ops > 0));
         if result.is_err() {
             // It may hold records of this batch, which is not stored.
             self.shared.recent().clear();
@@ -585,8 +578,7 @@ impl Writer {
     /// The ledger head as the last written batch of the current database generation
     /// stored it; `None`: read it from the database.
     pub(super) fn written_head(&self) -> Option<[u8; 16]> {
-        let generation = self.shared.generation.load(Ordering::SeqCst);
-        self.head.get().filter(|(g, _)| *g == generation).map(|(_, head)| head)
+        self.hot.borrow_mut().current(self.shared.generation.load(Ordering::SeqCst)).head
     }
 
     /// A record of a kept family as the database of the current generation holds it, if
@@ -657,7 +649,7 @@ impl Writer {
             }
             Ok(db.write_opt(batch, &opts)?)
         });
-        self.hot.borrow_mut().written(generation, written.is_ok(), puts);
+        self.hot.borrow_mut().written(generation, written.is_ok(), puts, None);
         if let Err(e) = written {
             tracing::error!(error = %e, "entity write failed");
             shared.failed();
@@ -750,9 +742,10 @@ mod hot_tests {
         entries.iter().map(|(cf, k, v)| ((*cf, k.as_bytes().to_vec()), v.map(|v| v.as_bytes().to_vec()))).collect()
     }
 
-    /// The kept records follow what the database holds: replaced by a written batch,
-    /// dropped by a delete, all forgotten by a failed write or another generation; keys
-    /// only written are not kept (a read finds them in the database), nor other families.
+    /// What is kept follows what the database holds: records replaced by a written batch,
+    /// dropped by a delete, the ledger head set by a batch that stored one; everything
+    /// forgotten by a failed write or another generation; keys only written are not kept
+    /// (a read finds them in the database), nor other families.
     #[test]
     fn kept_records_follow_the_database() {
         let get = |hot: &mut Hot, g, key: &str| {
@@ -765,18 +758,23 @@ mod hot_tests {
         assert_eq!(get(&mut hot, 0, "b1").as_deref(), Some("10"));
         assert_eq!(hot.get(0, Cf::Conversions, b"c1"), None, "only the kept families");
 
-        hot.written(0, true, puts(&[(Cf::Balances, "b1", Some("15")), (Cf::Balances, "b2", Some("5"))]));
+        hot.written(0, true, puts(&[(Cf::Balances, "b1", Some("15")), (Cf::Balances, "b2", Some("5"))]), Some([7; 16]));
+        assert_eq!(hot.current(0).head, Some([7; 16]), "the ledger head the batch stored");
         assert_eq!(get(&mut hot, 0, "b1").as_deref(), Some("15"), "replaced by the written value");
         assert_eq!(get(&mut hot, 0, "b2"), None, "written, never read: the database answers");
 
-        hot.written(0, true, puts(&[(Cf::PartnerMonths, "m1", None)]));
+        hot.written(0, true, puts(&[(Cf::PartnerMonths, "m1", None)]), None);
+        assert_eq!(hot.current(0).head, Some([7; 16]), "a batch without ledger entries keeps the head");
         assert_eq!(hot.get(0, Cf::PartnerMonths, b"m1"), None, "a delete drops it");
 
-        hot.written(0, false, puts(&[(Cf::Balances, "b1", Some("99"))]));
+        hot.written(0, false, puts(&[(Cf::Balances, "b1", Some("99"))]), Some([9; 16]));
         assert_eq!(get(&mut hot, 0, "b1"), None, "a failed write forgets everything");
+        assert_eq!(hot.current(0).head, None, "the head too");
 
         hot.read(0, Cf::Balances, b"b1", b"15");
+        hot.written(0, true, Staged::default(), Some([8; 16]));
         assert_eq!(get(&mut hot, 1, "b1"), None, "another generation (a reopen) starts empty");
+        assert_eq!(hot.current(1).head, None, "with no head");
         assert_eq!(get(&mut hot, 0, "b1"), None, "and the old generation's records are gone");
 
         for i in 0..HOT_MAX {
