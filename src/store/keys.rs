@@ -23,8 +23,6 @@ fn join(parts: &[&[u8]]) -> Vec<u8> {
 
 pub const META_VISITOR_SALT: &[u8] = b"visitor_salt";
 pub const META_SCHEMA_VERSION: &[u8] = b"schema_version";
-/// The newest ledger entry id (16 bytes): the engine mints later ids above it.
-pub const META_LEDGER_HEAD: &[u8] = b"ledger_head";
 /// Cluster mode: the last position of the partition's log applied to this store (u64 BE),
 /// written in the batch of the commands it covers.
 pub const META_APPLIED: &[u8] = b"applied_log_position";

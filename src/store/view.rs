@@ -173,11 +173,14 @@ impl State for View<'_, '_> {
             self.read_staged.set(true);
             return Ok(Some(Ulid(head)));
         }
-        if let Some(head) = self.writer.written_head() {
+        if let Some(head) = self.writer.kept_head() {
             return Ok(Some(Ulid(head)));
         }
-        let head = self.bytes(Cf::Meta, keys::META_LEDGER_HEAD)?;
-        Ok(head.and_then(|v| <[u8; 16]>::try_from(&v[..]).ok()).map(Ulid))
+        let head = newest_entry(self.pending.db()?)?;
+        if let Some(head) = head {
+            self.writer.keep_head(head);
+        }
+        Ok(head.map(Ulid))
     }
 
     /// Its record, else the fresh delivery kept in its due key.
@@ -221,5 +224,72 @@ impl State for View<'_, '_> {
     ) -> Result<Vec<(UnixMillis, MerchantId, Ulid)>, StoreError> {
         let db = self.pending.db()?;
         super::outbox::outbox_range(db, keys::OUTBOX_FINISHED, i64::MIN, before, limit)
+    }
+}
+
+/// The newest ledger entry id the database holds: the largest of each merchant's last
+/// entry in the ledger order (two seeks per merchant). The head is not stored: the
+/// writer derives it once per database generation and advances it with each batch.
+fn newest_entry(db: &rocksdb::DB) -> Result<Option<[u8; 16]>, StoreError> {
+    const ENTRY: usize = 16;
+    let mut it = db.raw_iterator_cf(cf_of(db, Cf::LedgerOrder)?);
+    let mut newest: Option<[u8; 16]> = None;
+    it.seek_to_first();
+    while let Some(key) = it.key() {
+        // `merchant, 0x00, entry`: `merchant, 0x01` sorts after all of the merchant's
+        // entries and before the next merchant (slugs have no byte below 0x2d).
+        let merchant =
+            key.len().checked_sub(ENTRY + 1).ok_or_else(|| StoreError::Corrupt("ledger order key".into()))?;
+        let mut after = key[..=merchant].to_vec();
+        after[merchant] = 1;
+        it.seek_for_prev(&after);
+        // At least the entry just seen: the merchant's last one.
+        let last = it.key().filter(|k| k.len() == merchant + 1 + ENTRY && k[..merchant] == after[..merchant]);
+        if let Some(entry) = last.and_then(|k| <[u8; ENTRY]>::try_from(&k[merchant + 1..]).ok()) {
+            newest = newest.max(Some(entry));
+        }
+        it.seek(&after);
+    }
+    it.status()?;
+    Ok(newest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{newest_entry, Cf};
+    use crate::domain::ids::{MerchantId, Ulid};
+    use crate::store::keys;
+
+    /// The derived head is the newest entry of any merchant, whatever the merchants' names
+    /// (one a prefix of another) and the entries' bytes (0x00, 0x01 and 0xff included).
+    #[test]
+    fn the_ledger_head_is_the_newest_entry_of_any_merchant() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let db = super::super::open_db(dir.path(), &opts, false).unwrap();
+        assert_eq!(newest_entry(&db).unwrap(), None, "an empty ledger has no head");
+        let order = db.cf_handle(Cf::LedgerOrder.name()).unwrap();
+        let entry = |first: u8, fill: u8| {
+            let mut id = [fill; 16];
+            id[0] = first;
+            Ulid(id)
+        };
+        let entries = [
+            ("a", entry(1, 0xff)),
+            ("a", entry(2, 0x00)),
+            ("ab", entry(3, 0x01)),
+            ("ab", entry(9, 0x00)), // the newest
+            ("ab-c", entry(4, 0xff)),
+            ("b", entry(0, 0xff)),
+            ("z", entry(8, 0x01)),
+        ];
+        for (m, id) in &entries {
+            db.put_cf(order, keys::ledger_order(&MerchantId::parse(m).unwrap(), id), b"p").unwrap();
+        }
+        assert_eq!(newest_entry(&db).unwrap(), Some(entry(9, 0x00).0));
+        db.put_cf(order, keys::ledger_order(&MerchantId::parse("zz").unwrap(), &entry(10, 0)), b"p").unwrap();
+        assert_eq!(newest_entry(&db).unwrap(), Some(entry(10, 0).0), "the last merchant's too");
     }
 }

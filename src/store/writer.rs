@@ -62,8 +62,9 @@ pub(super) struct Pending<'a> {
     written: Vec<Done>,
     pub(super) ops: usize,
     pub(super) ledger: Vec<LedgerKind>,
-    /// The newest ledger head staged by this batch: written once, when the batch is, since
-    /// each command's head supersedes the one before (one key less per conversion).
+    /// The newest ledger entry id this batch appended: the head its later commands read,
+    /// and the writer's kept head once the batch is written (it is not stored: the ledger
+    /// order holds it, see `view::newest_entry`).
     pub(super) ledger_head: Option<[u8; 16]>,
     /// Some delivery became due: the delivery worker is woken once the batch is written.
     pub(super) outbox_due: bool,
@@ -206,7 +207,7 @@ pub(super) struct Writer {
     durability: Durability,
     max_batch: usize,
     last_reopen: Cell<Option<Instant>>,
-    /// The ledger head it last wrote and records of the small families every conversion
+    /// The ledger head and records of the small families every conversion
     /// reads and rewrites, as the database holds them (see [`Hot`]).
     hot: RefCell<Hot>,
 }
@@ -221,8 +222,9 @@ const HOT_MAX: usize = 8_192;
 
 /// Values only the writer thread writes, as the database of `generation` holds them, so
 /// they are read from here instead of the database:
-/// - the ledger head the last written batch stored (the engine reads it for every command
-///   that appends to the ledger);
+/// - the ledger head, the newest entry id (the engine reads it for every command that
+///   appends to the ledger): derived from the database once, then advanced by each written
+///   batch that appended entries;
 /// - records of [`HOT_FAMILIES`]: kept when the writer reads one from the database,
 ///   replaced when a written batch rewrote it, dropped when one deleted it.
 ///
@@ -267,7 +269,7 @@ impl Hot {
         records.insert((cf, key.to_vec()), value.to_vec());
     }
 
-    /// After a batch's write to `generation`: its ledger head (if it stored one) and the
+    /// After a batch's write to `generation`: its ledger head (if it appended entries) and the
     /// kept records it rewrote take their new values, and deleted ones go; a failed write
     /// forgets everything.
     fn written(&mut self, generation: u64, ok: bool, puts: Staged, head: Option<[u8; 16]>) {
@@ -491,16 +493,6 @@ impl Writer {
         } = pending;
         // A batch that cannot hold its puts is not written at all: its answers get the error.
         let staged = db.as_deref().map_or(Ok(()), |db| stage_puts(db, &mut batch, &puts));
-        let mut head_staged = None;
-        if let (Some(head), Some(db)) = (ledger_head, db.as_deref()) {
-            match super::cf_of(db, Cf::Meta) {
-                Ok(cf) => {
-                    batch.put_cf(cf, super::keys::META_LEDGER_HEAD, head);
-                    head_staged = Some(head);
-                }
-                Err(e) => tracing::error!(error = %e, "ledger head not written"),
-            }
-        }
         if let (Some(position), Some(db), true) = (position, db.as_deref(), ops > 0) {
             match super::cf_of(db, Cf::Meta) {
                 Ok(cf) => batch.put_cf(cf, super::keys::META_APPLIED, position.to_be_bytes()),
@@ -518,7 +510,7 @@ impl Writer {
             Ok(()) if ops == 0 => Ok(()),
             Ok(()) => self.write(db.as_deref(), batch, ops),
         };
-        self.hot.borrow_mut().written(generation, result.is_ok(), puts, head_staged.filter(|_| ops > 0));
+        self.hot.borrow_mut().written(generation, result.is_ok(), puts, ledger_head.filter(|_| ops > 0));
         if result.is_err() {
             // It may hold records of this batch, which is not stored.
             self.shared.recent().clear();
@@ -575,10 +567,17 @@ impl Writer {
         result
     }
 
-    /// The ledger head as the last written batch of the current database generation
-    /// stored it; `None`: read it from the database.
-    pub(super) fn written_head(&self) -> Option<[u8; 16]> {
+    /// The newest ledger entry id the database of the current generation holds, if this
+    /// thread has derived it (`None`: derive it from the database, then [`Self::keep_head`]).
+    pub(super) fn kept_head(&self) -> Option<[u8; 16]> {
         self.hot.borrow_mut().current(self.shared.generation.load(Ordering::SeqCst)).head
+    }
+
+    /// Keeps the ledger head just derived from the database.
+    pub(super) fn keep_head(&self, head: [u8; 16]) {
+        let mut hot = self.hot.borrow_mut();
+        let kept = &mut hot.current(self.shared.generation.load(Ordering::SeqCst)).head;
+        *kept = (*kept).max(Some(head));
     }
 
     /// A record of a kept family as the database of the current generation holds it, if
@@ -743,7 +742,7 @@ mod hot_tests {
     }
 
     /// What is kept follows what the database holds: records replaced by a written batch,
-    /// dropped by a delete, the ledger head set by a batch that stored one; everything
+    /// dropped by a delete, the ledger head set by a batch that appended entries; everything
     /// forgotten by a failed write or another generation; keys only written are not kept
     /// (a read finds them in the database), nor other families.
     #[test]
@@ -759,7 +758,7 @@ mod hot_tests {
         assert_eq!(hot.get(0, Cf::Conversions, b"c1"), None, "only the kept families");
 
         hot.written(0, true, puts(&[(Cf::Balances, "b1", Some("15")), (Cf::Balances, "b2", Some("5"))]), Some([7; 16]));
-        assert_eq!(hot.current(0).head, Some([7; 16]), "the ledger head the batch stored");
+        assert_eq!(hot.current(0).head, Some([7; 16]), "the ledger head of the batch's entries");
         assert_eq!(get(&mut hot, 0, "b1").as_deref(), Some("15"), "replaced by the written value");
         assert_eq!(get(&mut hot, 0, "b2"), None, "written, never read: the database answers");
 
