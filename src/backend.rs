@@ -262,7 +262,8 @@ pub trait BackendExt: Backend {
         let command = Command::Click { click: Box::new(click), unique_window_ms, once: false };
         async move {
             match self.submit(command).await? {
-                Answer::Click(c) => Ok(*c),
+                // The writer has dropped the effect sharing it: no copy.
+                Answer::Click(c) => Ok(std::sync::Arc::unwrap_or_clone(c)),
                 other => Err(unexpected(&other)),
             }
         }

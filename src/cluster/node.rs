@@ -578,7 +578,7 @@ impl Inner {
         let bytes = serde_json::to_vec(&entry).map_err(|e| unavailable(format!("encode: {e}")))?;
         self.spool.push(&bytes)?;
         self.spool_wake.notify_one();
-        Ok(Answer::Click(Box::new(click.clone())))
+        Ok(Answer::Click(std::sync::Arc::new(click.clone())))
     }
 }
 

@@ -48,10 +48,10 @@ pub(super) fn click<S: State + ?Sized>(
     mut click: ClickRecord,
     unique_window_ms: i64,
     once: bool,
-) -> Result<ClickRecord, S::Error> {
+) -> Result<std::sync::Arc<ClickRecord>, S::Error> {
     if once {
         if let Some(stored) = tx.click(&click.click_id)? {
-            return Ok(stored);
+            return Ok(std::sync::Arc::new(stored));
         }
     }
     let mut visitor = tx.visitor(&click.link_id, &click.visitor)?;
@@ -64,8 +64,9 @@ pub(super) fn click<S: State + ?Sized>(
     let mut pace = tx.pace(&click.merchant_id, &click.partner_id)?;
     pace.count(click.at_ms, false);
     tx.put_pace(&click.merchant_id, &click.partner_id, pace);
-    tx.push(Effect::Click(Box::new(click.clone())));
     tx.push(Effect::Rollup(Box::new(rollup::of_click(&click))));
+    let click = std::sync::Arc::new(click);
+    tx.push(Effect::Click(std::sync::Arc::clone(&click)));
     Ok(click)
 }
 

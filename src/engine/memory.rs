@@ -66,7 +66,7 @@ impl Memory {
         self.catalog.apply(&effect);
         match effect {
             Effect::Click(c) => {
-                self.clicks.insert(c.click_id, *c);
+                self.clicks.insert(c.click_id, std::sync::Arc::unwrap_or_clone(c));
             }
             Effect::Visitor { link, visitor, record } => {
                 self.visitors.insert((link, visitor), *record);

@@ -166,7 +166,8 @@ impl Refusal {
 /// The engine's answer to a command, in domain terms.
 #[derive(Debug, Clone)]
 pub enum Answer {
-    Click(Box<ClickRecord>),
+    /// The click as stored: shared with its effect, not copied.
+    Click(std::sync::Arc<ClickRecord>),
     Conversion(ConversionOutcome),
     Batch(Vec<ConversionOutcome>),
     Adjust(AdjustOutcome),
@@ -194,7 +195,8 @@ pub struct Hold {
 /// same kind and key replace earlier ones.
 #[derive(Debug, Clone)]
 pub enum Effect {
-    Click(Box<ClickRecord>),
+    /// Shared with the command's answer.
+    Click(std::sync::Arc<ClickRecord>),
     /// A visitor on a link: its last unique click and its clicks of the trailing day.
     Visitor {
         link: LinkId,
@@ -387,7 +389,7 @@ pub fn execute<S: State + ?Sized>(state: &S, command: Command) -> Result<Outcome
     let mut tx = Tx::new(state);
     let answer = match command {
         Command::Click { click, unique_window_ms, once } => {
-            Answer::Click(Box::new(convert::click(&mut tx, *click, unique_window_ms, once)?))
+            Answer::Click(convert::click(&mut tx, *click, unique_window_ms, once)?)
         }
         Command::Conversion(draft) => Answer::Conversion(convert::conversion(&mut tx, *draft)?),
         Command::Batch(drafts) => {

@@ -210,6 +210,9 @@ pub(super) struct Writer {
     /// The ledger head and records of the small families every conversion
     /// reads and rewrites, as the database holds them (see [`Hot`]).
     hot: RefCell<Hot>,
+    /// The catalog as of its version: commands read it without taking the cell's lock or
+    /// touching its `Arc` (shared with every request thread), reloaded once it is replaced.
+    catalog: RefCell<(u64, Arc<Catalog>)>,
 }
 
 /// The families whose records the writer keeps once it has read them: every credited
@@ -307,6 +310,7 @@ const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Writer {
     pub(super) fn new(shared: Arc<Shared>, syncer: Sender<Unsynced>, durability: Durability, max_batch: usize) -> Self {
+        let catalog = RefCell::new(shared.catalog.versioned());
         Writer {
             shared,
             syncer,
@@ -315,6 +319,7 @@ impl Writer {
             max_batch: max_batch.max(1),
             last_reopen: Default::default(),
             hot: RefCell::default(),
+            catalog,
         }
     }
 
@@ -408,7 +413,7 @@ impl Writer {
         // is lost in a crash only sends the delivery once more (at-least-once).
         let is_click = matches!(command, Command::Click { .. })
             || matches!(&command, Command::Outbox(op) if matches!(**op, OutboxOp::Attempted { .. } | OutboxOp::Park { .. }));
-        let catalog = self.shared.catalog.snapshot();
+        let catalog = self.catalog();
         let view = View::new(pending, &catalog, self);
         let outcome = engine::execute(&view, command);
         let read_staged = view.read_staged();
@@ -440,6 +445,15 @@ impl Writer {
             pending.sync |= wrote;
             pending.done.push(Box::new(send));
         }
+    }
+
+    /// The kept catalog, reloaded first if it was replaced since it was kept.
+    fn catalog(&self) -> std::cell::Ref<'_, Arc<Catalog>> {
+        let version = self.catalog.borrow().0;
+        if let Some(newer) = self.shared.catalog.newer_than(version) {
+            *self.catalog.borrow_mut() = newer;
+        }
+        std::cell::Ref::map(self.catalog.borrow(), |(_, catalog)| catalog)
     }
 
     /// Keeps the conversions a command created among the recent ones, moved out of its
