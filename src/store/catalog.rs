@@ -29,10 +29,7 @@ impl CatalogCell {
     }
 
     pub fn snapshot(&self) -> Arc<Catalog> {
-        match self.0.read() {
-            Ok(g) => Arc::clone(&g),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        self.versioned().1
     }
 
     pub fn replace(&self, catalog: Catalog) {
