@@ -640,13 +640,13 @@ impl Writer {
     /// catalog its effects make.
     fn entity(&self, command: Command, position: Option<u64>) -> Result<Answer, StoreError> {
         let shared = &*self.shared;
-        let catalog = shared.catalog.snapshot();
+        let catalog = self.catalog();
         let mut pending = Pending::new(shared);
         let outcome = engine::execute(&View::new(&pending, &catalog, self), command)?;
         if outcome.effects.is_empty() {
             return Ok(outcome.answer);
         }
-        let mut next: Catalog = (*catalog).clone();
+        let mut next: Catalog = (**catalog).clone();
         for e in &outcome.effects {
             next.apply(e);
         }
