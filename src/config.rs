@@ -352,6 +352,23 @@ pub struct ClusterSettings {
     /// while it was in flight) before it sends the next entry (µs); another node's batch
     /// waits up to half of it; 0: never wait.
     pub append_linger_us: u64,
+    /// What a node does with the partitions it does not own (docs/cluster.md, "Who applies
+    /// what"): `standby` (the default) keeps each partition current on one other node, its
+    /// standby, which takes it over without replaying; `lazy` keeps it on its owner only (a
+    /// takeover replays the log since the new owner's position, or restores the snapshot);
+    /// `warm` keeps every partition current on every node. Other nodes apply a partition's
+    /// log only when they must: a read, a configuration entry, an append of their own.
+    pub followers: Followers,
+}
+
+/// See [`ClusterSettings::followers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Followers {
+    #[default]
+    Standby,
+    Lazy,
+    Warm,
 }
 
 pub const DEFAULT_PARTITIONS: u16 = 16;
@@ -368,6 +385,7 @@ impl Default for ClusterSettings {
             replicas: DEFAULT_REPLICAS,
             snapshot_every: DEFAULT_SNAPSHOT_EVERY,
             append_linger_us: DEFAULT_APPEND_LINGER_US,
+            followers: Followers::default(),
         }
     }
 }

@@ -22,8 +22,11 @@ pub use nats::{init, status, ClusterError, ClusterStatus, NodeReport, PartitionS
 pub use node::Node;
 
 /// The wire format of the partition logs; a node refuses a cluster made with another one.
-/// Format 2: an entry carries several commands (`{"commands": [...]}`).
-pub const FORMAT_VERSION: u32 = 2;
+/// Format 2: an entry carries several commands (`{"commands": [...]}`). Format 3: an
+/// entry carrying configuration is on the subject `tally.p.<p>.cfg` (nodes that do not own
+/// a partition watch those alone), and a partition's owner answers forwarded batches with
+/// the engine's answers.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The KV bucket holding each partition's lease (`p0003` → the owning node).
 pub const LEASES_BUCKET: &str = "tally_leases";
@@ -85,6 +88,11 @@ pub fn subjects(p: u16) -> String {
 /// The lease key of partition `p`.
 pub fn lease_key(p: u16) -> String {
     format!("p{p:04}")
+}
+
+/// The key of partition `p`'s standby lease in [`LEASES_BUCKET`] (`followers = "standby"`).
+pub fn standby_key(p: u16) -> String {
+    format!("s{p:04}")
 }
 
 #[cfg(test)]

@@ -88,8 +88,13 @@ pub struct NodeReport {
     pub owned: Vec<u16>,
     /// Its applied log position of each partition.
     pub applied: Vec<u64>,
-    /// Log entries it has not applied yet, summed over partitions.
+    /// Log entries it has not applied yet, summed over the partitions it keeps current.
     pub lag: u64,
+    /// The partitions it keeps current (it owns them, or stands by for them); `None`: all
+    /// of them (`followers = "warm"`). It applies the others only when it must, so their
+    /// `applied` positions do not hold back the trimming of their logs.
+    #[serde(default)]
+    pub current: Option<Vec<u16>>,
     /// When it reported (Unix ms).
     pub at_ms: i64,
 }

@@ -32,7 +32,7 @@ pub struct ConversionDraft {
 }
 
 /// What became of a conversion.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum ConversionOutcome {
     Created(ConversionRecord),
     /// Stored before with the same content.

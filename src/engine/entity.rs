@@ -55,7 +55,7 @@ pub enum EntityOp {
     Plan(Plan),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Saved {
     Created,
     Updated,

@@ -146,7 +146,7 @@ pub enum Command {
 
 /// A refusal on the merits: what the caller sent clashes with what is stored
 /// (`conflict`) or is invalid against it. The HTTP layer picks the status.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Refusal {
     /// `true` for a clash with existing data, `false` for an invalid reference or value.
     pub conflict: bool,
@@ -157,14 +157,53 @@ pub struct Refusal {
     pub current_status: Option<&'static str>,
 }
 
+/// The strings a [`Refusal`] read back from another node names (codes, fields, statuses),
+/// each kept once for the life of the process: they come from a fixed set, so this holds
+/// as many as tally has codes and fields.
+fn intern(s: &str) -> &'static str {
+    static KEPT: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut kept = KEPT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(k) = kept.get(s) {
+        return k;
+    }
+    let k: &'static str = Box::leak(s.to_owned().into_boxed_str());
+    kept.insert(k);
+    k
+}
+
+/// A [`Refusal`] as another node sent it.
+#[derive(Deserialize)]
+struct RefusalRead {
+    conflict: bool,
+    code: String,
+    field: Option<String>,
+    detail: String,
+    current_status: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Refusal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let r = RefusalRead::deserialize(d)?;
+        Ok(Refusal {
+            conflict: r.conflict,
+            code: intern(&r.code),
+            field: r.field.as_deref().map(intern),
+            detail: r.detail,
+            current_status: r.current_status.as_deref().map(intern),
+        })
+    }
+}
+
 impl Refusal {
     pub fn new(conflict: bool, code: &'static str, field: Option<&'static str>, detail: String) -> Self {
         Refusal { conflict, code, field, detail, current_status: None }
     }
 }
 
-/// The engine's answer to a command, in domain terms.
-#[derive(Debug, Clone)]
+/// The engine's answer to a command, in domain terms. Serializable: in cluster mode a
+/// partition's owner sends the answers to the node that took the requests.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Answer {
     /// The click as stored: shared with its effect, not copied.
     Click(std::sync::Arc<ClickRecord>),

@@ -17,7 +17,7 @@ use crate::domain::money::Money;
 use crate::domain::outbound::OutboundEvent;
 
 /// What became of an adjustment.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum AdjustOutcome {
     Applied(AdjustmentRecord, ConversionRecord),
     Replay(AdjustmentRecord, ConversionRecord),
@@ -323,7 +323,7 @@ pub(super) fn sweep<S: State + ?Sized>(
 }
 
 /// What became of a review decision.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum ReviewOutcome {
     Settled(ConversionRecord),
     /// The review was already settled the same way.

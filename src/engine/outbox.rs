@@ -35,7 +35,7 @@ pub enum OutboxOp {
 }
 
 /// The engine's answer to an [`OutboxOp`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum OutboxAnswer {
     Delivery(Box<Delivery>),
     /// The attempt or park found the delivery no longer pending (a retry raced it, or it

@@ -33,7 +33,7 @@ pub enum Settlement {
     Failed { reason: String },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum PayoutAnswer {
     /// The run, and whether it replays an earlier one with the same id and body.
     Run(PayoutRun, bool),
