@@ -200,6 +200,27 @@ pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     std::io::Write::write_all(&mut opts.open(path)?, format!("{text}\n").as_bytes())
 }
 
+/// How long seeding retries a write that storage did not take: a cluster's partition logs
+/// may still be electing their leaders when its nodes start (a refusal is not retried).
+const SEED_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// `write`, again every 200 ms while storage does not take it, for up to [`SEED_PATIENCE`]
+/// (a seed written twice is an update with the same content).
+async fn patiently<T, F: std::future::Future<Output = Result<T, WriteError>>>(
+    mut write: impl FnMut() -> F,
+) -> Result<T, WriteError> {
+    let until = std::time::Instant::now() + SEED_PATIENCE;
+    loop {
+        match write().await {
+            Err(WriteError::Store(e)) if std::time::Instant::now() < until => {
+                tracing::warn!(error = %e, "a seed was not stored yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Applies the seeds in dependency order: merchants, plans, partners, links.
 ///
 /// # Errors
@@ -224,7 +245,9 @@ pub async fn apply<B: Backend + ?Sized>(
         };
         let secret = imported.clone().unwrap_or_else(WebhookSecret::generate);
         let id = merchant.id.clone();
-        let saved = store.put_merchant(merchant, secret.clone()).await.map_err(ctx(format!("merchant {id}")))?;
+        let saved = patiently(|| store.put_merchant(merchant.clone(), secret.clone()))
+            .await
+            .map_err(ctx(format!("merchant {id}")))?;
         if saved == Saved::Created && imported.is_none() {
             write_private(&path, &secret.expose_text()).map_err(|e| format!("write {}: {e}", path.display()))?;
             tracing::info!(merchant = %id, path = %path.display(), "generated the merchant's signing secret");
@@ -233,17 +256,18 @@ pub async fn apply<B: Backend + ?Sized>(
     for mut plan in seeds.plans {
         plan.version_from_ms = now;
         let what = format!("plan {}", plan.id);
-        store.put_plan(plan).await.map_err(ctx(what))?;
+        patiently(|| store.put_plan(plan.clone())).await.map_err(ctx(what))?;
     }
     for mut partner in seeds.partners {
         partner.created_ms = now;
         let what = format!("partner {}", partner.id);
-        store.put_partner(partner, WebhookSecret::generate()).await.map_err(ctx(what))?;
+        let secret = WebhookSecret::generate();
+        patiently(|| store.put_partner(partner.clone(), secret.clone())).await.map_err(ctx(what))?;
     }
     for mut link in seeds.links {
         link.created_ms = now;
         let what = format!("link {}", link.id);
-        store.put_link(link).await.map_err(ctx(what))?;
+        patiently(|| store.put_link(link.clone())).await.map_err(ctx(what))?;
     }
     Ok(())
 }

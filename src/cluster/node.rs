@@ -103,6 +103,10 @@ const APPEND_TIMEOUT: Duration = Duration::from_millis(500);
 /// nodes stopped for 1.9-2.0 s after the owner's kill.
 const FORWARD_TIMEOUT: Duration = APPEND_TIMEOUT;
 
+/// How often a node that does not keep a partition current asks again for its owner while
+/// it has none (`followers = "standby"`).
+const NO_OWNER_RETRY: Duration = Duration::from_millis(100);
+
 /// The most commands one log entry carries, and about the most bytes (NATS refuses
 /// messages over 1 MiB by default).
 const ENTRY_COMMANDS: usize = 256;
@@ -206,7 +210,9 @@ const OWNERS: &str = "owner";
 
 /// The replies to a forwarded batch: appended at an entry, refused because the node does
 /// not own the partition (nothing was appended: the sender appends it itself), or failed.
-/// After `appended`, a second reply carries the answers ([`Answers`]).
+/// An owner first replies `taken` at once, then `appended` (or `failed`), then the
+/// answers ([`Answers`]).
+const REPLY_TAKEN: &str = "taken";
 const REPLY_APPENDED: &str = "appended ";
 const REPLY_NOT_OWNER: &str = "not-owner";
 const REPLY_FAILED: &str = "failed ";
@@ -849,8 +855,21 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
     let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
     let mut slot = Some(slot);
     if replies.is_empty() && !inner.owns(part) {
-        let forwarding =
-            forward_batch(&inner, p, &id, config, payload.clone(), waiters.len(), &mut slot, deadline).await;
+        let forwarding = loop {
+            let forwarding =
+                forward_batch(&inner, p, &id, config, payload.clone(), waiters.len(), &mut slot, deadline).await;
+            // With standbys, a node that does not keep the partition current waits for an
+            // owner (the standby takes it over within the lease's life; at a cluster's
+            // start, the first node within a second) rather than replay the log itself.
+            let wait = matches!(forwarding, Forwarding::NoOwner)
+                && inner.settings.followers == Followers::Standby
+                && !inner.keeps_current(part)
+                && tokio::time::Instant::now() + NO_OWNER_RETRY + FORWARD_TIMEOUT < deadline;
+            if !wait {
+                break forwarding;
+            }
+            tokio::time::sleep(NO_OWNER_RETRY).await;
+        };
         let outcome = match &forwarding {
             Forwarding::Answered(..) => "appended",
             Forwarding::NoOwner => "no_owner",
@@ -881,11 +900,10 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
                 }
                 return;
             }
-            // Nothing was appended, and the partition's standby takes it over within the
-            // lease's life: this node, not current, would first replay the log to answer.
+            // Still no owner: this node, not current, would first replay the log to answer.
             Forwarding::NoOwner if inner.settings.followers == Followers::Standby && !inner.keeps_current(part) => {
                 let e = unavailable(format!(
-                    "partition {p} has no owner right now (its standby takes it over within {LEASE_TTL:?}); retry"
+                    "partition {p} has had no owner for {ANSWER_TIMEOUT:?} (its standby takes it over within {LEASE_TTL:?}); retry"
                 ));
                 for w in waiters {
                     let _ = w.send(Err(e.clone()));
@@ -1005,7 +1023,7 @@ async fn forward_batch(
     slot: &mut Option<OwnedSemaphorePermit>,
     deadline: tokio::time::Instant,
 ) -> Forwarding {
-    let (tx, mut replies) = mpsc::channel(2);
+    let (tx, mut replies) = mpsc::channel(3);
     inner.forwarded.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(batch.to_string(), tx);
     let forwarding = async {
         let mut headers = async_nats::HeaderMap::new();
@@ -1018,22 +1036,42 @@ async fn forward_batch(
         if let Err(e) = inner.client.publish_with_reply_and_headers(forward_subject(p), reply, headers, payload).await {
             return Forwarding::Failed(unavailable(format!("partition {p}'s batch could not be sent: {e}; retry")));
         }
-        let appended = deadline.min(tokio::time::Instant::now() + FORWARD_TIMEOUT);
-        let Ok(Some(reply)) = tokio::time::timeout_at(appended, replies.recv()).await else {
+        // The owner says it took the batch at once: an owner that does not is gone.
+        let taken = deadline.min(tokio::time::Instant::now() + FORWARD_TIMEOUT);
+        let Ok(Some(reply)) = tokio::time::timeout_at(taken, replies.recv()).await else {
             return Forwarding::Failed(unavailable(format!("partition {p}'s owner did not answer; retry")));
         };
-        if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+        if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS) || &reply.payload[..] == REPLY_NOT_OWNER.as_bytes()
+        {
             return Forwarding::NoOwner;
         }
+        if &reply.payload[..] != REPLY_TAKEN.as_bytes() {
+            return Forwarding::Failed(unavailable(format!(
+                "partition {p}'s owner could not take the batch: {}",
+                String::from_utf8_lossy(&reply.payload)
+            )));
+        }
+        // Then appends it, which may wait out a log leader's election. The next batch may
+        // go once it is appended, or after FORWARD_TIMEOUT, whichever comes first, so that
+        // an owner killed holding this one stalls the partition's requests no longer.
+        let reply = match tokio::time::timeout(FORWARD_TIMEOUT, replies.recv()).await {
+            Ok(reply) => reply,
+            Err(_) => {
+                drop(slot.take());
+                tokio::time::timeout_at(deadline, replies.recv()).await.ok().flatten()
+            }
+        };
+        drop(slot.take());
+        let Some(reply) = reply else {
+            return Forwarding::Failed(unavailable(format!(
+                "partition {p}'s owner took the batch but did not append it within {ANSWER_TIMEOUT:?}; retry"
+            )));
+        };
         let text = String::from_utf8_lossy(&reply.payload);
         let Some(seq) = text.strip_prefix(REPLY_APPENDED).and_then(|s| s.parse::<u64>().ok()) else {
-            if text == REPLY_NOT_OWNER {
-                return Forwarding::NoOwner;
-            }
             let why = text.strip_prefix(REPLY_FAILED).unwrap_or(&text);
             return Forwarding::Failed(unavailable(format!("partition {p}'s owner could not append: {why}")));
         };
-        drop(slot.take());
         let Ok(Some(answers)) = tokio::time::timeout_at(deadline, replies.recv()).await else {
             return Forwarding::Failed(unavailable(format!(
                 "partition {p}'s owner appended entry {seq} but did not answer within {ANSWER_TIMEOUT:?}; retry"
@@ -1090,6 +1128,8 @@ async fn serve_forwards(inner: Arc<Inner>, p: u16) {
             (true, Some(node), Some(batch), Ok(entry)) => {
                 let config = header(&message, CONFIG_HEADER).is_some();
                 let forwarded = Forwarded { node, batch, commands: entry.commands, reply: reply.clone(), config };
+                // Said before the batch is queued, so before its `appended`.
+                let _ = inner.client.publish(reply.clone(), Bytes::from_static(REPLY_TAKEN.as_bytes())).await;
                 if part.queue.send(Queued::Forwarded(forwarded)).await.is_ok() {
                     continue;
                 }
