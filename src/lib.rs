@@ -19,8 +19,9 @@
 //!   database, effects to write batches, the published catalog.
 //! - [`cluster`]: the only module that names NATS: cluster mode (SPEC 14). Commands go
 //!   to per-merchant partition logs on JetStream, appended by each partition's owner
-//!   (other nodes forward their batches to it); every node applies every log through
-//!   the engine into a store per partition (`docs/cluster.md`).
+//!   (other nodes forward their batches to it and get the engine's answers back); each
+//!   partition's owner and standby apply its log through the engine into a store per
+//!   partition, other nodes when they must (`docs/cluster.md`).
 //! - [`http`]: the only module that names hyper: accept loop, routing, handlers,
 //!   statuses and errors as problem+json.
 //! - [`outbound`]: partner postbacks: where they may be sent (SSRF vetting), the client,

@@ -18,21 +18,27 @@
 //! - **Positions.** A command's position is its entry's sequence and its index in the
 //!   entry (`seq << INDEX_BITS | index`): the store keeps the position of the last command
 //!   applied, so a node that stopped inside an entry resumes after the right command.
-//! - **Apply.** Every node applies every partition's log, in order, through the same engine
-//!   as a single node, into one RocksDB per partition (`data_dir/partitions/p0003`), writing
-//!   the log position with the effects. A node answers its own requests from its own
-//!   application of the log: the engine is deterministic, so every node computes the same
-//!   answer for the same position, and each can serve every read.
+//! - **Apply.** A node applies a partition's log in order, through the same engine as a
+//!   single node, into one RocksDB per partition (`data_dir/partitions/p0003`), writing the
+//!   log position with the effects. The owner and (`followers = "standby"`) its standby
+//!   keep it current as it grows ([`Inner::keeps_current`]); another node applies it only
+//!   when it must: before a read ([`Inner::fresh`]), for a configuration entry
+//!   ([`watch_config`]), for an append of its own. The owner answers the requests other
+//!   nodes forwarded with the engine's answers, so they need not apply the log to answer;
+//!   the engine is deterministic, so every node that applies it computes the same state.
+//!   A node whose position the log no longer holds restores the snapshot while it runs
+//!   ([`restore_running`]).
 //! - **Leases.** Each partition has one owner, holding its key in the `tally_leases` bucket
-//!   (renewed every second, lost after [`LEASE_TTL`]). Only the owner acts on its own:
-//!   it sends the partition's outbound deliveries and appends its timer commands (hold
-//!   sweeps, outbox retention).
+//!   (renewed every second, lost after [`LEASE_TTL`]), and one standby holding another
+//!   key; a node takes a free partition only while it stands by for it, so the standby,
+//!   current, takes over. Only the owner acts on its own: it sends the partition's
+//!   outbound deliveries and appends its timer commands (hold sweeps, outbox retention).
 //! - **Clicks** are answered once they are in the node's click spool (a local RocksDB), and
 //!   forwarded to their partition's log in the background, in order, at least once: the
 //!   click id is the message id, and a click applied twice changes nothing the second time.
 //! - **Configuration** (merchants, partners, links, plans) is a command of its merchant's
-//!   partition like any other, so every node applies it within milliseconds; the node serves
-//!   the union of its partitions' catalogs.
+//!   partition, in an entry on its own subject that every node watches, so every node
+//!   applies it within milliseconds; the node serves the union of its partitions' catalogs.
 //! - **Snapshots** ([`super::snapshot`]): the owner snapshots its partitions every
 //!   `snapshot_every` entries and trims their logs; a starting node restores a snapshot
 //!   when the log no longer holds what it needs, or when it holds nothing yet.
@@ -103,9 +109,11 @@ const APPEND_TIMEOUT: Duration = Duration::from_millis(500);
 /// nodes stopped for 1.9-2.0 s after the owner's kill.
 const FORWARD_TIMEOUT: Duration = APPEND_TIMEOUT;
 
-/// How often a node that does not keep a partition current asks again for its owner while
-/// it has none (`followers = "standby"`).
+/// How often, and how long, a node that does not keep a partition current asks again for
+/// its owner while it has none (`followers = "standby"`). Longer, and clients pile up on
+/// such a node during a takeover: with 10 s, the kill test's writes stopped for 5 s.
 const NO_OWNER_RETRY: Duration = Duration::from_millis(100);
+const NO_OWNER_WAIT: Duration = Duration::from_secs(1);
 
 /// The most commands one log entry carries, and about the most bytes (NATS refuses
 /// messages over 1 MiB by default).
@@ -855,16 +863,19 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
     let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
     let mut slot = Some(slot);
     if replies.is_empty() && !inner.owns(part) {
+        let no_owner_until = tokio::time::Instant::now() + NO_OWNER_WAIT;
         let forwarding = loop {
             let forwarding =
                 forward_batch(&inner, p, &id, config, payload.clone(), waiters.len(), &mut slot, deadline).await;
-            // With standbys, a node that does not keep the partition current waits for an
-            // owner (the standby takes it over within the lease's life; at a cluster's
-            // start, the first node within a second) rather than replay the log itself.
+            // With standbys, a node that does not keep the partition current waits a moment
+            // for an owner (at a cluster's start, the first node takes the partitions within
+            // a second) rather than replay the log itself; then its requests answer `503`,
+            // and their clients try another node (the standby takes the partition over
+            // within the lease's life).
             let wait = matches!(forwarding, Forwarding::NoOwner)
                 && inner.settings.followers == Followers::Standby
                 && !inner.keeps_current(part)
-                && tokio::time::Instant::now() + NO_OWNER_RETRY + FORWARD_TIMEOUT < deadline;
+                && tokio::time::Instant::now() + NO_OWNER_RETRY < no_owner_until;
             if !wait {
                 break forwarding;
             }
@@ -903,7 +914,7 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
             // Still no owner: this node, not current, would first replay the log to answer.
             Forwarding::NoOwner if inner.settings.followers == Followers::Standby && !inner.keeps_current(part) => {
                 let e = unavailable(format!(
-                    "partition {p} has had no owner for {ANSWER_TIMEOUT:?} (its standby takes it over within {LEASE_TTL:?}); retry"
+                    "partition {p} has had no owner for {NO_OWNER_WAIT:?} (its standby takes it over within {LEASE_TTL:?}); retry"
                 ));
                 for w in waiters {
                     let _ = w.send(Err(e.clone()));
@@ -1041,7 +1052,8 @@ async fn forward_batch(
         let Ok(Some(reply)) = tokio::time::timeout_at(taken, replies.recv()).await else {
             return Forwarding::Failed(unavailable(format!("partition {p}'s owner did not answer; retry")));
         };
-        if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS) || &reply.payload[..] == REPLY_NOT_OWNER.as_bytes()
+        if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS)
+            || &reply.payload[..] == REPLY_NOT_OWNER.as_bytes()
         {
             return Forwarding::NoOwner;
         }
@@ -2134,6 +2146,92 @@ mod tests {
         for (header, want) in cases {
             assert_eq!(spans_of(header).collect::<Vec<_>>(), want, "{header}");
         }
+    }
+
+    /// The owner sends a forwarded batch's answers as JSON: each decodes as it was, a
+    /// refusal's code, field and status included (the HTTP layer picks statuses from them).
+    #[test]
+    fn answers_sent_to_a_forwarding_node_decode_as_they_were() {
+        let mut memory = crate::engine::memory::Memory::default();
+        let merchant = MerchantId::parse("shop").unwrap();
+        let m = Merchant {
+            id: merchant.clone(),
+            name: "Shop".into(),
+            postback_token: false,
+            allowed_ips: Vec::new(),
+            default_plan_id: None,
+            created_ms: 1,
+        };
+        let secret = WebhookSecret::generate();
+        let sale = |minor, entropy| {
+            Command::Conversion(Box::new(ConversionDraft {
+                merchant: merchant.clone(),
+                input: ConversionInput {
+                    txn_id: TxnId::parse("order-1").unwrap(),
+                    event: "sale".into(),
+                    amount: Some(Money { minor, currency: Currency::parse("USD").unwrap() }),
+                    occurred_ms: 5,
+                    keys: AttributionKeys::default(),
+                    metadata: Some(r#"{"n":1.50}"#.into()),
+                },
+                received_ms: 10,
+                entropy: Entropy([entropy; 16]),
+            }))
+        };
+        let commands = [
+            Command::Entity(Box::new(EntityOp::Merchant {
+                merchant: m.clone(),
+                secret: secret.clone(),
+                token_hash: None,
+            })),
+            Command::Entity(Box::new(EntityOp::Merchant { merchant: m, secret, token_hash: None })),
+            sale(1000, 1),
+            sale(1000, 2),
+            sale(2000, 3),
+            Command::Review {
+                merchant: merchant.clone(),
+                txn: TxnId::parse("nowhere").unwrap(),
+                approve: true,
+                by: "ops".into(),
+                note: None,
+                at: 11,
+                entropy: Entropy([4; 16]),
+            },
+            Command::SweepHolds { now: 12, limit: 10, entropy: Entropy([5; 16]) },
+        ];
+        let mut answers: Answers = commands.into_iter().map(|c| Ok(memory.submit(c))).collect();
+        let mut refusal = crate::engine::Refusal::new(true, "not_adjustable", Some("status"), "no".into());
+        refusal.current_status = Some("approved");
+        answers.push(Ok(Answer::Entity(Err(refusal.clone()))));
+        answers.push(Err(StoreError::Closed.to_string()));
+        let wire = serde_json::to_vec(&answers).unwrap();
+        let back: Answers = serde_json::from_slice(&wire).unwrap();
+        assert_eq!(serde_json::to_vec(&back).unwrap(), wire, "{}", String::from_utf8_lossy(&wire));
+        use crate::engine::{ConversionOutcome as C, ReviewOutcome, Saved};
+        let kinds: Vec<&str> = back
+            .iter()
+            .map(|a| match a {
+                Ok(Answer::Entity(Ok(Saved::Created))) => "created",
+                Ok(Answer::Entity(Ok(Saved::Updated))) => "updated",
+                Ok(Answer::Conversion(C::Created(_))) => "conversion",
+                Ok(Answer::Conversion(C::Duplicate(_))) => "duplicate",
+                Ok(Answer::Conversion(C::Conflict(_))) => "conflict",
+                Ok(Answer::Review(ReviewOutcome::NotFound)) => "not found",
+                Ok(Answer::Swept(0)) => "swept",
+                Ok(Answer::Entity(Err(r))) if *r == refusal => "refusal",
+                Err(e) if *e == StoreError::Closed.to_string() => "failure",
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["created", "updated", "conversion", "duplicate", "conflict", "not found", "swept", "refusal", "failure"]
+        );
+        let (Ok(Answer::Conversion(C::Created(a))), Ok(Answer::Conversion(C::Duplicate(b)))) = (&back[2], &back[3])
+        else {
+            unreachable!()
+        };
+        assert_eq!(a, b, "a duplicate is the stored conversion, to the byte");
     }
 
     #[test]
