@@ -278,7 +278,7 @@ impl Metrics {
             cluster_apply_lag: gauge(
                 &r,
                 "tally_cluster_apply_lag_entries",
-                "Cluster mode: partition log entries this node has not applied yet, summed over partitions.",
+                "Cluster mode: partition log entries this node has not applied yet, summed over the partitions it keeps current (owns or stands by for).",
             ),
             cluster_forward_lag: histogram(
                 &r,

@@ -203,8 +203,8 @@ fn entry_subject(p: u16, config: bool) -> String {
     format!("tally.p.{p}.{}", if config { "cfg" } else { "cmd" })
 }
 
-/// Where a partition's owner replies to a forwarded batch of node `node`: once when the
-/// entry holding it is acknowledged, once more with the engine's answers.
+/// Where a partition's owner replies to a forwarded batch of node `node`: when it takes
+/// it, when the entry holding it is acknowledged, and with the engine's answers.
 fn answer_subject(node: &str, batch: &str) -> String {
     format!("tally.ans.{node}.{batch}")
 }
@@ -1327,30 +1327,37 @@ async fn watch_config(inner: Arc<Inner>, p: u16) {
     }
 }
 
-/// Reads the positions of partition `part`'s configuration entries from `from` (their
-/// headers only) and raises the partition's target to each.
-async fn config_entries(inner: &Inner, part: &Part, from: u64) -> Result<(), String> {
-    let stream = inner.js.get_stream(stream_name(part.p)).await.map_err(|e| e.to_string())?;
-    let consumer = stream
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from },
-            ack_policy: consumer::AckPolicy::None,
-            filter_subject: entry_subject(part.p, true),
-            headers_only: true,
-            memory_storage: true,
-            num_replicas: 1,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = consumer
+/// A reader of partition `p`'s log from entry `from` (an ephemeral consumer, nothing
+/// acknowledged): every entry, or (`config_only`) the headers of its configuration entries.
+async fn read_log(inner: &Inner, p: u16, from: u64, config_only: bool) -> Result<consumer::pull::Stream, String> {
+    let stream = inner.js.get_stream(stream_name(p)).await.map_err(|e| e.to_string())?;
+    let mut config = consumer::pull::Config {
+        deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from },
+        ack_policy: consumer::AckPolicy::None,
+        memory_storage: true,
+        num_replicas: 1,
+        inactive_threshold: Duration::from_secs(30),
+        ..Default::default()
+    };
+    if config_only {
+        config.filter_subject = entry_subject(p, true);
+        config.headers_only = true;
+    }
+    let consumer = stream.create_consumer(config).await.map_err(|e| e.to_string())?;
+    consumer
         .stream()
+        .max_messages_per_batch(512)
         .heartbeat(Duration::from_secs(1))
         .expires(Duration::from_secs(5))
         .messages()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// Reads the positions of partition `part`'s configuration entries from `from` (their
+/// headers only) and raises the partition's target to each.
+async fn config_entries(inner: &Inner, part: &Part, from: u64) -> Result<(), String> {
+    let mut messages = read_log(inner, part.p, from, true).await?;
     while let Some(message) = messages.next().await {
         let seq = message.map_err(|e| e.to_string())?.info().map_err(|e| e.to_string())?.stream_sequence;
         if part.target.fetch_max(seq, Ordering::SeqCst) < seq {
@@ -1363,26 +1370,7 @@ async fn config_entries(inner: &Inner, part: &Part, from: u64) -> Result<(), Str
 /// Reads the log from `from` and queues each entry to the partition's store, in order,
 /// until a node that does not keep the partition current has reached its target.
 async fn consume(inner: &Inner, part: &Part, from: u64, done: &mpsc::Sender<Applying>) -> Result<Consumed, String> {
-    let stream = inner.js.get_stream(stream_name(part.p)).await.map_err(|e| e.to_string())?;
-    let consumer = stream
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: from },
-            ack_policy: consumer::AckPolicy::None,
-            memory_storage: true,
-            num_replicas: 1,
-            inactive_threshold: Duration::from_secs(30),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(512)
-        .heartbeat(Duration::from_secs(1))
-        .expires(Duration::from_secs(5))
-        .messages()
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut messages = read_log(inner, part.p, from, false).await?;
     // A subscription that hangs without reporting missed heartbeats (seen after a NATS
     // server's kill -9) is made again by `Part::stuck`, which `append_entry` raises.
     let store = part.store();
@@ -1958,7 +1946,8 @@ impl Backend for Node {
     }
 
     /// A click is in the partition of its link's merchant, which its id does not say:
-    /// every partition is asked (a click still in this node's spool is not found yet).
+    /// every partition is asked, each once this node holds its log's last position (a
+    /// click still in this node's spool is not found yet).
     fn click<'a>(&'a self, id: &'a Ulid) -> BoxFuture<'a, Result<Option<ClickRecord>, StoreError>> {
         Box::pin(async move {
             for part in &self.inner.parts {
