@@ -2113,6 +2113,17 @@ mod tests {
     use crate::engine::{ConversionDraft, Entropy};
     use crate::signing::WebhookSecret;
 
+    fn shop(id: &MerchantId) -> Merchant {
+        Merchant {
+            id: id.clone(),
+            name: "Shop".into(),
+            postback_token: false,
+            allowed_ips: Vec::new(),
+            default_plan_id: None,
+            created_ms: 1,
+        }
+    }
+
     fn round_trip(command: Command) -> Command {
         let encoded = serde_json::value::to_raw_value(&command).unwrap();
         let mut commands = serde_json::from_slice::<Entry>(&encode_entry([&*encoded, &*encoded])).unwrap().commands;
@@ -2143,14 +2154,7 @@ mod tests {
     fn answers_sent_to_a_forwarding_node_decode_as_they_were() {
         let mut memory = crate::engine::memory::Memory::default();
         let merchant = MerchantId::parse("shop").unwrap();
-        let m = Merchant {
-            id: merchant.clone(),
-            name: "Shop".into(),
-            postback_token: false,
-            allowed_ips: Vec::new(),
-            default_plan_id: None,
-            created_ms: 1,
-        };
+        let m = shop(&merchant);
         let secret = WebhookSecret::generate();
         let sale = |minor, entropy| {
             Command::Conversion(Box::new(ConversionDraft {
@@ -2277,14 +2281,7 @@ mod tests {
 
         // A secret travels whole: every node must verify with the same key.
         let secret = WebhookSecret::generate();
-        let m = Merchant {
-            id: merchant.clone(),
-            name: "Shop".into(),
-            postback_token: false,
-            allowed_ips: Vec::new(),
-            default_plan_id: None,
-            created_ms: 1,
-        };
+        let m = shop(&merchant);
         let op = EntityOp::Merchant { merchant: m, secret: secret.clone(), token_hash: Some([9; 32]) };
         let back = round_trip(Command::Entity(Box::new(op)));
         let Command::Entity(op) = &back else { panic!("{back:?}") };
