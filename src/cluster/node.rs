@@ -420,6 +420,13 @@ fn unavailable(what: impl std::fmt::Display) -> StoreError {
     StoreError::Io(format!("cluster: {what}"))
 }
 
+/// Answers every request of `waiters` with the failure `e`.
+fn fail(waiters: impl IntoIterator<Item = Waiter>, e: &StoreError) {
+    for w in waiters {
+        let _ = w.send(Err(e.clone()));
+    }
+}
+
 impl Node {
     /// Connects to the cluster, checks its shape, opens this node's partition stores and
     /// click spool under `base.data_dir`, and starts applying the logs, forwarding clicks
@@ -547,18 +554,7 @@ async fn open_partition(
     p: u16,
     metrics: &Arc<Metrics>,
 ) -> Result<(Store, u64, Option<u64>), String> {
-    let open = || {
-        let (opts, m) = (opts.clone(), Arc::clone(metrics));
-        async move {
-            let store = tokio::task::spawn_blocking(move || Store::open(&opts, m))
-                .await
-                .map_err(|e| format!("partition store open task: {e}"))?
-                .map_err(|e| format!("partition {p}: {e}"))?;
-            let applied = store.applied_position().map_err(|e| format!("partition {p}: {e}"))?;
-            Ok::<_, String>((store, applied))
-        }
-    };
-    let (store, applied) = open().await?;
+    let (store, applied) = open_store(opts, p, metrics).await?;
     let stream = timed(&format!("read stream {}", stream_name(p)), js.get_stream(stream_name(p)))
         .await
         .map_err(|e| e.to_string())?;
@@ -576,14 +572,37 @@ async fn open_partition(
             entry_of(applied)
         ));
     }
-    let closing = store.clone();
-    let _ = tokio::task::spawn_blocking(move || closing.shutdown()).await;
-    drop(store);
+    let (store, restored) = restore_snapshot(store, snapshots, opts, work, p, metrics).await?;
+    Ok((store, restored, Some(restored)))
+}
+
+/// Opens partition `p`'s store: the store and the log position it holds.
+async fn open_store(opts: &StoreOptions, p: u16, metrics: &Arc<Metrics>) -> Result<(Store, u64), String> {
+    let (opts, m) = (opts.clone(), Arc::clone(metrics));
+    let store = tokio::task::spawn_blocking(move || Store::open(&opts, m))
+        .await
+        .map_err(|e| format!("partition store open task: {e}"))?
+        .map_err(|e| format!("partition {p}: {e}"))?;
+    let applied = store.applied_position().map_err(|e| format!("partition {p}: {e}"))?;
+    Ok((store, applied))
+}
+
+/// Closes partition `p`'s `store`, restores the partition's snapshot in its place and opens
+/// it: the new store and the snapshot's position, which it holds.
+async fn restore_snapshot(
+    store: Store,
+    snapshots: &object_store::ObjectStore,
+    opts: &StoreOptions,
+    work: &Path,
+    p: u16,
+    metrics: &Arc<Metrics>,
+) -> Result<(Store, u64), String> {
+    tokio::task::spawn_blocking(move || store.shutdown()).await.map_err(|e| format!("store close task: {e}"))?;
     let started = Instant::now();
     let restored = snapshot::restore(snapshots, p, &opts.data_dir, work)
         .await?
         .ok_or_else(|| format!("partition {p}: its snapshot disappeared while it was being restored"))?;
-    let (store, applied) = open().await?;
+    let (store, applied) = open_store(opts, p, metrics).await?;
     if applied != restored {
         return Err(format!(
             "partition {p}: the restored snapshot holds position {applied}, its metadata says {restored}"
@@ -595,13 +614,19 @@ async fn open_partition(
         ms = started.elapsed().as_millis() as u64,
         "restored the partition's snapshot"
     );
-    Ok((store, applied, Some(restored)))
+    Ok((store, applied))
 }
 
 impl Part {
     /// The partition's store as it is now.
     fn store(&self) -> Store {
         self.store.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The partition's catalog, read without a copy of the store's handle: the node's
+    /// catalog is asked for on every request.
+    fn catalog(&self) -> Arc<Catalog> {
+        self.store.read().unwrap_or_else(std::sync::PoisonError::into_inner).catalog()
     }
 }
 
@@ -629,6 +654,13 @@ impl Inner {
         self.settings.followers == Followers::Warm
             || self.owns(part)
             || part.standby_until.load(Ordering::SeqCst) > self.now_ms()
+    }
+
+    /// Whether a request to `part` with no owner waits for one rather than be appended by
+    /// this node: with standbys, a node that does not keep the partition current would
+    /// first replay its log to answer.
+    fn waits_for_owner(&self, part: &Part) -> bool {
+        self.settings.followers == Followers::Standby && !self.keeps_current(part)
     }
 
     /// Waits until this node's store of `part` holds every entry its log held when asked:
@@ -873,8 +905,7 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
             // and their clients try another node (the standby takes the partition over
             // within the lease's life).
             let wait = matches!(forwarding, Forwarding::NoOwner)
-                && inner.settings.followers == Followers::Standby
-                && !inner.keeps_current(part)
+                && inner.waits_for_owner(part)
                 && tokio::time::Instant::now() + NO_OWNER_RETRY < no_owner_until;
             if !wait {
                 break forwarding;
@@ -893,10 +924,7 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
                 // applied it too.
                 if config {
                     if let Err(e) = inner.written(part, seq).await {
-                        for w in waiters {
-                            let _ = w.send(Err(e.clone()));
-                        }
-                        return;
+                        return fail(waiters, &e);
                     }
                 }
                 for (w, answer) in waiters.into_iter().zip(answers) {
@@ -906,20 +934,14 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
             }
             Forwarding::Failed(e) => {
                 tracing::warn!(partition = p, error = %e, "a batch forwarded to the partition's owner failed; its requests answer 503");
-                for w in waiters {
-                    let _ = w.send(Err(e.clone()));
-                }
-                return;
+                return fail(waiters, &e);
             }
             // Still no owner: this node, not current, would first replay the log to answer.
-            Forwarding::NoOwner if inner.settings.followers == Followers::Standby && !inner.keeps_current(part) => {
+            Forwarding::NoOwner if inner.waits_for_owner(part) => {
                 let e = unavailable(format!(
                     "partition {p} has had no owner for {NO_OWNER_WAIT:?} (its standby takes it over within {LEASE_TTL:?}); retry"
                 ));
-                for w in waiters {
-                    let _ = w.send(Err(e.clone()));
-                }
-                return;
+                return fail(waiters, &e);
             }
             // Nothing was appended: this node appends its requests itself, and applies them.
             Forwarding::NoOwner => {}
@@ -973,9 +995,7 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
         }
         Err(e) => {
             let waiters = part.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
-            for w in waiters.into_iter().flatten() {
-                let _ = w.send(Err(e.clone()));
-            }
+            fail(waiters.into_iter().flatten(), &e);
         }
     }
 }
@@ -1276,33 +1296,11 @@ async fn restore_running(inner: &Inner, part: &Part, done: &mpsc::Sender<Applyin
         Some(at) if at > have => {}
         _ => return Err(format!("no snapshot of partition {} beyond this node's position {have}", part.p)),
     }
-    let started = Instant::now();
-    let old = part.store();
-    tokio::task::spawn_blocking(move || old.shutdown()).await.map_err(|e| format!("store close task: {e}"))?;
-    let restored = snapshot::restore(&inner.snapshots, part.p, &part.opts.data_dir, &inner.work)
-        .await?
-        .ok_or_else(|| format!("partition {}: its snapshot disappeared while it was being restored", part.p))?;
-    let (opts, metrics) = (part.opts.clone(), Arc::clone(&inner.metrics));
-    let store = tokio::task::spawn_blocking(move || Store::open(&opts, metrics))
-        .await
-        .map_err(|e| format!("partition store open task: {e}"))?
-        .map_err(|e| format!("partition {}: {e}", part.p))?;
-    let applied = store.applied_position().map_err(|e| format!("partition {}: {e}", part.p))?;
-    if applied != restored {
-        return Err(format!(
-            "partition {}: the restored snapshot holds position {applied}, its metadata says {restored}",
-            part.p
-        ));
-    }
+    let (store, applied) =
+        restore_snapshot(part.store(), &inner.snapshots, &part.opts, &inner.work, part.p, &inner.metrics).await?;
     *part.store.write().unwrap_or_else(std::sync::PoisonError::into_inner) = store;
     part.applied.store(applied, Ordering::SeqCst);
     part.snapshot_at.fetch_max(applied, Ordering::SeqCst);
-    tracing::info!(
-        partition = part.p,
-        position = applied,
-        ms = started.elapsed().as_millis() as u64,
-        "restored the partition's snapshot"
-    );
     Ok(applied)
 }
 
@@ -1406,9 +1404,10 @@ async fn consume(inner: &Inner, part: &Part, from: u64, done: &mpsc::Sender<Appl
                 // Every node skips the same unreadable entry: state stays the same everywhere.
                 tracing::error!(partition = part.p, entry = seq, error = %e, "a log entry does not decode; skipped");
                 part.applied.store(position(seq, (1 << INDEX_BITS) - 1), Ordering::SeqCst);
-                for w in waiters.into_iter().flatten() {
-                    let _ = w.send(Err(StoreError::Corrupt(format!("log entry {seq} does not decode: {e}"))));
-                }
+                fail(
+                    waiters.into_iter().flatten(),
+                    &StoreError::Corrupt(format!("log entry {seq} does not decode: {e}")),
+                );
                 if done.send(Applying::Entry(seq)).await.is_err() {
                     return Ok(Consumed::Stopped);
                 }
@@ -1837,7 +1836,7 @@ impl Backend for Node {
     }
 
     fn catalog(&self) -> Arc<Catalog> {
-        let current: Vec<Arc<Catalog>> = self.inner.parts.iter().map(|p| p.store().catalog()).collect();
+        let current: Vec<Arc<Catalog>> = self.inner.parts.iter().map(Part::catalog).collect();
         let mut cached = self.inner.catalog.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let same = cached.0.len() == current.len() && cached.0.iter().zip(&current).all(|(a, b)| Arc::ptr_eq(a, b));
         if !same {
