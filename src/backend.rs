@@ -143,7 +143,12 @@ pub trait Backend: Send + Sync + 'static {
         account: &'a str,
     ) -> BoxFuture<'a, Result<Option<AccountRecord>, StoreError>>;
 
-    fn click<'a>(&'a self, id: &'a Ulid) -> BoxFuture<'a, Result<Option<ClickRecord>, StoreError>>;
+    /// A click of `merchant` by id (in cluster mode, read from that merchant's partition only).
+    fn click<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        id: &'a Ulid,
+    ) -> BoxFuture<'a, Result<Option<ClickRecord>, StoreError>>;
 
     /// Figures for `/metrics`.
     fn stats(&self) -> StorageStats;

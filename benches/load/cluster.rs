@@ -1,5 +1,7 @@
 //! SPEC 13's cluster row: CPU per acknowledged conversion in cluster mode against the
 //! single node, and conversions/s with 1, 2 and 3 tally nodes, on this one box.
+//! `--workload clicks` measures clicks instead: a cluster run's CPU then runs until every
+//! node forwarded the clicks it took to their partition logs.
 //!
 //! `load --cluster DIR --nodes N` expects the NATS servers of `scripts/cluster start DIR`
 //! (with `TALLY_CLUSTER_NODES=0`: no tally node of its own) and a fresh `tally cluster
@@ -38,10 +40,10 @@ struct Driven {
     p99_us: u64,
 }
 
-/// One closed-loop conversions run spread over `targets`.
-async fn drive(targets: &[Target], connections: usize, duration: Duration) -> Driven {
+/// One closed-loop run of `workload` spread over `targets`.
+async fn drive(targets: &[Target], workload: Workload, connections: usize, duration: Duration) -> Driven {
     let per = (connections / targets.len()).max(1);
-    let runs = targets.iter().map(|t| run(t, Workload::Conversions, per, duration, None));
+    let runs = targets.iter().map(|t| run(t, workload, per, duration, None));
     let results = futures_util::future::join_all(runs).await;
     let ok = results.iter().map(|r| r.0).sum();
     let errors = results.iter().map(|r| r.1).sum();
@@ -56,12 +58,13 @@ async fn drive(targets: &[Target], connections: usize, duration: Duration) -> Dr
 /// Prints one result line the script collects; `per_entry` is the mean number of commands
 /// per log entry the nodes appended and `forwards` the batches they forwarded to owners
 /// (0 for the single node).
-fn report(mode: &str, nodes: usize, run: &Driven, cpu: (f64, f64), per_entry: f64, forwards: f64) {
+fn report(mode: &str, workload: Workload, nodes: usize, run: &Driven, cpu: (f64, f64), per_entry: f64, forwards: f64) {
     let Driven { ok, errors, secs, p50_us, p99_us } = *run;
     let (tally_cpu, nats_cpu) = cpu;
     let per = |cpu: f64| if ok == 0 { f64::NAN } else { cpu * 1e6 / ok as f64 };
+    let workload = workload.name();
     println!(
-        "RESULT mode={mode} nodes={nodes} conversions={ok} errors={errors} per_second={:.0} tally_cpu_us={:.0} nats_cpu_us={:.0} total_cpu_us={:.0} per_entry={per_entry:.1} per_forward={:.1} p50_us={p50_us} p99_us={p99_us}",
+        "RESULT mode={mode} workload={workload} nodes={nodes} acknowledged={ok} errors={errors} per_second={:.0} tally_cpu_us={:.0} nats_cpu_us={:.0} total_cpu_us={:.0} per_entry={per_entry:.1} per_forward={:.1} p50_us={p50_us} p99_us={p99_us}",
         ok as f64 / secs,
         per(tally_cpu),
         per(nats_cpu),
@@ -71,9 +74,10 @@ fn report(mode: &str, nodes: usize, run: &Driven, cpu: (f64, f64), per_entry: f6
 }
 
 /// Commands and entries the nodes appended, from their `tally_cluster_entry_commands`,
-/// and the batches they forwarded to owners (`tally_cluster_forwards_total`).
-async fn entries(admins: &[std::net::SocketAddr]) -> (f64, f64, f64) {
-    let mut total = (0.0, 0.0, 0.0);
+/// the batches they forwarded to owners (`tally_cluster_forwards_total`), and the clicks
+/// they forwarded to partition logs (`tally_cluster_click_forward_lag_seconds`).
+async fn entries(admins: &[std::net::SocketAddr]) -> (f64, f64, f64, f64) {
+    let mut total = (0.0, 0.0, 0.0, 0.0);
     for admin in admins {
         let (_, body) = super::reports::admin_get(*admin, "/metrics").await;
         let text = String::from_utf8_lossy(&body).into_owned();
@@ -88,24 +92,38 @@ async fn entries(admins: &[std::net::SocketAddr]) -> (f64, f64, f64) {
         total.0 += sum("tally_cluster_entry_commands_sum ");
         total.1 += sum("tally_cluster_entry_commands_count ");
         total.2 += sum("tally_cluster_forwards_total{");
+        total.3 += sum("tally_cluster_click_forward_lag_seconds_count ");
     }
     total
 }
 
+/// Waits (up to 30 s) until the nodes forwarded `clicks` more clicks than `from` to their
+/// partition logs, and returns the counters then.
+async fn forwarded(admins: &[std::net::SocketAddr], from: f64, clicks: f64) -> (f64, f64, f64, f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = entries(admins).await;
+        if now.3 - from >= clicks || std::time::Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The single node with the bench config.
-pub async fn single(dir: &Path, duration: Duration, connections: usize) {
+pub async fn single(dir: &Path, workload: Workload, duration: Duration, connections: usize) {
     let (child, addr, secret) = start_tally(dir).await;
     let pid = child.id().expect("tally's pid");
     let target = Target { name: "tally", addr, secret: Some(secret), clicks: Arc::default() };
     // A short warm-up, as in the cluster runs.
-    drive(std::slice::from_ref(&target), connections, Duration::from_secs(1)).await;
+    drive(std::slice::from_ref(&target), workload, connections, Duration::from_secs(1)).await;
     let before = cpu_seconds(pid);
-    let driven = drive(std::slice::from_ref(&target), connections, duration).await;
-    report("single", 1, &driven, (cpu_seconds(pid) - before, 0.0), 0.0, 0.0);
+    let driven = drive(std::slice::from_ref(&target), workload, connections, duration).await;
+    report("single", workload, 1, &driven, (cpu_seconds(pid) - before, 0.0), 0.0, 0.0);
 }
 
 /// `nodes` tally nodes on the NATS servers of `scripts/cluster start <cluster_dir>`.
-pub async fn cluster(cluster_dir: &Path, nodes: usize, duration: Duration, connections: usize) {
+pub async fn cluster(cluster_dir: &Path, nodes: usize, workload: Workload, duration: Duration, connections: usize) {
     let gw = std::fs::read_to_string(cluster_dir.join("gw-1.toml")).expect("scripts/cluster start wrote gw-1.toml");
     let urls = gw.lines().find(|l| l.starts_with("nats_urls")).expect("nats_urls in gw-1.toml").to_string();
     let nats_pids: Vec<u32> = (1..=3)
@@ -129,13 +147,21 @@ pub async fn cluster(cluster_dir: &Path, nodes: usize, duration: Duration, conne
         targets.push(Target { name: "tally", addr, secret: Some(secret), clicks: Arc::default() });
     }
     let tally_pids: Vec<u32> = children.iter().filter_map(tokio::process::Child::id).collect();
-    drive(&targets, connections, Duration::from_secs(1)).await;
+    let before = entries(&admins).await;
+    let warm = drive(&targets, workload, connections, Duration::from_secs(1)).await;
+    // Clicks are forwarded in the background: the warm-up's first.
+    let e0 = match workload {
+        Workload::Clicks => forwarded(&admins, before.3, warm.ok as f64).await,
+        _ => entries(&admins).await,
+    };
     let (t0, n0) = (total_cpu(&tally_pids), total_cpu(&nats_pids));
-    let e0 = entries(&admins).await;
-    let driven = drive(&targets, connections, duration).await;
+    let driven = drive(&targets, workload, connections, duration).await;
+    let e1 = match workload {
+        Workload::Clicks => forwarded(&admins, e0.3, driven.ok as f64).await,
+        _ => entries(&admins).await,
+    };
     let cpu = (total_cpu(&tally_pids) - t0, total_cpu(&nats_pids) - n0);
-    let e1 = entries(&admins).await;
     let per_entry = if e1.1 > e0.1 { (e1.0 - e0.0) / (e1.1 - e0.1) } else { 0.0 };
-    report("cluster", nodes, &driven, cpu, per_entry, e1.2 - e0.2);
+    report("cluster", workload, nodes, &driven, cpu, per_entry, e1.2 - e0.2);
     drop(children);
 }

@@ -55,6 +55,15 @@ impl Workload {
     }
 }
 
+/// The workload of the cluster runs: clicks when asked for, else conversions.
+fn cluster_workload(asked: &[Workload]) -> Workload {
+    if asked == [Workload::Clicks] {
+        Workload::Clicks
+    } else {
+        Workload::Conversions
+    }
+}
+
 struct Target {
     name: &'static str,
     addr: SocketAddr,
@@ -438,11 +447,12 @@ async fn client() {
     }
     if let Some(cluster_dir) = arg("--cluster") {
         let nodes = arg("--nodes").and_then(|n| n.parse().ok()).unwrap_or(3);
-        cluster::cluster(std::path::Path::new(&cluster_dir), nodes, duration, connections).await;
+        let workload = cluster_workload(&workloads);
+        cluster::cluster(std::path::Path::new(&cluster_dir), nodes, workload, duration, connections).await;
         return;
     }
     if flag("--cluster-single") {
-        cluster::single(dir.path(), duration, connections).await;
+        cluster::single(dir.path(), cluster_workload(&workloads), duration, connections).await;
         return;
     }
     let (bare_addr, _bare_child) = bare_server().await;

@@ -11,8 +11,9 @@
 //!   The answer is the engine's for that command's position.
 //! - **Owner-routed appends.** Only a partition's owner appends to its log: another node
 //!   forwards each batch it queued to the owner (core NATS request, [`forward_subject`]),
-//!   which puts it in its next entry with the other nodes' batches and replies once the
-//!   entry is acknowledged. Entries then carry every node's requests, and JetStream's cost
+//!   which puts it in its next entry with the other nodes' batches and replies once, with
+//!   the engine's answers, when it applied the entry (first `taken` when that takes over
+//!   [`TAKEN_AFTER`]). Entries then carry every node's requests, and JetStream's cost
 //!   per entry is shared by several times the commands. With no owner (none holds the
 //!   lease, or it died) a node appends its batch itself: the log, not the lease, orders.
 //! - **Positions.** A command's position is its entry's sequence and its index in the
@@ -29,13 +30,14 @@
 //!   A node whose position the log no longer holds restores the snapshot while it runs
 //!   ([`restore_running`]).
 //! - **Leases.** Each partition has one owner, holding its key in the `tally_leases` bucket
-//!   (renewed every second, lost after [`LEASE_TTL`]), and one standby holding another
+//!   (renewed every other second, lost after [`LEASE_TTL`]), and one standby holding another
 //!   key; a node takes a free partition only while it stands by for it, so the standby,
 //!   current, takes over. Only the owner acts on its own: it sends the partition's
 //!   outbound deliveries and appends its timer commands (hold sweeps, outbox retention).
 //! - **Clicks** are answered once they are in the node's click spool (a local RocksDB), and
-//!   forwarded to their partition's log in the background, in order, at least once: the
-//!   click id is the message id, and a click applied twice changes nothing the second time.
+//!   forwarded to their partition's log in the background, in order, at least once, the
+//!   clicks of each pass in one entry per partition ([`click_entries`]); a click applied
+//!   twice changes nothing the second time.
 //! - **Configuration** (merchants, partners, links, plans) is a command of its merchant's
 //!   partition, in an entry on its own subject that every node watches, so every node
 //!   applies it within milliseconds; the node serves the union of its partitions' catalogs.
@@ -99,15 +101,21 @@ const UNDELIVERED: Duration = Duration::from_millis(500);
 /// this is added to the election's 4-9 s. Under load an acknowledgement takes 5-15 ms.
 const APPEND_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// How long a batch forwarded to a partition's owner waits for its reply (under load,
-/// 5-15 ms): as long as the owner's own append waits for JetStream's acknowledgement, so a
-/// reply later than this means the owner is retrying its append (a log leader's election)
-/// or is dead. An owner killed with the batch in hand never replies: its requests answer
-/// `503` after this (a retry is a duplicate or the creation), and the next batch finds no
-/// owner and is appended by this node itself, so writes resume without waiting for the
-/// lease to pass to another node. With 2 s, the kill test's writes through the other
-/// nodes stopped for 1.9-2.0 s after the owner's kill.
+/// How long a batch forwarded to a partition's owner waits for its first reply (under
+/// load, its answers come within 5-15 ms): as long as the owner's own append waits for
+/// JetStream's acknowledgement. An owner killed with the batch in hand never replies: its
+/// requests answer `503` after this (a retry is a duplicate or the creation), and the next
+/// batch finds no owner, so writes resume without waiting for the lease to pass to another
+/// node. With 2 s, the kill test's writes through the other nodes stopped for 1.9-2.0 s
+/// after the owner's kill.
 const FORWARD_TIMEOUT: Duration = APPEND_TIMEOUT;
+
+/// An owner whose answers to a forwarded batch are not ready this long after it took it
+/// (its append waits out a log leader's election) says `taken`, so that the sender keeps
+/// waiting instead of taking it for dead. Under load the answers come first, alone: one
+/// reply per batch instead of three (each NATS message cost the three servers about 0.2 ms
+/// of CPU on the benchmark's box, BENCHMARKS.md).
+const TAKEN_AFTER: Duration = Duration::from_millis(100);
 
 /// How often, and how long, a node that does not keep a partition current asks again for
 /// its owner while it has none (`followers = "standby"`). Longer, and clients pile up on
@@ -154,6 +162,8 @@ struct Forwarded {
     commands: Vec<Box<RawValue>>,
     reply: async_nats::Subject,
     config: bool,
+    /// Set once the batch's last reply is sent (see [`TAKEN_AFTER`]).
+    replied: Arc<AtomicBool>,
 }
 
 impl Queued {
@@ -179,8 +189,15 @@ impl Queued {
     }
 }
 
-/// How often a lease is renewed, and a free partition tried.
+/// How often a free partition (or standby lease) is tried, and a lease's renewal looked at.
 const LEASE_EVERY: Duration = Duration::from_secs(1);
+
+/// A lease held is renewed once its last renewal is this old: every other
+/// [`LEASE_EVERY`], and a failed renewal is tried again at the next one, within the
+/// lease's [`LEASE_TTL`]. Each renewal is a replicated, fsynced write on the three NATS
+/// servers, as costly to them as a log entry: renewing 16 owner and 16 standby leases
+/// every second took about a sixth of the servers' writes under the load benchmark.
+const RENEW_AFTER: Duration = Duration::from_millis(1500);
 
 /// How often the owner looks whether a partition is due for a snapshot or a trim.
 const SNAPSHOT_CHECK: Duration = Duration::from_secs(2);
@@ -189,6 +206,9 @@ const SNAPSHOT_CHECK: Duration = Duration::from_secs(2);
 /// spans, comma-separated. The node named answers the requests it queued as `batch`, the
 /// entry's commands `start..start + count`, from its own application of the entry.
 const BATCHES_HEADER: &str = "Tally-Batches";
+
+/// The header of the owner's answers to a forwarded batch: the entry that holds it.
+const ENTRY_HEADER: &str = "Tally-Entry";
 
 /// The headers of a forwarded batch: the node that sent it, the batch's id, and whether it
 /// carries configuration (its entry then goes on the partition's `.cfg` subject).
@@ -216,12 +236,11 @@ fn forward_subject(p: u16) -> String {
 }
 const OWNERS: &str = "owner";
 
-/// The replies to a forwarded batch: appended at an entry, refused because the node does
-/// not own the partition (nothing was appended: the sender appends it itself), or failed.
-/// An owner first replies `taken` at once, then `appended` (or `failed`), then the
-/// answers ([`Answers`]).
+/// The replies to a forwarded batch: its answers ([`Answers`], with the entry holding it in
+/// [`ENTRY_HEADER`]), refused because the node does not own the partition (nothing was
+/// appended: the sender appends it itself), or failed. An owner whose answers take longer
+/// than [`TAKEN_AFTER`] first says `taken`.
 const REPLY_TAKEN: &str = "taken";
-const REPLY_APPENDED: &str = "appended ";
 const REPLY_NOT_OWNER: &str = "not-owner";
 const REPLY_FAILED: &str = "failed ";
 
@@ -251,6 +270,59 @@ fn encode_entry<'a>(commands: impl IntoIterator<Item = &'a RawValue>) -> Vec<u8>
     }
     out.extend_from_slice(b"]}");
     out
+}
+
+/// The clicks of one partition that the click forwarder sends as one log entry: their
+/// spool keys, when each was taken, their commands, and the first and last click's ids.
+#[derive(Default)]
+struct ClickEntry {
+    partition: u16,
+    keys: Vec<u64>,
+    taken: Vec<UnixMillis>,
+    commands: Vec<Box<RawValue>>,
+    first: String,
+    last: String,
+}
+
+impl ClickEntry {
+    /// The same clicks sent again together carry the same id (their first and last click
+    /// ids, which are unique, and their count): JetStream keeps them once.
+    fn message_id(&self) -> String {
+        format!("clicks-{}-{}-{}", self.first, self.last, self.keys.len())
+    }
+}
+
+/// The click spool's oldest entries as log entries, one per partition, each with its
+/// clicks in spool order; and the spool keys that do not decode.
+fn click_entries(batch: Vec<(u64, Vec<u8>)>, node: &str) -> (Vec<ClickEntry>, Vec<u64>) {
+    let mut entries: Vec<ClickEntry> = Vec::new();
+    let mut unreadable = Vec::new();
+    for (key, bytes) in batch {
+        let spooled = serde_json::from_slice::<Spooled>(&bytes).ok();
+        let Some((spooled, command)) =
+            spooled.and_then(|s| serde_json::value::to_raw_value(&s.command).ok().map(|c| (s, c)))
+        else {
+            unreadable.push(key);
+            continue;
+        };
+        let id = match &spooled.command {
+            Command::Click { click, .. } => click.click_id.to_string(),
+            _ => format!("{node}-{key}"),
+        };
+        let at = entries.iter().position(|e| e.partition == spooled.partition).unwrap_or_else(|| {
+            entries.push(ClickEntry { partition: spooled.partition, ..ClickEntry::default() });
+            entries.len() - 1
+        });
+        let e = &mut entries[at];
+        if e.keys.is_empty() {
+            e.first.clone_from(&id);
+        }
+        e.last = id;
+        e.keys.push(key);
+        e.taken.push(spooled.taken_ms);
+        e.commands.push(command);
+    }
+    (entries, unreadable)
 }
 
 /// One entry of the click spool: the partition and the click's command.
@@ -854,9 +926,9 @@ fn gather(last: Option<usize>, queued: usize, owner: bool, linger: Duration) -> 
 
 /// Appends one entry (or, on a node that does not own the partition, forwards it to the
 /// owner). This node's requests in it are answered as this node applies it, or with the
-/// append's failure; the forwarded batches in it are replied to once it is acknowledged,
-/// and again with their answers once it is applied. A forwarded batch's requests are
-/// answered with the owner's answers.
+/// append's failure; the forwarded batches in it are replied to with their answers once
+/// it is applied, or with the append's failure. A forwarded batch's requests are answered
+/// with the owner's answers.
 async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: OwnedSemaphorePermit) {
     let part = &inner.parts[usize::from(p)];
     let id = Ulid::from_parts(0, crate::engine::Entropy::random().bits(0)).to_string();
@@ -886,7 +958,7 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
         let (answered, answers): (Vec<Waiter>, Vec<_>) = f.commands.iter().map(|_| oneshot::channel()).unzip();
         part.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(f.batch.clone(), answered);
         commands.extend(f.commands);
-        replies.push((f.batch, f.reply, answers));
+        replies.push((f.batch, f.reply, answers, f.replied));
     }
     let count = commands.len();
     let payload = Bytes::from(encode_entry(commands.iter().map(|c| &**c)));
@@ -954,21 +1026,19 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
     let appended = publish(&inner.appends, &entry_subject(p, config), &id, &spans, payload, deadline).await;
     drop(slot);
     let mut waiting: Vec<String> = Vec::with_capacity(replies.len() + 1);
-    for (batch, reply, answers) in replies {
-        let said = match &appended {
-            Ok(seq) => format!("{REPLY_APPENDED}{seq}"),
+    for (batch, reply, answers, replied) in replies {
+        match &appended {
+            Ok(seq) => {
+                tokio::spawn(reply_answers(Arc::clone(&inner), reply, *seq, answers, replied));
+                waiting.push(batch);
+            }
             Err(e) => {
                 part.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&batch);
-                format!("{REPLY_FAILED}{e}")
+                replied.store(true, Ordering::SeqCst);
+                if let Err(e) = inner.client.publish(reply, Bytes::from(format!("{REPLY_FAILED}{e}"))).await {
+                    tracing::warn!(partition = p, error = %e, "could not reply to a forwarded batch; its sender answers 503");
+                }
             }
-        };
-        if let Err(e) = inner.client.publish(reply.clone(), Bytes::from(said)).await {
-            tracing::warn!(partition = p, error = %e, "could not reply to a forwarded batch; its sender answers 503");
-        }
-        // The answers follow the acknowledgement on the same connection, so in order.
-        if appended.is_ok() {
-            tokio::spawn(reply_answers(Arc::clone(&inner), reply, answers));
-            waiting.push(batch);
         }
     }
     match appended {
@@ -1001,11 +1071,13 @@ async fn append_entry(inner: Arc<Inner>, p: u16, batch: Vec<Queued>, slot: Owned
 }
 
 /// Sends a forwarded batch's answers to the node that forwarded it, once this node (its
-/// partition's owner) applied them all.
+/// partition's owner) applied them all, with the entry `seq` that holds them.
 async fn reply_answers(
     inner: Arc<Inner>,
     reply: async_nats::Subject,
+    seq: u64,
     answers: Vec<oneshot::Receiver<Result<Answer, StoreError>>>,
+    replied: Arc<AtomicBool>,
 ) {
     let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
     let mut all: Answers = Vec::with_capacity(answers.len());
@@ -1016,6 +1088,7 @@ async fn reply_answers(
             Err(_) => Err(format!("not applied by the owner within {ANSWER_TIMEOUT:?}; retry")),
         });
     }
+    replied.store(true, Ordering::SeqCst);
     let payload = match serde_json::to_vec(&all) {
         Ok(p) => p,
         Err(e) => {
@@ -1023,7 +1096,9 @@ async fn reply_answers(
             return;
         }
     };
-    if let Err(e) = inner.client.publish(reply, Bytes::from(payload)).await {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(ENTRY_HEADER, seq.to_string().as_str());
+    if let Err(e) = inner.client.publish_with_headers(reply, headers, Bytes::from(payload)).await {
         tracing::warn!(error = %e, "could not send a forwarded batch's answers; its sender answers 503");
     }
 }
@@ -1040,9 +1115,9 @@ enum Forwarding {
 }
 
 /// Sends a batch of `count` requests of this node to partition `p`'s owner, which appends
-/// it in its next entry (with the other nodes' batches), replies once JetStream
-/// acknowledged it (then `slot` is given back: the next batch may go) and again with the
-/// answers once it applied it.
+/// it in its next entry (with the other nodes' batches) and replies with the answers once
+/// it applied it (then `slot` is given back: the next batch may go), first saying `taken`
+/// when that takes longer than [`TAKEN_AFTER`] (the slot is given back then).
 #[allow(clippy::too_many_arguments)]
 async fn forward_batch(
     inner: &Inner,
@@ -1067,9 +1142,10 @@ async fn forward_batch(
         if let Err(e) = inner.client.publish_with_reply_and_headers(forward_subject(p), reply, headers, payload).await {
             return Forwarding::Failed(unavailable(format!("partition {p}'s batch could not be sent: {e}; retry")));
         }
-        // The owner says it took the batch at once: an owner that does not is gone.
-        let taken = deadline.min(tokio::time::Instant::now() + FORWARD_TIMEOUT);
-        let Ok(Some(reply)) = tokio::time::timeout_at(taken, replies.recv()).await else {
+        // The owner answers within FORWARD_TIMEOUT, or says it took the batch: an owner
+        // that does neither is gone.
+        let first = deadline.min(tokio::time::Instant::now() + FORWARD_TIMEOUT);
+        let Ok(Some(mut reply)) = tokio::time::timeout_at(first, replies.recv()).await else {
             return Forwarding::Failed(unavailable(format!("partition {p}'s owner did not answer; retry")));
         };
         if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS)
@@ -1077,39 +1153,25 @@ async fn forward_batch(
         {
             return Forwarding::NoOwner;
         }
-        if &reply.payload[..] != REPLY_TAKEN.as_bytes() {
-            return Forwarding::Failed(unavailable(format!(
-                "partition {p}'s owner could not take the batch: {}",
-                String::from_utf8_lossy(&reply.payload)
-            )));
+        if &reply.payload[..] == REPLY_TAKEN.as_bytes() {
+            // It appends it, which may wait out a log leader's election: the next batch
+            // goes meanwhile, so that an owner killed holding this one stalls the
+            // partition's requests no longer.
+            drop(slot.take());
+            let Ok(Some(answers)) = tokio::time::timeout_at(deadline, replies.recv()).await else {
+                return Forwarding::Failed(unavailable(format!(
+                    "partition {p}'s owner took the batch but did not answer within {ANSWER_TIMEOUT:?}; retry"
+                )));
+            };
+            reply = answers;
         }
-        // Then appends it, which may wait out a log leader's election. The next batch may
-        // go once it is appended, or after FORWARD_TIMEOUT, whichever comes first, so that
-        // an owner killed holding this one stalls the partition's requests no longer.
-        let reply = match tokio::time::timeout(FORWARD_TIMEOUT, replies.recv()).await {
-            Ok(reply) => reply,
-            Err(_) => {
-                drop(slot.take());
-                tokio::time::timeout_at(deadline, replies.recv()).await.ok().flatten()
-            }
-        };
         drop(slot.take());
-        let Some(reply) = reply else {
-            return Forwarding::Failed(unavailable(format!(
-                "partition {p}'s owner took the batch but did not append it within {ANSWER_TIMEOUT:?}; retry"
-            )));
-        };
-        let text = String::from_utf8_lossy(&reply.payload);
-        let Some(seq) = text.strip_prefix(REPLY_APPENDED).and_then(|s| s.parse::<u64>().ok()) else {
+        let Some(seq) = header(&reply, ENTRY_HEADER).and_then(|s| s.parse::<u64>().ok()) else {
+            let text = String::from_utf8_lossy(&reply.payload);
             let why = text.strip_prefix(REPLY_FAILED).unwrap_or(&text);
             return Forwarding::Failed(unavailable(format!("partition {p}'s owner could not append: {why}")));
         };
-        let Ok(Some(answers)) = tokio::time::timeout_at(deadline, replies.recv()).await else {
-            return Forwarding::Failed(unavailable(format!(
-                "partition {p}'s owner appended entry {seq} but did not answer within {ANSWER_TIMEOUT:?}; retry"
-            )));
-        };
-        match serde_json::from_slice::<Answers>(&answers.payload) {
+        match serde_json::from_slice::<Answers>(&reply.payload) {
             Ok(answers) if answers.len() == count => Forwarding::Answered(seq, answers),
             Ok(answers) => Forwarding::Failed(unavailable(format!(
                 "partition {p}'s owner answered {} of {count} requests of entry {seq}",
@@ -1159,9 +1221,10 @@ async fn serve_forwards(inner: Arc<Inner>, p: u16) {
             (false, ..) => REPLY_NOT_OWNER.to_string(),
             (true, Some(node), Some(batch), Ok(entry)) => {
                 let config = header(&message, CONFIG_HEADER).is_some();
-                let forwarded = Forwarded { node, batch, commands: entry.commands, reply: reply.clone(), config };
-                // Said before the batch is queued, so before its `appended`.
-                let _ = inner.client.publish(reply.clone(), Bytes::from_static(REPLY_TAKEN.as_bytes())).await;
+                let replied = Arc::new(AtomicBool::new(false));
+                tokio::spawn(say_taken(Arc::clone(&inner), reply.clone(), Arc::clone(&replied)));
+                let forwarded =
+                    Forwarded { node, batch, commands: entry.commands, reply: reply.clone(), config, replied };
                 if part.queue.send(Queued::Forwarded(forwarded)).await.is_ok() {
                     continue;
                 }
@@ -1176,6 +1239,15 @@ async fn serve_forwards(inner: Arc<Inner>, p: u16) {
         }
     }
     tracing::info!(partition = p, "no longer taking forwarded requests");
+}
+
+/// Says `taken` to the sender of a forwarded batch whose answers are not sent within
+/// [`TAKEN_AFTER`] of its receipt.
+async fn say_taken(inner: Arc<Inner>, reply: async_nats::Subject, replied: Arc<AtomicBool>) {
+    tokio::time::sleep(TAKEN_AFTER).await;
+    if !replied.load(Ordering::SeqCst) {
+        let _ = inner.client.publish(reply, Bytes::from_static(REPLY_TAKEN.as_bytes())).await;
+    }
 }
 
 /// Publishes with a message id until JetStream acknowledges it or `deadline` passes. A
@@ -1521,26 +1593,25 @@ async fn forward_clicks(inner: Arc<Inner>) {
             let _ = tokio::time::timeout(Duration::from_secs(1), inner.spool_wake.notified()).await;
             continue;
         }
-        // The batch's appends are pipelined (one round trip, not one per click), then their
-        // acknowledgements read in order; the first that fails leaves it and the clicks
-        // after it in the spool for the next pass (JetStream drops the re-sent ones it
-        // already has by their message id).
-        let mut acks = Vec::with_capacity(batch.len());
-        for (key, bytes) in batch {
-            let Ok(entry) = serde_json::from_slice::<Spooled>(&bytes) else {
-                tracing::error!(key, "a spooled click does not decode; dropped");
-                let _ = inner.spool.remove(key);
-                continue;
-            };
-            let id = match &entry.command {
-                Command::Click { click, .. } => format!("click-{}", click.click_id),
-                _ => format!("spool-{key}"),
-            };
-            let Ok(encoded) = serde_json::value::to_raw_value(&entry.command) else { continue };
-            let payload = encode_entry([&*encoded]);
-            let message = jetstream::message::PublishMessage::build().payload(Bytes::from(payload)).message_id(id);
-            match inner.appends.send_publish(format!("tally.p.{}.click", entry.partition), message).await {
-                Ok(ack) => acks.push((key, entry.taken_ms, ack)),
+        // One entry per partition of the batch, its clicks in spool order: JetStream's cost
+        // is per entry (each one replicated and fsynced on three servers), so a click of
+        // its own per entry cost the servers as much as a log entry of 45 conversions
+        // (BENCHMARKS.md). The entries are pipelined, then their acknowledgements read in
+        // order; the first that fails leaves its clicks and those after it in the spool for
+        // the next pass. A click appended twice (its entry re-sent with other clicks)
+        // changes nothing the second time it is applied.
+        let (entries, unreadable) = click_entries(batch, &inner.settings.node_id);
+        for key in unreadable {
+            tracing::error!(key, "a spooled click does not decode; dropped");
+            let _ = inner.spool.remove(key);
+        }
+        let mut acks = Vec::with_capacity(entries.len());
+        for e in entries {
+            let payload = encode_entry(e.commands.iter().map(|c| &**c));
+            let message =
+                jetstream::message::PublishMessage::build().payload(Bytes::from(payload)).message_id(e.message_id());
+            match inner.appends.send_publish(format!("tally.p.{}.click", e.partition), message).await {
+                Ok(ack) => acks.push((e.keys, e.taken, ack)),
                 Err(e) => {
                     tracing::warn!(error = %e, "click forward failed; retrying");
                     break;
@@ -1548,15 +1619,17 @@ async fn forward_clicks(inner: Arc<Inner>) {
             }
         }
         let mut failed = acks.is_empty();
-        for (key, taken_ms, ack) in acks {
+        for (keys, taken, ack) in acks {
             if failed {
                 break;
             }
             match ack.await {
                 Ok(_) => {
                     let now = crate::domain::clock::Clock::now_ms(&crate::domain::clock::SystemClock);
-                    inner.metrics.cluster_forward_lag.observe((now - taken_ms).max(0) as f64 / 1000.0);
-                    let _ = inner.spool.remove(key);
+                    for (key, taken_ms) in keys.into_iter().zip(taken) {
+                        inner.metrics.cluster_forward_lag.observe((now - taken_ms).max(0) as f64 / 1000.0);
+                        let _ = inner.spool.remove(key);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "click forward not acknowledged; retrying");
@@ -1581,6 +1654,9 @@ async fn hold_leases(inner: Arc<Inner>, leases: kv::Store) {
     // Each owned partition's task taking forwarded batches ([`serve_forwards`]).
     let mut forwards: Vec<Option<JoinHandle<()>>> = (0..inner.parts.len()).map(|_| None).collect();
     let hold_for = u64::try_from((LEASE_TTL - Duration::from_secs(1)).as_millis()).unwrap_or(4000);
+    let renew_after = u64::try_from(RENEW_AFTER.as_millis()).unwrap_or(1500);
+    // A lease held whose last renewal (asked at `until - hold_for`) is recent is left as it is.
+    let recent = |until: &AtomicU64, asked: u64| until.load(Ordering::SeqCst) + renew_after > asked + hold_for;
     let node = Bytes::from(inner.settings.node_id.clone());
     let mut tick = tokio::time::interval(LEASE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1595,8 +1671,13 @@ async fn hold_leases(inner: Arc<Inner>, leases: kv::Store) {
             // is gone, so the standby, current, takes it without replaying the log).
             if standbys && revisions[i].is_none() {
                 let was = standing[i];
-                standing[i] = lease(&leases, &standby_key(part.p), &node, was).await;
+                let renewed = was.is_none() || !recent(&part.standby_until, asked);
+                if renewed {
+                    standing[i] = lease(&leases, &standby_key(part.p), &node, was).await;
+                }
                 match (was, standing[i]) {
+                    // Held, not asked this time.
+                    _ if !renewed => {}
                     (None, Some(rev)) => {
                         tracing::info!(partition = part.p, revision = rev, "standing by for the partition");
                         part.standby_until.store(asked + hold_for, Ordering::SeqCst);
@@ -1612,6 +1693,9 @@ async fn hold_leases(inner: Arc<Inner>, leases: kv::Store) {
                 if standing[i].is_none() {
                     continue;
                 }
+            }
+            if revisions[i].is_some() && recent(&part.owned_until, asked) {
+                continue;
             }
             match lease(&leases, &lease_key(part.p), &node, revisions[i]).await {
                 Some(rev) => {
@@ -1947,16 +2031,15 @@ impl Backend for Node {
     /// A click is in the partition of its link's merchant, which its id does not say:
     /// every partition is asked, each once this node holds its log's last position (a
     /// click still in this node's spool is not found yet).
-    fn click<'a>(&'a self, id: &'a Ulid) -> BoxFuture<'a, Result<Option<ClickRecord>, StoreError>> {
-        Box::pin(async move {
-            for part in &self.inner.parts {
-                self.inner.fresh(part).await?;
-                if let Some(c) = part.store().click(id).await? {
-                    return Ok(Some(c));
-                }
-            }
-            Ok(None)
-        })
+    /// Read from the merchant's partition only: a click is routed by its merchant, and a
+    /// conversion's attributing click is one of its merchant's (its partition's owner sends
+    /// the deliveries that ask for it, and has it at hand without asking the log).
+    fn click<'a>(
+        &'a self,
+        merchant: &'a MerchantId,
+        id: &'a Ulid,
+    ) -> BoxFuture<'a, Result<Option<ClickRecord>, StoreError>> {
+        self.read(self.inner.part(merchant), move |store| Box::pin(async move { store.click(merchant, id).await }))
     }
 
     fn stats(&self) -> StorageStats {
@@ -2128,6 +2211,65 @@ mod tests {
         let mut commands = serde_json::from_slice::<Entry>(&encode_entry([&*encoded, &*encoded])).unwrap().commands;
         assert_eq!(commands.len(), 2);
         commands.remove(1)
+    }
+
+    /// A spooled click of merchant `shop`, at `at`, for partition `partition`.
+    fn spooled(partition: u16, at: i64) -> Vec<u8> {
+        let click = ClickRecord {
+            click_id: Ulid::from_parts(at, [7; 10]),
+            link_id: crate::domain::ids::LinkId::parse("l").unwrap(),
+            partner_id: PartnerId::parse("ann").unwrap(),
+            merchant_id: MerchantId::parse("shop").unwrap(),
+            at_ms: at,
+            subs: Default::default(),
+            ip: "203.0.113.0/24".into(),
+            user_agent: "UA".into(),
+            bot: false,
+            unique: false,
+            visitor: [1; 16],
+        };
+        let command = Command::Click { click: Box::new(click), unique_window_ms: 1, once: true };
+        serde_json::to_vec(&Spooled { partition, taken_ms: at, command }).unwrap()
+    }
+
+    #[test]
+    fn the_click_spool_goes_to_the_logs_as_one_entry_per_partition_in_spool_order() {
+        let id = |at: i64| Ulid::from_parts(at, [7; 10]).to_string();
+        let batch = vec![
+            (10, spooled(3, 100)),
+            (11, spooled(5, 101)),
+            (12, b"not a click".to_vec()),
+            (13, spooled(3, 102)),
+            (14, spooled(3, 103)),
+        ];
+        let (entries, unreadable) = click_entries(batch, "gw-1");
+        assert_eq!(unreadable, vec![12]);
+        let got: Vec<(u16, Vec<u64>, Vec<i64>, String)> =
+            entries.iter().map(|e| (e.partition, e.keys.clone(), e.taken.clone(), e.message_id())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (3, vec![10, 13, 14], vec![100, 102, 103], format!("clicks-{}-{}-3", id(100), id(103))),
+                (5, vec![11], vec![101], format!("clicks-{}-{}-1", id(101), id(101))),
+            ]
+        );
+        // Each entry decodes as the log's entries do, its clicks in spool order.
+        let entry = encode_entry(entries[0].commands.iter().map(|c| &**c));
+        let at: Vec<i64> = serde_json::from_slice::<Entry>(&entry)
+            .unwrap()
+            .commands
+            .iter()
+            .map(|c| match c {
+                Command::Click { click, .. } => click.at_ms,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(at, vec![100, 102, 103]);
+        // The same clicks sent again make the same message id; other clicks another.
+        let again = click_entries(vec![(10, spooled(3, 100)), (13, spooled(3, 102)), (14, spooled(3, 103))], "gw-1");
+        assert_eq!(again.0[0].message_id(), entries[0].message_id());
+        let more = click_entries(vec![(10, spooled(3, 100)), (13, spooled(3, 102))], "gw-1");
+        assert_ne!(more.0[0].message_id(), entries[0].message_id());
     }
 
     #[test]

@@ -328,7 +328,7 @@ pub fn values_json(v: &DeliveryValues) -> serde_json::Map<String, serde_json::Va
 pub async fn values_of(backend: &dyn Backend, d: &Delivery) -> Result<Option<DeliveryValues>, StoreError> {
     let Some(rec) = backend.conversion(&d.merchant_id, &d.txn_id).await? else { return Ok(None) };
     let click = match attributing_click(&rec) {
-        Some(id) => backend.click(&id).await?,
+        Some(id) => backend.click(&d.merchant_id, &id).await?,
         None => None,
     };
     Ok(Some(DeliveryValues::of(d, &rec, click.as_ref())))

@@ -159,7 +159,11 @@ impl Backend for Store {
         self.point(Cf::Accounts, keys::account(merchant, account), codec::decode)
     }
 
-    fn click<'a>(&'a self, id: &'a Ulid) -> BoxFuture<'a, Result<Option<ClickRecord>, StoreError>> {
+    fn click<'a>(
+        &'a self,
+        _merchant: &'a MerchantId,
+        id: &'a Ulid,
+    ) -> BoxFuture<'a, Result<Option<ClickRecord>, StoreError>> {
         self.point(Cf::Clicks, keys::click(id), codec::decode_click)
     }
 
