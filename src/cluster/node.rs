@@ -2028,12 +2028,10 @@ impl Backend for Node {
         })
     }
 
-    /// A click is in the partition of its link's merchant, which its id does not say:
-    /// every partition is asked, each once this node holds its log's last position (a
-    /// click still in this node's spool is not found yet).
-    /// Read from the merchant's partition only: a click is routed by its merchant, and a
-    /// conversion's attributing click is one of its merchant's (its partition's owner sends
-    /// the deliveries that ask for it, and has it at hand without asking the log).
+    /// Read from the merchant's partition only (a click still in this node's spool is not
+    /// found yet): a click is routed by its merchant, and a conversion's attributing click
+    /// is one of its merchant's (its partition's owner sends the deliveries that ask for
+    /// it, and has it at hand without asking the log).
     fn click<'a>(
         &'a self,
         merchant: &'a MerchantId,
