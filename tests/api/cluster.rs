@@ -179,7 +179,21 @@ fn tally(args: &[&str], config: &Path) -> std::process::Output {
 
 fn status_json(config: &Path) -> Option<serde_json::Value> {
     let out = tally(&["cluster", "status", "--json"], config);
+    if !out.status.success() {
+        eprintln!("tally cluster status: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
     out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("status is JSON"))
+}
+
+/// `tally cluster status --json` once it answers: right after a NATS server's kill it may
+/// fail while JetStream elects the leaders it asks (4 to 9 s, up to 10 s seen).
+fn status_answered(config: &Path) -> serde_json::Value {
+    let mut status = None;
+    wait_until(Duration::from_secs(15), || {
+        status = status_json(config);
+        status.is_some()
+    });
+    status.expect("tally cluster status answered")
 }
 
 #[test]
@@ -651,13 +665,13 @@ async fn kill_9_of_a_log_leader_and_of_a_tally_owner_loses_and_doubles_nothing()
 
     // 2 s of load, then kill -9 the JetStream server leading shop's partition log.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let leader = status_json(&config).unwrap()["partitions"][p]["leader"].as_str().unwrap().to_string();
+    let leader = status_answered(&config)["partitions"][p]["leader"].as_str().unwrap().to_string();
     let nats_killed = t0.elapsed();
     nats.kill(&leader);
     tokio::time::sleep(Duration::from_secs(8)).await;
 
     // Then kill -9 the tally node owning shop's partition.
-    let owner = status_json(&config).unwrap()["partitions"][p]["owner"].as_str().unwrap().to_string();
+    let owner = status_answered(&config)["partitions"][p]["owner"].as_str().unwrap().to_string();
     let i: usize = owner.trim_start_matches("gw-").parse::<usize>().unwrap() - 1;
     alive[i].store(false, Ordering::SeqCst);
     let mut killed = nodes[i].take().unwrap();
@@ -796,7 +810,7 @@ async fn snapshots_trim_the_log_and_a_fresh_node_restores_one_to_an_identical_le
             row["snapshot"].as_u64().is_some_and(|at| at >= 200) && row["first_seq"].as_u64().is_some_and(|f| f > 100)
         })
     });
-    let row = status_json(&config).unwrap()["partitions"][p].clone();
+    let row = status_answered(&config)["partitions"][p].clone();
     eprintln!(
         "cluster: partition {p} snapshot at {} and its log trimmed to start at {} after {:?}",
         row["snapshot"],
@@ -853,7 +867,7 @@ async fn snapshots_trim_the_log_and_a_fresh_node_restores_one_to_an_identical_le
         async_nats::connect(format!("nats://127.0.0.1:{}", nats.client_ports[0])).await.unwrap(),
     );
     js.get_key_value("tally_nodes").await.unwrap().purge("gw-3").await.unwrap();
-    let before = status_json(&config).unwrap()["partitions"][p]["last_seq"].as_u64().unwrap();
+    let before = status_answered(&config)["partitions"][p]["last_seq"].as_u64().unwrap();
     for i in 0..120 {
         let body = format!(r#"{{"txn_id":"away-{i}","amount":"10.00","currency":"USD","partner_id":"ann"}}"#);
         let node = if i % 2 == 0 { &n1 } else { &n2 };
@@ -946,7 +960,7 @@ async fn the_owner_sweeps_holds_once_for_every_node_and_its_successor_sweeps_aft
     }
 
     // kill -9 the owner: the node that takes the partition over sweeps from then on.
-    let owner = status_json(&config).unwrap()["partitions"][p]["owner"].as_str().unwrap().to_string();
+    let owner = status_answered(&config)["partitions"][p]["owner"].as_str().unwrap().to_string();
     let i: usize = owner.trim_start_matches("gw-").parse::<usize>().unwrap() - 1;
     let mut dead = nodes.remove(i);
     dead.child.kill().await.unwrap();
@@ -956,7 +970,7 @@ async fn the_owner_sweeps_holds_once_for_every_node_and_its_successor_sweeps_aft
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let survivors: Vec<&Proc> = nodes.iter().collect();
     approved_everywhere(&http, &survivors, "held-after", Duration::from_secs(20)).await;
-    let successor = status_json(&config).unwrap()["partitions"][p]["owner"].as_str().unwrap_or_default().to_string();
+    let successor = status_answered(&config)["partitions"][p]["owner"].as_str().unwrap_or_default().to_string();
     assert_ne!(successor, owner, "another node owns the partition");
     eprintln!(
         "cluster: owner {owner} killed; {successor} took the partition over and its sweep approved a new conversion {:?} after the kill",
