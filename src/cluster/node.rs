@@ -273,12 +273,11 @@ fn encode_entry<'a>(commands: impl IntoIterator<Item = &'a RawValue>) -> Vec<u8>
 }
 
 /// The clicks of one partition that the click forwarder sends as one log entry: their
-/// spool keys, when each was taken, their commands, and the first and last click's ids.
+/// spool keys with when each was taken, their commands, and the first and last click's ids.
 #[derive(Default)]
 struct ClickEntry {
     partition: u16,
-    keys: Vec<u64>,
-    taken: Vec<UnixMillis>,
+    spooled: Vec<(u64, UnixMillis)>,
     commands: Vec<Box<RawValue>>,
     first: String,
     last: String,
@@ -288,7 +287,7 @@ impl ClickEntry {
     /// The same clicks sent again together carry the same id (their first and last click
     /// ids, which are unique, and their count): JetStream keeps them once.
     fn message_id(&self) -> String {
-        format!("clicks-{}-{}-{}", self.first, self.last, self.keys.len())
+        format!("clicks-{}-{}-{}", self.first, self.last, self.spooled.len())
     }
 }
 
@@ -314,12 +313,11 @@ fn click_entries(batch: Vec<(u64, Vec<u8>)>, node: &str) -> (Vec<ClickEntry>, Ve
             entries.len() - 1
         });
         let e = &mut entries[at];
-        if e.keys.is_empty() {
+        if e.spooled.is_empty() {
             e.first.clone_from(&id);
         }
         e.last = id;
-        e.keys.push(key);
-        e.taken.push(spooled.taken_ms);
+        e.spooled.push((key, spooled.taken_ms));
         e.commands.push(command);
     }
     (entries, unreadable)
@@ -1611,7 +1609,7 @@ async fn forward_clicks(inner: Arc<Inner>) {
             let message =
                 jetstream::message::PublishMessage::build().payload(Bytes::from(payload)).message_id(e.message_id());
             match inner.appends.send_publish(format!("tally.p.{}.click", e.partition), message).await {
-                Ok(ack) => acks.push((e.keys, e.taken, ack)),
+                Ok(ack) => acks.push((e.spooled, ack)),
                 Err(e) => {
                     tracing::warn!(error = %e, "click forward failed; retrying");
                     break;
@@ -1619,14 +1617,14 @@ async fn forward_clicks(inner: Arc<Inner>) {
             }
         }
         let mut failed = acks.is_empty();
-        for (keys, taken, ack) in acks {
+        for (spooled, ack) in acks {
             if failed {
                 break;
             }
             match ack.await {
                 Ok(_) => {
                     let now = crate::domain::clock::Clock::now_ms(&crate::domain::clock::SystemClock);
-                    for (key, taken_ms) in keys.into_iter().zip(taken) {
+                    for (key, taken_ms) in spooled {
                         inner.metrics.cluster_forward_lag.observe((now - taken_ms).max(0) as f64 / 1000.0);
                         let _ = inner.spool.remove(key);
                     }
@@ -2242,13 +2240,12 @@ mod tests {
         ];
         let (entries, unreadable) = click_entries(batch, "gw-1");
         assert_eq!(unreadable, vec![12]);
-        let got: Vec<(u16, Vec<u64>, Vec<i64>, String)> =
-            entries.iter().map(|e| (e.partition, e.keys.clone(), e.taken.clone(), e.message_id())).collect();
+        let got: Vec<_> = entries.iter().map(|e| (e.partition, e.spooled.clone(), e.message_id())).collect();
         assert_eq!(
             got,
             vec![
-                (3, vec![10, 13, 14], vec![100, 102, 103], format!("clicks-{}-{}-3", id(100), id(103))),
-                (5, vec![11], vec![101], format!("clicks-{}-{}-1", id(101), id(101))),
+                (3, vec![(10, 100), (13, 102), (14, 103)], format!("clicks-{}-{}-3", id(100), id(103))),
+                (5, vec![(11, 101)], format!("clicks-{}-{}-1", id(101), id(101))),
             ]
         );
         // Each entry decodes as the log's entries do, its clicks in spool order.
