@@ -669,6 +669,13 @@ async fn kill_9_of_a_log_leader_and_of_a_tally_owner_loses_and_doubles_nothing()
     let nats_killed = t0.elapsed();
     nats.kill(&leader);
     tokio::time::sleep(Duration::from_secs(8)).await;
+    // Writes flow again before the owner is killed (JetStream's election may take longer
+    // than those 8 s): the gap after each kill is its own.
+    let flowing = Instant::now();
+    while acked.lock().unwrap().last().is_none_or(|a| a.2.elapsed() >= Duration::from_millis(500)) {
+        assert!(flowing.elapsed() < Duration::from_secs(15), "writes did not resume after the log leader's kill");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Then kill -9 the tally node owning shop's partition.
     let owner = status_answered(&config)["partitions"][p]["owner"].as_str().unwrap().to_string();
