@@ -57,14 +57,24 @@ async fn drive(targets: &[Target], workload: Workload, connections: usize, durat
 
 /// Prints one result line the script collects; `per_entry` is the mean number of commands
 /// per log entry the nodes appended and `forwards` the batches they forwarded to owners
-/// (0 for the single node).
-fn report(mode: &str, workload: Workload, nodes: usize, run: &Driven, cpu: (f64, f64), per_entry: f64, forwards: f64) {
+/// (0 for the single node), and `entry_bytes` the mean size of the partition logs' entries.
+#[allow(clippy::too_many_arguments)]
+fn report(
+    mode: &str,
+    workload: Workload,
+    nodes: usize,
+    run: &Driven,
+    cpu: (f64, f64),
+    per_entry: f64,
+    forwards: f64,
+    entry_bytes: f64,
+) {
     let Driven { ok, errors, secs, p50_us, p99_us } = *run;
     let (tally_cpu, nats_cpu) = cpu;
     let per = |cpu: f64| if ok == 0 { f64::NAN } else { cpu * 1e6 / ok as f64 };
     let workload = workload.name();
     println!(
-        "RESULT mode={mode} workload={workload} nodes={nodes} acknowledged={ok} errors={errors} per_second={:.0} tally_cpu_us={:.0} nats_cpu_us={:.0} total_cpu_us={:.0} per_entry={per_entry:.1} per_forward={:.1} p50_us={p50_us} p99_us={p99_us}",
+        "RESULT mode={mode} workload={workload} nodes={nodes} acknowledged={ok} errors={errors} per_second={:.0} tally_cpu_us={:.0} nats_cpu_us={:.0} total_cpu_us={:.0} per_entry={per_entry:.1} per_forward={:.1} entry_bytes={entry_bytes:.0} p50_us={p50_us} p99_us={p99_us}",
         ok as f64 / secs,
         per(tally_cpu),
         per(nats_cpu),
@@ -119,17 +129,129 @@ pub async fn single(dir: &Path, workload: Workload, duration: Duration, connecti
     drive(std::slice::from_ref(&target), workload, connections, Duration::from_secs(1)).await;
     let before = cpu_seconds(pid);
     let driven = drive(std::slice::from_ref(&target), workload, connections, duration).await;
-    report("single", workload, 1, &driven, (cpu_seconds(pid) - before, 0.0), 0.0, 0.0);
+    report("single", workload, 1, &driven, (cpu_seconds(pid) - before, 0.0), 0.0, 0.0, 0.0);
+}
+
+/// The NATS URLs and server pids of `scripts/cluster start <cluster_dir>`.
+fn nats_of(cluster_dir: &Path) -> (String, Vec<u32>) {
+    let gw = std::fs::read_to_string(cluster_dir.join("gw-1.toml")).expect("scripts/cluster start wrote gw-1.toml");
+    let urls = gw.lines().find(|l| l.starts_with("nats_urls")).expect("nats_urls in gw-1.toml").to_string();
+    let pids = (1..=3)
+        .filter_map(|i| std::fs::read_to_string(cluster_dir.join(format!("n{i}.pid"))).ok())
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    (urls, pids)
+}
+
+/// A client of the NATS servers named by the `nats_urls` line of a node's config.
+async fn nats_client(line: &str) -> async_nats::Client {
+    let addrs: Vec<async_nats::ServerAddr> =
+        line.split('"').filter(|u| u.starts_with("nats://")).map(|u| u.parse().expect("a NATS URL")).collect();
+    async_nats::connect(addrs).await.expect("NATS reachable")
+}
+
+/// The mean size of an entry over the partition logs (`TALLY_P*`), as JetStream stores it.
+async fn log_entry_bytes(line: &str) -> f64 {
+    use futures_util::StreamExt;
+    let js = async_nats::jetstream::new(nats_client(line).await);
+    let (mut bytes, mut entries) = (0u64, 0u64);
+    let mut streams = js.streams();
+    while let Some(Ok(info)) = streams.next().await {
+        if info.config.name.starts_with("TALLY_P") {
+            bytes += info.state.bytes;
+            entries += info.state.messages;
+        }
+    }
+    if entries == 0 {
+        0.0
+    } else {
+        bytes as f64 / entries as f64
+    }
+}
+
+/// The log's floor: the NATS servers' CPU per appended entry with no tally node, one
+/// entry of `bytes` in flight at a time (as a partition's owner appends) to a stream made
+/// like a partition's (file storage, 3 replicas, a message id on every entry), read back
+/// by `readers` consumers as a node's apply loop reads its log; `rate` entries/s (0: as fast
+/// as they are acknowledged). What tally adds is the cluster run's CPU over this.
+pub async fn log_floor(cluster_dir: &Path, bytes: usize, readers: usize, rate: u64, duration: Duration) {
+    use async_nats::jetstream::{self, consumer, stream};
+    use futures_util::StreamExt;
+    let (line, nats_pids) = nats_of(cluster_dir);
+    let js = jetstream::new(nats_client(&line).await);
+    let _ = js.delete_stream("FLOOR").await;
+    let config = stream::Config {
+        name: "FLOOR".into(),
+        subjects: vec!["floor.>".into()],
+        num_replicas: 3,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let floor = js.create_stream(config).await.expect("stream FLOOR");
+    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    for _ in 0..readers {
+        let config = consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::New,
+            ack_policy: consumer::AckPolicy::None,
+            memory_storage: true,
+            num_replicas: 1,
+            ..Default::default()
+        };
+        let c = floor.create_consumer(config).await.expect("consumer");
+        let mut messages =
+            c.stream().max_messages_per_batch(512).heartbeat(Duration::from_secs(1)).messages().await.unwrap();
+        let read = Arc::clone(&read);
+        tokio::spawn(async move {
+            while let Some(Ok(_)) = messages.next().await {
+                read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    let payload = bytes::Bytes::from(vec![b'x'; bytes]);
+    let append = |start: u64, until: std::time::Instant| {
+        let (js, payload) = (js.clone(), payload.clone());
+        let mut sent = 0u64;
+        async move {
+            let began = std::time::Instant::now();
+            while std::time::Instant::now() < until {
+                let message = jetstream::message::PublishMessage::build()
+                    .payload(payload.clone())
+                    .message_id(format!("floor-{}", start + sent));
+                js.send_publish("floor.cmd", message).await.unwrap().await.expect("acknowledged");
+                sent += 1;
+                if rate > 0 {
+                    let due = began + Duration::from_secs_f64(sent as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+            }
+            sent
+        }
+    };
+    let warm = append(0, std::time::Instant::now() + Duration::from_secs(1)).await;
+    let idle_for = Duration::from_secs(3);
+    let i0 = total_cpu(&nats_pids);
+    tokio::time::sleep(idle_for).await;
+    let idle = (total_cpu(&nats_pids) - i0) / idle_for.as_secs_f64();
+    let (c0, r0, t0) =
+        (total_cpu(&nats_pids), read.load(std::sync::atomic::Ordering::Relaxed), std::time::Instant::now());
+    let entries = append(warm, t0 + duration).await;
+    let secs = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cpu = total_cpu(&nats_pids) - c0;
+    let delivered = read.load(std::sync::atomic::Ordering::Relaxed) - r0;
+    let _ = js.delete_stream("FLOOR").await;
+    println!(
+        "RESULT mode=log-floor entry_bytes={bytes} readers={readers} entries={entries} delivered={delivered} per_second={:.0} nats_cpu_us_per_entry={:.0} nats_idle_ms_per_s={:.1}",
+        entries as f64 / secs,
+        cpu * 1e6 / entries.max(1) as f64,
+        idle * 1e3
+    );
 }
 
 /// `nodes` tally nodes on the NATS servers of `scripts/cluster start <cluster_dir>`.
 pub async fn cluster(cluster_dir: &Path, nodes: usize, workload: Workload, duration: Duration, connections: usize) {
-    let gw = std::fs::read_to_string(cluster_dir.join("gw-1.toml")).expect("scripts/cluster start wrote gw-1.toml");
-    let urls = gw.lines().find(|l| l.starts_with("nats_urls")).expect("nats_urls in gw-1.toml").to_string();
-    let nats_pids: Vec<u32> = (1..=3)
-        .filter_map(|i| std::fs::read_to_string(cluster_dir.join(format!("n{i}.pid"))).ok())
-        .filter_map(|p| p.trim().parse().ok())
-        .collect();
+    let (urls, nats_pids) = nats_of(cluster_dir);
     let dirs: Vec<tempfile::TempDir> = (0..nodes).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut children = Vec::new();
     let mut targets = Vec::new();
@@ -162,6 +284,7 @@ pub async fn cluster(cluster_dir: &Path, nodes: usize, workload: Workload, durat
     };
     let cpu = (total_cpu(&tally_pids) - t0, total_cpu(&nats_pids) - n0);
     let per_entry = if e1.1 > e0.1 { (e1.0 - e0.0) / (e1.1 - e0.1) } else { 0.0 };
-    report("cluster", workload, nodes, &driven, cpu, per_entry, e1.2 - e0.2);
+    let entry_bytes = log_entry_bytes(&urls).await;
+    report("cluster", workload, nodes, &driven, cpu, per_entry, e1.2 - e0.2, entry_bytes);
     drop(children);
 }

@@ -13,7 +13,9 @@
 //! entries/s and RSS growth. `--rollups-ab`: clicks and conversions with rollups on and
 //! off, in interleaved pairs.
 //! `--cluster DIR --nodes N` and `--cluster-single`: cluster mode's CPU per conversion and
-//! throughput (run by `scripts/bench-cluster`).
+//! throughput (run by `scripts/bench-cluster`). `--cluster DIR --log-floor [--entry-bytes
+//! N] [--readers R] [--rate E]`: what JetStream alone costs per appended entry, without
+//! tally (the log's floor, as the bare server is HTTP's).
 //! Workloads: clicks, conversions (unique txn_ids, durability fsync), duplicates, mixed
 //! (90 % clicks / 10 % conversions), all (default). Needs the release binary:
 //! `cargo build --release` first (the bench target does not build it).
@@ -443,6 +445,13 @@ async fn client() {
     }
     if flag("--outbound") {
         outbound(duration, connections).await;
+        return;
+    }
+    if let Some(cluster_dir) = arg("--cluster").filter(|_| flag("--log-floor")) {
+        let bytes = arg("--entry-bytes").and_then(|n| n.parse().ok()).unwrap_or(18_000);
+        let readers = arg("--readers").and_then(|n| n.parse().ok()).unwrap_or(1);
+        let rate = arg("--rate").and_then(|n| n.parse().ok()).unwrap_or(0);
+        cluster::log_floor(std::path::Path::new(&cluster_dir), bytes, readers, rate, duration).await;
         return;
     }
     if let Some(cluster_dir) = arg("--cluster") {
