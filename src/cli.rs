@@ -217,6 +217,9 @@ async fn cluster(action: ClusterAction) -> i32 {
         "cluster: {} partitions, {} replicas, wire format {}; connected to {}",
         s.partitions, s.replicas, s.format, status.connected_to
     );
+    for what in &status.unavailable {
+        println!("not readable now: {what}");
+    }
     println!(
         "{:<10} {:<12} {:<10} {:>10} {:>10} {:>10} {:<12} replicas (lag)",
         "partition", "stream", "leader", "first seq", "last seq", "snapshot", "owner"
@@ -239,7 +242,11 @@ async fn cluster(action: ClusterAction) -> i32 {
             p.first_seq,
             p.last_seq,
             p.snapshot.map_or_else(|| "none".to_string(), |s| s.to_string()),
-            p.owner.as_deref().unwrap_or("none"),
+            match (&p.owner, &p.lease_unavailable) {
+                (Some(owner), _) => owner.as_str(),
+                (None, Some(_)) => "?",
+                (None, None) => "none",
+            },
             replicas.join(", ")
         );
     }

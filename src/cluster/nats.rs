@@ -70,6 +70,8 @@ pub struct PartitionStatus {
     pub owner: Option<String>,
     /// Why the log could not be read just now (e.g. its leader is being elected).
     pub unavailable: Option<String>,
+    /// Why the lease could not be read just now (`owner` is then unknown, not absent).
+    pub lease_unavailable: Option<String>,
 }
 
 /// One copy of a partition's log.
@@ -108,6 +110,10 @@ pub struct ClusterStatus {
     pub partitions: Vec<PartitionStatus>,
     /// The nodes that reported within the last 30 s.
     pub nodes: Vec<NodeReport>,
+    /// What could not be read just now (the cluster's recorded shape, the leases), each
+    /// with why: right after a NATS server's death their streams may be electing leaders.
+    /// The rest is shown; an unread shape is this node's configuration's.
+    pub unavailable: Vec<String>,
 }
 
 fn call<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> ClusterError {
@@ -163,6 +169,28 @@ fn partition_stream(settings: &ClusterSettings, p: u16) -> stream::Config {
         deny_delete: true,
         ..Default::default()
     }
+}
+
+/// Opens one of the cluster's buckets: [`ClusterError::NotInitialized`] only when its
+/// stream does not exist. Any other failure names the call: right after a NATS server's
+/// death the bucket's stream may be electing a leader, and "run `tally cluster init`"
+/// would then send an operator the wrong way.
+pub(super) async fn cluster_bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, ClusterError> {
+    let what = format!("open bucket {name}");
+    match within(&what, js.get_key_value(name)).await? {
+        Ok(bucket) => Ok(bucket),
+        Err(e) if stream_missing(&e) => Err(ClusterError::NotInitialized),
+        Err(e) => Err(call(what)(e)),
+    }
+}
+
+/// Whether a bucket failed to open because JetStream has no stream for it.
+fn stream_missing(e: &jetstream::context::KeyValueError) -> bool {
+    let Some(source) = std::error::Error::source(e) else { return false };
+    source.downcast_ref::<jetstream::context::GetStreamError>().is_some_and(|e| {
+        matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+    })
 }
 
 pub(super) async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
@@ -314,20 +342,37 @@ pub(super) fn check_shape(have: &Shape, want: &Shape) -> Result<(), ClusterError
 /// NATS unreachable, or the cluster not initialized.
 pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, ClusterError> {
     let (client, js) = connect(settings).await?;
-    let meta = js.get_key_value(META_BUCKET).await.map_err(|_| ClusterError::NotInitialized)?;
-    let shape = read_shape(&meta).await?.ok_or(ClusterError::NotInitialized)?;
-    check_shape(&shape, &shape_of(settings))?;
-    let leases = js.get_key_value(LEASES_BUCKET).await.map_err(|_| ClusterError::NotInitialized)?;
+    let mut unavailable = Vec::new();
+    let configured = shape_of(settings);
+    let recorded = match cluster_bucket(&js, META_BUCKET).await {
+        Ok(meta) => read_shape(&meta).await,
+        Err(e) => Err(e),
+    };
+    let shape = match recorded {
+        Ok(Some(shape)) => {
+            check_shape(&shape, &configured)?;
+            shape
+        }
+        Ok(None) | Err(ClusterError::NotInitialized) => return Err(ClusterError::NotInitialized),
+        Err(e @ ClusterError::Shape(_)) => return Err(e),
+        Err(e) => {
+            unavailable.push(format!("the cluster's recorded shape ({e}): shown as this node's configuration says"));
+            configured
+        }
+    };
+    let mut leases = match cluster_bucket(&js, LEASES_BUCKET).await {
+        Ok(leases) => Ok(leases),
+        Err(ClusterError::NotInitialized) => return Err(ClusterError::NotInitialized),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(why) = &leases {
+        unavailable.push(format!("the leases ({why}): owners unknown"));
+    }
     let snapshots =
         tokio::time::timeout(STREAM_TIMEOUT, js.get_object_store(SNAPSHOTS_BUCKET)).await.ok().and_then(Result::ok);
     let mut partitions = Vec::with_capacity(usize::from(shape.partitions));
     for p in 0..shape.partitions {
         let name = stream_name(p);
-        let owner = timed(&format!("read lease {}", lease_key(p)), leases.get(lease_key(p)))
-            .await
-            .ok()
-            .flatten()
-            .map(|v| String::from_utf8_lossy(&v).into_owned());
         // One partition's log may be electing a leader (a NATS server just died): it is
         // shown as unavailable, with the reason, and the others are still read.
         let mut row = PartitionStatus {
@@ -339,9 +384,27 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
             last_seq: 0,
             messages: 0,
             snapshot: None,
-            owner,
+            owner: None,
             unavailable: None,
+            lease_unavailable: None,
         };
+        if let Ok(bucket) = &leases {
+            match tokio::time::timeout(STREAM_TIMEOUT, bucket.get(lease_key(p))).await {
+                Ok(Ok(owner)) => row.owner = owner.map(|v| String::from_utf8_lossy(&v).into_owned()),
+                // The bucket's leader is being elected: the other leases are not asked.
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer in {STREAM_TIMEOUT:?} (a leader election?)"),
+                    };
+                    unavailable.push(format!("the leases from partition {p} on ({why}): owners unknown"));
+                    leases = Err(why);
+                }
+            }
+        }
+        if let Err(why) = &leases {
+            row.lease_unavailable = Some(why.clone());
+        }
         match tokio::time::timeout(STREAM_TIMEOUT, js.get_stream(&name)).await {
             Ok(Ok(stream)) => {
                 let info = stream.cached_info().clone();
@@ -361,7 +424,7 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
     }
     let connected_to = client.server_info().server_name;
     let nodes = node_reports(&js).await;
-    Ok(ClusterStatus { shape, connected_to, partitions, nodes })
+    Ok(ClusterStatus { shape, connected_to, partitions, nodes, unavailable })
 }
 
 /// Every copy of a stream: JetStream lists the leader apart from its followers.
