@@ -13,7 +13,7 @@ use super::{
 use crate::config::ClusterSettings;
 
 /// How long one call to NATS may take before the command gives up.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long `status` waits for one partition's log.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(3);
@@ -174,10 +174,17 @@ fn partition_stream(settings: &ClusterSettings, p: u16) -> stream::Config {
 /// Opens one of the cluster's buckets: [`ClusterError::NotInitialized`] only when its
 /// stream does not exist. Any other failure names the call: right after a NATS server's
 /// death the bucket's stream may be electing a leader, and "run `tally cluster init`"
-/// would then send an operator the wrong way.
-pub(super) async fn cluster_bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, ClusterError> {
+/// would then send an operator the wrong way. Waits at most `limit`.
+pub(super) async fn cluster_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    limit: Duration,
+) -> Result<kv::Store, ClusterError> {
     let what = format!("open bucket {name}");
-    match within(&what, js.get_key_value(name)).await? {
+    let opened = tokio::time::timeout(limit, js.get_key_value(name))
+        .await
+        .map_err(|_| ClusterError::Call { what: what.clone(), reason: format!("no answer in {limit:?}") })?;
+    match opened {
         Ok(bucket) => Ok(bucket),
         Err(e) if stream_missing(&e) => Err(ClusterError::NotInitialized),
         Err(e) => Err(call(what)(e)),
@@ -187,10 +194,13 @@ pub(super) async fn cluster_bucket(js: &jetstream::Context, name: &str) -> Resul
 /// Whether a bucket failed to open because JetStream has no stream for it.
 fn stream_missing(e: &jetstream::context::KeyValueError) -> bool {
     let Some(source) = std::error::Error::source(e) else { return false };
-    source.downcast_ref::<jetstream::context::GetStreamError>().is_some_and(|e| {
-        matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
-            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
-    })
+    source.downcast_ref::<jetstream::context::GetStreamError>().is_some_and(no_such_stream)
+}
+
+/// Whether JetStream answered that the stream does not exist.
+fn no_such_stream(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
 pub(super) async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, ClusterError> {
@@ -305,12 +315,16 @@ pub(super) async fn read_reports(bucket: &kv::Store) -> Result<Vec<Result<NodeRe
     Ok(out)
 }
 
-/// The node reports that can be read now, for `status` (none when the bucket is absent).
-async fn node_reports(js: &jetstream::Context) -> Vec<NodeReport> {
-    let Ok(Ok(bucket)) = tokio::time::timeout(STREAM_TIMEOUT, js.get_key_value(NODES_BUCKET)).await else {
-        return Vec::new();
+/// The node reports that can be read now, for `status` (none when the bucket is absent),
+/// or why they cannot (read within [`STREAM_TIMEOUT`]).
+async fn node_reports(js: &jetstream::Context) -> Result<Vec<NodeReport>, String> {
+    let read = async {
+        let Ok(bucket) = js.get_key_value(NODES_BUCKET).await else { return Ok(Vec::new()) };
+        read_reports(&bucket).await.map(|all| all.into_iter().flatten().collect()).map_err(|e| e.to_string())
     };
-    read_reports(&bucket).await.map(|all| all.into_iter().flatten().collect()).unwrap_or_default()
+    tokio::time::timeout(STREAM_TIMEOUT, read)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer in {STREAM_TIMEOUT:?} (a leader election?)")))
 }
 
 pub(super) async fn read_shape(meta: &kv::Store) -> Result<Option<Shape>, ClusterError> {
@@ -344,10 +358,32 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
     let (client, js) = connect(settings).await?;
     let mut unavailable = Vec::new();
     let configured = shape_of(settings);
-    let recorded = match cluster_bucket(&js, META_BUCKET).await {
-        Ok(meta) => read_shape(&meta).await,
-        Err(e) => Err(e),
+    // Asked together: right after a NATS server's death each may wait out its stream's
+    // election (up to JetStream's 5 s request timeout).
+    let shape_read = async {
+        match cluster_bucket(&js, META_BUCKET, STREAM_TIMEOUT).await {
+            Ok(meta) => read_shape(&meta).await,
+            Err(e) => Err(e),
+        }
     };
+    let snapshots_open = async {
+        tokio::time::timeout(STREAM_TIMEOUT, js.get_object_store(SNAPSHOTS_BUCKET)).await.ok().and_then(Result::ok)
+    };
+    // The logs this node's configuration names: a recorded shape that differs is refused.
+    let logs = futures_util::future::join_all(
+        (0..configured.partitions).map(|p| tokio::time::timeout(STREAM_TIMEOUT, js.get_stream(stream_name(p)))),
+    );
+    let (recorded, leases, snapshots, nodes, logs) = tokio::join!(
+        shape_read,
+        cluster_bucket(&js, LEASES_BUCKET, STREAM_TIMEOUT),
+        snapshots_open,
+        node_reports(&js),
+        logs
+    );
+    let nodes = nodes.unwrap_or_else(|why| {
+        unavailable.push(format!("the node reports ({why})"));
+        Vec::new()
+    });
     let shape = match recorded {
         Ok(Some(shape)) => {
             check_shape(&shape, &configured)?;
@@ -360,7 +396,7 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
             configured
         }
     };
-    let mut leases = match cluster_bucket(&js, LEASES_BUCKET).await {
+    let mut leases = match leases {
         Ok(leases) => Ok(leases),
         Err(ClusterError::NotInitialized) => return Err(ClusterError::NotInitialized),
         Err(e) => Err(e.to_string()),
@@ -368,10 +404,8 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
     if let Err(why) = &leases {
         unavailable.push(format!("the leases ({why}): owners unknown"));
     }
-    let snapshots =
-        tokio::time::timeout(STREAM_TIMEOUT, js.get_object_store(SNAPSHOTS_BUCKET)).await.ok().and_then(Result::ok);
     let mut partitions = Vec::with_capacity(usize::from(shape.partitions));
-    for p in 0..shape.partitions {
+    for (p, log) in (0..shape.partitions).zip(logs) {
         let name = stream_name(p);
         // One partition's log may be electing a leader (a NATS server just died): it is
         // shown as unavailable, with the reason, and the others are still read.
@@ -405,7 +439,7 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
         if let Err(why) = &leases {
             row.lease_unavailable = Some(why.clone());
         }
-        match tokio::time::timeout(STREAM_TIMEOUT, js.get_stream(&name)).await {
+        match log {
             Ok(Ok(stream)) => {
                 let info = stream.cached_info().clone();
                 row.leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
@@ -414,16 +448,24 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
                 row.last_seq = info.state.last_sequence;
                 row.messages = info.state.messages;
             }
+            // A log that does not exist: `init` never ran (or did not finish).
+            Ok(Err(e)) if no_such_stream(&e) => return Err(ClusterError::NotInitialized),
             Ok(Err(e)) => row.unavailable = Some(e.to_string()),
             Err(_) => row.unavailable = Some(format!("no answer in {STREAM_TIMEOUT:?} (a leader election?)")),
         }
         if let Some(bucket) = &snapshots {
-            row.snapshot = super::snapshot::latest(bucket, p).await.ok().flatten().map(super::entry_of);
+            let latest = tokio::time::timeout(STREAM_TIMEOUT, super::snapshot::latest(bucket, p)).await;
+            row.snapshot = latest.ok().and_then(Result::ok).flatten().map(super::entry_of);
         }
         partitions.push(row);
     }
+    if partitions.iter().all(|p| p.unavailable.is_some()) && !unavailable.is_empty() {
+        return Err(ClusterError::Call {
+            what: "read the cluster".into(),
+            reason: "JetStream answered nothing (its servers may be electing leaders); retry in a few seconds".into(),
+        });
+    }
     let connected_to = client.server_info().server_name;
-    let nodes = node_reports(&js).await;
     Ok(ClusterStatus { shape, connected_to, partitions, nodes, unavailable })
 }
 

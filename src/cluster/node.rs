@@ -61,7 +61,7 @@ use tokio::task::JoinHandle;
 
 use super::nats::{
     check_shape, cluster_bucket, connect, nodes_bucket, read_reports, read_shape, shape_of, timed, ClusterError,
-    NodeReport,
+    NodeReport, CALL_TIMEOUT,
 };
 use super::snapshot;
 use super::{
@@ -513,12 +513,12 @@ impl Node {
         // made writes stall for 8 s around a leader's kill -9. Other calls keep 5 s.
         let mut appends = js.clone();
         appends.set_timeout(APPEND_TIMEOUT);
-        let meta = cluster_bucket(&js, META_BUCKET).await.map_err(|e| e.to_string())?;
+        let meta = cluster_bucket(&js, META_BUCKET, CALL_TIMEOUT).await.map_err(|e| e.to_string())?;
         let shape =
             read_shape(&meta).await.map_err(|e| e.to_string())?.ok_or(ClusterError::NotInitialized.to_string())?;
         check_shape(&shape, &shape_of(settings)).map_err(|e| e.to_string())?;
         let salt = cluster_salt(&meta).await.map_err(|e| e.to_string())?;
-        let leases = cluster_bucket(&js, LEASES_BUCKET).await.map_err(|e| e.to_string())?;
+        let leases = cluster_bucket(&js, LEASES_BUCKET, CALL_TIMEOUT).await.map_err(|e| e.to_string())?;
         let reports = nodes_bucket(&js, settings.replicas).await.map_err(|e| e.to_string())?;
         let snapshots = snapshot::bucket(&js, settings.replicas).await.map_err(|e| e.to_string())?;
         let work = base.data_dir.join("snapshots");

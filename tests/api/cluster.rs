@@ -157,7 +157,8 @@ fn http_get(port: u16, path: &str) -> Option<String> {
     write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
-    (out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200")).then(|| out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+    (out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"))
+        .then(|| out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
 }
 
 fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) {
@@ -202,9 +203,18 @@ fn init_creates_replicated_partition_logs_once_and_status_follows_a_leader_kille
     let mut nats = Nats::start();
     let config = nats.config("gw-1", 16);
 
-    // Before init, status says what to do.
-    let out = tally(&["cluster", "status"], &config);
-    assert_eq!(out.status.code(), Some(1));
+    // Before init, status says what to do (while JetStream elects its first leaders right
+    // after the servers start, it says to retry).
+    let started = Instant::now();
+    let out = loop {
+        let out = tally(&["cluster", "status"], &config);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !err.contains("retry in a few seconds") || started.elapsed() > Duration::from_secs(20) {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("tally cluster init"), "{out:?}");
 
     // init right after the servers are healthy may race the meta leader's election.
