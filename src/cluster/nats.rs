@@ -110,9 +110,10 @@ pub struct ClusterStatus {
     pub partitions: Vec<PartitionStatus>,
     /// The nodes that reported within the last 30 s.
     pub nodes: Vec<NodeReport>,
-    /// What could not be read just now (the cluster's recorded shape, the leases), each
-    /// with why: right after a NATS server's death their streams may be electing leaders.
-    /// The rest is shown; an unread shape is this node's configuration's.
+    /// What could not be read just now (the cluster's recorded shape, leases, snapshots,
+    /// node reports), each with why: right after a NATS server's death their streams may
+    /// be electing leaders. The rest is shown; an unread shape is this node's
+    /// configuration's.
     pub unavailable: Vec<String>,
 }
 
@@ -319,7 +320,12 @@ pub(super) async fn read_reports(bucket: &kv::Store) -> Result<Vec<Result<NodeRe
 /// or why they cannot (read within [`STREAM_TIMEOUT`]).
 async fn node_reports(js: &jetstream::Context) -> Result<Vec<NodeReport>, String> {
     let read = async {
-        let Ok(bucket) = js.get_key_value(NODES_BUCKET).await else { return Ok(Vec::new()) };
+        let bucket = match cluster_bucket(js, NODES_BUCKET, STREAM_TIMEOUT).await {
+            Ok(bucket) => bucket,
+            // A cluster made before node reports: none to show.
+            Err(ClusterError::NotInitialized) => return Ok(Vec::new()),
+            Err(e) => return Err(e.to_string()),
+        };
         read_reports(&bucket).await.map(|all| all.into_iter().flatten().collect()).map_err(|e| e.to_string())
     };
     tokio::time::timeout(STREAM_TIMEOUT, read)
@@ -357,6 +363,7 @@ pub(super) fn check_shape(have: &Shape, want: &Shape) -> Result<(), ClusterError
 pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, ClusterError> {
     let (client, js) = connect(settings).await?;
     let mut unavailable = Vec::new();
+    let mut shape_unread = false;
     let configured = shape_of(settings);
     // Asked together: right after a NATS server's death each may wait out its stream's
     // election (up to JetStream's 5 s request timeout).
@@ -393,19 +400,45 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
         Err(e @ ClusterError::Shape(_)) => return Err(e),
         Err(e) => {
             unavailable.push(format!("the cluster's recorded shape ({e}): shown as this node's configuration says"));
+            shape_unread = true;
             configured
         }
     };
-    let mut leases = match leases {
-        Ok(leases) => Ok(leases),
+    let leases = match leases {
+        Ok(leases) => Some(leases),
         Err(ClusterError::NotInitialized) => return Err(ClusterError::NotInitialized),
-        Err(e) => Err(e.to_string()),
+        Err(e) => {
+            unavailable.push(format!("the leases ({e}): owners unknown"));
+            None
+        }
     };
-    if let Err(why) = &leases {
-        unavailable.push(format!("the leases ({why}): owners unknown"));
+    // Every partition's lease and snapshot at once, as the logs.
+    let n = shape.partitions;
+    let owners = futures_util::future::join_all(leases.iter().flat_map(|bucket| {
+        (0..n).map(move |p| async move {
+            match tokio::time::timeout(STREAM_TIMEOUT, bucket.get(lease_key(p))).await {
+                Ok(Ok(owner)) => Ok(owner.map(|v| String::from_utf8_lossy(&v).into_owned())),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer in {STREAM_TIMEOUT:?} (a leader election?)")),
+            }
+        })
+    }));
+    let latest = futures_util::future::join_all(snapshots.iter().flat_map(|bucket| {
+        (0..n).map(move |p| async move {
+            tokio::time::timeout(STREAM_TIMEOUT, super::snapshot::latest(bucket, p))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten()
+        })
+    }));
+    let (owners, latest) = tokio::join!(owners, latest);
+    if let Some(why) = owners.iter().find_map(|o| o.as_ref().err()) {
+        let unread = owners.iter().filter(|o| o.is_err()).count();
+        unavailable.push(format!("the leases of {unread} partitions ({why}): their owners unknown"));
     }
-    let mut partitions = Vec::with_capacity(usize::from(shape.partitions));
-    for (p, log) in (0..shape.partitions).zip(logs) {
+    let mut partitions = Vec::with_capacity(usize::from(n));
+    for (p, log) in (0..n).zip(logs) {
         let name = stream_name(p);
         // One partition's log may be electing a leader (a NATS server just died): it is
         // shown as unavailable, with the reason, and the others are still read.
@@ -417,27 +450,15 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
             first_seq: 0,
             last_seq: 0,
             messages: 0,
-            snapshot: None,
+            snapshot: latest.get(usize::from(p)).copied().flatten().map(super::entry_of),
             owner: None,
             unavailable: None,
             lease_unavailable: None,
         };
-        if let Ok(bucket) = &leases {
-            match tokio::time::timeout(STREAM_TIMEOUT, bucket.get(lease_key(p))).await {
-                Ok(Ok(owner)) => row.owner = owner.map(|v| String::from_utf8_lossy(&v).into_owned()),
-                // The bucket's leader is being elected: the other leases are not asked.
-                failed => {
-                    let why = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => format!("no answer in {STREAM_TIMEOUT:?} (a leader election?)"),
-                    };
-                    unavailable.push(format!("the leases from partition {p} on ({why}): owners unknown"));
-                    leases = Err(why);
-                }
-            }
-        }
-        if let Err(why) = &leases {
-            row.lease_unavailable = Some(why.clone());
+        match owners.get(usize::from(p)) {
+            Some(Ok(owner)) => row.owner.clone_from(owner),
+            Some(Err(why)) => row.lease_unavailable = Some(why.clone()),
+            None => row.lease_unavailable = Some("the leases could not be read".into()),
         }
         match log {
             Ok(Ok(stream)) => {
@@ -453,13 +474,9 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
             Ok(Err(e)) => row.unavailable = Some(e.to_string()),
             Err(_) => row.unavailable = Some(format!("no answer in {STREAM_TIMEOUT:?} (a leader election?)")),
         }
-        if let Some(bucket) = &snapshots {
-            let latest = tokio::time::timeout(STREAM_TIMEOUT, super::snapshot::latest(bucket, p)).await;
-            row.snapshot = latest.ok().and_then(Result::ok).flatten().map(super::entry_of);
-        }
         partitions.push(row);
     }
-    if partitions.iter().all(|p| p.unavailable.is_some()) && !unavailable.is_empty() {
+    if shape_unread && partitions.iter().all(|p| p.unavailable.is_some()) {
         return Err(ClusterError::Call {
             what: "read the cluster".into(),
             reason: "JetStream answered nothing (its servers may be electing leaders); retry in a few seconds".into(),
