@@ -15,8 +15,13 @@ use crate::config::ClusterSettings;
 /// How long one call to NATS may take before the command gives up.
 pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long `status` waits for one partition's log.
+/// How long `status` waits for each thing it reads (a log, a bucket, a lease).
 const STREAM_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why `status` shows something as unread when it got no answer within [`STREAM_TIMEOUT`].
+fn electing() -> String {
+    format!("no answer in {STREAM_TIMEOUT:?} (a leader election?)")
+}
 
 /// The meta key holding the cluster's fixed shape.
 const SHAPE_KEY: &str = "shape";
@@ -125,9 +130,18 @@ fn call<E: std::fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> Clus
 /// Waits at most [`CALL_TIMEOUT`] for one NATS call; what the call answered is the
 /// caller's to read.
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> Result<T, ClusterError> {
-    tokio::time::timeout(CALL_TIMEOUT, f)
+    within_for(CALL_TIMEOUT, what, f).await
+}
+
+/// [`within`], waiting at most `limit`.
+async fn within_for<T>(
+    limit: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, ClusterError> {
+    tokio::time::timeout(limit, f)
         .await
-        .map_err(|_| ClusterError::Call { what: what.into(), reason: format!("no answer in {CALL_TIMEOUT:?}") })
+        .map_err(|_| ClusterError::Call { what: what.into(), reason: format!("no answer in {limit:?}") })
 }
 
 /// Runs one NATS call with [`CALL_TIMEOUT`]; its error is named by `what`.
@@ -182,10 +196,7 @@ pub(super) async fn cluster_bucket(
     limit: Duration,
 ) -> Result<kv::Store, ClusterError> {
     let what = format!("open bucket {name}");
-    let opened = tokio::time::timeout(limit, js.get_key_value(name))
-        .await
-        .map_err(|_| ClusterError::Call { what: what.clone(), reason: format!("no answer in {limit:?}") })?;
-    match opened {
+    match within_for(limit, &what, js.get_key_value(name)).await? {
         Ok(bucket) => Ok(bucket),
         Err(e) if stream_missing(&e) => Err(ClusterError::NotInitialized),
         Err(e) => Err(call(what)(e)),
@@ -328,9 +339,7 @@ async fn node_reports(js: &jetstream::Context) -> Result<Vec<NodeReport>, String
         };
         read_reports(&bucket).await.map(|all| all.into_iter().flatten().collect()).map_err(|e| e.to_string())
     };
-    tokio::time::timeout(STREAM_TIMEOUT, read)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer in {STREAM_TIMEOUT:?} (a leader election?)")))
+    tokio::time::timeout(STREAM_TIMEOUT, read).await.unwrap_or_else(|_| Err(electing()))
 }
 
 pub(super) async fn read_shape(meta: &kv::Store) -> Result<Option<Shape>, ClusterError> {
@@ -419,7 +428,7 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
             match tokio::time::timeout(STREAM_TIMEOUT, bucket.get(lease_key(p))).await {
                 Ok(Ok(owner)) => Ok(owner.map(|v| String::from_utf8_lossy(&v).into_owned())),
                 Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer in {STREAM_TIMEOUT:?} (a leader election?)")),
+                Err(_) => Err(electing()),
             }
         })
     }));
@@ -472,7 +481,7 @@ pub async fn status(settings: &ClusterSettings) -> Result<ClusterStatus, Cluster
             // A log that does not exist: `init` never ran (or did not finish).
             Ok(Err(e)) if no_such_stream(&e) => return Err(ClusterError::NotInitialized),
             Ok(Err(e)) => row.unavailable = Some(e.to_string()),
-            Err(_) => row.unavailable = Some(format!("no answer in {STREAM_TIMEOUT:?} (a leader election?)")),
+            Err(_) => row.unavailable = Some(electing()),
         }
         partitions.push(row);
     }
